@@ -1,0 +1,114 @@
+//! Configuration every process shares. Each setting is a flag and a `LAABAM_*` variable
+//! (flag wins), with a default that works against the services on a developer's machine.
+
+use crate::retry::RetryPolicy;
+use std::time::Duration;
+
+/// Parses `250ms`, `5s`, `8h`, `3d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 250ms, 5s, 8h or 3d: {e}"))
+}
+
+/// Where the platform's state lives and how long to wait for it at start.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// RabbitMQ URL; the vhost is its path (`%2f` is `/`).
+    #[arg(long, env = "LAABAM_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    pub amqp_url: String,
+    /// Redis URL.
+    #[arg(long, env = "LAABAM_REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
+    pub redis_url: String,
+    /// Every Redis key starts with this, so several installations (or tests) share one Redis.
+    #[arg(long, env = "LAABAM_REDIS_PREFIX", default_value = "laabam:")]
+    pub redis_prefix: String,
+    /// The retry set is split into this many sorted sets, so Redis Cluster can spread it.
+    /// Every dispatcher and scheduler of one installation must agree on it.
+    #[arg(long, env = "LAABAM_RETRY_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub retry_shards: u16,
+    /// How long events, deliveries and attempts are kept in Redis.
+    #[arg(long, env = "LAABAM_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub retention: Duration,
+    /// How long to wait for RabbitMQ and Redis at start before exiting with an error.
+    #[arg(long, env = "LAABAM_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// `text` for people, `json` for log pipelines.
+    #[arg(long, env = "LAABAM_LOG_FORMAT", default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
+}
+
+/// The retry policy, as flags and variables.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RetryArgs {
+    /// Delay before the second attempt.
+    #[arg(long, env = "LAABAM_RETRY_FIRST_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub retry_first_delay: Duration,
+    /// Longest delay between two attempts (also caps Retry-After).
+    #[arg(long, env = "LAABAM_RETRY_MAX_DELAY", default_value = "8h", value_parser = parse_duration)]
+    pub retry_max_delay: Duration,
+    /// Attempts in all, the first included.
+    #[arg(long, env = "LAABAM_RETRY_MAX_ATTEMPTS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub retry_max_attempts: u32,
+    /// No attempt later than this after the first.
+    #[arg(long, env = "LAABAM_RETRY_MAX_AGE", default_value = "3d", value_parser = parse_duration)]
+    pub retry_max_age: Duration,
+}
+
+impl RetryArgs {
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            first_delay: self.retry_first_delay,
+            max_delay: self.retry_max_delay,
+            max_attempts: self.retry_max_attempts,
+            max_age: self.retry_max_age,
+        }
+    }
+}
+
+/// A URL with its password replaced, for log lines and error messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        retry: RetryArgs,
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let cli = Cli::parse_from(["x"]);
+        assert_eq!(cli.retry.policy(), RetryPolicy::default());
+        assert_eq!(cli.common.redis_prefix, "laabam:");
+        assert_eq!(cli.common.connect_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn flags_take_durations_in_human_units() {
+        let cli = Cli::parse_from(["x", "--retry-first-delay", "250ms", "--retry-max-age", "3d"]);
+        assert_eq!(cli.retry.retry_first_delay, Duration::from_millis(250));
+        assert_eq!(cli.retry.retry_max_age, Duration::from_secs(3 * 86400));
+        assert!(Cli::try_parse_from(["x", "--retry-first-delay", "soon"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--retry-max-attempts", "0"]).is_err());
+    }
+
+    #[test]
+    fn passwords_never_reach_logs() {
+        assert_eq!(redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

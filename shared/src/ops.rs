@@ -1,0 +1,75 @@
+//! The operations port of every process: `/metrics` (Prometheus text), `/healthz` (the process
+//! is up) and `/readyz` (its dependencies are reachable and it is doing its work).
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus::{Encoder, TextEncoder};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio_util::sync::CancellationToken;
+
+/// Readiness flags, flipped by the loops that own each dependency.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    pub broker: AtomicBool,
+    pub redis: AtomicBool,
+}
+
+impl Readiness {
+    pub fn set_broker(&self, up: bool) {
+        self.broker.store(up, Ordering::Relaxed);
+    }
+
+    pub fn set_redis(&self, up: bool) {
+        self.redis.store(up, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.broker.load(Ordering::Relaxed) && self.redis.load(Ordering::Relaxed)
+    }
+}
+
+async fn metrics() -> (StatusCode, String) {
+    let mut buf = Vec::new();
+    match TextEncoder::new().encode(&prometheus::gather(), &mut buf) {
+        Ok(()) => (StatusCode::OK, String::from_utf8_lossy(&buf).into_owned()),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Binds `addr` (port 0 picks a free one) and serves until `shutdown`; returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = readiness.is_ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    }
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "operations server stopped");
+        }
+    });
+    Ok(bound)
+}

@@ -1,0 +1,107 @@
+//! Key names, in one place so the layout table in `store/mod.rs` stays true.
+
+use crate::ids::{AccountId, DeliveryId, EndpointId, EventId};
+
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+    retry_shards: u16,
+}
+
+impl Keys {
+    pub fn new(prefix: &str, retry_shards: u16) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+            retry_shards: retry_shards.max(1),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn accounts(&self) -> String {
+        format!("{}accounts", self.prefix)
+    }
+
+    pub fn account_endpoints(&self, account: &AccountId) -> String {
+        format!("{}acct:{account}:eps", self.prefix)
+    }
+
+    pub fn type_index(&self, account: &AccountId, event_type: &str) -> String {
+        format!("{}acct:{account}:idx:{event_type}", self.prefix)
+    }
+
+    /// Endpoints subscribed to every type (`*` is never a catalog type).
+    pub fn all_types_index(&self, account: &AccountId) -> String {
+        self.type_index(account, "*")
+    }
+
+    pub fn endpoint_owner(&self, endpoint: &EndpointId) -> String {
+        format!("{}ep:{endpoint}", self.prefix)
+    }
+
+    pub fn endpoint_deliveries(&self, endpoint: &EndpointId) -> String {
+        format!("{}ep:{endpoint}:dlv", self.prefix)
+    }
+
+    pub fn event(&self, event: &EventId) -> String {
+        format!("{}evt:{event}", self.prefix)
+    }
+
+    pub fn delivery(&self, delivery: &DeliveryId) -> String {
+        format!("{}dlv:{delivery}", self.prefix)
+    }
+
+    pub fn attempts(&self, delivery: &DeliveryId) -> String {
+        format!("{}dlv:{delivery}:att", self.prefix)
+    }
+
+    pub fn retry_shards(&self) -> u16 {
+        self.retry_shards
+    }
+
+    /// The retry shard of a delivery: FNV-1a of its id, stable across processes and restarts.
+    pub fn shard_of(&self, delivery: &DeliveryId) -> u16 {
+        let hash = delivery
+            .as_str()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        (hash % self.retry_shards as u64) as u16
+    }
+
+    /// Retry jobs and in-flight leases of one shard, scored by due time (unix ms). The braces
+    /// are a Redis Cluster hash tag: a shard's two sets always live on the same node.
+    pub fn retry_due(&self, shard: u16) -> String {
+        format!("{}retry:{{{shard}}}:due", self.prefix)
+    }
+
+    pub fn retry_claimed(&self, shard: u16) -> String {
+        format!("{}retry:{{{shard}}}:claimed", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_spread_and_stay_in_range() {
+        let keys = Keys::new("p:", 8);
+        let mut seen = [0u32; 8];
+        for i in 0..800 {
+            let id = DeliveryId::parse(format!("dlv_{i}")).unwrap();
+            seen[keys.shard_of(&id) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+        assert_eq!(Keys::new("p:", 1).shard_of(&DeliveryId::parse("dlv_x").unwrap()), 0);
+    }
+
+    #[test]
+    fn every_key_starts_with_the_prefix() {
+        let keys = Keys::new("t1:", 2);
+        let a = AccountId::parse("acct_1").unwrap();
+        assert_eq!(keys.account_endpoints(&a), "t1:acct:acct_1:eps");
+        assert_eq!(keys.retry_due(1), "t1:retry:{1}:due");
+    }
+}

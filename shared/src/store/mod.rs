@@ -1,0 +1,144 @@
+//! The Redis store: endpoints, events, deliveries with their attempts, and the retry set.
+//!
+//! Every multi-key change is one Lua script, so each step of a delivery's life is atomic and
+//! costs one round trip. Key layout (all below `LAABAM_REDIS_PREFIX`):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `accounts` | set | account ids |
+//! | `acct:{A}:eps` | hash | endpoint id → endpoint JSON |
+//! | `acct:{A}:idx:{type}` / `acct:{A}:idx:*` | set | endpoints subscribed to a type / to all |
+//! | `ep:{E}` | string | the account owning endpoint E |
+//! | `ep:{E}:dlv` | sorted set | E's deliveries by creation time (bounded) |
+//! | `evt:{id}` | string | the event body as delivered (first copy wins) |
+//! | `dlv:{D}` | hash | delivery state (see [`crate::delivery::field`]) |
+//! | `dlv:{D}:att` | list | attempt records, oldest first |
+//! | `retry:{n}:due` | sorted set | retry jobs and in-flight leases by due time |
+//! | `retry:{n}:claimed` | sorted set | jobs a scheduler is publishing, by lease expiry |
+
+mod deliveries;
+mod endpoints;
+mod keys;
+mod retry_set;
+
+pub use deliveries::{Begin, Ingested, Record, Taken};
+pub use keys::Keys;
+pub use retry_set::Claimed;
+
+use crate::startup::{self, Unreachable};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::time::Duration;
+
+/// A Redis failure, or a record in Redis that no longer parses.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("corrupt record at {key}: {problem}")]
+    Corrupt { key: String, problem: String },
+}
+
+/// Handle to the store; cheap to clone (one multiplexed, self-reconnecting connection).
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    keys: Keys,
+    retention: Duration,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("keys", &self.keys).finish_non_exhaustive()
+    }
+}
+
+/// How Redis is reached and laid out.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub url: String,
+    pub prefix: String,
+    pub retry_shards: u16,
+    pub retention: Duration,
+}
+
+impl From<&crate::config::CommonArgs> for StoreConfig {
+    fn from(c: &crate::config::CommonArgs) -> Self {
+        StoreConfig {
+            url: c.redis_url.clone(),
+            prefix: c.redis_prefix.clone(),
+            retry_shards: c.retry_shards,
+            retention: c.retention,
+        }
+    }
+}
+
+impl Store {
+    /// Connects, waiting up to `wait` for Redis to answer `PING`.
+    pub async fn connect(config: &StoreConfig, wait: Duration) -> Result<Self, Unreachable> {
+        let url = config.url.clone();
+        let conn = startup::within("Redis", &config.url, wait, || async {
+            let client = redis::Client::open(url.as_str())?;
+            let manager_config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(Duration::from_secs(5)))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            let mut conn = ConnectionManager::new_with_config(client, manager_config).await?;
+            redis::cmd("PING").query_async::<()>(&mut conn).await?;
+            Ok::<_, redis::RedisError>(conn)
+        })
+        .await?;
+        Ok(Store {
+            conn,
+            keys: Keys::new(&config.prefix, config.retry_shards),
+            retention: config.retention,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A connection handle for one command; clones share the underlying connection.
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn retention_secs(&self) -> u64 {
+        self.retention.as_secs().max(1)
+    }
+
+    /// Answers whether Redis responds now (readiness probes).
+    pub async fn ping(&self) -> bool {
+        redis::cmd("PING").query_async::<()>(&mut self.conn()).await.is_ok()
+    }
+
+    /// Warns when Redis would lose recorded outcomes on a crash or evict them under memory
+    /// pressure: "recorded" only means durable with append-only persistence and no eviction.
+    pub async fn warn_if_not_durable(&self) {
+        let mut conn = self.conn();
+        let get = |name: &'static str| {
+            let mut conn = conn.clone();
+            async move {
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg(name)
+                    .query_async::<Vec<String>>(&mut conn)
+                    .await
+                    .ok()
+                    .and_then(|v| v.get(1).cloned())
+            }
+        };
+        if let Some(aof) = get("appendonly").await {
+            if aof != "yes" {
+                tracing::warn!("Redis runs without append-only persistence: recorded outcomes and retries are lost if Redis restarts (set appendonly yes, appendfsync everysec)");
+            }
+        }
+        if let Some(policy) = get("maxmemory-policy").await {
+            if policy != "noeviction" {
+                tracing::warn!(policy, "Redis may evict keys under memory pressure: set maxmemory-policy noeviction");
+            }
+        }
+        let _ = redis::cmd("PING").query_async::<()>(&mut conn).await;
+    }
+}

@@ -1,0 +1,98 @@
+//! The retry set as the scheduler sees it: claim what is due, publish, then release.
+//!
+//! A claim moves a job from `due` to `claimed` with a lease. If the scheduler dies before it
+//! releases, the lease expires and any scheduler claims the job again, unless a dispatcher has
+//! since taken it (it is back in `due` under the dispatcher's lease), in which case the stale
+//! claim is dropped.
+
+use super::{Store, StoreError};
+use redis::{AsyncCommands, Script};
+use std::sync::LazyLock;
+
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local now, lease, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out = {0}
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)) do
+  if redis.call('ZSCORE', KEYS[1], m) then
+    redis.call('ZREM', KEYS[2], m)
+  else
+    redis.call('ZADD', KEYS[2], lease, m)
+    out[1] = out[1] + 1
+    out[#out + 1] = m
+  end
+end
+local room = limit - (#out - 1)
+if room > 0 then
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, room)) do
+    redis.call('ZREM', KEYS[1], m)
+    redis.call('ZADD', KEYS[2], lease, m)
+    out[#out + 1] = m
+  end
+end
+return out
+",
+    )
+});
+
+/// Jobs claimed in one call.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    /// Encoded jobs, ready to publish as they are.
+    pub jobs: Vec<String>,
+    /// How many of them were claimed again after another claim's lease expired.
+    pub reclaimed: usize,
+}
+
+impl Store {
+    /// Claims up to `limit` due jobs of `shard`, leased until `lease_until_ms`.
+    pub async fn claim_due(&self, shard: u16, now_ms: i64, lease_until_ms: i64, limit: usize) -> Result<Claimed, StoreError> {
+        let reply: Vec<redis::Value> = CLAIM
+            .key(self.keys.retry_due(shard))
+            .key(self.keys.retry_claimed(shard))
+            .arg(now_ms)
+            .arg(lease_until_ms)
+            .arg(limit)
+            .invoke_async(&mut self.conn())
+            .await?;
+        let mut reply = reply.into_iter();
+        let reclaimed = match reply.next() {
+            Some(redis::Value::Int(n)) => n as usize,
+            _ => 0,
+        };
+        let jobs = reply
+            .filter_map(|v| redis::from_redis_value::<String>(v).ok())
+            .collect();
+        Ok(Claimed { jobs, reclaimed })
+    }
+
+    /// Forgets claimed jobs once the broker has confirmed them.
+    pub async fn release_claimed(&self, shard: u16, jobs: &[String]) -> Result<(), StoreError> {
+        if !jobs.is_empty() {
+            self.conn()
+                .zrem::<_, _, ()>(self.keys.retry_claimed(shard), jobs)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The due time of the earliest job (or lease) of `shard`.
+    pub async fn next_due_ms(&self, shard: u16) -> Result<Option<i64>, StoreError> {
+        let first: Vec<(String, f64)> = self
+            .conn()
+            .zrange_withscores(self.keys.retry_due(shard), 0, 0)
+            .await?;
+        Ok(first.first().map(|(_, score)| *score as i64))
+    }
+
+    /// Jobs and leases waiting in every shard.
+    pub async fn retry_backlog(&self) -> Result<u64, StoreError> {
+        let mut pipe = redis::pipe();
+        for shard in 0..self.keys.retry_shards() {
+            pipe.zcard(self.keys.retry_due(shard));
+        }
+        let sizes: Vec<u64> = pipe.query_async(&mut self.conn()).await?;
+        Ok(sizes.iter().sum())
+    }
+}

@@ -1,1 +1,91 @@
-//! placeholder
+//! The dispatcher: consumes events and retry jobs, fans out, signs, POSTs, records, and
+//! schedules retries. Stateless: run as many as you like.
+//!
+//! # Layout
+//! - [`config`]: flags and `LAABAM_*` variables.
+//! - [`consumer`]: the broker session: consume, ack, dead-letter, reconnect.
+//! - [`pipeline`]: what each message means: fan-out, leases, attempts, outcomes.
+//! - [`sender`]: the outbound HTTP client.
+//! - [`limits`]: per-endpoint concurrency limits.
+//! - [`metrics`]: Prometheus metrics.
+
+pub mod config;
+pub mod consumer;
+pub mod limits;
+pub mod metrics;
+pub mod pipeline;
+pub mod sender;
+
+pub use config::DispatcherConfig;
+
+use laabam_shared::ops::{self, Readiness};
+use laabam_shared::startup::{self, Unreachable};
+use laabam_shared::store::{Store, StoreConfig};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Why the dispatcher could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatcherError {
+    #[error(transparent)]
+    Unreachable(#[from] Unreachable),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Sender(#[from] sender::SenderError),
+}
+
+/// Runs until `shutdown`, then drains. Returns early only if start-up fails.
+pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Result<(), DispatcherError> {
+    let readiness = Arc::new(Readiness::default());
+    let ops_addr = ops::serve(config.metrics_addr, readiness.clone(), shutdown.clone())
+        .await
+        .map_err(|source| DispatcherError::Bind {
+            addr: config.metrics_addr,
+            source,
+        })?;
+    tracing::info!(%ops_addr, "metrics and health endpoints listening");
+
+    let common = &config.common;
+    startup::amqp_connect_within(&common.amqp_url, "laabam-dispatcher", common.connect_timeout)
+        .await?
+        .close(200, "reachability checked".into())
+        .await
+        .ok();
+    let store = Store::connect(&StoreConfig::from(common), common.connect_timeout).await?;
+    store.warn_if_not_durable().await;
+    readiness.set_redis(true);
+    watch_redis(store.clone(), readiness.clone(), shutdown.clone());
+
+    let pipeline = Arc::new(pipeline::Pipeline {
+        store,
+        sender: sender::Sender::new(config.http_timeout, config.extra_ca_file.as_deref())?,
+        limits: limits::EndpointLimits::new(config.endpoint_concurrency),
+        policy: config.retry.policy(),
+        lease: config.lease(),
+        defer_delay: config.defer_delay,
+    });
+    let settings = consumer::ConsumerSettings {
+        amqp_url: common.amqp_url.clone(),
+        max_in_flight: config.max_in_flight,
+        shutdown_grace: config.shutdown_grace,
+    };
+    consumer::run(pipeline, settings, readiness, shutdown).await;
+    tracing::info!("dispatcher stopped");
+    Ok(())
+}
+
+/// Keeps the Redis readiness flag true to what Redis answers.
+fn watch_redis(store: Store, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        while !shutdown.is_cancelled() {
+            readiness.set_redis(store.ping().await);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    });
+}

@@ -1,1 +1,15 @@
-fn main() {}
+//! `laabam-dispatcher`: see the library for what it does.
+
+use clap::Parser;
+use laabam_dispatcher::DispatcherConfig;
+use laabam_shared::{shutdown, telemetry};
+
+#[tokio::main]
+async fn main() {
+    let config = DispatcherConfig::parse();
+    telemetry::init(config.common.log_format);
+    if let Err(e) = laabam_dispatcher::run(config, shutdown::on_signals()).await {
+        eprintln!("laabam-dispatcher: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,169 @@
-fn main() {}
+//! `laabam-producer`: publish events, manage endpoints and declare the topology from a shell.
+//! Every command prints JSON on stdout and human messages on stderr.
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use laabam_producer::Publisher;
+use laabam_shared::clock::now_ms;
+use laabam_shared::config::CommonArgs;
+use laabam_shared::endpoint::{Endpoint, NewEndpoint};
+use laabam_shared::envelope::Envelope;
+use laabam_shared::ids::{AccountId, EndpointId, EventId};
+use laabam_shared::store::{Store, StoreConfig};
+use laabam_shared::{startup, telemetry, topology};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(name = "laabam-producer", version, about = "Publish events and manage endpoints of Laabam Webhooks")]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Publish one event and print its id once the broker confirmed it.
+    Publish {
+        #[arg(long)]
+        account: String,
+        #[arg(long = "type")]
+        event_type: String,
+        /// The payload, as a JSON object.
+        #[arg(long)]
+        data: String,
+        /// Choose the event id (the idempotency key) instead of generating one.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Manage endpoints directly in Redis.
+    #[command(subcommand)]
+    Endpoint(EndpointCommand),
+    /// Declare every exchange and queue (for operators, and publishers that start first).
+    Topology,
+}
+
+#[derive(Subcommand)]
+enum EndpointCommand {
+    /// Register an endpoint and print it, with its signing secret.
+    Create {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        url: String,
+        /// Comma-separated event types; all types when left out.
+        #[arg(long, value_delimiter = ',')]
+        events: Option<Vec<String>>,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Requests in flight to this endpoint at once, per dispatcher.
+        #[arg(long)]
+        max_concurrency: Option<u32>,
+    },
+    /// List an account's endpoints (without secrets).
+    List {
+        #[arg(long)]
+        account: String,
+    },
+    /// Delete an endpoint.
+    Delete {
+        #[arg(long)]
+        id: String,
+    },
+}
+
+fn print(value: &Value) {
+    println!("{value}");
+}
+
+fn without_secret(ep: &Endpoint) -> Value {
+    let mut v = serde_json::to_value(ep).expect("endpoints serialize");
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("secret");
+    }
+    v
+}
+
+async fn store(common: &CommonArgs) -> anyhow::Result<Store> {
+    Ok(Store::connect(&StoreConfig::from(common), common.connect_timeout).await?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let common = &cli.common;
+    match cli.command {
+        Command::Publish {
+            account,
+            event_type,
+            data,
+            id,
+        } => {
+            let account = AccountId::parse(account).context("--account")?;
+            let data = RawValue::from_string(data).context("--data is not valid JSON")?;
+            let id = id.map(EventId::parse).transpose().context("--id")?;
+            let envelope = Envelope::new(&event_type, account, data, id, now_ms())?;
+            let publisher = Publisher::connect(&common.amqp_url, common.connect_timeout).await?;
+            publisher.publish(&envelope).await?;
+            eprintln!("published {} ({})", envelope.id, envelope.event_type);
+            print(&json!({ "id": envelope.id, "type": envelope.event_type, "timestamp": envelope.timestamp }));
+        }
+        Command::Endpoint(EndpointCommand::Create {
+            account,
+            url,
+            events,
+            description,
+            max_concurrency,
+        }) => {
+            let account = AccountId::parse(account).context("--account")?;
+            let ep = Endpoint::create(
+                account,
+                NewEndpoint {
+                    url,
+                    events,
+                    description,
+                    max_concurrency,
+                },
+                now_ms(),
+            )?;
+            store(common).await?.create_endpoint(&ep).await?;
+            eprintln!("created endpoint {} for {}", ep.id, ep.url.as_str());
+            let mut out = without_secret(&ep);
+            out["secret"] = Value::String(ep.secret.expose());
+            print(&out);
+        }
+        Command::Endpoint(EndpointCommand::List { account }) => {
+            let account = AccountId::parse(account).context("--account")?;
+            let eps = store(common).await?.list_endpoints(&account).await?;
+            print(&Value::Array(eps.iter().map(without_secret).collect()));
+        }
+        Command::Endpoint(EndpointCommand::Delete { id }) => {
+            let id = EndpointId::parse(id).context("--id")?;
+            if !store(common).await?.delete_endpoint(&id).await? {
+                bail!("no endpoint {id}");
+            }
+            eprintln!("deleted endpoint {id}");
+            print(&json!({ "id": id, "deleted": true }));
+        }
+        Command::Topology => {
+            let conn = startup::amqp_connect_within(&common.amqp_url, "laabam-producer", common.connect_timeout).await?;
+            topology::declare(&conn.create_channel().await?).await?;
+            eprintln!("topology declared");
+            print(&json!({
+                "exchanges": [topology::EVENTS_EXCHANGE, topology::UNROUTABLE_EXCHANGE, topology::RETRY_EXCHANGE, topology::DEAD_EXCHANGE],
+                "queues": [topology::DISPATCH_QUEUE, topology::UNROUTABLE_QUEUE, topology::RETRY_QUEUE, topology::DEAD_QUEUE],
+            }));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    telemetry::init(cli.common.log_format);
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,15 @@
-//! placeholder
+//! The end-to-end test harness: real RabbitMQ and Redis, real HTTP(S) receivers on loopback.
+//!
+//! # Layout
+//! - [`env`]: a test's own namespace — a RabbitMQ vhost and a Redis key prefix, removed on drop —
+//!   and the components (in-process or as real binaries) running in it.
+//! - [`receiver`]: HTTP and HTTPS receivers that record every request and answer as told.
+//! - [`wait`]: waiting on conditions instead of sleeping.
+
+pub mod env;
+pub mod receiver;
+pub mod wait;
+
+pub use env::TestEnv;
+pub use receiver::{Receiver, Reply};
+pub use wait::wait_until;

@@ -76,7 +76,8 @@ redis.call('HDEL', KEYS[1], 'next_attempt')
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return {'go', redis.call('HGET', KEYS[1], 'attempts') or '0',
   redis.call('HGET', KEYS[1], 'first_attempt') or '',
-  redis.call('GET', KEYS[3]) or '', redis.call('HGET', KEYS[4], ARGV[4]) or ''}
+  redis.call('GET', KEYS[3]) or '', redis.call('HGET', KEYS[4], ARGV[4]) or '',
+  redis.call('HGET', KEYS[1], 'type') or ''}
 ",
     )
 });
@@ -132,6 +133,7 @@ pub struct Begin {
 pub enum Taken {
     /// The job is current; the lease is ours.
     Go {
+        event_type: String,
         attempts: u32,
         first_attempt_ms: Option<i64>,
         /// `None` when the event expired from the store.
@@ -252,6 +254,7 @@ impl Store {
             .map(|json| parse_endpoint(&eps_key, &String::from_utf8_lossy(&json)))
             .transpose()?;
         Ok(Taken::Go {
+            event_type: text(5),
             attempts: text(1).parse().unwrap_or(0),
             first_attempt_ms: text(2).parse().ok(),
             body: non_empty(3),

@@ -13,7 +13,7 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local now, lease, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local out = {0}
+local out = {0, -1}
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)) do
   if redis.call('ZSCORE', KEYS[1], m) then
     redis.call('ZREM', KEYS[2], m)
@@ -23,9 +23,12 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0,
     out[#out + 1] = m
   end
 end
-local room = limit - (#out - 1)
+local room = limit - (#out - 2)
 if room > 0 then
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, room)) do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, room)
+  if #due > 0 then out[2] = math.floor(tonumber(due[2])) end
+  for i = 1, #due, 2 do
+    local m = due[i]
     redis.call('ZREM', KEYS[1], m)
     redis.call('ZADD', KEYS[2], lease, m)
     out[#out + 1] = m
@@ -43,6 +46,8 @@ pub struct Claimed {
     pub jobs: Vec<String>,
     /// How many of them were claimed again after another claim's lease expired.
     pub reclaimed: usize,
+    /// The due time of the earliest newly due job, to measure how late jobs are re-queued.
+    pub earliest_due_ms: Option<i64>,
 }
 
 impl Store {
@@ -57,14 +62,20 @@ impl Store {
             .invoke_async(&mut self.conn())
             .await?;
         let mut reply = reply.into_iter();
-        let reclaimed = match reply.next() {
-            Some(redis::Value::Int(n)) => n as usize,
-            _ => 0,
+        let mut int = || match reply.next() {
+            Some(redis::Value::Int(n)) => n,
+            _ => -1,
         };
+        let reclaimed = int().max(0) as usize;
+        let earliest_due_ms = Some(int()).filter(|&due| due >= 0);
         let jobs = reply
             .filter_map(|v| redis::from_redis_value::<String>(v).ok())
             .collect();
-        Ok(Claimed { jobs, reclaimed })
+        Ok(Claimed {
+            jobs,
+            reclaimed,
+            earliest_due_ms,
+        })
     }
 
     /// Forgets claimed jobs once the broker has confirmed them.

@@ -1,0 +1,49 @@
+//! The dispatcher's settings: the shared ones plus how it sends and how much it holds.
+
+use laabam_shared::config::{CommonArgs, RetryArgs, parse_duration};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "laabam-dispatcher", version, about = "Deliver Laabam events to subscribed endpoints")]
+pub struct DispatcherConfig {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub retry: RetryArgs,
+    /// Serves /metrics, /healthz and /readyz (port 0 picks a free port).
+    #[arg(long, env = "LAABAM_METRICS_ADDR", default_value = "127.0.0.1:9101")]
+    pub metrics_addr: SocketAddr,
+    /// Whole-request timeout of one attempt: connect, send, and read the response.
+    #[arg(long, env = "LAABAM_HTTP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_timeout: Duration,
+    /// A PEM file of extra CA certificates to trust (private CAs, tests), besides the web PKI.
+    #[arg(long, env = "LAABAM_EXTRA_CA_FILE")]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Allow endpoints on loopback, private and link-local addresses (tests and local demos).
+    #[arg(long, env = "LAABAM_ALLOW_PRIVATE_TARGETS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_private_targets: bool,
+    /// Broker messages (events and retry jobs) being processed at once by this process.
+    #[arg(long, env = "LAABAM_MAX_IN_FLIGHT", default_value_t = 512)]
+    pub max_in_flight: usize,
+    /// Default limit of requests in flight to one endpoint, when the endpoint sets none.
+    #[arg(long, env = "LAABAM_ENDPOINT_CONCURRENCY", default_value_t = 16)]
+    pub endpoint_concurrency: u32,
+    /// How long a delivery deferred by an endpoint's concurrency limit waits (jittered ×1–2).
+    #[arg(long, env = "LAABAM_DEFER_DELAY", default_value = "1s", value_parser = parse_duration)]
+    pub defer_delay: Duration,
+    /// How long past the HTTP timeout an in-flight lease lasts; if this dispatcher dies, its
+    /// deliveries are retried that long after they started.
+    #[arg(long, env = "LAABAM_LEASE_MARGIN", default_value = "20s", value_parser = parse_duration)]
+    pub lease_margin: Duration,
+    /// How long a SIGTERM waits for in-flight attempts before closing (their leases cover the rest).
+    #[arg(long, env = "LAABAM_SHUTDOWN_GRACE", default_value = "15s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl DispatcherConfig {
+    pub fn lease(&self) -> Duration {
+        self.http_timeout + self.lease_margin
+    }
+}

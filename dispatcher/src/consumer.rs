@@ -1,0 +1,221 @@
+//! The broker side of the dispatcher: one connection, a consumer on the event queue and one on
+//! the retry queue, manual acks, bounded prefetch, and reconnection with backoff.
+
+use crate::metrics::METRICS;
+use crate::pipeline::{Disposition, Handled, Pipeline};
+use futures_util::StreamExt;
+use laabam_shared::envelope::Provenance;
+use laabam_shared::ops::Readiness;
+use laabam_shared::{startup, topology};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How the consumer loop is set up.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub amqp_url: String,
+    pub max_in_flight: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker ended the consumer")]
+    ConsumerEnded,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Events,
+    Retries,
+}
+
+/// Consumes until `shutdown`, reconnecting after any broker failure; then drains in-flight
+/// work for at most the shutdown grace.
+pub async fn run(pipeline: Arc<Pipeline>, settings: ConsumerSettings, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
+    let mut pause = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        match session(&pipeline, &settings, &readiness, &tracker, &slots, &shutdown).await {
+            Ok(()) => break,
+            Err(e) => {
+                readiness.set_broker(false);
+                tracing::warn!(error = %e, retry_in = ?pause, "broker session ended; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    readiness.set_broker(false);
+}
+
+fn consume_options() -> BasicConsumeOptions {
+    // Manual acks: a message is acknowledged only once its deliveries are begun in Redis.
+    BasicConsumeOptions::default()
+}
+
+async fn session(
+    pipeline: &Arc<Pipeline>,
+    settings: &ConsumerSettings,
+    readiness: &Readiness,
+    tracker: &TaskTracker,
+    slots: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let conn = startup::amqp_connect(&settings.amqp_url, "laabam-dispatcher").await?;
+    let setup = conn.create_channel().await?;
+    topology::declare(&setup).await?;
+    // Prefetch bounds what the broker pushes ahead of processing; it matches the in-flight cap.
+    let prefetch = settings.max_in_flight.clamp(1, u16::MAX as usize) as u16;
+    let events_channel = conn.create_channel().await?;
+    events_channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let retry_channel = conn.create_channel().await?;
+    retry_channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    // Dead letters are confirmed before the original is acknowledged, so none is lost.
+    let dead_channel = conn.create_channel().await?;
+    dead_channel.confirm_select(ConfirmSelectOptions::default()).await?;
+
+    let tag = |what: &str| format!("laabam-dispatcher-{}-{what}-{}", std::process::id(), ulid::Ulid::new());
+    let (events_tag, retries_tag) = (tag("events"), tag("retries"));
+    let mut events = events_channel
+        .basic_consume(topology::DISPATCH_QUEUE.into(), events_tag.as_str().into(), consume_options(), FieldTable::default())
+        .await?;
+    let mut retries = retry_channel
+        .basic_consume(topology::RETRY_QUEUE.into(), retries_tag.as_str().into(), consume_options(), FieldTable::default())
+        .await?;
+    readiness.set_broker(true);
+    tracing::info!("consuming events and retry jobs");
+
+    loop {
+        let slot = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the slot semaphore is never closed"),
+        };
+        let (source, next) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            next = retries.next() => (Source::Retries, next),
+            next = events.next() => (Source::Events, next),
+        };
+        let delivery = match next {
+            None => return Err(SessionError::ConsumerEnded),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(d)) => d,
+        };
+        let pipeline = pipeline.clone();
+        let dead_channel = dead_channel.clone();
+        tracker.spawn(async move {
+            handle(&pipeline, &dead_channel, source, delivery).await;
+            drop(slot);
+        });
+    }
+
+    // Shutdown: stop deliveries, let in-flight work finish (or its leases hand it back), close.
+    let _ = events_channel.basic_cancel(events_tag.as_str().into(), BasicCancelOptions::default()).await;
+    let _ = retry_channel.basic_cancel(retries_tag.as_str().into(), BasicCancelOptions::default()).await;
+    tracker.close();
+    if tokio::time::timeout(settings.shutdown_grace, tracker.wait()).await.is_err() {
+        tracing::warn!("shutdown grace elapsed with attempts in flight; their leases will retry them");
+    }
+    let _ = conn.close(200, "shutdown".into()).await;
+    Ok(())
+}
+
+fn provenance(delivery: &Delivery) -> Provenance {
+    Provenance {
+        message_id: delivery.properties.message_id().as_ref().map(|s| s.as_str().to_owned()),
+        amqp_timestamp: *delivery.properties.timestamp(),
+        routing_key: Some(delivery.routing_key.as_str().to_owned()),
+    }
+}
+
+async fn handle(pipeline: &Pipeline, dead_channel: &Channel, source: Source, delivery: Delivery) {
+    let Handled { disposition, attempts } = match source {
+        Source::Events => pipeline.handle_event(&delivery.data, &provenance(&delivery)).await,
+        Source::Retries => pipeline.handle_retry(&delivery.data).await,
+    };
+    match disposition {
+        Disposition::Ack => ack(&delivery).await,
+        Disposition::DeadLetter { reason, detail } => {
+            tracing::warn!(reason, detail = %detail, routing_key = %delivery.routing_key, bytes = delivery.data.len(), "message dead-lettered");
+            METRICS.dead_letters.with_label_values(&[reason]).inc();
+            match dead_letter(dead_channel, &delivery, reason, &detail).await {
+                Ok(()) => ack(&delivery).await,
+                Err(e) => {
+                    tracing::error!(error = %e, "could not dead-letter; handing the message back");
+                    requeue(&delivery).await;
+                }
+            }
+        }
+        Disposition::Requeue(why) => {
+            tracing::warn!(error = %why, "dependency failed; handing the message back");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            requeue(&delivery).await;
+        }
+    }
+    futures_util::future::join_all(attempts.into_iter().map(|task| pipeline.run_attempt(task))).await;
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        // The broker will redeliver; the deliveries already begun are recognised and skipped.
+        tracing::warn!(error = %e, "ack failed");
+    }
+}
+
+async fn requeue(delivery: &Delivery) {
+    let options = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    if let Err(e) = delivery.acker.nack(options).await {
+        tracing::warn!(error = %e, "nack failed; the broker redelivers on reconnect");
+    }
+}
+
+/// Republishes the original body and properties to the dead-letter exchange with the reason.
+async fn dead_letter(channel: &Channel, delivery: &Delivery, reason: &str, detail: &str) -> Result<(), lapin::Error> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(topology::DEAD_REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+    headers.insert("x-laabam-dead-detail".into(), AMQPValue::LongString(detail.into()));
+    headers.insert(
+        "x-laabam-original-exchange".into(),
+        AMQPValue::LongString(delivery.exchange.as_str().into()),
+    );
+    let properties: BasicProperties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+    let confirm = channel
+        .basic_publish(
+            topology::DEAD_EXCHANGE.into(),
+            ShortString::from(delivery.routing_key.as_str()),
+            BasicPublishOptions::default(),
+            &delivery.data,
+            properties,
+        )
+        .await?
+        .await?;
+    if confirm.is_ack() {
+        Ok(())
+    } else {
+        Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+            lapin::ChannelState::Error,
+            "dead-letter publish was nacked".into(),
+        )))
+    }
+}

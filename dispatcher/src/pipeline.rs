@@ -1,0 +1,401 @@
+//! What happens to each broker message, apart from the broker: an event fans out into
+//! deliveries, a retry job resumes one delivery. Each returns what to do with the message and
+//! the attempts to run once it is acknowledged.
+//!
+//! Order matters for at-least-once: deliveries are begun in Redis (each under a lease that
+//! re-queues it if this process dies) *before* the message is acknowledged, and attempts run
+//! *after*, so an acknowledged message never depends on this process surviving.
+
+use crate::limits::EndpointLimits;
+use crate::metrics::METRICS;
+use crate::sender::Sender;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use laabam_shared::clock::{self, now_ms};
+use laabam_shared::delivery::{AttemptRecord, DeliveryStatus, Outcome, RetryJob};
+use laabam_shared::endpoint::Endpoint;
+use laabam_shared::envelope::{Envelope, Provenance};
+use laabam_shared::ids::DeliveryId;
+use laabam_shared::retry::{NextStep, RetryPolicy, random_jitter};
+use laabam_shared::store::{Begin, Record, Store, Taken};
+use rand::Rng;
+use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+/// What to do with the broker message.
+#[derive(Debug)]
+pub enum Disposition {
+    Ack,
+    /// Unprocessable: republish to the dead-letter exchange with this reason, then ack.
+    DeadLetter { reason: &'static str, detail: String },
+    /// A dependency failed; hand the message back to the broker to try again.
+    Requeue(String),
+}
+
+/// The outcome of handling one message.
+#[derive(Debug)]
+pub struct Handled {
+    pub disposition: Disposition,
+    /// Attempts to run after the message is acknowledged.
+    pub attempts: Vec<AttemptTask>,
+}
+
+impl Handled {
+    fn only(disposition: Disposition) -> Self {
+        Handled {
+            disposition,
+            attempts: Vec::new(),
+        }
+    }
+}
+
+/// One attempt, holding its lease and its endpoint slot.
+#[derive(Debug)]
+pub struct AttemptTask {
+    job: RetryJob,
+    event_type: String,
+    endpoint: Endpoint,
+    body: Bytes,
+    attempts_before: u32,
+    first_attempt_ms: Option<i64>,
+    lease: String,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Everything the dispatcher's message handling needs.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub store: Store,
+    pub sender: Sender,
+    pub limits: EndpointLimits,
+    pub policy: RetryPolicy,
+    /// How long an in-flight lease lasts (HTTP timeout plus margin).
+    pub lease: Duration,
+    pub defer_delay: Duration,
+}
+
+fn new_lease() -> String {
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+fn header(name: &'static str, value: &str) -> Option<(HeaderName, HeaderValue)> {
+    Some((HeaderName::from_static(name), HeaderValue::from_str(value).ok()?))
+}
+
+#[derive(serde::Deserialize)]
+struct TimestampOnly<'a> {
+    #[serde(borrow)]
+    timestamp: &'a str,
+}
+
+impl Pipeline {
+    fn lease_until(&self, now: i64) -> i64 {
+        now + self.lease.as_millis() as i64
+    }
+
+    fn deferred_until(&self, now: i64) -> i64 {
+        let base = self.defer_delay.as_millis() as i64;
+        now + base + rand::rng().random_range(0..=base.max(1))
+    }
+
+    /// A newly published event: validate, fan out, begin each delivery.
+    pub async fn handle_event(&self, data: &[u8], provenance: &Provenance) -> Handled {
+        let envelope = match Envelope::parse(data, provenance, now_ms()) {
+            Ok(e) => e,
+            Err(e) => {
+                return Handled::only(Disposition::DeadLetter {
+                    reason: e.code(),
+                    detail: e.to_string(),
+                });
+            }
+        };
+        METRICS.events_consumed.with_label_values(&[&envelope.event_type]).inc();
+        let span = tracing::info_span!("event", event_id = %envelope.id, event_type = %envelope.event_type);
+        self.fan_out(envelope).instrument(span).await
+    }
+
+    async fn fan_out(&self, envelope: Envelope) -> Handled {
+        let ingested = match self.store.ingest(&envelope, &envelope.to_json()).await {
+            Ok(i) => i,
+            Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
+        };
+        let now = now_ms();
+        let mut begins = Vec::with_capacity(ingested.endpoints.len());
+        let mut slots = Vec::with_capacity(ingested.endpoints.len());
+        for endpoint in &ingested.endpoints {
+            let slot = self.limits.try_acquire(endpoint);
+            let job = RetryJob {
+                delivery: DeliveryId::for_pair(&envelope.id, &endpoint.id),
+                event: envelope.id.clone(),
+                endpoint: endpoint.id.clone(),
+                account: envelope.account_id.clone(),
+            };
+            let (due_ms, lease) = match slot {
+                Some(_) => (self.lease_until(now), Some(new_lease())),
+                None => (self.deferred_until(now), None),
+            };
+            begins.push(Begin {
+                job,
+                event_type: envelope.event_type.clone(),
+                due_ms,
+                lease,
+            });
+            slots.push(slot);
+        }
+        let created = match self.store.begin(&begins, now).await {
+            Ok(c) => c,
+            Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
+        };
+        let body = Bytes::from(ingested.body);
+        let mut attempts = Vec::new();
+        for (((begin, slot), endpoint), created) in begins.into_iter().zip(slots).zip(ingested.endpoints).zip(created) {
+            if !created {
+                tracing::debug!(delivery_id = %begin.job.delivery, "delivery already known; skipped");
+                continue;
+            }
+            match (slot, begin.lease) {
+                (Some(slot), Some(lease)) => attempts.push(AttemptTask {
+                    job: begin.job,
+                    event_type: begin.event_type,
+                    endpoint,
+                    body: body.clone(),
+                    attempts_before: 0,
+                    first_attempt_ms: None,
+                    lease,
+                    _slot: slot,
+                }),
+                _ => {
+                    METRICS.deferred.with_label_values(&[&envelope.event_type]).inc();
+                    tracing::debug!(delivery_id = %begin.job.delivery, endpoint_id = %endpoint.id, "endpoint at its concurrency limit; deferred");
+                }
+            }
+        }
+        tracing::debug!(deliveries = attempts.len(), "event fanned out");
+        Handled {
+            disposition: Disposition::Ack,
+            attempts,
+        }
+    }
+
+    /// A retry job that came due: take it under a new lease and attempt, defer, or finish it.
+    pub async fn handle_retry(&self, data: &[u8]) -> Handled {
+        let job = match RetryJob::decode(data) {
+            Ok(j) => j,
+            Err(e) => {
+                return Handled::only(Disposition::DeadLetter {
+                    reason: "invalid_retry_job",
+                    detail: e.to_string(),
+                });
+            }
+        };
+        let span = tracing::info_span!("retry", delivery_id = %job.delivery, event_id = %job.event, endpoint_id = %job.endpoint);
+        self.resume(job).instrument(span).await
+    }
+
+    async fn resume(&self, job: RetryJob) -> Handled {
+        let lease = new_lease();
+        let now = now_ms();
+        let taken = match self.store.take(&job, &lease, self.lease_until(now)).await {
+            Ok(t) => t,
+            Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
+        };
+        let (event_type, attempts, first_attempt_ms, body, endpoint) = match taken {
+            Taken::Stale(why) => {
+                tracing::debug!(state = %why, "stale retry job dropped");
+                return Handled::only(Disposition::Ack);
+            }
+            Taken::Go {
+                event_type,
+                attempts,
+                first_attempt_ms,
+                body,
+                endpoint,
+            } => (event_type, attempts, first_attempt_ms, body, endpoint),
+        };
+        let fail = |why: &str| {
+            let why = why.to_owned();
+            let job = &job;
+            let lease = &lease;
+            async move {
+                self.record(Record {
+                    job,
+                    lease,
+                    attempt: None,
+                    status: DeliveryStatus::Failed,
+                    attempts,
+                    first_attempt_ms,
+                    next_attempt_ms: None,
+                    reason: Some(&why),
+                })
+                .await;
+                Handled::only(Disposition::Ack)
+            }
+        };
+        let (body, endpoint) = match (body, endpoint) {
+            (None, _) => return fail("event expired from the store before delivery").await,
+            (_, None) => return fail("endpoint was deleted").await,
+            (Some(body), Some(endpoint)) => (body, endpoint),
+        };
+        if !endpoint.enabled {
+            let why = format!(
+                "endpoint is disabled: {}",
+                endpoint.disabled_reason.as_deref().unwrap_or("by its owner")
+            );
+            return fail(&why).await;
+        }
+        let Some(slot) = self.limits.try_acquire(&endpoint) else {
+            METRICS.deferred.with_label_values(&[&event_type]).inc();
+            self.record(Record {
+                job: &job,
+                lease: &lease,
+                attempt: None,
+                status: DeliveryStatus::Retrying,
+                attempts,
+                first_attempt_ms,
+                next_attempt_ms: Some(self.deferred_until(now)),
+                reason: None,
+            })
+            .await;
+            return Handled::only(Disposition::Ack);
+        };
+        Handled {
+            disposition: Disposition::Ack,
+            attempts: vec![AttemptTask {
+                job: job.clone(),
+                event_type,
+                endpoint,
+                body: Bytes::from(body),
+                attempts_before: attempts,
+                first_attempt_ms,
+                lease,
+                _slot: slot,
+            }],
+        }
+    }
+
+    /// Signs and sends one attempt, then records it and decides what follows.
+    pub async fn run_attempt(&self, task: AttemptTask) {
+        let span = tracing::info_span!(
+            "attempt",
+            event_id = %task.job.event,
+            endpoint_id = %task.endpoint.id,
+            delivery_id = %task.job.delivery,
+            attempt = task.attempts_before + 1,
+            outcome = tracing::field::Empty,
+        );
+        self.attempt(task).instrument(span).await
+    }
+
+    async fn attempt(&self, task: AttemptTask) {
+        let number = task.attempts_before + 1;
+        let started_ms = now_ms();
+        let timestamp = started_ms / 1000;
+        let signature = task.endpoint.secret.sign(task.job.event.as_str(), timestamp, &task.body);
+        let headers: Vec<_> = [
+            header("webhook-id", task.job.event.as_str()),
+            header("webhook-timestamp", &timestamp.to_string()),
+            header("webhook-signature", &signature),
+            header("x-laabam-signature", &signature),
+            header("x-laabam-delivery-id", task.job.delivery.as_str()),
+            header("x-laabam-attempt", &number.to_string()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+
+        METRICS.in_flight.inc();
+        let result = self.sender.post(task.endpoint.url.as_str(), &headers, task.body.clone()).await;
+        METRICS.in_flight.dec();
+
+        let outcome = result.outcome;
+        tracing::Span::current().record("outcome", outcome.as_str());
+        METRICS.attempts.with_label_values(&[&task.event_type, outcome.as_str()]).inc();
+        METRICS.attempt_seconds.with_label_values(&[&task.event_type]).observe(result.duration.as_secs_f64());
+
+        let attempt = AttemptRecord {
+            attempt: number,
+            at_ms: started_ms,
+            outcome,
+            status_code: result.status,
+            duration_ms: result.duration.as_millis() as u64,
+            error: result.error.clone(),
+            response_excerpt: result.excerpt.clone(),
+        };
+        let first_attempt_ms = task.first_attempt_ms.unwrap_or(started_ms);
+        let (status, next_attempt_ms, reason) = match outcome {
+            Outcome::Success => {
+                if let Some(published) = std::str::from_utf8(&task.body)
+                    .ok()
+                    .and_then(|b| serde_json::from_str::<TimestampOnly<'_>>(b).ok())
+                    .and_then(|t| clock::parse_rfc3339_ms(t.timestamp))
+                {
+                    METRICS
+                        .publish_to_delivered_seconds
+                        .observe((now_ms() - published).max(0) as f64 / 1000.0);
+                }
+                (DeliveryStatus::Succeeded, None, None)
+            }
+            Outcome::Http410 => {
+                let why = "endpoint answered 410 Gone";
+                if let Err(e) = self.store.disable_endpoint(&task.endpoint.id, why).await {
+                    tracing::error!(error = %e, "could not disable endpoint after 410");
+                }
+                tracing::warn!("endpoint answered 410 Gone; disabled");
+                (DeliveryStatus::Failed, None, Some(format!("{why}; endpoint disabled")))
+            }
+            _ => match self.policy.after_failure(number, first_attempt_ms, now_ms(), result.retry_after, random_jitter()) {
+                NextStep::RetryAt(at) => (DeliveryStatus::Retrying, Some(at), None),
+                NextStep::GiveUp(why) => (DeliveryStatus::Failed, None, Some(why)),
+            },
+        };
+        match status {
+            DeliveryStatus::Succeeded | DeliveryStatus::Failed => {
+                METRICS.completed.with_label_values(&[&task.event_type, status.as_str()]).inc();
+            }
+            _ => {}
+        }
+        tracing::info!(
+            status_code = result.status,
+            duration_ms = attempt.duration_ms,
+            next = status.as_str(),
+            error = result.error.as_deref().unwrap_or(""),
+            "attempt finished"
+        );
+        self.record(Record {
+            job: &task.job,
+            lease: &task.lease,
+            attempt: Some(&attempt),
+            status,
+            attempts: number,
+            first_attempt_ms: Some(first_attempt_ms),
+            next_attempt_ms,
+            reason: reason.as_deref(),
+        })
+        .await;
+    }
+
+    /// Writes a record, retrying while Redis is unreachable for as long as the lease lasts;
+    /// past that the lease has already re-queued the delivery, so giving up loses nothing.
+    async fn record(&self, record: Record<'_>) {
+        let deadline = Instant::now() + self.lease;
+        loop {
+            match self.store.record(&record).await {
+                Ok(true) => return,
+                Ok(false) => {
+                    tracing::warn!(delivery_id = %record.job.delivery, "lease expired before the outcome was recorded; the newer holder's state is kept");
+                    return;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(delivery_id = %record.job.delivery, error = %e, "recording failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => {
+                    tracing::error!(delivery_id = %record.job.delivery, error = %e, "could not record the outcome; the lease will retry the delivery");
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Outbound HTTP: one pooled keep-alive client (http and https over rustls), a whole-request
+//! timeout, no redirects, and response bodies read only up to a cap.
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use laabam_shared::delivery::Outcome;
+use std::error::Error as StdError;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How much of a response body is kept with the attempt.
+pub const EXCERPT_BYTES: usize = 4096;
+/// How much of a response body is read at all; past it the connection is dropped.
+pub const READ_CAP_BYTES: usize = 64 * 1024;
+
+/// Why the client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SenderError {
+    #[error("cannot read CA file {path}: {cause}")]
+    CaFile { path: String, cause: String },
+}
+
+/// The result of one request, whatever happened.
+#[derive(Debug, Clone)]
+pub struct SendResult {
+    pub outcome: Outcome,
+    pub status: Option<u16>,
+    pub duration: Duration,
+    pub error: Option<String>,
+    pub excerpt: Option<String>,
+    /// The endpoint's `Retry-After` on 429 or 503, in seconds form.
+    pub retry_after: Option<Duration>,
+}
+
+/// The shared HTTP client of a dispatcher.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    timeout: Duration,
+}
+
+fn tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, SenderError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let err = |cause: String| SenderError::CaFile {
+            path: path.display().to_string(),
+            cause,
+        };
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(err("no certificate in file".into()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| err(e.to_string()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+impl Sender {
+    pub fn new(timeout: Duration, extra_ca: Option<&Path>) -> Result<Self, SenderError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config(extra_ca)?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(64)
+            .build(https);
+        Ok(Sender { client, timeout })
+    }
+
+    /// POSTs `body` to `url` with our headers plus `extra`. Never fails: every problem is an
+    /// outcome.
+    pub async fn post(&self, url: &str, extra: &[(HeaderName, HeaderValue)], body: Bytes) -> SendResult {
+        let started = Instant::now();
+        let fail = |outcome: Outcome, error: String| SendResult {
+            outcome,
+            status: None,
+            duration: started.elapsed(),
+            error: Some(error),
+            excerpt: None,
+            retry_after: None,
+        };
+        let mut builder = http::Request::post(url)
+            .header(CONTENT_TYPE, "application/json")
+            .header(USER_AGENT, concat!("Laabam-Webhooks/", env!("CARGO_PKG_VERSION")));
+        for (name, value) in extra {
+            builder = builder.header(name, value);
+        }
+        let request = match builder.body(Full::new(body)) {
+            Ok(r) => r,
+            Err(e) => return fail(Outcome::ConnectError, format!("invalid request: {e}")),
+        };
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(|e| classify(&e))?;
+            let status = response.status().as_u16();
+            let retry_after = match status {
+                429 | 503 => response
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs),
+                _ => None,
+            };
+            let excerpt = read_capped(response.into_body()).await;
+            Ok::<_, (Outcome, String)>((status, retry_after, excerpt))
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => fail(Outcome::Timeout, format!("no complete response within {:?}", self.timeout)),
+            Ok(Err((outcome, error))) => fail(outcome, error),
+            Ok(Ok((status, retry_after, (excerpt, body_error)))) => SendResult {
+                outcome: Outcome::from_status(status),
+                status: Some(status),
+                duration: started.elapsed(),
+                error: body_error,
+                excerpt: (!excerpt.is_empty()).then(|| String::from_utf8_lossy(&excerpt).into_owned()),
+                retry_after,
+            },
+        }
+    }
+}
+
+/// Reads at most [`READ_CAP_BYTES`], keeping the first [`EXCERPT_BYTES`]. A body error after
+/// the status arrived does not change the outcome (the endpoint did answer); it is noted.
+async fn read_capped(mut body: hyper::body::Incoming) -> (Vec<u8>, Option<String>) {
+    let mut kept = Vec::new();
+    let mut read = 0usize;
+    while read < READ_CAP_BYTES {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => return (kept, Some(format!("response body: {e}"))),
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    read += data.len();
+                    let room = EXCERPT_BYTES.saturating_sub(kept.len());
+                    kept.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+        }
+    }
+    (kept, None)
+}
+
+/// Maps a client error to an outcome, looking through the cause chain for TLS failures.
+fn classify(err: &hyper_util::client::legacy::Error) -> (Outcome, String) {
+    let message = chain(err);
+    let mut source: Option<&(dyn StdError + 'static)> = err.source();
+    while let Some(e) = source {
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            return (Outcome::TlsError, message);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                return (Outcome::TlsError, message);
+            }
+        }
+        source = e.source();
+    }
+    if err.is_connect() {
+        (Outcome::ConnectError, message)
+    } else {
+        (Outcome::InvalidResponse, message)
+    }
+}
+
+fn chain(err: &dyn StdError) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}

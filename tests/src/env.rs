@@ -1,0 +1,262 @@
+//! A test's namespace and the components running in it.
+
+use laabam_dispatcher::DispatcherConfig;
+use laabam_producer::Publisher;
+use laabam_retry_scheduler::SchedulerConfig;
+use laabam_shared::clock::now_ms;
+use laabam_shared::endpoint::{Endpoint, NewEndpoint};
+use laabam_shared::ids::AccountId;
+use laabam_shared::store::{Store, StoreConfig};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const AMQP_BASE: &str = "amqp://guest:guest@127.0.0.1:5672";
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// Test logs go through the test writer (shown only for failing tests); `RUST_LOG` tunes them.
+pub fn init_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    });
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("rabbitmqctl runs (is RabbitMQ installed? see scripts/services)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One test's own RabbitMQ vhost and Redis prefix. Dropping it stops what it started and
+/// removes both, so tests run in parallel and leave nothing behind.
+#[derive(Debug)]
+pub struct TestEnv {
+    pub name: String,
+    pub amqp_url: String,
+    pub redis_url: String,
+    pub prefix: String,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    children: Vec<Child>,
+}
+
+/// Settings a test changes from the fast test defaults (as extra command-line flags).
+pub type Flags<'a> = &'a [&'a str];
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        init_logs();
+        let name = format!("laabam-test-{}", ulid::Ulid::new().to_string().to_lowercase());
+        let vhost = name.clone();
+        tokio::task::spawn_blocking(move || {
+            rabbitmqctl(&["add_vhost", &vhost]);
+            rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+        })
+        .await
+        .expect("vhost setup");
+        TestEnv {
+            amqp_url: format!("{AMQP_BASE}/{name}"),
+            redis_url: REDIS_URL.to_owned(),
+            prefix: format!("{name}:"),
+            name,
+            stop: CancellationToken::new(),
+            tasks: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    /// The connection flags every component of this test shares.
+    pub fn common_flags(&self) -> Vec<String> {
+        [
+            "--amqp-url", &self.amqp_url,
+            "--redis-url", &self.redis_url,
+            "--redis-prefix", &self.prefix,
+            "--connect-timeout", "10s",
+            "--metrics-addr", "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Dispatcher flags: millisecond-scale retries, short timeouts, then the test's own.
+    pub fn dispatcher_flags(&self, extra: Flags<'_>) -> Vec<String> {
+        let mut flags = self.common_flags();
+        flags.extend(
+            [
+                "--retry-first-delay", "100ms",
+                "--retry-max-delay", "400ms",
+                "--retry-max-attempts", "5",
+                "--http-timeout", "2s",
+                "--lease-margin", "1s",
+                "--defer-delay", "50ms",
+                "--allow-private-targets", "true",
+            ]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string()),
+        );
+        flags
+    }
+
+    pub fn scheduler_flags(&self, extra: Flags<'_>) -> Vec<String> {
+        let mut flags = self.common_flags();
+        flags.extend(["--poll", "20ms", "--claim-lease", "2s"].iter().chain(extra).map(|s| s.to_string()));
+        flags
+    }
+
+    pub async fn store(&self) -> Store {
+        let config = StoreConfig {
+            url: self.redis_url.clone(),
+            prefix: self.prefix.clone(),
+            retry_shards: 1,
+            retention: Duration::from_secs(3600),
+        };
+        Store::connect(&config, Duration::from_secs(10)).await.expect("Redis reachable")
+    }
+
+    pub async fn publisher(&self) -> Publisher {
+        Publisher::connect(&self.amqp_url, Duration::from_secs(10))
+            .await
+            .expect("RabbitMQ reachable")
+    }
+
+    /// Registers an endpoint directly in the store.
+    pub async fn endpoint(&self, account: &str, url: &str, events: Option<&[&str]>) -> Endpoint {
+        let ep = Endpoint::create(
+            AccountId::parse(account).unwrap(),
+            NewEndpoint {
+                url: url.to_owned(),
+                events: events.map(|e| e.iter().map(|s| s.to_string()).collect()),
+                ..Default::default()
+            },
+            now_ms(),
+        )
+        .expect("valid endpoint");
+        self.store().await.create_endpoint(&ep).await.expect("stored");
+        ep
+    }
+
+    /// Runs a dispatcher in this process until the environment is dropped.
+    pub fn start_dispatcher(&mut self, extra: Flags<'_>) {
+        use clap::Parser;
+        let mut args = vec!["laabam-dispatcher".to_owned()];
+        args.extend(self.dispatcher_flags(extra));
+        let config = DispatcherConfig::parse_from(args);
+        let stop = self.stop.child_token();
+        self.tasks.push(tokio::spawn(async move {
+            laabam_dispatcher::run(config, stop).await.expect("dispatcher starts");
+        }));
+    }
+
+    /// Runs a retry scheduler in this process until the environment is dropped.
+    pub fn start_scheduler(&mut self, extra: Flags<'_>) {
+        use clap::Parser;
+        let mut args = vec!["laabam-retry-scheduler".to_owned()];
+        args.extend(self.scheduler_flags(extra));
+        let config = SchedulerConfig::parse_from(args);
+        let stop = self.stop.child_token();
+        self.tasks.push(tokio::spawn(async move {
+            laabam_retry_scheduler::run(config, stop).await.expect("scheduler starts");
+        }));
+    }
+
+    /// Starts a real binary of the workspace (built on first use) with these flags; it is
+    /// killed when the environment is dropped.
+    pub fn spawn_binary(&mut self, name: &str, flags: &[String]) -> u32 {
+        let child = Command::new(binary(name))
+            .args(flags)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// SIGKILLs a binary started by [`Self::spawn_binary`].
+    pub fn kill(&mut self, pid: u32) {
+        if let Some(child) = self.children.iter_mut().find(|c| c.id() == pid) {
+            child.kill().expect("kill");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// Declares the topology, as `laabam-producer topology` does before plain publishers start.
+    pub async fn declare_topology(&self) {
+        let conn = laabam_shared::startup::amqp_connect(&self.amqp_url, "laabam-test").await.expect("connect");
+        laabam_shared::topology::declare(&conn.create_channel().await.expect("channel"))
+            .await
+            .expect("declare");
+        let _ = conn.close(200, "done".into()).await;
+    }
+
+    /// Reads one message from a queue of this vhost, with its headers.
+    pub async fn get_message(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+        let conn = laabam_shared::startup::amqp_connect(&self.amqp_url, "laabam-test").await.expect("connect");
+        let channel = conn.create_channel().await.expect("channel");
+        let msg = channel
+            .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get");
+        let _ = conn.close(200, "done".into()).await;
+        msg
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::panic::catch_unwind(|| rabbitmqctl(&["delete_vhost", &self.name]));
+        if let Ok(client) = redis::Client::open(self.redis_url.as_str()) {
+            if let Ok(mut conn) = client.get_connection() {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{}*", self.prefix))
+                    .query(&mut conn)
+                    .unwrap_or_default();
+                for chunk in keys.chunks(500) {
+                    let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+                }
+            }
+        }
+    }
+}
+
+/// The path of a workspace binary, building the workspace's binaries once per test process.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--bins"])
+            .current_dir(&workspace)
+            .status()
+            .expect("cargo build runs");
+        assert!(status.success(), "building the binaries failed");
+    });
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    exe.parent().and_then(|deps| deps.parent()).expect("target dir").join(name)
+}

@@ -1,0 +1,198 @@
+//! Webhook receivers: real hyper servers on 127.0.0.1 that record each request and answer as
+//! the test's script says, over plain HTTP or TLS with a test CA.
+
+use bytes::Bytes;
+use http::{HeaderMap, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A request as the receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub path: String,
+}
+
+impl Captured {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("body is JSON")
+    }
+}
+
+/// What to answer.
+#[derive(Debug, Clone, Copy)]
+pub enum Reply {
+    Status(u16),
+    /// Answer with this status after a delay (longer than the dispatcher's timeout = a timeout).
+    After(Duration, u16),
+}
+
+/// Decides the answer from the request and how many times this `webhook-id` came before.
+pub type Script = dyn Fn(&Captured, usize) -> Reply + Send + Sync;
+
+/// A running receiver; stops when dropped.
+#[derive(Debug)]
+pub struct Receiver {
+    pub url: String,
+    requests: Arc<Mutex<Vec<Captured>>>,
+    stop: CancellationToken,
+    /// For TLS receivers: the CA file the dispatcher must trust.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A TLS server config for `127.0.0.1`/`localhost`, and the PEM of the CA that signed it.
+fn test_tls(names: &[&str]) -> (rustls::ServerConfig, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA cert");
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let leaf_params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("leaf params");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).expect("leaf cert");
+    let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).expect("key der");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .expect("server config");
+    (config, ca.pem())
+}
+
+impl Receiver {
+    /// Answers 200 to everything.
+    pub async fn ok() -> Self {
+        Self::start(|_, _| Reply::Status(200)).await
+    }
+
+    pub async fn start(script: impl Fn(&Captured, usize) -> Reply + Send + Sync + 'static) -> Self {
+        Self::serve(Arc::new(script), None).await
+    }
+
+    /// A TLS receiver whose certificate names `names`, signed by a fresh CA.
+    pub async fn start_tls(names: &[&str], script: impl Fn(&Captured, usize) -> Reply + Send + Sync + 'static) -> Self {
+        let (config, ca_pem) = test_tls(names);
+        let mut rx = Self::serve(Arc::new(script), Some(Arc::new(config))).await;
+        let path = std::env::temp_dir().join(format!("laabam-test-ca-{}.pem", ulid::Ulid::new()));
+        std::fs::write(&path, ca_pem).expect("write CA");
+        rx.url = rx.url.replacen("http://", "https://", 1);
+        rx.ca_file = Some(path);
+        rx
+    }
+
+    async fn serve(script: Arc<Script>, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let addr = listener.local_addr().expect("addr");
+        let requests: Arc<Mutex<Vec<Captured>>> = Arc::default();
+        let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let stop = CancellationToken::new();
+        let (reqs, stop2) = (requests.clone(), stop.clone());
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                };
+                let (script, reqs, seen, stop3, acceptor) = (script.clone(), reqs.clone(), seen.clone(), stop2.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: hyper::Request<Incoming>| {
+                        let (script, reqs, seen) = (script.clone(), reqs.clone(), seen.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let captured = Captured {
+                                headers: parts.headers,
+                                body,
+                                path: parts.uri.path().to_owned(),
+                            };
+                            let nth = {
+                                let mut seen = seen.lock().unwrap();
+                                let n = seen.entry(captured.header("webhook-id").to_owned()).or_insert(0);
+                                *n += 1;
+                                *n - 1
+                            };
+                            let reply = script(&captured, nth);
+                            reqs.lock().unwrap().push(captured);
+                            let status = match reply {
+                                Reply::Status(s) => s,
+                                Reply::After(delay, s) => {
+                                    tokio::time::sleep(delay).await;
+                                    s
+                                }
+                            };
+                            let mut resp = Response::new(Full::new(Bytes::from(format!("answered {status}"))));
+                            *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let builder = http1::Builder::new();
+                    let serve = async {
+                        match acceptor {
+                            Some(acceptor) => match acceptor.accept(stream).await {
+                                Ok(tls) => {
+                                    let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                                }
+                                Err(_) => {}
+                            },
+                            None => {
+                                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = stop3.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Receiver {
+            url: format!("http://127.0.0.1:{}/hook", addr.port()),
+            requests,
+            stop,
+            ca_file: None,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Captured> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    /// Requests per `webhook-id`.
+    pub fn per_event(&self) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for r in self.requests.lock().unwrap().iter() {
+            *out.entry(r.header("webhook-id").to_owned()).or_insert(0) += 1;
+        }
+        out
+    }
+}

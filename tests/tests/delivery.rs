@@ -1,0 +1,165 @@
+//! Events published through our library and through a plain AMQP client reach exactly the
+//! subscribed endpoints, unchanged and signed.
+
+use laabam_shared::catalog::CATALOG;
+use laabam_shared::clock::now_ms;
+use laabam_shared::endpoint::Endpoint;
+use laabam_shared::envelope::Envelope;
+use laabam_shared::ids::AccountId;
+use laabam_shared::signing::{self, DEFAULT_TOLERANCE};
+use laabam_shared::topology;
+use laabam_tests::receiver::Captured;
+use laabam_tests::{Receiver, TestEnv, wait_until};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::value::RawValue;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn assert_signed(req: &Captured, ep: &Endpoint) {
+    for name in ["webhook-signature", "x-laabam-signature"] {
+        signing::verify(
+            &ep.secret,
+            req.header("webhook-id"),
+            req.header("webhook-timestamp"),
+            req.header(name),
+            &req.body,
+            now_ms() / 1000,
+            DEFAULT_TOLERANCE,
+        )
+        .unwrap_or_else(|e| panic!("{name} does not verify: {e}"));
+    }
+    assert_eq!(req.header("content-type"), "application/json");
+    assert!(req.header("user-agent").starts_with("Laabam-Webhooks/"));
+}
+
+/// A publisher that knows nothing of our library: the README's AMQP contract only.
+async fn plain_publish(amqp_url: &str, routing_key: &str, body: &[u8], props: BasicProperties) {
+    let conn = Connection::connect(amqp_url, ConnectionProperties::default()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let confirm = channel
+        .basic_publish(topology::EVENTS_EXCHANGE.into(), routing_key.into(), BasicPublishOptions::default(), body, props)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    conn.close(200, "done".into()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_type_reaches_exactly_its_subscribers_signed_and_unchanged() {
+    let mut env = TestEnv::new().await;
+    let all = Receiver::ok().await;
+    let paid_only = Receiver::ok().await;
+    let other_account = Receiver::ok().await;
+    let ep_all = env.endpoint("acct_a", &all.url, None).await;
+    let ep_paid = env.endpoint("acct_a", &paid_only.url, Some(&["invoice.paid"])).await;
+    env.endpoint("acct_b", &other_account.url, None).await;
+    env.start_dispatcher(&[]);
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+
+    // Through our library: every catalog type.
+    let mut published = Vec::new();
+    for spec in CATALOG {
+        let data = RawValue::from_string(spec.example.to_owned()).unwrap();
+        let env = Envelope::new(spec.name, AccountId::parse("acct_a").unwrap(), data, None, now_ms()).unwrap();
+        publisher.publish(&env).await.unwrap();
+        published.push(env);
+    }
+    // Through a plain client: every type again, one with every recommended property, the
+    // others with a bare body that leaves out id and timestamp.
+    for (i, spec) in CATALOG.iter().enumerate() {
+        let body = format!(r#"{{"type":"{}","account_id":"acct_a","data":{}}}"#, spec.name, spec.example);
+        let props = if i == 0 {
+            BasicProperties::default()
+                .with_message_id("plain-msg-1".into())
+                .with_timestamp(1_795_840_920)
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+        } else {
+            BasicProperties::default()
+        };
+        plain_publish(&env.amqp_url, spec.name, body.as_bytes(), props).await;
+    }
+
+    let expected_all = 2 * CATALOG.len();
+    wait_until("every event at the all-types endpoint", WAIT, || async { all.count() >= expected_all }).await;
+    wait_until("both invoice.paid at the paid-only endpoint", WAIT, || async { paid_only.count() >= 2 }).await;
+    // Give stragglers (there must be none) a moment before asserting exact counts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    assert_eq!(all.count(), expected_all);
+    assert!(all.per_event().values().all(|&n| n == 1), "each event once: {:?}", all.per_event());
+    assert_eq!(paid_only.count(), 2);
+    assert_eq!(other_account.count(), 0, "another account's endpoint got nothing");
+
+    for req in all.requests() {
+        assert_signed(&req, &ep_all);
+    }
+    for req in paid_only.requests() {
+        assert_signed(&req, &ep_paid);
+        assert_eq!(req.json()["type"], "invoice.paid");
+    }
+
+    // Library events arrive byte for byte as published.
+    let requests = all.requests();
+    for env in &published {
+        let req = requests.iter().find(|r| r.header("webhook-id") == env.id.as_str()).expect("delivered");
+        assert_eq!(req.body, env.to_json(), "{}", env.event_type);
+    }
+    // Plain events keep their data exactly and get a stable id and timestamp.
+    let with_props = requests.iter().find(|r| r.header("webhook-id") == "plain-msg-1").expect("message_id used as id");
+    assert_eq!(with_props.json()["timestamp"], "2026-11-28T04:42:00.000Z");
+    for spec in &CATALOG[1..] {
+        let req = requests
+            .iter()
+            .find(|r| r.json()["type"] == spec.name && r.header("webhook-id").starts_with("evt_") && !published.iter().any(|p| p.id.as_str() == r.header("webhook-id")))
+            .expect("plain event delivered");
+        let body = String::from_utf8(req.body.to_vec()).unwrap();
+        assert!(body.ends_with(&format!(r#""data":{}}}"#, spec.example)), "{body}");
+        assert!(req.json()["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_republished_event_without_id_is_recognised_and_not_delivered_twice() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::ok().await;
+    env.endpoint("acct_a", &rx.url, None).await;
+    env.declare_topology().await;
+    env.start_dispatcher(&[]);
+    let body = br#"{"type":"payment.failed","account_id":"acct_a","data":{"payment_id":"p1","reason":"card_declined"}}"#;
+    plain_publish(&env.amqp_url, "payment.failed", body, BasicProperties::default()).await;
+    wait_until("first copy delivered", WAIT, || async { rx.count() == 1 }).await;
+    plain_publish(&env.amqp_url, "payment.failed", body, BasicProperties::default()).await;
+    // A different event after the copy: once it arrives, the copy has been processed too.
+    let marker = br#"{"id":"evt_marker","type":"payment.failed","account_id":"acct_a","data":{"payment_id":"p2","reason":"x"}}"#;
+    plain_publish(&env.amqp_url, "payment.failed", marker, BasicProperties::default()).await;
+    wait_until("marker delivered", WAIT, || async { rx.per_event().contains_key("evt_marker") }).await;
+    assert_eq!(rx.count(), 2, "the republished copy kept its id and was not delivered again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_endpoints_are_delivered_with_an_extra_trusted_ca() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::start_tls(&["127.0.0.1", "localhost"], |_, _| laabam_tests::Reply::Status(204)).await;
+    let ep = env.endpoint("acct_a", &rx.url, None).await;
+    let ca = rx.ca_file.clone().unwrap();
+    env.start_dispatcher(&["--extra-ca-file", ca.to_str().unwrap()]);
+    let publisher = env.publisher().await;
+    let data = RawValue::from_string(r#"{"customer_id":"c","name":"n","email":"e@x"}"#.into()).unwrap();
+    let event = Envelope::new("customer.created", AccountId::parse("acct_a").unwrap(), data, None, now_ms()).unwrap();
+    publisher.publish(&event).await.unwrap();
+    wait_until("delivered over TLS", WAIT, || async { rx.count() == 1 }).await;
+    assert_signed(&rx.requests()[0], &ep);
+    let store = env.store().await;
+    let delivery = laabam_shared::ids::DeliveryId::for_pair(&event.id, &ep.id);
+    wait_until("recorded as succeeded", WAIT, || async {
+        store.delivery(&delivery).await.unwrap().is_some_and(|d| d.status == laabam_shared::delivery::DeliveryStatus::Succeeded)
+    })
+    .await;
+}

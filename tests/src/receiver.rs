@@ -11,10 +11,18 @@ use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// Requests being answered now, and the most ever answered at once.
+#[derive(Debug, Default)]
+struct Concurrency {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
 
 /// A request as the receiver saw it.
 #[derive(Debug, Clone)]
@@ -40,6 +48,8 @@ pub enum Reply {
     Status(u16),
     /// Answer with this status after a delay (longer than the dispatcher's timeout = a timeout).
     After(Duration, u16),
+    /// Answer with this status and `Retry-After: <seconds>`.
+    RetryAfter(u16, u64),
 }
 
 /// Decides the answer from the request and how many times this `webhook-id` came before.
@@ -50,6 +60,7 @@ pub type Script = dyn Fn(&Captured, usize) -> Reply + Send + Sync;
 pub struct Receiver {
     pub url: String,
     requests: Arc<Mutex<Vec<Captured>>>,
+    concurrency: Arc<Concurrency>,
     stop: CancellationToken,
     /// For TLS receivers: the CA file the dispatcher must trust.
     pub ca_file: Option<PathBuf>,
@@ -108,6 +119,8 @@ impl Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
         let addr = listener.local_addr().expect("addr");
         let requests: Arc<Mutex<Vec<Captured>>> = Arc::default();
+        let concurrency: Arc<Concurrency> = Arc::default();
+        let conc = concurrency.clone();
         let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let stop = CancellationToken::new();
         let (reqs, stop2) = (requests.clone(), stop.clone());
@@ -118,11 +131,14 @@ impl Receiver {
                     _ = stop2.cancelled() => return,
                     accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
                 };
-                let (script, reqs, seen, stop3, acceptor) = (script.clone(), reqs.clone(), seen.clone(), stop2.clone(), acceptor.clone());
+                let (script, reqs, seen, stop3, acceptor, conc) =
+                    (script.clone(), reqs.clone(), seen.clone(), stop2.clone(), acceptor.clone(), conc.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: hyper::Request<Incoming>| {
-                        let (script, reqs, seen) = (script.clone(), reqs.clone(), seen.clone());
+                        let (script, reqs, seen, conc) = (script.clone(), reqs.clone(), seen.clone(), conc.clone());
                         async move {
+                            let now = conc.now.fetch_add(1, Ordering::SeqCst) + 1;
+                            conc.peak.fetch_max(now, Ordering::SeqCst);
                             let (parts, body) = req.into_parts();
                             let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             let captured = Captured {
@@ -138,15 +154,20 @@ impl Receiver {
                             };
                             let reply = script(&captured, nth);
                             reqs.lock().unwrap().push(captured);
-                            let status = match reply {
-                                Reply::Status(s) => s,
+                            let (status, retry_after) = match reply {
+                                Reply::Status(s) => (s, None),
                                 Reply::After(delay, s) => {
                                     tokio::time::sleep(delay).await;
-                                    s
+                                    (s, None)
                                 }
+                                Reply::RetryAfter(s, secs) => (s, Some(secs)),
                             };
+                            conc.now.fetch_sub(1, Ordering::SeqCst);
                             let mut resp = Response::new(Full::new(Bytes::from(format!("answered {status}"))));
                             *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+                            if let Some(secs) = retry_after {
+                                resp.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
+                            }
                             Ok::<_, Infallible>(resp)
                         }
                     });
@@ -174,6 +195,7 @@ impl Receiver {
         Receiver {
             url: format!("http://127.0.0.1:{}/hook", addr.port()),
             requests,
+            concurrency,
             stop,
             ca_file: None,
         }
@@ -181,6 +203,11 @@ impl Receiver {
 
     pub fn requests(&self) -> Vec<Captured> {
         self.requests.lock().unwrap().clone()
+    }
+
+    /// The most requests this receiver was ever answering at once.
+    pub fn peak_concurrency(&self) -> usize {
+        self.concurrency.peak.load(Ordering::SeqCst)
     }
 
     pub fn count(&self) -> usize {

@@ -1,0 +1,167 @@
+//! Failed attempts are retried by backoff until they succeed or the policy gives up; each
+//! endpoint's outcome is its own.
+
+use laabam_shared::clock::now_ms;
+use laabam_shared::delivery::{DeliveryStatus, Outcome};
+use laabam_shared::endpoint::Endpoint;
+use laabam_shared::envelope::Envelope;
+use laabam_shared::ids::{AccountId, DeliveryId};
+use laabam_shared::store::Store;
+use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
+use serde_json::value::RawValue;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn invoice_paid(n: u32) -> Envelope {
+    let data = RawValue::from_string(format!(r#"{{"invoice_id":"inv_{n}","payment_id":"pay_{n}","amount":{n}}}"#)).unwrap();
+    Envelope::new("invoice.paid", AccountId::parse("acct_a").unwrap(), data, None, now_ms()).unwrap()
+}
+
+async fn wait_status(store: &Store, event: &Envelope, ep: &Endpoint, status: DeliveryStatus) {
+    let id = DeliveryId::for_pair(&event.id, &ep.id);
+    wait_until(&format!("delivery {id} {}", status.as_str()), WAIT, || async {
+        store.delivery(&id).await.unwrap().is_some_and(|d| d.status == status)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_500_then_a_timeout_then_200_arrives_on_attempt_three_with_the_same_id() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::start(|_, nth| match nth {
+        0 => Reply::Status(500),
+        1 => Reply::After(Duration::from_secs(3), 200),
+        _ => Reply::Status(200),
+    })
+    .await;
+    let ep = env.endpoint("acct_a", &rx.url, None).await;
+    env.start_dispatcher(&["--http-timeout", "500ms"]);
+    env.start_scheduler(&[]);
+    let event = invoice_paid(1);
+    env.publisher().await.publish(&event).await.unwrap();
+
+    let store = env.store().await;
+    wait_status(&store, &event, &ep, DeliveryStatus::Succeeded).await;
+    let requests = rx.requests();
+    assert_eq!(requests.len(), 3);
+    assert!(requests.iter().all(|r| r.header("webhook-id") == event.id.as_str()));
+    assert!(requests.iter().all(|r| r.body == event.to_json()));
+    let attempts_header: Vec<_> = requests.iter().map(|r| r.header("x-laabam-attempt").to_owned()).collect();
+    assert_eq!(attempts_header, ["1", "2", "3"]);
+
+    let delivery = DeliveryId::for_pair(&event.id, &ep.id);
+    let attempts = store.attempts(&delivery).await.unwrap();
+    let outcomes: Vec<_> = attempts.iter().map(|a| a.outcome).collect();
+    assert_eq!(outcomes, [Outcome::Http5xx, Outcome::Timeout, Outcome::Success]);
+    assert_eq!(attempts[0].status_code, Some(500));
+    assert_eq!(attempts[0].response_excerpt.as_deref(), Some("answered 500"));
+    assert!(attempts[1].error.as_deref().unwrap().contains("no complete response"));
+    assert_eq!(attempts[2].status_code, Some(200));
+    assert!(attempts.windows(2).all(|w| w[1].at_ms >= w[0].at_ms + 80), "backoff between attempts: {attempts:?}");
+    let state = store.delivery(&delivery).await.unwrap().unwrap();
+    assert_eq!(state.attempts, 3);
+    assert_eq!(state.first_attempt_ms, Some(attempts[0].at_ms));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_always_failing_endpoint_ends_failed_and_its_sibling_gets_the_event_once() {
+    let mut env = TestEnv::new().await;
+    let failing = Receiver::start(|_, _| Reply::Status(503)).await;
+    let healthy = Receiver::ok().await;
+    let ep_failing = env.endpoint("acct_a", &failing.url, None).await;
+    let ep_healthy = env.endpoint("acct_a", &healthy.url, None).await;
+    env.start_dispatcher(&["--retry-max-attempts", "4"]);
+    env.start_scheduler(&[]);
+    let event = invoice_paid(2);
+    env.publisher().await.publish(&event).await.unwrap();
+
+    let store = env.store().await;
+    wait_status(&store, &event, &ep_failing, DeliveryStatus::Failed).await;
+    wait_status(&store, &event, &ep_healthy, DeliveryStatus::Succeeded).await;
+    assert_eq!(failing.count(), 4, "every attempt of the policy, no more");
+    assert_eq!(healthy.count(), 1, "the sibling was not re-delivered by the other's retries");
+    let state = store.delivery(&DeliveryId::for_pair(&event.id, &ep_failing.id)).await.unwrap().unwrap();
+    assert_eq!(state.attempts, 4);
+    assert_eq!(state.reason.as_deref(), Some("gave up after 4 attempts"));
+    assert_eq!(state.next_attempt_ms, None);
+    // Nothing of it remains in the retry set.
+    assert_eq!(store.retry_backlog().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_disables_the_endpoint_and_stops_delivery() {
+    let mut env = TestEnv::new().await;
+    let gone = Receiver::start(|_, _| Reply::Status(410)).await;
+    let healthy = Receiver::ok().await;
+    let ep_gone = env.endpoint("acct_a", &gone.url, None).await;
+    env.endpoint("acct_a", &healthy.url, None).await;
+    env.start_dispatcher(&[]);
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+    let first = invoice_paid(3);
+    publisher.publish(&first).await.unwrap();
+    let store = env.store().await;
+    wait_status(&store, &first, &ep_gone, DeliveryStatus::Failed).await;
+    let ep = store.get_endpoint(&ep_gone.id).await.unwrap().unwrap();
+    assert!(!ep.enabled);
+    assert_eq!(ep.disabled_reason.as_deref(), Some("endpoint answered 410 Gone"));
+
+    let second = invoice_paid(4);
+    publisher.publish(&second).await.unwrap();
+    wait_until("second event at the healthy endpoint", WAIT, || async { healthy.count() == 2 }).await;
+    assert_eq!(gone.count(), 1, "no attempt after 410");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::start(|_, nth| if nth == 0 { Reply::RetryAfter(429, 1) } else { Reply::Status(200) }).await;
+    let ep = env.endpoint("acct_a", &rx.url, None).await;
+    env.start_dispatcher(&["--retry-max-delay", "5s"]);
+    env.start_scheduler(&[]);
+    let event = invoice_paid(5);
+    env.publisher().await.publish(&event).await.unwrap();
+    let store = env.store().await;
+    wait_status(&store, &event, &ep, DeliveryStatus::Succeeded).await;
+    let attempts = store.attempts(&DeliveryId::for_pair(&event.id, &ep.id)).await.unwrap();
+    assert_eq!(attempts[0].status_code, Some(429));
+    assert_eq!(attempts.len(), 2);
+    let gap = attempts[1].at_ms - attempts[0].at_ms;
+    assert!(gap >= 1000, "waited {gap} ms; Retry-After asked for 1 s where backoff alone gives ~100 ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_endpoint_gets_one_request_at_a_time_and_deferrals_are_not_attempts() {
+    let mut env = TestEnv::new().await;
+    let slow = Receiver::start(|_, _| Reply::After(Duration::from_millis(150), 200)).await;
+    let ep = Endpoint::create(
+        AccountId::parse("acct_a").unwrap(),
+        laabam_shared::endpoint::NewEndpoint {
+            url: slow.url.clone(),
+            max_concurrency: Some(1),
+            ..Default::default()
+        },
+        now_ms(),
+    )
+    .unwrap();
+    let store = env.store().await;
+    store.create_endpoint(&ep).await.unwrap();
+    env.start_dispatcher(&[]);
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+    let events: Vec<_> = (0..6).map(invoice_paid).collect();
+    for e in &events {
+        publisher.publish(e).await.unwrap();
+    }
+    for e in &events {
+        wait_status(&store, e, &ep, DeliveryStatus::Succeeded).await;
+    }
+    assert_eq!(slow.peak_concurrency(), 1);
+    assert_eq!(slow.count(), 6);
+    for e in &events {
+        let attempts = store.attempts(&DeliveryId::for_pair(&e.id, &ep.id)).await.unwrap();
+        assert_eq!(attempts.len(), 1, "a deferral is not an attempt");
+        assert_eq!(attempts[0].attempt, 1);
+    }
+}

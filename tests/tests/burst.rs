@@ -1,0 +1,73 @@
+//! Two dispatchers and two schedulers deliver a burst with injected failures: nothing lost,
+//! and every (event, endpoint) pair gets exactly the attempts its failures call for.
+
+use futures_util::future::join_all;
+use laabam_shared::clock::now_ms;
+use laabam_shared::envelope::Envelope;
+use laabam_shared::ids::AccountId;
+use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
+use serde_json::value::RawValue;
+use std::time::Duration;
+
+const EVENTS: usize = 2000;
+const ENDPOINTS: usize = 4;
+
+/// How many times endpoint `i` fails event `id` before answering 200 (0, 1 or 2).
+fn injected_failures(id: &str, i: usize) -> usize {
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    ((h >> (8 * i)) % 3) as usize
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dispatchers_and_two_schedulers_lose_nothing_and_attempt_exactly_as_needed() {
+    let mut env = TestEnv::new().await;
+    let mut receivers = Vec::new();
+    for i in 0..ENDPOINTS {
+        let rx = Receiver::start(move |req, nth| {
+            if nth < injected_failures(req.header("webhook-id"), i) {
+                Reply::Status(500)
+            } else {
+                Reply::Status(200)
+            }
+        })
+        .await;
+        env.endpoint("acct_burst", &rx.url, None).await;
+        receivers.push(rx);
+    }
+    for _ in 0..2 {
+        env.start_dispatcher(&["--retry-max-attempts", "5", "--retry-max-delay", "200ms"]);
+        env.start_scheduler(&[]);
+    }
+    let publisher = env.publisher().await;
+    let events: Vec<Envelope> = (0..EVENTS)
+        .map(|n| {
+            let data = RawValue::from_string(format!(r#"{{"payment_id":"pay_{n}","reason":"card_declined"}}"#)).unwrap();
+            Envelope::new("payment.failed", AccountId::parse("acct_burst").unwrap(), data, None, now_ms()).unwrap()
+        })
+        .collect();
+    for chunk in events.chunks(100) {
+        let results = join_all(chunk.iter().map(|e| publisher.publish(e))).await;
+        assert!(results.iter().all(Result::is_ok), "every publish confirmed");
+    }
+
+    let expected_requests: Vec<usize> = (0..ENDPOINTS)
+        .map(|i| events.iter().map(|e| injected_failures(e.id.as_str(), i) + 1).sum())
+        .collect();
+    for (i, rx) in receivers.iter().enumerate() {
+        wait_until(&format!("all attempts at endpoint {i}"), Duration::from_secs(120), || async {
+            rx.count() >= expected_requests[i]
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, rx) in receivers.iter().enumerate() {
+        let per_event = rx.per_event();
+        assert_eq!(per_event.len(), EVENTS, "endpoint {i} got every event");
+        for e in &events {
+            let expected = injected_failures(e.id.as_str(), i) + 1;
+            assert_eq!(per_event.get(e.id.as_str()).copied(), Some(expected), "endpoint {i}, event {}", e.id);
+        }
+        assert_eq!(rx.count(), expected_requests[i]);
+    }
+    assert_eq!(env.store().await.retry_backlog().await.unwrap(), 0, "nothing left to retry");
+}

@@ -6,7 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "laabam-dispatcher", version, about = "Deliver Laabam events to subscribed endpoints", args_override_self = true)]
+#[command(
+    name = "laabam-dispatcher",
+    version,
+    about = "Deliver Laabam events to subscribed endpoints",
+    args_override_self = true
+)]
 pub struct DispatcherConfig {
     #[command(flatten)]
     pub common: CommonArgs,

@@ -9,8 +9,8 @@ use laabam_shared::ops::Readiness;
 use laabam_shared::{startup, topology};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
@@ -36,6 +36,14 @@ enum SessionError {
     ConsumerEnded,
 }
 
+#[derive(Debug, thiserror::Error)]
+enum DeadLetterError {
+    #[error("{0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker refused the dead letter (negative confirm)")]
+    Nacked,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Source {
     Events,
@@ -44,7 +52,12 @@ enum Source {
 
 /// Consumes until `shutdown`, reconnecting after any broker failure; then drains in-flight
 /// work for at most the shutdown grace.
-pub async fn run(pipeline: Arc<Pipeline>, settings: ConsumerSettings, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+pub async fn run(
+    pipeline: Arc<Pipeline>,
+    settings: ConsumerSettings,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
     let mut pause = Duration::from_millis(100);
@@ -94,10 +107,20 @@ async fn session(
     let tag = |what: &str| format!("laabam-dispatcher-{}-{what}-{}", std::process::id(), ulid::Ulid::new());
     let (events_tag, retries_tag) = (tag("events"), tag("retries"));
     let mut events = events_channel
-        .basic_consume(topology::DISPATCH_QUEUE.into(), events_tag.as_str().into(), consume_options(), FieldTable::default())
+        .basic_consume(
+            topology::DISPATCH_QUEUE.into(),
+            events_tag.as_str().into(),
+            consume_options(),
+            FieldTable::default(),
+        )
         .await?;
     let mut retries = retry_channel
-        .basic_consume(topology::RETRY_QUEUE.into(), retries_tag.as_str().into(), consume_options(), FieldTable::default())
+        .basic_consume(
+            topology::RETRY_QUEUE.into(),
+            retries_tag.as_str().into(),
+            consume_options(),
+            FieldTable::default(),
+        )
         .await?;
     readiness.set_broker(true);
     tracing::info!("consuming events and retry jobs");
@@ -128,10 +151,17 @@ async fn session(
     }
 
     // Shutdown: stop deliveries, let in-flight work finish (or its leases hand it back), close.
-    let _ = events_channel.basic_cancel(events_tag.as_str().into(), BasicCancelOptions::default()).await;
-    let _ = retry_channel.basic_cancel(retries_tag.as_str().into(), BasicCancelOptions::default()).await;
+    let _ = events_channel
+        .basic_cancel(events_tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    let _ = retry_channel
+        .basic_cancel(retries_tag.as_str().into(), BasicCancelOptions::default())
+        .await;
     tracker.close();
-    if tokio::time::timeout(settings.shutdown_grace, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(settings.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace elapsed with attempts in flight; their leases will retry them");
     }
     let _ = conn.close(200, "shutdown".into()).await;
@@ -191,9 +221,17 @@ async fn requeue(delivery: &Delivery) {
 }
 
 /// Republishes the original body and properties to the dead-letter exchange with the reason.
-async fn dead_letter(channel: &Channel, delivery: &Delivery, reason: &str, detail: &str) -> Result<(), lapin::Error> {
+async fn dead_letter(
+    channel: &Channel,
+    delivery: &Delivery,
+    reason: &str,
+    detail: &str,
+) -> Result<(), DeadLetterError> {
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(topology::DEAD_REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+    headers.insert(
+        topology::DEAD_REASON_HEADER.into(),
+        AMQPValue::LongString(reason.into()),
+    );
     headers.insert("x-laabam-dead-detail".into(), AMQPValue::LongString(detail.into()));
     headers.insert(
         "x-laabam-original-exchange".into(),
@@ -213,9 +251,6 @@ async fn dead_letter(channel: &Channel, delivery: &Delivery, reason: &str, detai
     if confirm.is_ack() {
         Ok(())
     } else {
-        Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
-            lapin::ChannelState::Error,
-            "dead-letter publish was nacked".into(),
-        )))
+        Err(DeadLetterError::Nacked)
     }
 }

@@ -5,12 +5,13 @@
 //! - [`config`]: flags and `LAABAM_*` variables.
 //! - [`consumer`]: the broker session: consume, ack, dead-letter, reconnect.
 //! - [`pipeline`]: what each message means: fan-out, leases, attempts, outcomes.
-//! - [`sender`]: the outbound HTTP client.
+//! - [`sender`]: the outbound HTTP client; [`guard`]: which addresses it may reach.
 //! - [`limits`]: per-endpoint concurrency limits.
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod config;
 pub mod consumer;
+pub mod guard;
 pub mod limits;
 pub mod metrics;
 pub mod pipeline;
@@ -61,7 +62,11 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
 
     let pipeline = Arc::new(pipeline::Pipeline {
         store,
-        sender: sender::Sender::new(config.http_timeout, config.extra_ca_file.as_deref())?,
+        sender: sender::Sender::new(
+            config.http_timeout,
+            config.extra_ca_file.as_deref(),
+            config.allow_private_targets,
+        )?,
         limits: limits::EndpointLimits::new(config.endpoint_concurrency),
         policy: config.retry.policy(),
         lease: config.lease(),

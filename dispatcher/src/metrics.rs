@@ -23,12 +23,48 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
-    events_consumed: register_int_counter_vec!("laabam_dispatcher_events_consumed_total", "Events taken from the event queue", &["event_type"]).unwrap(),
-    attempts: register_int_counter_vec!("laabam_dispatcher_attempts_total", "Delivery attempts by event type and outcome", &["event_type", "outcome"]).unwrap(),
-    attempt_seconds: register_histogram_vec!("laabam_dispatcher_attempt_duration_seconds", "Duration of one attempt", &["event_type"], LATENCY_BUCKETS.to_vec()).unwrap(),
-    deferred: register_int_counter_vec!("laabam_dispatcher_deferred_total", "Deliveries deferred by an endpoint's concurrency limit (not attempts)", &["event_type"]).unwrap(),
-    completed: register_int_counter_vec!("laabam_dispatcher_deliveries_completed_total", "Deliveries finished, by final result", &["event_type", "result"]).unwrap(),
-    dead_letters: register_int_counter_vec!("laabam_dispatcher_dead_letters_total", "Messages dead-lettered, by reason", &["reason"]).unwrap(),
+    events_consumed: register_int_counter_vec!(
+        "laabam_dispatcher_events_consumed_total",
+        "Events taken from the event queue",
+        &["event_type"]
+    )
+    .unwrap(),
+    attempts: register_int_counter_vec!(
+        "laabam_dispatcher_attempts_total",
+        "Delivery attempts by event type and outcome",
+        &["event_type", "outcome"]
+    )
+    .unwrap(),
+    attempt_seconds: register_histogram_vec!(
+        "laabam_dispatcher_attempt_duration_seconds",
+        "Duration of one attempt",
+        &["event_type"],
+        LATENCY_BUCKETS.to_vec()
+    )
+    .unwrap(),
+    deferred: register_int_counter_vec!(
+        "laabam_dispatcher_deferred_total",
+        "Deliveries deferred by an endpoint's concurrency limit (not attempts)",
+        &["event_type"]
+    )
+    .unwrap(),
+    completed: register_int_counter_vec!(
+        "laabam_dispatcher_deliveries_completed_total",
+        "Deliveries finished, by final result",
+        &["event_type", "result"]
+    )
+    .unwrap(),
+    dead_letters: register_int_counter_vec!(
+        "laabam_dispatcher_dead_letters_total",
+        "Messages dead-lettered, by reason",
+        &["reason"]
+    )
+    .unwrap(),
     in_flight: register_int_gauge!("laabam_dispatcher_in_flight_attempts", "Attempts in flight").unwrap(),
-    publish_to_delivered_seconds: register_histogram!("laabam_dispatcher_publish_to_delivered_seconds", "From the event's timestamp to a successful attempt", LATENCY_BUCKETS.to_vec()).unwrap(),
+    publish_to_delivered_seconds: register_histogram!(
+        "laabam_dispatcher_publish_to_delivered_seconds",
+        "From the event's timestamp to a successful attempt",
+        LATENCY_BUCKETS.to_vec()
+    )
+    .unwrap(),
 });

@@ -29,7 +29,10 @@ use tracing::Instrument;
 pub enum Disposition {
     Ack,
     /// Unprocessable: republish to the dead-letter exchange with this reason, then ack.
-    DeadLetter { reason: &'static str, detail: String },
+    DeadLetter {
+        reason: &'static str,
+        detail: String,
+    },
     /// A dependency failed; hand the message back to the broker to try again.
     Requeue(String),
 }
@@ -236,7 +239,7 @@ impl Pipeline {
         let (body, endpoint) = match (body, endpoint) {
             (None, _) => return fail("event expired from the store before delivery").await,
             (_, None) => return fail("endpoint was deleted").await,
-            (Some(body), Some(endpoint)) => (body, endpoint),
+            (Some(body), Some(endpoint)) => (body, *endpoint),
         };
         if !endpoint.enabled {
             let why = format!(
@@ -292,7 +295,10 @@ impl Pipeline {
         let number = task.attempts_before + 1;
         let started_ms = now_ms();
         let timestamp = started_ms / 1000;
-        let signature = task.endpoint.secret.sign(task.job.event.as_str(), timestamp, &task.body);
+        let signature = task
+            .endpoint
+            .secret
+            .sign(task.job.event.as_str(), timestamp, &task.body);
         let headers: Vec<_> = [
             header("webhook-id", task.job.event.as_str()),
             header("webhook-timestamp", &timestamp.to_string()),
@@ -306,13 +312,22 @@ impl Pipeline {
         .collect();
 
         METRICS.in_flight.inc();
-        let result = self.sender.post(task.endpoint.url.as_str(), &headers, task.body.clone()).await;
+        let result = self
+            .sender
+            .post(task.endpoint.url.as_str(), &headers, task.body.clone())
+            .await;
         METRICS.in_flight.dec();
 
         let outcome = result.outcome;
         tracing::Span::current().record("outcome", outcome.as_str());
-        METRICS.attempts.with_label_values(&[&task.event_type, outcome.as_str()]).inc();
-        METRICS.attempt_seconds.with_label_values(&[&task.event_type]).observe(result.duration.as_secs_f64());
+        METRICS
+            .attempts
+            .with_label_values(&[&task.event_type, outcome.as_str()])
+            .inc();
+        METRICS
+            .attempt_seconds
+            .with_label_values(&[&task.event_type])
+            .observe(result.duration.as_secs_f64());
 
         let attempt = AttemptRecord {
             attempt: number,
@@ -345,14 +360,22 @@ impl Pipeline {
                 tracing::warn!("endpoint answered 410 Gone; disabled");
                 (DeliveryStatus::Failed, None, Some(format!("{why}; endpoint disabled")))
             }
-            _ => match self.policy.after_failure(number, first_attempt_ms, now_ms(), result.retry_after, random_jitter()) {
-                NextStep::RetryAt(at) => (DeliveryStatus::Retrying, Some(at), None),
-                NextStep::GiveUp(why) => (DeliveryStatus::Failed, None, Some(why)),
-            },
+            _ => {
+                match self
+                    .policy
+                    .after_failure(number, first_attempt_ms, now_ms(), result.retry_after, random_jitter())
+                {
+                    NextStep::RetryAt(at) => (DeliveryStatus::Retrying, Some(at), None),
+                    NextStep::GiveUp(why) => (DeliveryStatus::Failed, None, Some(why)),
+                }
+            }
         };
         match status {
             DeliveryStatus::Succeeded | DeliveryStatus::Failed => {
-                METRICS.completed.with_label_values(&[&task.event_type, status.as_str()]).inc();
+                METRICS
+                    .completed
+                    .with_label_values(&[&task.event_type, status.as_str()])
+                    .inc();
             }
             _ => {}
         }

@@ -1,6 +1,7 @@
 //! Outbound HTTP: one pooled keep-alive client (http and https over rustls), a whole-request
 //! timeout, no redirects, and response bodies read only up to a cap.
 
+use crate::guard::{GuardedResolver, check_literal};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
 use http_body_util::{BodyExt, Full};
@@ -41,8 +42,9 @@ pub struct SendResult {
 /// The shared HTTP client of a dispatcher.
 #[derive(Debug, Clone)]
 pub struct Sender {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>,
     timeout: Duration,
+    allow_private: bool,
 }
 
 fn tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, SenderError> {
@@ -75,8 +77,9 @@ fn tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, SenderErr
 }
 
 impl Sender {
-    pub fn new(timeout: Duration, extra_ca: Option<&Path>) -> Result<Self, SenderError> {
-        let mut http = HttpConnector::new();
+    /// `allow_private` lets endpoints reach loopback and private networks (tests, demos).
+    pub fn new(timeout: Duration, extra_ca: Option<&Path>, allow_private: bool) -> Result<Self, SenderError> {
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver { allow_private });
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(timeout));
@@ -89,7 +92,11 @@ impl Sender {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
             .build(https);
-        Ok(Sender { client, timeout })
+        Ok(Sender {
+            client,
+            timeout,
+            allow_private,
+        })
     }
 
     /// POSTs `body` to `url` with our headers plus `extra`. Never fails: every problem is an
@@ -104,6 +111,9 @@ impl Sender {
             excerpt: None,
             retry_after: None,
         };
+        if let Err(refused) = check_literal(url, self.allow_private) {
+            return fail(Outcome::ConnectError, refused);
+        }
         let mut builder = http::Request::post(url)
             .header(CONTENT_TYPE, "application/json")
             .header(USER_AGENT, concat!("Laabam-Webhooks/", env!("CARGO_PKG_VERSION")));
@@ -130,7 +140,10 @@ impl Sender {
             Ok::<_, (Outcome, String)>((status, retry_after, excerpt))
         };
         match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => fail(Outcome::Timeout, format!("no complete response within {:?}", self.timeout)),
+            Err(_) => fail(
+                Outcome::Timeout,
+                format!("no complete response within {:?}", self.timeout),
+            ),
             Ok(Err((outcome, error))) => fail(outcome, error),
             Ok(Ok((status, retry_after, (excerpt, body_error)))) => SendResult {
                 outcome: Outcome::from_status(status),
@@ -173,10 +186,10 @@ fn classify(err: &hyper_util::client::legacy::Error) -> (Outcome, String) {
         if e.downcast_ref::<rustls::Error>().is_some() {
             return (Outcome::TlsError, message);
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
-                return (Outcome::TlsError, message);
-            }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return (Outcome::TlsError, message);
         }
         source = e.source();
     }

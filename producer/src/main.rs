@@ -15,7 +15,11 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 #[derive(Parser)]
-#[command(name = "laabam-producer", version, about = "Publish events and manage endpoints of Laabam Webhooks")]
+#[command(
+    name = "laabam-producer",
+    version,
+    about = "Publish events and manage endpoints of Laabam Webhooks"
+)]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
@@ -146,7 +150,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print(&json!({ "id": id, "deleted": true }));
         }
         Command::Topology => {
-            let conn = startup::amqp_connect_within(&common.amqp_url, "laabam-producer", common.connect_timeout).await?;
+            let conn =
+                startup::amqp_connect_within(&common.amqp_url, "laabam-producer", common.connect_timeout).await?;
             topology::declare(&conn.create_channel().await?).await?;
             eprintln!("topology declared");
             print(&json!({

@@ -62,10 +62,11 @@ impl Publisher {
 
     async fn channel(&self) -> Result<Channel, lapin::Error> {
         let mut link = self.link.lock().await;
-        if let Some((conn, channel)) = link.as_ref() {
-            if conn.status().connected() && channel.status().connected() {
-                return Ok(channel.clone());
-            }
+        if let Some((conn, channel)) = link.as_ref()
+            && conn.status().connected()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
         }
         *link = None;
         let (conn, channel) = open(&self.url, &self.name).await?;

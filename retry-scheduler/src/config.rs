@@ -5,7 +5,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "laabam-retry-scheduler", version, about = "Re-queue due Laabam retry jobs", args_override_self = true)]
+#[command(
+    name = "laabam-retry-scheduler",
+    version,
+    about = "Re-queue due Laabam retry jobs",
+    args_override_self = true
+)]
 pub struct SchedulerConfig {
     #[command(flatten)]
     pub common: CommonArgs,

@@ -12,13 +12,27 @@ pub struct Metrics {
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
-    republished: register_int_counter!("laabam_scheduler_republished_total", "Retry jobs re-published to RabbitMQ (confirmed)").unwrap(),
-    reclaimed: register_int_counter!("laabam_scheduler_reclaimed_total", "Claims taken over after another scheduler's lease expired").unwrap(),
-    backlog: register_int_gauge!("laabam_scheduler_backlog", "Retry jobs and in-flight leases waiting in the retry set").unwrap(),
+    republished: register_int_counter!(
+        "laabam_scheduler_republished_total",
+        "Retry jobs re-published to RabbitMQ (confirmed)"
+    )
+    .unwrap(),
+    reclaimed: register_int_counter!(
+        "laabam_scheduler_reclaimed_total",
+        "Claims taken over after another scheduler's lease expired"
+    )
+    .unwrap(),
+    backlog: register_int_gauge!(
+        "laabam_scheduler_backlog",
+        "Retry jobs and in-flight leases waiting in the retry set"
+    )
+    .unwrap(),
     due_lag_seconds: register_histogram!(
         "laabam_scheduler_due_lag_seconds",
         "How late a batch of due jobs was claimed (the earliest due time of the batch to now)",
-        vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]
+        vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0
+        ]
     )
     .unwrap(),
 });

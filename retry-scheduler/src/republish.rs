@@ -33,7 +33,13 @@ async fn open_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
 }
 
 /// Runs rounds until `shutdown`, reconnecting to the broker whenever it fails.
-pub async fn run(store: Store, first: Connection, config: &SchedulerConfig, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+pub async fn run(
+    store: Store,
+    first: Connection,
+    config: &SchedulerConfig,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
     let mut conn = Some(first);
     let mut pause = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
@@ -67,7 +73,13 @@ pub async fn run(store: Store, first: Connection, config: &SchedulerConfig, read
 }
 
 /// Rounds over every shard on one channel; returns when the channel fails or on shutdown.
-async fn rounds(store: &Store, channel: &Channel, config: &SchedulerConfig, readiness: &Readiness, shutdown: &CancellationToken) {
+async fn rounds(
+    store: &Store,
+    channel: &Channel,
+    config: &SchedulerConfig,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) {
     let shards = store.keys().retry_shards();
     while !shutdown.is_cancelled() {
         let mut busy = false;
@@ -77,10 +89,10 @@ async fn rounds(store: &Store, channel: &Channel, config: &SchedulerConfig, read
                 Ok(claimed) => {
                     readiness.set_redis(true);
                     busy |= claimed >= config.batch;
-                    if claimed < config.batch {
-                        if let Ok(Some(due)) = store.next_due_ms(shard).await {
-                            earliest = Some(earliest.map_or(due, |e: i64| e.min(due)));
-                        }
+                    if claimed < config.batch
+                        && let Ok(Some(due)) = store.next_due_ms(shard).await
+                    {
+                        earliest = Some(earliest.map_or(due, |e: i64| e.min(due)));
                     }
                 }
                 Err(RoundError::Store(e)) => {
@@ -122,7 +134,11 @@ async fn round(store: &Store, channel: &Channel, shard: u16, config: &SchedulerC
     }
     if claimed.reclaimed > 0 {
         METRICS.reclaimed.inc_by(claimed.reclaimed as u64);
-        tracing::info!(shard, reclaimed = claimed.reclaimed, "reclaimed jobs whose claim lease expired");
+        tracing::info!(
+            shard,
+            reclaimed = claimed.reclaimed,
+            "reclaimed jobs whose claim lease expired"
+        );
     }
     let properties = BasicProperties::default()
         .with_delivery_mode(2)

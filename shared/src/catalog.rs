@@ -75,7 +75,11 @@ pub static CATALOG: &[EventSpec] = &[
         fields: &[
             field("invoice_id", FieldKind::String, "The invoice's id."),
             field("payment_id", FieldKind::String, "The payment that settled it."),
-            field("amount", FieldKind::Integer, "Amount paid in the currency's minor unit."),
+            field(
+                "amount",
+                FieldKind::Integer,
+                "Amount paid in the currency's minor unit.",
+            ),
         ],
         example: r#"{"invoice_id":"inv_123","payment_id":"pay_456","amount":50000}"#,
     },
@@ -188,15 +192,20 @@ mod tests {
         let err = paid.validate(&raw(r#"{"invoice_id":"i","amount":5}"#)).unwrap_err();
         assert_eq!(err.to_string(), "data.payment_id: is required");
         assert!(paid.validate(&raw("[1]")).is_err());
-        assert!(paid.validate(&raw(r#"{"invoice_id":"i","payment_id":"p","amount":1.5}"#)).is_err());
+        assert!(
+            paid.validate(&raw(r#"{"invoice_id":"i","payment_id":"p","amount":1.5}"#))
+                .is_err()
+        );
     }
 
     #[test]
     fn extra_fields_are_allowed() {
         let failed = lookup("payment.failed").unwrap();
-        assert!(failed
-            .validate(&raw(r#"{"payment_id":"p","reason":"r","retryable":true}"#))
-            .is_ok());
+        assert!(
+            failed
+                .validate(&raw(r#"{"payment_id":"p","reason":"r","retryable":true}"#))
+                .is_ok()
+        );
     }
 
     #[test]

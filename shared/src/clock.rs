@@ -16,8 +16,8 @@ pub fn now_ms() -> i64 {
 
 /// `2026-11-28T04:42:00.123Z`: the one timestamp format of the envelope.
 pub fn format_rfc3339_ms(unix_ms: i64) -> String {
-    let dt = OffsetDateTime::from_unix_timestamp_nanos(unix_ms as i128 * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let dt =
+        OffsetDateTime::from_unix_timestamp_nanos(unix_ms as i128 * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
     dt.format(format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     ))

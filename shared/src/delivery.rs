@@ -170,13 +170,8 @@ impl RetryJob {
     /// The job's one encoding: the sorted-set member and the AMQP body are the same bytes, so
     /// scheduling the same delivery twice updates one member instead of adding a second.
     pub fn encode(&self) -> String {
-        serde_json::to_string(&(
-            &self.delivery,
-            &self.event,
-            &self.endpoint,
-            &self.account,
-        ))
-        .expect("ids always serialize")
+        serde_json::to_string(&(&self.delivery, &self.event, &self.endpoint, &self.account))
+            .expect("ids always serialize")
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {

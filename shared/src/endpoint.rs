@@ -98,10 +98,10 @@ impl Endpoint {
     /// Validates a registration and mints the id and secret.
     pub fn create(account_id: AccountId, new: NewEndpoint, now_ms: i64) -> Result<Self, EndpointError> {
         let url = EndpointUrl::parse(&new.url)?;
-        if let Some(events) = &new.events {
-            if let Some(unknown) = events.iter().find(|t| catalog::lookup(t).is_none()) {
-                return Err(EndpointError::UnknownEventType(unknown.clone()));
-            }
+        if let Some(events) = &new.events
+            && let Some(unknown) = events.iter().find(|t| catalog::lookup(t).is_none())
+        {
+            return Err(EndpointError::UnknownEventType(unknown.clone()));
         }
         if new.max_concurrency == Some(0) {
             return Err(EndpointError::ZeroConcurrency);

@@ -135,11 +135,8 @@ impl Envelope {
                 None => now_ms,
             }),
         };
-        let account_id = AccountId::parse(
-            wire.account_id
-                .ok_or(EnvelopeError::MissingField("account_id"))?,
-        )
-        .map_err(invalid_id("account_id"))?;
+        let account_id = AccountId::parse(wire.account_id.ok_or(EnvelopeError::MissingField("account_id"))?)
+            .map_err(invalid_id("account_id"))?;
         let data = wire.data.ok_or(EnvelopeError::MissingField("data"))?;
         spec.validate(data)?;
         Ok(Envelope {
@@ -221,7 +218,10 @@ mod tests {
             message_id: Some("m-42".into()),
             ..Default::default()
         };
-        assert_eq!(Envelope::parse(body.as_bytes(), &with_mid, 0).unwrap().id.as_str(), "m-42");
+        assert_eq!(
+            Envelope::parse(body.as_bytes(), &with_mid, 0).unwrap().id.as_str(),
+            "m-42"
+        );
         let a = parse(body).unwrap().id;
         let b = parse(body).unwrap().id;
         assert_eq!(a, b);
@@ -240,7 +240,9 @@ mod tests {
             "2026-11-28T04:42:00.000Z"
         );
         assert_eq!(
-            Envelope::parse(body.as_bytes(), &Provenance::default(), 1_000).unwrap().timestamp,
+            Envelope::parse(body.as_bytes(), &Provenance::default(), 1_000)
+                .unwrap()
+                .timestamp,
             "1970-01-01T00:00:01.000Z"
         );
     }
@@ -252,7 +254,10 @@ mod tests {
             routing_key: Some("payment.failed".into()),
             ..Default::default()
         };
-        assert_eq!(Envelope::parse(body.as_bytes(), &prov, 0).unwrap().event_type, "payment.failed");
+        assert_eq!(
+            Envelope::parse(body.as_bytes(), &prov, 0).unwrap().event_type,
+            "payment.failed"
+        );
     }
 
     #[test]
@@ -261,12 +266,36 @@ mod tests {
             ("not json", "invalid_json", None),
             ("[1,2]", "invalid_json", None),
             (r#"{"account_id":"a","data":{}}"#, "missing_field", Some("type")),
-            (r#"{"type":"invoice.deleted","account_id":"a","data":{}}"#, "unknown_type", Some("type")),
-            (r#"{"type":"payment.failed","data":{}}"#, "missing_field", Some("account_id")),
-            (r#"{"type":"payment.failed","account_id":"a b","data":{}}"#, "invalid_field", Some("account_id")),
-            (r#"{"type":"payment.failed","account_id":"a"}"#, "missing_field", Some("data")),
-            (r#"{"type":"payment.failed","account_id":"a","data":{"payment_id":7,"reason":"r"}}"#, "invalid_payload", Some("data.payment_id")),
-            (r#"{"type":"payment.failed","account_id":"a","timestamp":"soon","data":{"payment_id":"p","reason":"r"}}"#, "invalid_field", Some("timestamp")),
+            (
+                r#"{"type":"invoice.deleted","account_id":"a","data":{}}"#,
+                "unknown_type",
+                Some("type"),
+            ),
+            (
+                r#"{"type":"payment.failed","data":{}}"#,
+                "missing_field",
+                Some("account_id"),
+            ),
+            (
+                r#"{"type":"payment.failed","account_id":"a b","data":{}}"#,
+                "invalid_field",
+                Some("account_id"),
+            ),
+            (
+                r#"{"type":"payment.failed","account_id":"a"}"#,
+                "missing_field",
+                Some("data"),
+            ),
+            (
+                r#"{"type":"payment.failed","account_id":"a","data":{"payment_id":7,"reason":"r"}}"#,
+                "invalid_payload",
+                Some("data.payment_id"),
+            ),
+            (
+                r#"{"type":"payment.failed","account_id":"a","timestamp":"soon","data":{"payment_id":"p","reason":"r"}}"#,
+                "invalid_field",
+                Some("timestamp"),
+            ),
         ];
         for (body, code, field) in cases {
             let err = parse(body).unwrap_err();

@@ -148,10 +148,7 @@ mod tests {
         assert_eq!(EventId::parse(""), Err(IdError::Empty));
         assert_eq!(EventId::parse("has space"), Err(IdError::BadCharacter));
         assert_eq!(EventId::parse("é"), Err(IdError::BadCharacter));
-        assert_eq!(
-            AccountId::parse("a".repeat(65)),
-            Err(IdError::TooLong { max: 64 })
-        );
+        assert_eq!(AccountId::parse("a".repeat(65)), Err(IdError::TooLong { max: 64 }));
     }
 
     #[test]

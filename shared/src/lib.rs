@@ -23,5 +23,6 @@ pub mod shutdown;
 pub mod signing;
 pub mod startup;
 pub mod store;
+pub mod targets;
 pub mod telemetry;
 pub mod topology;

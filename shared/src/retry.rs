@@ -116,7 +116,10 @@ mod tests {
             max_age: Duration::from_secs(60),
             ..Default::default()
         };
-        assert!(matches!(p.after_failure(1, 0, 50_000, None, 1.0), NextStep::RetryAt(55_000)));
+        assert!(matches!(
+            p.after_failure(1, 0, 50_000, None, 1.0),
+            NextStep::RetryAt(55_000)
+        ));
         assert!(matches!(p.after_failure(1, 0, 56_000, None, 1.0), NextStep::GiveUp(_)));
     }
 
@@ -127,7 +130,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(p.after_failure(1, 0, 0, Some(30 * S), 1.0), NextStep::RetryAt(30_000));
-        assert_eq!(p.after_failure(1, 0, 0, Some(3000 * S), 1.0), NextStep::RetryAt(100_000));
+        assert_eq!(
+            p.after_failure(1, 0, 0, Some(3000 * S), 1.0),
+            NextStep::RetryAt(100_000)
+        );
     }
 
     proptest! {

@@ -47,9 +47,7 @@ impl Secret {
 
     pub fn parse(s: &str) -> Result<Self, SignatureError> {
         let encoded = s.strip_prefix(SECRET_PREFIX).unwrap_or(s);
-        let key = B64
-            .decode(encoded)
-            .map_err(|_| SignatureError::MalformedSecret)?;
+        let key = B64.decode(encoded).map_err(|_| SignatureError::MalformedSecret)?;
         if !(24..=64).contains(&key.len()) {
             return Err(SignatureError::MalformedSecret);
         }
@@ -73,10 +71,7 @@ impl Secret {
 
     /// One `v1,<base64>` signature.
     pub fn sign(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
-        let tag = self
-            .mac(msg_id, &timestamp.to_string(), body)
-            .finalize()
-            .into_bytes();
+        let tag = self.mac(msg_id, &timestamp.to_string(), body).finalize().into_bytes();
         format!("v1,{}", B64.encode(tag))
     }
 }
@@ -163,7 +158,15 @@ mod tests {
         let secret = Secret::parse(SPEC_SECRET).unwrap();
         assert_eq!(secret.sign(SPEC_ID, SPEC_TS, SPEC_BODY), SPEC_SIG);
         assert_eq!(
-            verify(&secret, SPEC_ID, "1614265330", SPEC_SIG, SPEC_BODY, SPEC_TS, DEFAULT_TOLERANCE),
+            verify(
+                &secret,
+                SPEC_ID,
+                "1614265330",
+                SPEC_SIG,
+                SPEC_BODY,
+                SPEC_TS,
+                DEFAULT_TOLERANCE
+            ),
             Ok(())
         );
     }
@@ -172,20 +175,45 @@ mod tests {
     fn any_of_several_signatures_may_match() {
         let secret = Secret::parse(SPEC_SECRET).unwrap();
         let header = format!("v1,Zm9vYmFy v2,abc {SPEC_SIG}");
-        assert!(verify(&secret, SPEC_ID, "1614265330", &header, SPEC_BODY, SPEC_TS, DEFAULT_TOLERANCE).is_ok());
+        assert!(
+            verify(
+                &secret,
+                SPEC_ID,
+                "1614265330",
+                &header,
+                SPEC_BODY,
+                SPEC_TS,
+                DEFAULT_TOLERANCE
+            )
+            .is_ok()
+        );
     }
 
     #[test]
     fn tampering_and_replays_are_refused() {
         let secret = Secret::parse(SPEC_SECRET).unwrap();
-        let v = |id: &str, ts: &str, body: &[u8], now: i64| {
-            verify(&secret, id, ts, SPEC_SIG, body, now, DEFAULT_TOLERANCE)
-        };
-        assert_eq!(v(SPEC_ID, "1614265330", b"{}", SPEC_TS), Err(SignatureError::NoMatchingSignature));
-        assert_eq!(v("msg_other", "1614265330", SPEC_BODY, SPEC_TS), Err(SignatureError::NoMatchingSignature));
-        assert_eq!(v(SPEC_ID, "1614265330", SPEC_BODY, SPEC_TS + 301), Err(SignatureError::TimestampOutOfTolerance));
-        assert_eq!(v(SPEC_ID, "1614265330", SPEC_BODY, SPEC_TS - 301), Err(SignatureError::TimestampOutOfTolerance));
-        assert_eq!(v(SPEC_ID, "soon", SPEC_BODY, SPEC_TS), Err(SignatureError::MalformedTimestamp));
+        let v =
+            |id: &str, ts: &str, body: &[u8], now: i64| verify(&secret, id, ts, SPEC_SIG, body, now, DEFAULT_TOLERANCE);
+        assert_eq!(
+            v(SPEC_ID, "1614265330", b"{}", SPEC_TS),
+            Err(SignatureError::NoMatchingSignature)
+        );
+        assert_eq!(
+            v("msg_other", "1614265330", SPEC_BODY, SPEC_TS),
+            Err(SignatureError::NoMatchingSignature)
+        );
+        assert_eq!(
+            v(SPEC_ID, "1614265330", SPEC_BODY, SPEC_TS + 301),
+            Err(SignatureError::TimestampOutOfTolerance)
+        );
+        assert_eq!(
+            v(SPEC_ID, "1614265330", SPEC_BODY, SPEC_TS - 301),
+            Err(SignatureError::TimestampOutOfTolerance)
+        );
+        assert_eq!(
+            v(SPEC_ID, "soon", SPEC_BODY, SPEC_TS),
+            Err(SignatureError::MalformedTimestamp)
+        );
     }
 
     #[test]

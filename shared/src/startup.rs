@@ -18,7 +18,12 @@ pub struct Unreachable {
 }
 
 /// Retries `attempt` with backoff until it succeeds or `wait` has passed.
-pub async fn within<T, E, F, Fut>(service: &'static str, url: &str, wait: Duration, mut attempt: F) -> Result<T, Unreachable>
+pub async fn within<T, E, F, Fut>(
+    service: &'static str,
+    url: &str,
+    wait: Duration,
+    mut attempt: F,
+) -> Result<T, Unreachable>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,

@@ -23,7 +23,10 @@ pub fn init_logs() {
     ONCE.call_once(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
     });
 }
 
@@ -81,11 +84,16 @@ impl TestEnv {
     /// The connection flags every component of this test shares.
     pub fn common_flags(&self) -> Vec<String> {
         [
-            "--amqp-url", &self.amqp_url,
-            "--redis-url", &self.redis_url,
-            "--redis-prefix", &self.prefix,
-            "--connect-timeout", "10s",
-            "--metrics-addr", "127.0.0.1:0",
+            "--amqp-url",
+            &self.amqp_url,
+            "--redis-url",
+            &self.redis_url,
+            "--redis-prefix",
+            &self.prefix,
+            "--connect-timeout",
+            "10s",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -97,13 +105,20 @@ impl TestEnv {
         let mut flags = self.common_flags();
         flags.extend(
             [
-                "--retry-first-delay", "100ms",
-                "--retry-max-delay", "400ms",
-                "--retry-max-attempts", "5",
-                "--http-timeout", "2s",
-                "--lease-margin", "1s",
-                "--defer-delay", "50ms",
-                "--allow-private-targets", "true",
+                "--retry-first-delay",
+                "100ms",
+                "--retry-max-delay",
+                "400ms",
+                "--retry-max-attempts",
+                "5",
+                "--http-timeout",
+                "2s",
+                "--lease-margin",
+                "1s",
+                "--defer-delay",
+                "50ms",
+                "--allow-private-targets",
+                "true",
             ]
             .iter()
             .chain(extra)
@@ -114,7 +129,12 @@ impl TestEnv {
 
     pub fn scheduler_flags(&self, extra: Flags<'_>) -> Vec<String> {
         let mut flags = self.common_flags();
-        flags.extend(["--poll", "20ms", "--claim-lease", "2s"].iter().chain(extra).map(|s| s.to_string()));
+        flags.extend(
+            ["--poll", "20ms", "--claim-lease", "2s"]
+                .iter()
+                .chain(extra)
+                .map(|s| s.to_string()),
+        );
         flags
     }
 
@@ -125,7 +145,9 @@ impl TestEnv {
             retry_shards: 1,
             retention: Duration::from_secs(3600),
         };
-        Store::connect(&config, Duration::from_secs(10)).await.expect("Redis reachable")
+        Store::connect(&config, Duration::from_secs(10))
+            .await
+            .expect("Redis reachable")
     }
 
     pub async fn publisher(&self) -> Publisher {
@@ -170,7 +192,9 @@ impl TestEnv {
         let config = SchedulerConfig::parse_from(args);
         let stop = self.stop.child_token();
         self.tasks.push(tokio::spawn(async move {
-            laabam_retry_scheduler::run(config, stop).await.expect("scheduler starts");
+            laabam_retry_scheduler::run(config, stop)
+                .await
+                .expect("scheduler starts");
         }));
     }
 
@@ -198,7 +222,9 @@ impl TestEnv {
 
     /// Declares the topology, as `laabam-producer topology` does before plain publishers start.
     pub async fn declare_topology(&self) {
-        let conn = laabam_shared::startup::amqp_connect(&self.amqp_url, "laabam-test").await.expect("connect");
+        let conn = laabam_shared::startup::amqp_connect(&self.amqp_url, "laabam-test")
+            .await
+            .expect("connect");
         laabam_shared::topology::declare(&conn.create_channel().await.expect("channel"))
             .await
             .expect("declare");
@@ -207,7 +233,9 @@ impl TestEnv {
 
     /// Reads one message from a queue of this vhost, with its headers.
     pub async fn get_message(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
-        let conn = laabam_shared::startup::amqp_connect(&self.amqp_url, "laabam-test").await.expect("connect");
+        let conn = laabam_shared::startup::amqp_connect(&self.amqp_url, "laabam-test")
+            .await
+            .expect("connect");
         let channel = conn.create_channel().await.expect("channel");
         let msg = channel
             .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
@@ -229,15 +257,14 @@ impl Drop for TestEnv {
             let _ = child.wait();
         }
         let _ = std::panic::catch_unwind(|| rabbitmqctl(&["delete_vhost", &self.name]));
-        if let Ok(client) = redis::Client::open(self.redis_url.as_str()) {
-            if let Ok(mut conn) = client.get_connection() {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{}*", self.prefix))
-                    .query(&mut conn)
-                    .unwrap_or_default();
-                for chunk in keys.chunks(500) {
-                    let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
-                }
+        if let Ok(client) = redis::Client::open(self.redis_url.as_str())
+            && let Ok(mut conn) = client.get_connection()
+        {
+            let keys: Vec<String> = redis::Commands::scan_match(&mut conn, format!("{}*", self.prefix))
+                .map(|iter| iter.filter_map(Result::ok).collect())
+                .unwrap_or_default();
+            for chunk in keys.chunks(500) {
+                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
             }
         }
     }
@@ -258,5 +285,8 @@ pub fn binary(name: &str) -> PathBuf {
     });
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> → target/<profile>/<name>
-    exe.parent().and_then(|deps| deps.parent()).expect("target dir").join(name)
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join(name)
 }

@@ -5,8 +5,8 @@ use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -80,7 +80,8 @@ fn test_tls(names: &[&str]) -> (rustls::ServerConfig, String) {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).expect("CA cert");
     let leaf_key = KeyPair::generate().expect("leaf key");
-    let leaf_params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("leaf params");
+    let leaf_params =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("leaf params");
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).expect("leaf cert");
     let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).expect("key der");
@@ -131,8 +132,14 @@ impl Receiver {
                     _ = stop2.cancelled() => return,
                     accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
                 };
-                let (script, reqs, seen, stop3, acceptor, conc) =
-                    (script.clone(), reqs.clone(), seen.clone(), stop2.clone(), acceptor.clone(), conc.clone());
+                let (script, reqs, seen, stop3, acceptor, conc) = (
+                    script.clone(),
+                    reqs.clone(),
+                    seen.clone(),
+                    stop2.clone(),
+                    acceptor.clone(),
+                    conc.clone(),
+                );
                 tokio::spawn(async move {
                     let service = service_fn(move |req: hyper::Request<Incoming>| {
                         let (script, reqs, seen, conc) = (script.clone(), reqs.clone(), seen.clone(), conc.clone());
@@ -174,12 +181,11 @@ impl Receiver {
                     let builder = http1::Builder::new();
                     let serve = async {
                         match acceptor {
-                            Some(acceptor) => match acceptor.accept(stream).await {
-                                Ok(tls) => {
+                            Some(acceptor) => {
+                                if let Ok(tls) = acceptor.accept(stream).await {
                                     let _ = builder.serve_connection(TokioIo::new(tls), service).await;
                                 }
-                                Err(_) => {}
-                            },
+                            }
                             None => {
                                 let _ = builder.serve_connection(TokioIo::new(stream), service).await;
                             }

@@ -14,7 +14,9 @@ const ENDPOINTS: usize = 4;
 
 /// How many times endpoint `i` fails event `id` before answering 200 (0, 1 or 2).
 fn injected_failures(id: &str, i: usize) -> usize {
-    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
     ((h >> (8 * i)) % 3) as usize
 }
 
@@ -41,8 +43,16 @@ async fn two_dispatchers_and_two_schedulers_lose_nothing_and_attempt_exactly_as_
     let publisher = env.publisher().await;
     let events: Vec<Envelope> = (0..EVENTS)
         .map(|n| {
-            let data = RawValue::from_string(format!(r#"{{"payment_id":"pay_{n}","reason":"card_declined"}}"#)).unwrap();
-            Envelope::new("payment.failed", AccountId::parse("acct_burst").unwrap(), data, None, now_ms()).unwrap()
+            let data =
+                RawValue::from_string(format!(r#"{{"payment_id":"pay_{n}","reason":"card_declined"}}"#)).unwrap();
+            Envelope::new(
+                "payment.failed",
+                AccountId::parse("acct_burst").unwrap(),
+                data,
+                None,
+                now_ms(),
+            )
+            .unwrap()
         })
         .collect();
     for chunk in events.chunks(100) {
@@ -54,9 +64,11 @@ async fn two_dispatchers_and_two_schedulers_lose_nothing_and_attempt_exactly_as_
         .map(|i| events.iter().map(|e| injected_failures(e.id.as_str(), i) + 1).sum())
         .collect();
     for (i, rx) in receivers.iter().enumerate() {
-        wait_until(&format!("all attempts at endpoint {i}"), Duration::from_secs(120), || async {
-            rx.count() >= expected_requests[i]
-        })
+        wait_until(
+            &format!("all attempts at endpoint {i}"),
+            Duration::from_secs(120),
+            || async { rx.count() >= expected_requests[i] },
+        )
         .await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -65,9 +77,18 @@ async fn two_dispatchers_and_two_schedulers_lose_nothing_and_attempt_exactly_as_
         assert_eq!(per_event.len(), EVENTS, "endpoint {i} got every event");
         for e in &events {
             let expected = injected_failures(e.id.as_str(), i) + 1;
-            assert_eq!(per_event.get(e.id.as_str()).copied(), Some(expected), "endpoint {i}, event {}", e.id);
+            assert_eq!(
+                per_event.get(e.id.as_str()).copied(),
+                Some(expected),
+                "endpoint {i}, event {}",
+                e.id
+            );
         }
         assert_eq!(rx.count(), expected_requests[i]);
     }
-    assert_eq!(env.store().await.retry_backlog().await.unwrap(), 0, "nothing left to retry");
+    assert_eq!(
+        env.store().await.retry_backlog().await.unwrap(),
+        0,
+        "nothing left to retry"
+    );
 }

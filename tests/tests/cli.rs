@@ -9,7 +9,14 @@ use std::time::Duration;
 
 fn producer(env: &TestEnv, args: &[&str]) -> Output {
     Command::new(binary("laabam-producer"))
-        .args(["--amqp-url", &env.amqp_url, "--redis-prefix", &env.prefix, "--connect-timeout", "5s"])
+        .args([
+            "--amqp-url",
+            &env.amqp_url,
+            "--redis-prefix",
+            &env.prefix,
+            "--connect-timeout",
+            "5s",
+        ])
         .args(args)
         .output()
         .expect("laabam-producer runs")
@@ -17,7 +24,8 @@ fn producer(env: &TestEnv, args: &[&str]) -> Output {
 
 fn json(out: &Output) -> Value {
     assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,9 +34,26 @@ async fn operators_manage_endpoints_and_publish_from_the_shell() {
     let rx = Receiver::ok().await;
 
     let topology = json(&producer(&env, &["topology"]));
-    assert!(topology["exchanges"].as_array().unwrap().contains(&Value::from("laabam.events")));
+    assert!(
+        topology["exchanges"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("laabam.events"))
+    );
 
-    let created = json(&producer(&env, &["endpoint", "create", "--account", "acct_cli", "--url", &rx.url, "--events", "invoice.paid,payment.failed"]));
+    let created = json(&producer(
+        &env,
+        &[
+            "endpoint",
+            "create",
+            "--account",
+            "acct_cli",
+            "--url",
+            &rx.url,
+            "--events",
+            "invoice.paid,payment.failed",
+        ],
+    ));
     let id = created["id"].as_str().unwrap().to_owned();
     assert!(id.starts_with("ep_"));
     assert!(created["secret"].as_str().unwrap().starts_with("whsec_"));
@@ -40,26 +65,83 @@ async fn operators_manage_endpoints_and_publish_from_the_shell() {
     assert!(listed[0].get("secret").is_none(), "lists never show secrets");
 
     env.start_dispatcher(&[]);
-    let published = json(&producer(&env, &["publish", "--account", "acct_cli", "--type", "invoice.paid", "--data", r#"{"invoice_id":"inv_1","payment_id":"pay_1","amount":50000}"#]));
+    let published = json(&producer(
+        &env,
+        &[
+            "publish",
+            "--account",
+            "acct_cli",
+            "--type",
+            "invoice.paid",
+            "--data",
+            r#"{"invoice_id":"inv_1","payment_id":"pay_1","amount":50000}"#,
+        ],
+    ));
     let event_id = published["id"].as_str().unwrap().to_owned();
-    wait_until("the CLI's event delivered", Duration::from_secs(20), || async { rx.count() == 1 }).await;
+    wait_until("the CLI's event delivered", Duration::from_secs(20), || async {
+        rx.count() == 1
+    })
+    .await;
     assert_eq!(rx.requests()[0].header("webhook-id"), event_id);
     assert_eq!(rx.requests()[0].json()["data"]["amount"], 50000);
 
     let deleted = json(&producer(&env, &["endpoint", "delete", "--id", &id]));
     assert_eq!(deleted["deleted"], true);
-    assert_eq!(json(&producer(&env, &["endpoint", "list", "--account", "acct_cli"])), serde_json::json!([]));
+    assert_eq!(
+        json(&producer(&env, &["endpoint", "list", "--account", "acct_cli"])),
+        serde_json::json!([])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_and_missing_services_get_one_clear_line() {
     let env = TestEnv::new().await;
     let cases: [(&[&str], &str); 5] = [
-        (&["publish", "--account", "a", "--type", "invoice.exploded", "--data", "{}"], "unknown event type \"invoice.exploded\""),
-        (&["publish", "--account", "a", "--type", "invoice.paid", "--data", r#"{"invoice_id":"i","payment_id":"p","amount":"x"}"#], "data.amount: must be an integer"),
-        (&["publish", "--account", "a", "--type", "invoice.paid", "--data", "{oops"], "--data is not valid JSON"),
-        (&["endpoint", "create", "--account", "a", "--url", "ftp://example.com/"], "must be an absolute http:// or https:// URL"),
-        (&["endpoint", "create", "--account", "a", "--url", "https://example.com/", "--events", "nope"], "unknown event type \"nope\""),
+        (
+            &[
+                "publish",
+                "--account",
+                "a",
+                "--type",
+                "invoice.exploded",
+                "--data",
+                "{}",
+            ],
+            "unknown event type \"invoice.exploded\"",
+        ),
+        (
+            &[
+                "publish",
+                "--account",
+                "a",
+                "--type",
+                "invoice.paid",
+                "--data",
+                r#"{"invoice_id":"i","payment_id":"p","amount":"x"}"#,
+            ],
+            "data.amount: must be an integer",
+        ),
+        (
+            &["publish", "--account", "a", "--type", "invoice.paid", "--data", "{oops"],
+            "--data is not valid JSON",
+        ),
+        (
+            &["endpoint", "create", "--account", "a", "--url", "ftp://example.com/"],
+            "must be an absolute http:// or https:// URL",
+        ),
+        (
+            &[
+                "endpoint",
+                "create",
+                "--account",
+                "a",
+                "--url",
+                "https://example.com/",
+                "--events",
+                "nope",
+            ],
+            "unknown event type \"nope\"",
+        ),
     ];
     for (args, expected) in cases {
         let out = producer(&env, args);
@@ -69,18 +151,39 @@ async fn bad_input_and_missing_services_get_one_clear_line() {
         assert!(out.stdout.is_empty());
     }
     let out = Command::new(binary("laabam-producer"))
-        .args(["--amqp-url", "amqp://guest:secretpw@127.0.0.1:1/%2f", "--connect-timeout", "1s", "topology"])
+        .args([
+            "--amqp-url",
+            "amqp://guest:secretpw@127.0.0.1:1/%2f",
+            "--connect-timeout",
+            "1s",
+            "topology",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("could not reach RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f within 1s"), "{stderr}");
+    assert!(
+        stderr.contains("could not reach RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f within 1s"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("secretpw"), "no password in errors");
     let out = Command::new(binary("laabam-dispatcher"))
-        .args(["--redis-url", "redis://127.0.0.1:1", "--amqp-url", &env.amqp_url, "--connect-timeout", "1s", "--metrics-addr", "127.0.0.1:0"])
+        .args([
+            "--redis-url",
+            "redis://127.0.0.1:1",
+            "--amqp-url",
+            &env.amqp_url,
+            "--connect-timeout",
+            "1s",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("could not reach Redis at redis://127.0.0.1:1 within 1s"), "{stderr}");
+    assert!(
+        stderr.contains("could not reach Redis at redis://127.0.0.1:1 within 1s"),
+        "{stderr}"
+    );
 }

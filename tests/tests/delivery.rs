@@ -36,11 +36,19 @@ fn assert_signed(req: &Captured, ep: &Endpoint) {
 
 /// A publisher that knows nothing of our library: the README's AMQP contract only.
 async fn plain_publish(amqp_url: &str, routing_key: &str, body: &[u8], props: BasicProperties) {
-    let conn = Connection::connect(amqp_url, ConnectionProperties::default()).await.unwrap();
+    let conn = Connection::connect(amqp_url, ConnectionProperties::default())
+        .await
+        .unwrap();
     let channel = conn.create_channel().await.unwrap();
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     let confirm = channel
-        .basic_publish(topology::EVENTS_EXCHANGE.into(), routing_key.into(), BasicPublishOptions::default(), body, props)
+        .basic_publish(
+            topology::EVENTS_EXCHANGE.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
         .await
         .unwrap()
         .await
@@ -73,7 +81,10 @@ async fn every_event_type_reaches_exactly_its_subscribers_signed_and_unchanged()
     // Through a plain client: every type again, one with every recommended property, the
     // others with a bare body that leaves out id and timestamp.
     for (i, spec) in CATALOG.iter().enumerate() {
-        let body = format!(r#"{{"type":"{}","account_id":"acct_a","data":{}}}"#, spec.name, spec.example);
+        let body = format!(
+            r#"{{"type":"{}","account_id":"acct_a","data":{}}}"#,
+            spec.name, spec.example
+        );
         let props = if i == 0 {
             BasicProperties::default()
                 .with_message_id("plain-msg-1".into())
@@ -87,13 +98,23 @@ async fn every_event_type_reaches_exactly_its_subscribers_signed_and_unchanged()
     }
 
     let expected_all = 2 * CATALOG.len();
-    wait_until("every event at the all-types endpoint", WAIT, || async { all.count() >= expected_all }).await;
-    wait_until("both invoice.paid at the paid-only endpoint", WAIT, || async { paid_only.count() >= 2 }).await;
+    wait_until("every event at the all-types endpoint", WAIT, || async {
+        all.count() >= expected_all
+    })
+    .await;
+    wait_until("both invoice.paid at the paid-only endpoint", WAIT, || async {
+        paid_only.count() >= 2
+    })
+    .await;
     // Give stragglers (there must be none) a moment before asserting exact counts.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     assert_eq!(all.count(), expected_all);
-    assert!(all.per_event().values().all(|&n| n == 1), "each event once: {:?}", all.per_event());
+    assert!(
+        all.per_event().values().all(|&n| n == 1),
+        "each event once: {:?}",
+        all.per_event()
+    );
     assert_eq!(paid_only.count(), 2);
     assert_eq!(other_account.count(), 0, "another account's endpoint got nothing");
 
@@ -108,16 +129,26 @@ async fn every_event_type_reaches_exactly_its_subscribers_signed_and_unchanged()
     // Library events arrive byte for byte as published.
     let requests = all.requests();
     for env in &published {
-        let req = requests.iter().find(|r| r.header("webhook-id") == env.id.as_str()).expect("delivered");
+        let req = requests
+            .iter()
+            .find(|r| r.header("webhook-id") == env.id.as_str())
+            .expect("delivered");
         assert_eq!(req.body, env.to_json(), "{}", env.event_type);
     }
     // Plain events keep their data exactly and get a stable id and timestamp.
-    let with_props = requests.iter().find(|r| r.header("webhook-id") == "plain-msg-1").expect("message_id used as id");
+    let with_props = requests
+        .iter()
+        .find(|r| r.header("webhook-id") == "plain-msg-1")
+        .expect("message_id used as id");
     assert_eq!(with_props.json()["timestamp"], "2026-11-28T04:42:00.000Z");
     for spec in &CATALOG[1..] {
         let req = requests
             .iter()
-            .find(|r| r.json()["type"] == spec.name && r.header("webhook-id").starts_with("evt_") && !published.iter().any(|p| p.id.as_str() == r.header("webhook-id")))
+            .find(|r| {
+                r.json()["type"] == spec.name
+                    && r.header("webhook-id").starts_with("evt_")
+                    && !published.iter().any(|p| p.id.as_str() == r.header("webhook-id"))
+            })
             .expect("plain event delivered");
         let body = String::from_utf8(req.body.to_vec()).unwrap();
         assert!(body.ends_with(&format!(r#""data":{}}}"#, spec.example)), "{body}");
@@ -132,15 +163,24 @@ async fn a_republished_event_without_id_is_recognised_and_not_delivered_twice() 
     env.endpoint("acct_a", &rx.url, None).await;
     env.declare_topology().await;
     env.start_dispatcher(&[]);
-    let body = br#"{"type":"payment.failed","account_id":"acct_a","data":{"payment_id":"p1","reason":"card_declined"}}"#;
+    let body =
+        br#"{"type":"payment.failed","account_id":"acct_a","data":{"payment_id":"p1","reason":"card_declined"}}"#;
     plain_publish(&env.amqp_url, "payment.failed", body, BasicProperties::default()).await;
     wait_until("first copy delivered", WAIT, || async { rx.count() == 1 }).await;
     plain_publish(&env.amqp_url, "payment.failed", body, BasicProperties::default()).await;
     // A different event after the copy: once it arrives, the copy has been processed too.
-    let marker = br#"{"id":"evt_marker","type":"payment.failed","account_id":"acct_a","data":{"payment_id":"p2","reason":"x"}}"#;
+    let marker =
+        br#"{"id":"evt_marker","type":"payment.failed","account_id":"acct_a","data":{"payment_id":"p2","reason":"x"}}"#;
     plain_publish(&env.amqp_url, "payment.failed", marker, BasicProperties::default()).await;
-    wait_until("marker delivered", WAIT, || async { rx.per_event().contains_key("evt_marker") }).await;
-    assert_eq!(rx.count(), 2, "the republished copy kept its id and was not delivered again");
+    wait_until("marker delivered", WAIT, || async {
+        rx.per_event().contains_key("evt_marker")
+    })
+    .await;
+    assert_eq!(
+        rx.count(),
+        2,
+        "the republished copy kept its id and was not delivered again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,14 +192,25 @@ async fn https_endpoints_are_delivered_with_an_extra_trusted_ca() {
     env.start_dispatcher(&["--extra-ca-file", ca.to_str().unwrap()]);
     let publisher = env.publisher().await;
     let data = RawValue::from_string(r#"{"customer_id":"c","name":"n","email":"e@x"}"#.into()).unwrap();
-    let event = Envelope::new("customer.created", AccountId::parse("acct_a").unwrap(), data, None, now_ms()).unwrap();
+    let event = Envelope::new(
+        "customer.created",
+        AccountId::parse("acct_a").unwrap(),
+        data,
+        None,
+        now_ms(),
+    )
+    .unwrap();
     publisher.publish(&event).await.unwrap();
     wait_until("delivered over TLS", WAIT, || async { rx.count() == 1 }).await;
     assert_signed(&rx.requests()[0], &ep);
     let store = env.store().await;
     let delivery = laabam_shared::ids::DeliveryId::for_pair(&event.id, &ep.id);
     wait_until("recorded as succeeded", WAIT, || async {
-        store.delivery(&delivery).await.unwrap().is_some_and(|d| d.status == laabam_shared::delivery::DeliveryStatus::Succeeded)
+        store
+            .delivery(&delivery)
+            .await
+            .unwrap()
+            .is_some_and(|d| d.status == laabam_shared::delivery::DeliveryStatus::Succeeded)
     })
     .await;
 }

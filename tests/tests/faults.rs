@@ -16,7 +16,14 @@ use std::time::Duration;
 
 fn event(account: &str, n: usize) -> Envelope {
     let data = RawValue::from_string(format!(r#"{{"invoice_id":"inv_{n}","status":"open","amount":{n}}}"#)).unwrap();
-    Envelope::new("invoice.created", AccountId::parse(account).unwrap(), data, None, now_ms()).unwrap()
+    Envelope::new(
+        "invoice.created",
+        AccountId::parse(account).unwrap(),
+        data,
+        None,
+        now_ms(),
+    )
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,16 +42,32 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_the_stream_goes_on(
         ("invoice.created", b"not json at all".to_vec(), "invalid_json"),
         ("invoice.created", b"[1,2,3]".to_vec(), "invalid_json"),
         ("invoice.created", b"\xff\xfe{\"type\":1}".to_vec(), "invalid_json"),
-        ("invoice.deleted", br#"{"type":"invoice.deleted","account_id":"acct_a","data":{}}"#.to_vec(), "unknown_type"),
-        ("invoice.paid", br#"{"type":"invoice.paid","account_id":"acct_a","data":{"invoice_id":"i"}}"#.to_vec(), "invalid_payload"),
+        (
+            "invoice.deleted",
+            br#"{"type":"invoice.deleted","account_id":"acct_a","data":{}}"#.to_vec(),
+            "unknown_type",
+        ),
+        (
+            "invoice.paid",
+            br#"{"type":"invoice.paid","account_id":"acct_a","data":{"invoice_id":"i"}}"#.to_vec(),
+            "invalid_payload",
+        ),
         ("invoice.created", big.into_bytes(), "too_large"),
     ];
-    let conn = Connection::connect(&env.amqp_url, ConnectionProperties::default()).await.unwrap();
+    let conn = Connection::connect(&env.amqp_url, ConnectionProperties::default())
+        .await
+        .unwrap();
     let channel = conn.create_channel().await.unwrap();
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     for (key, body, _) in &poison {
         channel
-            .basic_publish(topology::EVENTS_EXCHANGE.into(), (*key).into(), BasicPublishOptions::default(), body, BasicProperties::default())
+            .basic_publish(
+                topology::EVENTS_EXCHANGE.into(),
+                (*key).into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
             .await
             .unwrap()
             .await
@@ -52,12 +75,18 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_the_stream_goes_on(
     }
     let good = event("acct_a", 1);
     env.publisher().await.publish(&good).await.unwrap();
-    wait_until("the good event after the poison", Duration::from_secs(20), || async { rx.count() == 1 }).await;
+    wait_until("the good event after the poison", Duration::from_secs(20), || async {
+        rx.count() == 1
+    })
+    .await;
     assert_eq!(rx.requests()[0].header("webhook-id"), good.id.as_str());
 
     let mut reasons: HashMap<Vec<u8>, String> = HashMap::new();
     while reasons.len() < poison.len() {
-        let msg = env.get_message(topology::DEAD_QUEUE).await.expect("a dead letter per poison message");
+        let msg = env
+            .get_message(topology::DEAD_QUEUE)
+            .await
+            .expect("a dead letter per poison message");
         let headers = msg.delivery.properties.headers().clone().unwrap_or_default();
         let reason = match headers.inner().get(topology::DEAD_REASON_HEADER) {
             Some(AMQPValue::LongString(s)) => s.to_string(),
@@ -67,7 +96,12 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_the_stream_goes_on(
         reasons.insert(msg.delivery.data.clone(), reason);
     }
     for (_, body, reason) in &poison {
-        assert_eq!(reasons.get(body).map(String::as_str), Some(*reason), "{}", String::from_utf8_lossy(&body[..body.len().min(60)]));
+        assert_eq!(
+            reasons.get(body).map(String::as_str),
+            Some(*reason),
+            "{}",
+            String::from_utf8_lossy(&body[..body.len().min(60)])
+        );
     }
     conn.close(200, "done".into()).await.unwrap();
 }
@@ -83,9 +117,17 @@ async fn a_dispatcher_killed_mid_burst_loses_no_confirmed_event() {
     let publisher = env.publisher().await;
     let events: Vec<Envelope> = (0..600).map(|n| event("acct_k", n)).collect();
     for chunk in events.chunks(100) {
-        assert!(join_all(chunk.iter().map(|e| publisher.publish(e))).await.iter().all(Result::is_ok));
+        assert!(
+            join_all(chunk.iter().map(|e| publisher.publish(e)))
+                .await
+                .iter()
+                .all(Result::is_ok)
+        );
     }
-    wait_until("the burst under way", Duration::from_secs(30), || async { rx.count() >= 100 }).await;
+    wait_until("the burst under way", Duration::from_secs(30), || async {
+        rx.count() >= 100
+    })
+    .await;
     env.kill(first);
     let at_kill = rx.count();
     env.spawn_binary("laabam-dispatcher", &flags);

@@ -14,8 +14,18 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn invoice_paid(n: u32) -> Envelope {
-    let data = RawValue::from_string(format!(r#"{{"invoice_id":"inv_{n}","payment_id":"pay_{n}","amount":{n}}}"#)).unwrap();
-    Envelope::new("invoice.paid", AccountId::parse("acct_a").unwrap(), data, None, now_ms()).unwrap()
+    let data = RawValue::from_string(format!(
+        r#"{{"invoice_id":"inv_{n}","payment_id":"pay_{n}","amount":{n}}}"#
+    ))
+    .unwrap();
+    Envelope::new(
+        "invoice.paid",
+        AccountId::parse("acct_a").unwrap(),
+        data,
+        None,
+        now_ms(),
+    )
+    .unwrap()
 }
 
 async fn wait_status(store: &Store, event: &Envelope, ep: &Endpoint, status: DeliveryStatus) {
@@ -47,7 +57,10 @@ async fn a_500_then_a_timeout_then_200_arrives_on_attempt_three_with_the_same_id
     assert_eq!(requests.len(), 3);
     assert!(requests.iter().all(|r| r.header("webhook-id") == event.id.as_str()));
     assert!(requests.iter().all(|r| r.body == event.to_json()));
-    let attempts_header: Vec<_> = requests.iter().map(|r| r.header("x-laabam-attempt").to_owned()).collect();
+    let attempts_header: Vec<_> = requests
+        .iter()
+        .map(|r| r.header("x-laabam-attempt").to_owned())
+        .collect();
     assert_eq!(attempts_header, ["1", "2", "3"]);
 
     let delivery = DeliveryId::for_pair(&event.id, &ep.id);
@@ -58,7 +71,10 @@ async fn a_500_then_a_timeout_then_200_arrives_on_attempt_three_with_the_same_id
     assert_eq!(attempts[0].response_excerpt.as_deref(), Some("answered 500"));
     assert!(attempts[1].error.as_deref().unwrap().contains("no complete response"));
     assert_eq!(attempts[2].status_code, Some(200));
-    assert!(attempts.windows(2).all(|w| w[1].at_ms >= w[0].at_ms + 80), "backoff between attempts: {attempts:?}");
+    assert!(
+        attempts.windows(2).all(|w| w[1].at_ms >= w[0].at_ms + 80),
+        "backoff between attempts: {attempts:?}"
+    );
     let state = store.delivery(&delivery).await.unwrap().unwrap();
     assert_eq!(state.attempts, 3);
     assert_eq!(state.first_attempt_ms, Some(attempts[0].at_ms));
@@ -80,8 +96,16 @@ async fn an_always_failing_endpoint_ends_failed_and_its_sibling_gets_the_event_o
     wait_status(&store, &event, &ep_failing, DeliveryStatus::Failed).await;
     wait_status(&store, &event, &ep_healthy, DeliveryStatus::Succeeded).await;
     assert_eq!(failing.count(), 4, "every attempt of the policy, no more");
-    assert_eq!(healthy.count(), 1, "the sibling was not re-delivered by the other's retries");
-    let state = store.delivery(&DeliveryId::for_pair(&event.id, &ep_failing.id)).await.unwrap().unwrap();
+    assert_eq!(
+        healthy.count(),
+        1,
+        "the sibling was not re-delivered by the other's retries"
+    );
+    let state = store
+        .delivery(&DeliveryId::for_pair(&event.id, &ep_failing.id))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(state.attempts, 4);
     assert_eq!(state.reason.as_deref(), Some("gave up after 4 attempts"));
     assert_eq!(state.next_attempt_ms, None);
@@ -109,14 +133,24 @@ async fn gone_disables_the_endpoint_and_stops_delivery() {
 
     let second = invoice_paid(4);
     publisher.publish(&second).await.unwrap();
-    wait_until("second event at the healthy endpoint", WAIT, || async { healthy.count() == 2 }).await;
+    wait_until("second event at the healthy endpoint", WAIT, || async {
+        healthy.count() == 2
+    })
+    .await;
     assert_eq!(gone.count(), 1, "no attempt after 410");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured() {
     let mut env = TestEnv::new().await;
-    let rx = Receiver::start(|_, nth| if nth == 0 { Reply::RetryAfter(429, 1) } else { Reply::Status(200) }).await;
+    let rx = Receiver::start(|_, nth| {
+        if nth == 0 {
+            Reply::RetryAfter(429, 1)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
     let ep = env.endpoint("acct_a", &rx.url, None).await;
     env.start_dispatcher(&["--retry-max-delay", "5s"]);
     env.start_scheduler(&[]);
@@ -128,7 +162,10 @@ async fn retry_after_is_honoured() {
     assert_eq!(attempts[0].status_code, Some(429));
     assert_eq!(attempts.len(), 2);
     let gap = attempts[1].at_ms - attempts[0].at_ms;
-    assert!(gap >= 1000, "waited {gap} ms; Retry-After asked for 1 s where backoff alone gives ~100 ms");
+    assert!(
+        gap >= 1000,
+        "waited {gap} ms; Retry-After asked for 1 s where backoff alone gives ~100 ms"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,4 +201,26 @@ async fn a_serial_endpoint_gets_one_request_at_a_time_and_deferrals_are_not_atte
         assert_eq!(attempts.len(), 1, "a deferral is not an attempt");
         assert_eq!(attempts[0].attempt, 1);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_targets_are_refused_unless_allowed() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::ok().await;
+    let by_ip = env.endpoint("acct_a", &rx.url, None).await;
+    let by_name = env
+        .endpoint("acct_a", &rx.url.replace("127.0.0.1", "localhost"), None)
+        .await;
+    env.start_dispatcher(&["--allow-private-targets", "false", "--retry-max-attempts", "1"]);
+    let event = invoice_paid(9);
+    env.publisher().await.publish(&event).await.unwrap();
+    let store = env.store().await;
+    for ep in [&by_ip, &by_name] {
+        wait_status(&store, &event, ep, DeliveryStatus::Failed).await;
+        let attempts = store.attempts(&DeliveryId::for_pair(&event.id, &ep.id)).await.unwrap();
+        assert_eq!(attempts[0].outcome, Outcome::ConnectError);
+        let error = attempts[0].error.as_deref().unwrap();
+        assert!(error.contains("is not a public address"), "{error}");
+    }
+    assert_eq!(rx.count(), 0, "nothing reached the loopback receiver");
 }

@@ -139,7 +139,7 @@ pub enum Taken {
         /// `None` when the event expired from the store.
         body: Option<Vec<u8>>,
         /// `None` when the endpoint was deleted.
-        endpoint: Option<Endpoint>,
+        endpoint: Option<Box<Endpoint>>,
     },
     /// The job is stale (delivery finished, queued again, or gone); drop it.
     Stale(String),
@@ -204,9 +204,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut inv = BEGIN.prepare_invoke();
-        inv.arg(now_ms)
-            .arg(self.retention_secs())
-            .arg(DELIVERIES_PER_ENDPOINT);
+        inv.arg(now_ms).arg(self.retention_secs()).arg(DELIVERIES_PER_ENDPOINT);
         for b in begins {
             let job = &b.job;
             inv.key(self.keys.delivery(&job.delivery))
@@ -245,13 +243,18 @@ impl Store {
             .arg(job.endpoint.as_str())
             .invoke_async(&mut self.conn())
             .await?;
-        let text = |i: usize| reply.get(i).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+        let text = |i: usize| {
+            reply
+                .get(i)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
         if text(0) != "go" {
             return Ok(Taken::Stale(text(0)));
         }
         let non_empty = |i: usize| reply.get(i).filter(|v| !v.is_empty()).cloned();
         let endpoint = non_empty(4)
-            .map(|json| parse_endpoint(&eps_key, &String::from_utf8_lossy(&json)))
+            .map(|json| parse_endpoint(&eps_key, &String::from_utf8_lossy(&json)).map(Box::new))
             .transpose()?;
         Ok(Taken::Go {
             event_type: text(5),
@@ -316,7 +319,11 @@ impl Store {
     }
 
     /// An endpoint's most recent deliveries, newest first.
-    pub async fn endpoint_deliveries(&self, endpoint: &EndpointId, limit: usize) -> Result<Vec<DeliveryId>, StoreError> {
+    pub async fn endpoint_deliveries(
+        &self,
+        endpoint: &EndpointId,
+        limit: usize,
+    ) -> Result<Vec<DeliveryId>, StoreError> {
         let ids: Vec<String> = self
             .conn()
             .zrevrange(self.keys.endpoint_deliveries(endpoint), 0, limit as isize - 1)

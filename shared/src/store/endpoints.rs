@@ -9,10 +9,7 @@ impl Store {
     fn index_keys(&self, ep: &Endpoint) -> Vec<String> {
         match &ep.events {
             None => vec![self.keys.all_types_index(&ep.account_id)],
-            Some(types) => types
-                .iter()
-                .map(|t| self.keys.type_index(&ep.account_id, t))
-                .collect(),
+            Some(types) => types.iter().map(|t| self.keys.type_index(&ep.account_id, t)).collect(),
         }
     }
 

@@ -63,10 +63,9 @@ impl Keys {
 
     /// The retry shard of a delivery: FNV-1a of its id, stable across processes and restarts.
     pub fn shard_of(&self, delivery: &DeliveryId) -> u16 {
-        let hash = delivery
-            .as_str()
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let hash = delivery.as_str().bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
         (hash % self.retry_shards as u64) as u16
     }
 

@@ -48,7 +48,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("keys", &self.keys).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
     }
 }
 
@@ -117,28 +119,27 @@ impl Store {
     /// pressure: "recorded" only means durable with append-only persistence and no eviction.
     pub async fn warn_if_not_durable(&self) {
         let mut conn = self.conn();
-        let get = |name: &'static str| {
-            let mut conn = conn.clone();
-            async move {
-                redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg(name)
-                    .query_async::<Vec<String>>(&mut conn)
-                    .await
-                    .ok()
-                    .and_then(|v| v.get(1).cloned())
-            }
+        let mut setting = async |name: &str| -> Option<String> {
+            let pair: Vec<String> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            pair.into_iter().nth(1)
         };
-        if let Some(aof) = get("appendonly").await {
-            if aof != "yes" {
-                tracing::warn!("Redis runs without append-only persistence: recorded outcomes and retries are lost if Redis restarts (set appendonly yes, appendfsync everysec)");
-            }
+        if setting("appendonly").await.is_some_and(|aof| aof != "yes") {
+            tracing::warn!(
+                "Redis runs without append-only persistence: recorded outcomes and retries are lost if Redis restarts (set appendonly yes, appendfsync everysec)"
+            );
         }
-        if let Some(policy) = get("maxmemory-policy").await {
-            if policy != "noeviction" {
-                tracing::warn!(policy, "Redis may evict keys under memory pressure: set maxmemory-policy noeviction");
-            }
+        if let Some(policy) = setting("maxmemory-policy").await
+            && policy != "noeviction"
+        {
+            tracing::warn!(
+                policy,
+                "Redis may evict keys under memory pressure: set maxmemory-policy noeviction"
+            );
         }
-        let _ = redis::cmd("PING").query_async::<()>(&mut conn).await;
     }
 }

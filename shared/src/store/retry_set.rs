@@ -52,7 +52,13 @@ pub struct Claimed {
 
 impl Store {
     /// Claims up to `limit` due jobs of `shard`, leased until `lease_until_ms`.
-    pub async fn claim_due(&self, shard: u16, now_ms: i64, lease_until_ms: i64, limit: usize) -> Result<Claimed, StoreError> {
+    pub async fn claim_due(
+        &self,
+        shard: u16,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: usize,
+    ) -> Result<Claimed, StoreError> {
         let reply: Vec<redis::Value> = CLAIM
             .key(self.keys.retry_due(shard))
             .key(self.keys.retry_claimed(shard))
@@ -90,10 +96,7 @@ impl Store {
 
     /// The due time of the earliest job (or lease) of `shard`.
     pub async fn next_due_ms(&self, shard: u16) -> Result<Option<i64>, StoreError> {
-        let first: Vec<(String, f64)> = self
-            .conn()
-            .zrange_withscores(self.keys.retry_due(shard), 0, 0)
-            .await?;
+        let first: Vec<(String, f64)> = self.conn().zrange_withscores(self.keys.retry_due(shard), 0, 0).await?;
         Ok(first.first().map(|(_, score)| *score as i64))
     }
 

@@ -6,7 +6,8 @@ use crate::pipeline::{Disposition, Handled, Pipeline};
 use futures_util::StreamExt;
 use laabam_shared::envelope::Provenance;
 use laabam_shared::ops::Readiness;
-use laabam_shared::{startup, topology};
+use laabam_shared::startup::{self, Backoff};
+use laabam_shared::topology;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -60,18 +61,24 @@ pub async fn run(
 ) {
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
-    let mut pause = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
-        match session(&pipeline, &settings, &readiness, &tracker, &slots, &shutdown).await {
+        match session(
+            &pipeline,
+            &settings,
+            &readiness,
+            &tracker,
+            &slots,
+            &shutdown,
+            &mut backoff,
+        )
+        .await
+        {
             Ok(()) => break,
             Err(e) => {
                 readiness.set_broker(false);
-                tracing::warn!(error = %e, retry_in = ?pause, "broker session ended; reconnecting");
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-                pause = (pause * 2).min(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in = ?backoff.upcoming(), "broker session ended; reconnecting");
+                backoff.pause(&shutdown).await;
             }
         }
     }
@@ -90,6 +97,7 @@ async fn session(
     tracker: &TaskTracker,
     slots: &Arc<Semaphore>,
     shutdown: &CancellationToken,
+    backoff: &mut Backoff,
 ) -> Result<(), SessionError> {
     let conn = startup::amqp_connect(&settings.amqp_url, "laabam-dispatcher").await?;
     let setup = conn.create_channel().await?;
@@ -123,6 +131,7 @@ async fn session(
         )
         .await?;
     readiness.set_broker(true);
+    backoff.reset();
     tracing::info!("consuming events and retry jobs");
 
     loop {

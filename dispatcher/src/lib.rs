@@ -22,7 +22,6 @@ pub use config::DispatcherConfig;
 use laabam_shared::ops::{self, Readiness};
 use laabam_shared::startup::{self, Unreachable};
 use laabam_shared::store::{Store, StoreConfig};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -32,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 pub enum DispatcherError {
     #[error(transparent)]
     Unreachable(#[from] Unreachable),
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Bind(#[from] ops::BindError),
     #[error(transparent)]
     Sender(#[from] sender::SenderError),
 }
@@ -41,12 +40,7 @@ pub enum DispatcherError {
 /// Runs until `shutdown`, then drains. Returns early only if start-up fails.
 pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Result<(), DispatcherError> {
     let readiness = Arc::new(Readiness::default());
-    let ops_addr = ops::serve(config.metrics_addr, readiness.clone(), shutdown.clone())
-        .await
-        .map_err(|source| DispatcherError::Bind {
-            addr: config.metrics_addr,
-            source,
-        })?;
+    let ops_addr = ops::serve(config.metrics_addr, readiness.clone(), shutdown.clone()).await?;
     tracing::info!(%ops_addr, "metrics and health endpoints listening");
 
     let common = &config.common;

@@ -16,7 +16,6 @@ pub use config::SchedulerConfig;
 use laabam_shared::ops::{self, Readiness};
 use laabam_shared::startup::{self, Unreachable};
 use laabam_shared::store::{Store, StoreConfig};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -25,19 +24,14 @@ use tokio_util::sync::CancellationToken;
 pub enum SchedulerError {
     #[error(transparent)]
     Unreachable(#[from] Unreachable),
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Bind(#[from] ops::BindError),
 }
 
 /// Runs until `shutdown`. Returns early only if start-up fails.
 pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> Result<(), SchedulerError> {
     let readiness = Arc::new(Readiness::default());
-    let ops_addr = ops::serve(config.metrics_addr, readiness.clone(), shutdown.clone())
-        .await
-        .map_err(|source| SchedulerError::Bind {
-            addr: config.metrics_addr,
-            source,
-        })?;
+    let ops_addr = ops::serve(config.metrics_addr, readiness.clone(), shutdown.clone()).await?;
     tracing::info!(%ops_addr, "metrics and health endpoints listening");
     let common = &config.common;
     let conn = startup::amqp_connect_within(&common.amqp_url, "laabam-retry-scheduler", common.connect_timeout).await?;

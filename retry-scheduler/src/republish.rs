@@ -6,8 +6,9 @@ use crate::metrics::METRICS;
 use futures_util::future::try_join_all;
 use laabam_shared::clock::now_ms;
 use laabam_shared::ops::Readiness;
+use laabam_shared::startup::{self, Backoff};
 use laabam_shared::store::Store;
-use laabam_shared::{startup, topology};
+use laabam_shared::topology;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
@@ -41,7 +42,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut conn = Some(first);
-    let mut pause = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         let connection = match conn.take() {
             Some(c) => Ok(c),
@@ -55,17 +56,13 @@ pub async fn run(
             Ok(pair) => pair,
             Err(e) => {
                 readiness.set_broker(false);
-                tracing::warn!(error = %e, retry_in = ?pause, "cannot reach RabbitMQ; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-                pause = (pause * 2).min(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in = ?backoff.upcoming(), "cannot reach RabbitMQ; retrying");
+                backoff.pause(&shutdown).await;
                 continue;
             }
         };
         readiness.set_broker(true);
-        pause = Duration::from_millis(100);
+        backoff.reset();
         rounds(&store, &channel, config, &readiness, &shutdown).await;
         readiness.set_broker(false);
         let _ = connection.close(200, "closing".into()).await;

@@ -39,14 +39,23 @@ async fn metrics() -> (StatusCode, String) {
     }
 }
 
+/// The operations port could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
 /// Binds `addr` (port 0 picks a free one) and serves until `shutdown`; returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
-) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
+) -> Result<SocketAddr, BindError> {
+    let bind_error = |source| BindError { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))

@@ -6,6 +6,42 @@ use lapin::{Connection, ConnectionProperties};
 use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Exponential pauses between reconnection attempts: 100 ms doubling to 5 s, reset on success.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    /// The pause the next [`Self::pause`] will take.
+    pub fn upcoming(&self) -> Duration {
+        self.next
+    }
+
+    /// Sleeps for the next pause (cut short by `shutdown`) and lengthens the one after.
+    pub async fn pause(&mut self, shutdown: &CancellationToken) {
+        tokio::select! {
+            _ = tokio::time::sleep(self.next) => {}
+            _ = shutdown.cancelled() => {}
+        }
+        self.next = (self.next * 2).min(Self::MAX);
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
 
 /// A dependency that could not be reached within the start-up wait.
 #[derive(Debug, thiserror::Error)]
@@ -30,14 +66,15 @@ where
     E: std::fmt::Display,
 {
     let deadline = Instant::now() + wait;
-    let mut pause = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
+    let never = CancellationToken::new();
     loop {
         let err = match tokio::time::timeout_at(deadline, attempt()).await {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => e.to_string(),
             Err(_) => "timed out".to_owned(),
         };
-        if Instant::now() + pause >= deadline {
+        if Instant::now() + backoff.upcoming() >= deadline {
             return Err(Unreachable {
                 service,
                 url: redact_url(url),
@@ -46,8 +83,7 @@ where
             });
         }
         tracing::info!(service, url = %redact_url(url), error = %err, "waiting for dependency");
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(2));
+        backoff.pause(&never).await;
     }
 }
 

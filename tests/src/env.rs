@@ -174,27 +174,29 @@ impl TestEnv {
 
     /// Runs a dispatcher in this process until the environment is dropped.
     pub fn start_dispatcher(&mut self, extra: Flags<'_>) {
-        use clap::Parser;
-        let mut args = vec!["laabam-dispatcher".to_owned()];
-        args.extend(self.dispatcher_flags(extra));
-        let config = DispatcherConfig::parse_from(args);
-        let stop = self.stop.child_token();
-        self.tasks.push(tokio::spawn(async move {
-            laabam_dispatcher::run(config, stop).await.expect("dispatcher starts");
-        }));
+        let flags = self.dispatcher_flags(extra);
+        self.start_in_process::<DispatcherConfig, _, _>(flags, laabam_dispatcher::run);
     }
 
     /// Runs a retry scheduler in this process until the environment is dropped.
     pub fn start_scheduler(&mut self, extra: Flags<'_>) {
-        use clap::Parser;
-        let mut args = vec!["laabam-retry-scheduler".to_owned()];
-        args.extend(self.scheduler_flags(extra));
-        let config = SchedulerConfig::parse_from(args);
+        let flags = self.scheduler_flags(extra);
+        self.start_in_process::<SchedulerConfig, _, _>(flags, laabam_retry_scheduler::run);
+    }
+
+    /// Parses `flags` exactly as the binary would and runs the component's `run`.
+    fn start_in_process<C, Fut, E>(&mut self, flags: Vec<String>, run: fn(C, CancellationToken) -> Fut)
+    where
+        C: clap::Parser + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let config = C::parse_from(std::iter::once("laabam".to_owned()).chain(flags));
         let stop = self.stop.child_token();
         self.tasks.push(tokio::spawn(async move {
-            laabam_retry_scheduler::run(config, stop)
-                .await
-                .expect("scheduler starts");
+            if let Err(e) = run(config, stop).await {
+                panic!("component failed to start: {e}");
+            }
         }));
     }
 

@@ -222,6 +222,44 @@ impl TestEnv {
         }
     }
 
+    /// Closes every connection of this test's vhost from the broker's side, as a broker
+    /// restart or a network cut would.
+    pub async fn cut_connections(&self) {
+        let vhost = self.name.clone();
+        tokio::task::spawn_blocking(move || {
+            rabbitmqctl(&[
+                "close_all_connections",
+                "--vhost",
+                &vhost,
+                "--limit",
+                "1000",
+                "test cut",
+            ])
+        })
+        .await
+        .expect("close connections");
+    }
+
+    /// Sends SIGTERM to a binary started by [`Self::spawn_binary`] and waits for it to exit.
+    pub async fn terminate(&mut self, pid: u32) -> std::process::ExitStatus {
+        let mut child = {
+            let index = self
+                .children
+                .iter()
+                .position(|c| c.id() == pid)
+                .expect("a child of this test");
+            self.children.remove(index)
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        tokio::task::spawn_blocking(move || child.wait().expect("wait"))
+            .await
+            .expect("join")
+    }
+
     /// Declares the topology, as `laabam-producer topology` does before plain publishers start.
     pub async fn declare_topology(&self) {
         let conn = laabam_shared::startup::amqp_connect(&self.amqp_url, "laabam-test")

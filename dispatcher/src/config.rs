@@ -42,6 +42,9 @@ pub struct DispatcherConfig {
     /// deliveries are retried that long after they started.
     #[arg(long, env = "LAABAM_LEASE_MARGIN", default_value = "20s", value_parser = parse_duration)]
     pub lease_margin: Duration,
+    /// An endpoint whose attempts have all failed for this long is disabled.
+    #[arg(long, env = "LAABAM_DISABLE_AFTER", default_value = "5d", value_parser = parse_duration)]
+    pub disable_after: Duration,
     /// How long a SIGTERM waits for in-flight attempts before closing (their leases cover the rest).
     #[arg(long, env = "LAABAM_SHUTDOWN_GRACE", default_value = "15s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

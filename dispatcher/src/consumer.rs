@@ -5,6 +5,7 @@ use crate::metrics::METRICS;
 use crate::pipeline::{Disposition, Handled, Pipeline};
 use futures_util::StreamExt;
 use laabam_shared::envelope::Provenance;
+use laabam_shared::ids::EndpointId;
 use laabam_shared::ops::Readiness;
 use laabam_shared::startup::{self, Backoff};
 use laabam_shared::topology;
@@ -185,9 +186,23 @@ fn provenance(delivery: &Delivery) -> Provenance {
     }
 }
 
+/// The endpoint a test send is addressed to, from [`topology::TARGET_ENDPOINT_HEADER`].
+fn target(delivery: &Delivery) -> Option<EndpointId> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get(topology::TARGET_ENDPOINT_HEADER)? {
+        AMQPValue::LongString(s) => EndpointId::parse(s.to_string()).ok(),
+        AMQPValue::ShortString(s) => EndpointId::parse(s.as_str()).ok(),
+        _ => None,
+    }
+}
+
 async fn handle(pipeline: &Pipeline, dead_channel: &Channel, source: Source, delivery: Delivery) {
     let Handled { disposition, attempts } = match source {
-        Source::Events => pipeline.handle_event(&delivery.data, &provenance(&delivery)).await,
+        Source::Events => {
+            pipeline
+                .handle_event(&delivery.data, &provenance(&delivery), target(&delivery))
+                .await
+        }
         Source::Retries => pipeline.handle_retry(&delivery.data).await,
     };
     match disposition {

@@ -65,6 +65,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
         policy: config.retry.policy(),
         lease: config.lease(),
         defer_delay: config.defer_delay,
+        disable_after: config.disable_after,
     });
     let settings = consumer::ConsumerSettings {
         amqp_url: common.amqp_url.clone(),

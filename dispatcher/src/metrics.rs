@@ -15,6 +15,7 @@ pub struct Metrics {
     pub completed: IntCounterVec,
     pub dead_letters: IntCounterVec,
     pub in_flight: IntGauge,
+    pub endpoints_disabled: IntCounterVec,
     pub publish_to_delivered_seconds: Histogram,
 }
 
@@ -57,6 +58,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     dead_letters: register_int_counter_vec!(
         "laabam_dispatcher_dead_letters_total",
         "Messages dead-lettered, by reason",
+        &["reason"]
+    )
+    .unwrap(),
+    endpoints_disabled: register_int_counter_vec!(
+        "laabam_dispatcher_endpoints_disabled_total",
+        "Endpoints disabled by the platform, by reason",
         &["reason"]
     )
     .unwrap(),

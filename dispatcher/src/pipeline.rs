@@ -11,14 +11,17 @@ use crate::metrics::METRICS;
 use crate::sender::Sender;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
+use laabam_shared::catalog::ENDPOINT_DISABLED;
 use laabam_shared::clock::{self, now_ms};
 use laabam_shared::delivery::{AttemptRecord, DeliveryStatus, Outcome, RetryJob};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::envelope::{Envelope, Provenance};
-use laabam_shared::ids::DeliveryId;
+use laabam_shared::ids::{DeliveryId, EndpointId};
 use laabam_shared::retry::{NextStep, RetryPolicy, random_jitter};
-use laabam_shared::store::{Begin, Record, Store, Taken};
+use laabam_shared::signing::signature_header;
+use laabam_shared::store::{AttemptTiming, Begin, Record, Recorded, Store, Taken};
 use rand::Rng;
+use serde_json::value::RawValue;
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -62,6 +65,8 @@ pub struct AttemptTask {
     endpoint: Endpoint,
     body: Bytes,
     attempts_before: u32,
+    /// Attempts made before the current cycle (an owner's redelivery restarts the budget).
+    cycle_start: u32,
     first_attempt_ms: Option<i64>,
     lease: String,
     _slot: OwnedSemaphorePermit,
@@ -77,6 +82,8 @@ pub struct Pipeline {
     /// How long an in-flight lease lasts (HTTP timeout plus margin).
     pub lease: Duration,
     pub defer_delay: Duration,
+    /// An endpoint failing without a single success for this long is disabled.
+    pub disable_after: Duration,
 }
 
 fn new_lease() -> String {
@@ -85,6 +92,11 @@ fn new_lease() -> String {
 
 fn header(name: &'static str, value: &str) -> Option<(HeaderName, HeaderValue)> {
     Some((HeaderName::from_static(name), HeaderValue::from_str(value).ok()?))
+}
+
+/// A bounded label for the disabled-endpoints metric.
+fn disabled_reason_label(why: &str) -> &'static str {
+    if why.contains("410") { "gone" } else { "failing" }
 }
 
 #[derive(serde::Deserialize)]
@@ -103,8 +115,9 @@ impl Pipeline {
         now + base + rand::rng().random_range(0..=base.max(1))
     }
 
-    /// A newly published event: validate, fan out, begin each delivery.
-    pub async fn handle_event(&self, data: &[u8], provenance: &Provenance) -> Handled {
+    /// A newly published event: validate, fan out, begin each delivery. `target` restricts the
+    /// fan-out to one endpoint of the event's account (test sends).
+    pub async fn handle_event(&self, data: &[u8], provenance: &Provenance, target: Option<EndpointId>) -> Handled {
         let envelope = match Envelope::parse(data, provenance, now_ms()) {
             Ok(e) => e,
             Err(e) => {
@@ -116,11 +129,15 @@ impl Pipeline {
         };
         METRICS.events_consumed.with_label_values(&[&envelope.event_type]).inc();
         let span = tracing::info_span!("event", event_id = %envelope.id, event_type = %envelope.event_type);
-        self.fan_out(envelope).instrument(span).await
+        self.fan_out(envelope, target.as_ref()).instrument(span).await
     }
 
-    async fn fan_out(&self, envelope: Envelope) -> Handled {
-        let ingested = match self.store.ingest(&envelope, &envelope.to_json()).await {
+    async fn fan_out(&self, envelope: Envelope, target: Option<&EndpointId>) -> Handled {
+        let ingested = match self
+            .store
+            .ingest(&envelope, &envelope.to_json(), target, now_ms())
+            .await
+        {
             Ok(i) => i,
             Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
         };
@@ -165,6 +182,7 @@ impl Pipeline {
                     endpoint,
                     body: body.clone(),
                     attempts_before: 0,
+                    cycle_start: 0,
                     first_attempt_ms: None,
                     lease,
                     _slot: slot,
@@ -204,7 +222,7 @@ impl Pipeline {
             Ok(t) => t,
             Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
         };
-        let (event_type, attempts, first_attempt_ms, body, endpoint) = match taken {
+        let (event_type, attempts, cycle_start, first_attempt_ms, body, endpoint) = match taken {
             Taken::Stale(why) => {
                 tracing::debug!(state = %why, "stale retry job dropped");
                 return Handled::only(Disposition::Ack);
@@ -212,10 +230,11 @@ impl Pipeline {
             Taken::Go {
                 event_type,
                 attempts,
+                cycle_start,
                 first_attempt_ms,
                 body,
                 endpoint,
-            } => (event_type, attempts, first_attempt_ms, body, endpoint),
+            } => (event_type, attempts, cycle_start, first_attempt_ms, body, endpoint),
         };
         let fail = |why: &str| {
             let why = why.to_owned();
@@ -231,6 +250,7 @@ impl Pipeline {
                     first_attempt_ms,
                     next_attempt_ms: None,
                     reason: Some(&why),
+                    timing: None,
                 })
                 .await;
                 Handled::only(Disposition::Ack)
@@ -259,6 +279,7 @@ impl Pipeline {
                 first_attempt_ms,
                 next_attempt_ms: Some(self.deferred_until(now)),
                 reason: None,
+                timing: None,
             })
             .await;
             return Handled::only(Disposition::Ack);
@@ -271,6 +292,7 @@ impl Pipeline {
                 endpoint,
                 body: Bytes::from(body),
                 attempts_before: attempts,
+                cycle_start,
                 first_attempt_ms,
                 lease,
                 _slot: slot,
@@ -295,10 +317,18 @@ impl Pipeline {
         let number = task.attempts_before + 1;
         let started_ms = now_ms();
         let timestamp = started_ms / 1000;
-        let signature = task
-            .endpoint
-            .secret
-            .sign(task.job.event.as_str(), timestamp, &task.body);
+        let signature = signature_header(
+            task.endpoint.signing_secrets(started_ms),
+            task.job.event.as_str(),
+            timestamp,
+            &task.body,
+        );
+        let custom = task.endpoint.headers.iter().filter_map(|(name, value)| {
+            Some((
+                HeaderName::from_bytes(name.as_bytes()).ok()?,
+                HeaderValue::from_str(value).ok()?,
+            ))
+        });
         let headers: Vec<_> = [
             header("webhook-id", task.job.event.as_str()),
             header("webhook-timestamp", &timestamp.to_string()),
@@ -309,6 +339,7 @@ impl Pipeline {
         ]
         .into_iter()
         .flatten()
+        .chain(custom)
         .collect();
 
         METRICS.in_flight.inc();
@@ -354,17 +385,17 @@ impl Pipeline {
             }
             Outcome::Http410 => {
                 let why = "endpoint answered 410 Gone";
-                if let Err(e) = self.store.disable_endpoint(&task.endpoint.id, why).await {
-                    tracing::error!(error = %e, "could not disable endpoint after 410");
-                }
-                tracing::warn!("endpoint answered 410 Gone; disabled");
+                self.disable(&task.endpoint.id, why).await;
                 (DeliveryStatus::Failed, None, Some(format!("{why}; endpoint disabled")))
             }
             _ => {
-                match self
-                    .policy
-                    .after_failure(number, first_attempt_ms, now_ms(), result.retry_after, random_jitter())
-                {
+                match self.policy.after_failure(
+                    number - task.cycle_start,
+                    first_attempt_ms,
+                    now_ms(),
+                    result.retry_after,
+                    random_jitter(),
+                ) {
                     NextStep::RetryAt(at) => (DeliveryStatus::Retrying, Some(at), None),
                     NextStep::GiveUp(why) => (DeliveryStatus::Failed, None, Some(why)),
                 }
@@ -386,29 +417,88 @@ impl Pipeline {
             error = result.error.as_deref().unwrap_or(""),
             "attempt finished"
         );
-        self.record(Record {
-            job: &task.job,
-            lease: &task.lease,
-            attempt: Some(&attempt),
-            status,
-            attempts: number,
-            first_attempt_ms: Some(first_attempt_ms),
-            next_attempt_ms,
-            reason: reason.as_deref(),
-        })
-        .await;
+        let recorded = self
+            .record(Record {
+                job: &task.job,
+                lease: &task.lease,
+                attempt: Some(&attempt),
+                status,
+                attempts: number,
+                first_attempt_ms: Some(first_attempt_ms),
+                next_attempt_ms,
+                reason: reason.as_deref(),
+                timing: Some(AttemptTiming {
+                    outcome: outcome.as_str(),
+                    duration_ms: attempt.duration_ms,
+                    status_code: result.status,
+                    at_ms: started_ms,
+                }),
+            })
+            .await;
+        if let Some(since) = recorded.and_then(|r| r.failing_since_ms)
+            && now_ms() - since > self.disable_after.as_millis() as i64
+        {
+            let why = format!(
+                "no successful delivery for {}",
+                humantime::format_duration(self.disable_after)
+            );
+            self.disable(&task.endpoint.id, &why).await;
+        }
+    }
+
+    /// Disables an endpoint and tells the account's other endpoints with `endpoint.disabled`.
+    async fn disable(&self, endpoint: &EndpointId, why: &str) {
+        let disabled = match self.store.disable_endpoint(endpoint, why, now_ms()).await {
+            Ok(Some(ep)) => ep,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, endpoint_id = %endpoint, "could not disable endpoint");
+                return;
+            }
+        };
+        tracing::warn!(endpoint_id = %endpoint, reason = why, "endpoint disabled");
+        METRICS
+            .endpoints_disabled
+            .with_label_values(&[disabled_reason_label(why)])
+            .inc();
+        let data = serde_json::json!({ "endpoint_id": disabled.id, "url": disabled.url, "reason": why });
+        let data = RawValue::from_string(data.to_string()).expect("JSON is JSON");
+        let announcement = match Envelope::new(ENDPOINT_DISABLED, disabled.account_id.clone(), data, None, now_ms()) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "could not build endpoint.disabled");
+                return;
+            }
+        };
+        // Fanned out here rather than through the broker: the same begin-under-lease path makes
+        // it durable once begun. A Redis failure is retried for as long as a lease would last.
+        let deadline = Instant::now() + self.lease;
+        let handled = loop {
+            match Box::pin(self.fan_out(announcement.clone(), None)).await {
+                Handled {
+                    disposition: Disposition::Requeue(e),
+                    ..
+                } if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "endpoint.disabled not begun yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                handled => break handled,
+            }
+        };
+        futures_util::future::join_all(handled.attempts.into_iter().map(|t| Box::pin(self.run_attempt(t)))).await;
     }
 
     /// Writes a record, retrying while Redis is unreachable for as long as the lease lasts;
     /// past that the lease has already re-queued the delivery, so giving up loses nothing.
-    async fn record(&self, record: Record<'_>) {
+    async fn record(&self, record: Record<'_>) -> Option<Recorded> {
         let deadline = Instant::now() + self.lease;
         loop {
             match self.store.record(&record).await {
-                Ok(true) => return,
-                Ok(false) => {
-                    tracing::warn!(delivery_id = %record.job.delivery, "lease expired before the outcome was recorded; the newer holder's state is kept");
-                    return;
+                Ok(recorded) => {
+                    if !recorded.applied {
+                        tracing::warn!(delivery_id = %record.job.delivery, "lease expired before the outcome was recorded; the newer holder's state is kept");
+                    }
+                    return Some(recorded);
                 }
                 Err(e) if Instant::now() < deadline => {
                     tracing::warn!(delivery_id = %record.job.delivery, error = %e, "recording failed; retrying");
@@ -416,7 +506,7 @@ impl Pipeline {
                 }
                 Err(e) => {
                     tracing::error!(delivery_id = %record.job.delivery, error = %e, "could not record the outcome; the lease will retry the delivery");
-                    return;
+                    return None;
                 }
             }
         }

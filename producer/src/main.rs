@@ -4,13 +4,14 @@
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use laabam_producer::Publisher;
+use laabam_producer::api::ServeArgs;
 use laabam_shared::clock::now_ms;
 use laabam_shared::config::CommonArgs;
 use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, EndpointId, EventId};
 use laabam_shared::store::{Store, StoreConfig};
-use laabam_shared::{startup, telemetry, topology};
+use laabam_shared::{shutdown, startup, telemetry, topology};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
@@ -29,6 +30,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the HTTP API until SIGTERM.
+    Serve(ServeArgs),
+    /// Manage accounts directly in Redis (operators bootstrapping without the API).
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Manage account API keys directly in Redis.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Publish one event and print its id once the broker confirmed it.
     Publish {
         #[arg(long)]
@@ -47,6 +56,24 @@ enum Command {
     Endpoint(EndpointCommand),
     /// Declare every exchange and queue (for operators, and publishers that start first).
     Topology,
+}
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// Create an account and print it.
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Issue an API key for an account and print it (shown this once).
+    Create {
+        #[arg(long)]
+        account: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -97,6 +124,27 @@ async fn store(common: &CommonArgs) -> anyhow::Result<Store> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let common = &cli.common;
     match cli.command {
+        Command::Serve(args) => {
+            let shutdown = shutdown::on_signals();
+            let (addr, server) = laabam_producer::api::start(common, &args, shutdown).await?;
+            eprintln!("serving the HTTP API on http://{addr}");
+            server.await?;
+        }
+        Command::Account(AccountCommand::Create { name }) => {
+            let account = store(common).await?.create_account(&name, now_ms()).await?;
+            eprintln!("created account {}", account.id);
+            print(&serde_json::to_value(&account)?);
+        }
+        Command::Key(KeyCommand::Create { account }) => {
+            let account = AccountId::parse(account).context("--account")?;
+            let store = store(common).await?;
+            if store.get_account(&account).await?.is_none() {
+                bail!("no account {account}");
+            }
+            let (key, info) = store.create_api_key(&account, now_ms()).await?;
+            eprintln!("created API key {} for {account}; it is shown only now", info.prefix);
+            print(&json!({ "key": key, "prefix": info.prefix, "account_id": account }));
+        }
         Command::Publish {
             account,
             event_type,
@@ -107,6 +155,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let data = RawValue::from_string(data).context("--data is not valid JSON")?;
             let id = id.map(EventId::parse).transpose().context("--id")?;
             let envelope = Envelope::new(&event_type, account, data, id, now_ms())?;
+            store(common)
+                .await?
+                .ensure_account(&envelope.account_id, envelope.account_id.as_str(), now_ms())
+                .await?;
             let publisher = Publisher::connect(&common.amqp_url, common.connect_timeout).await?;
             publisher.publish(&envelope).await?;
             eprintln!("published {} ({})", envelope.id, envelope.event_type);
@@ -127,10 +179,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     events,
                     description,
                     max_concurrency,
+                    ..Default::default()
                 },
                 now_ms(),
             )?;
-            store(common).await?.create_endpoint(&ep).await?;
+            let store = store(common).await?;
+            store
+                .ensure_account(&ep.account_id, ep.account_id.as_str(), now_ms())
+                .await?;
+            store.create_endpoint(&ep).await?;
             eprintln!("created endpoint {} for {}", ep.id, ep.url.as_str());
             let mut out = without_secret(&ep);
             out["secret"] = Value::String(ep.secret.expose());

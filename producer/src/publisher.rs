@@ -1,10 +1,12 @@
 //! Publishing events to `laabam.events`: validated, persistent, and confirmed by the broker.
 
+use crate::metrics::METRICS;
 use laabam_shared::envelope::Envelope;
+use laabam_shared::ids::EndpointId;
 use laabam_shared::startup::{self, Unreachable};
 use laabam_shared::topology;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -29,14 +31,26 @@ pub struct Publisher {
     link: Mutex<Option<(Connection, Channel)>>,
 }
 
-/// Persistent, typed and stamped, as the AMQP contract recommends.
-fn properties(envelope: &Envelope) -> BasicProperties {
+/// Persistent, typed and stamped, as the AMQP contract recommends; addressed to one endpoint
+/// when `target` is given.
+fn properties(envelope: &Envelope, target: Option<&EndpointId>) -> BasicProperties {
     let ts_secs = laabam_shared::clock::parse_rfc3339_ms(&envelope.timestamp).unwrap_or(0) / 1000;
-    BasicProperties::default()
+    let props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(ShortString::from("application/json"))
         .with_message_id(ShortString::from(envelope.id.as_str()))
-        .with_timestamp(ts_secs.max(0) as u64)
+        .with_timestamp(ts_secs.max(0) as u64);
+    match target {
+        Some(endpoint) => {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                topology::TARGET_ENDPOINT_HEADER.into(),
+                AMQPValue::LongString(endpoint.as_str().into()),
+            );
+            props.with_headers(headers)
+        }
+        None => props,
+    }
 }
 
 async fn open(url: &str, name: &str) -> Result<(Connection, Channel), lapin::Error> {
@@ -78,9 +92,24 @@ impl Publisher {
         *self.link.lock().await = None;
     }
 
+    /// Whether the broker connection is up now (readiness probes).
+    pub async fn is_connected(&self) -> bool {
+        match self.link.lock().await.as_ref() {
+            Some((conn, channel)) => conn.status().connected() && channel.status().connected(),
+            None => false,
+        }
+    }
+
     /// Publishes and returns once the broker has confirmed the event. After a broker restart
     /// the next call reconnects.
     pub async fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
+        self.publish_to(envelope, None).await
+    }
+
+    /// Publishes an event that only `target` (an endpoint of the event's account) receives: how
+    /// test sends travel the real pipeline.
+    pub async fn publish_to(&self, envelope: &Envelope, target: Option<&EndpointId>) -> Result<(), PublishError> {
+        let started = std::time::Instant::now();
         let result = async {
             let channel = self.channel().await?;
             let confirm = channel
@@ -89,7 +118,7 @@ impl Publisher {
                     envelope.event_type.as_str().into(),
                     BasicPublishOptions::default(),
                     &envelope.to_json(),
-                    properties(envelope),
+                    properties(envelope, target),
                 )
                 .await?
                 .await?;
@@ -100,6 +129,12 @@ impl Publisher {
             }
         }
         .await;
+        let label = if result.is_ok() { "confirmed" } else { "failed" };
+        METRICS
+            .published
+            .with_label_values(&[&envelope.event_type, label])
+            .inc();
+        METRICS.confirm_seconds.observe(started.elapsed().as_secs_f64());
         match &result {
             Ok(()) => tracing::debug!(event_id = %envelope.id, event_type = %envelope.event_type, "event published"),
             Err(e) => {

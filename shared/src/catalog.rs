@@ -102,11 +102,48 @@ pub static CATALOG: &[EventSpec] = &[
         ],
         example: r#"{"payment_id":"pay_456","reason":"card_declined"}"#,
     },
+    EventSpec {
+        name: ENDPOINT_DISABLED,
+        description: "The platform stopped delivering to one of the account's endpoints (it answered 410 Gone, or kept failing). Sent to the account's other endpoints that subscribe to it.",
+        fields: &[
+            field("endpoint_id", FieldKind::String, "The disabled endpoint."),
+            field("url", FieldKind::String, "Its URL."),
+            field("reason", FieldKind::String, "Why it was disabled."),
+        ],
+        example: r#"{"endpoint_id":"ep_01j0000000000000000000000","url":"https://example.com/hooks","reason":"endpoint answered 410 Gone"}"#,
+    },
 ];
+
+/// The type of the event the platform itself publishes when it disables an endpoint.
+pub const ENDPOINT_DISABLED: &str = "endpoint.disabled";
 
 /// The spec of an event type, or `None` when the type is not in the catalog.
 pub fn lookup(name: &str) -> Option<&'static EventSpec> {
     CATALOG.iter().find(|spec| spec.name == name)
+}
+
+impl EventSpec {
+    /// The payload's JSON Schema (draft 2020-12), derived from the field list.
+    pub fn json_schema(&self) -> Value {
+        let properties: serde_json::Map<String, Value> = self
+            .fields
+            .iter()
+            .map(|f| {
+                (
+                    f.name.to_owned(),
+                    serde_json::json!({ "type": f.kind.json_type(), "description": f.description }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": self.name,
+            "type": "object",
+            "properties": properties,
+            "required": self.fields.iter().map(|f| f.name).collect::<Vec<_>>(),
+            "additionalProperties": true,
+        })
+    }
 }
 
 /// A payload that does not match its event type, naming the field.
@@ -206,6 +243,16 @@ mod tests {
                 .validate(&raw(r#"{"payment_id":"p","reason":"r","retryable":true}"#))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn schemas_list_every_required_field() {
+        let schema = lookup("invoice.paid").unwrap().json_schema();
+        assert_eq!(
+            schema["required"],
+            serde_json::json!(["invoice_id", "payment_id", "amount"])
+        );
+        assert_eq!(schema["properties"]["amount"]["type"], "integer");
     }
 
     #[test]

@@ -31,7 +31,8 @@ impl Readiness {
     }
 }
 
-async fn metrics() -> (StatusCode, String) {
+/// `/metrics`: every registered metric in Prometheus text format.
+pub async fn metrics() -> (StatusCode, String) {
     let mut buf = Vec::new();
     match TextEncoder::new().encode(&prometheus::gather(), &mut buf) {
         Ok(()) => (StatusCode::OK, String::from_utf8_lossy(&buf).into_owned()),

@@ -25,6 +25,9 @@ pub const RETRY_QUEUE: &str = "laabam.retries";
 pub const RETRY_ROUTING_KEY: &str = "retry";
 pub const DEAD_EXCHANGE: &str = "laabam.dead";
 pub const DEAD_QUEUE: &str = "laabam.dead";
+/// Restricts an event's fan-out to one endpoint of its account: how test sends travel the
+/// real pipeline without reaching the account's other endpoints.
+pub const TARGET_ENDPOINT_HEADER: &str = "x-laabam-endpoint";
 /// Why a message was dead-lettered.
 pub const DEAD_REASON_HEADER: &str = "x-laabam-dead-reason";
 

@@ -8,24 +8,31 @@
 //! an expired lease can add its attempt to the log but cannot undo a newer outcome.
 
 use super::endpoints::parse_endpoint;
+use super::stats;
 use super::{Store, StoreError};
 use crate::delivery::{AttemptRecord, DeliveryState, DeliveryStatus, RetryJob};
 use crate::endpoint::Endpoint;
 use crate::envelope::Envelope;
-use crate::ids::{DeliveryId, EndpointId};
+use crate::ids::{AccountId, DeliveryId, EndpointId, EventId};
 use redis::{AsyncCommands, Script};
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-/// Stores the event (first copy wins) when anyone subscribes, and returns the stored body and
-/// the subscribed endpoints' records.
+/// Stores the event (first copy wins) and indexes it for its account, then returns the stored
+/// body and the records of the endpoints subscribed to its type (or only of `ARGV[4]`, for a
+/// test send).
 static INGEST: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local ids = redis.call('SUNION', KEYS[2], KEYS[3])
-if #ids == 0 then return {} end
-redis.call('SET', KEYS[4], ARGV[1], 'NX', 'EX', ARGV[2])
+if redis.call('SET', KEYS[4], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('ZADD', KEYS[5], ARGV[3], ARGV[5])
+  redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -tonumber(ARGV[6]) - 1)
+  redis.call('EXPIRE', KEYS[5], ARGV[2])
+end
 local out = {redis.call('GET', KEYS[4])}
+local ids
+if ARGV[4] ~= '' then ids = {ARGV[4]} else ids = redis.call('SUNION', KEYS[2], KEYS[3]) end
+if #ids == 0 then return out end
 local eps = redis.call('HMGET', KEYS[1], unpack(ids))
 for i = 1, #eps do out[#out + 1] = eps[i] end
 return out
@@ -34,26 +41,30 @@ return out
 });
 
 /// Creates each delivery that does not exist yet; returns 1 for created, 0 for already known.
+/// KEYS: three per delivery (state, retry shard, endpoint index), then the account's index.
 static BEGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local now, ttl, keep = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local acct_idx = KEYS[#KEYS]
 local out = {}
-for i = 0, #KEYS / 3 - 1 do
+for i = 0, (#KEYS - 1) / 3 - 1 do
   local dk, due, idx = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
   local a = 4 + i * 9
   if redis.call('EXISTS', dk) == 1 then
     out[#out + 1] = 0
   else
     redis.call('HSET', dk, 'event', ARGV[a + 2], 'endpoint', ARGV[a + 3], 'account', ARGV[a + 4],
-      'type', ARGV[a + 5], 'status', ARGV[a + 6], 'attempts', 0, 'created', now)
+      'type', ARGV[a + 5], 'status', ARGV[a + 6], 'attempts', 0, 'cycle_start', 0, 'created', now)
     if ARGV[a + 8] ~= '' then redis.call('HSET', dk, 'lease', ARGV[a + 8]) end
     if ARGV[a + 6] == 'retrying' then redis.call('HSET', dk, 'next_attempt', ARGV[a + 7]) end
     redis.call('EXPIRE', dk, ttl)
     redis.call('ZADD', due, ARGV[a + 7], ARGV[a])
-    redis.call('ZADD', idx, now, ARGV[a + 1])
-    redis.call('ZREMRANGEBYRANK', idx, 0, -keep - 1)
-    redis.call('EXPIRE', idx, ttl)
+    for _, index in ipairs({idx, acct_idx}) do
+      redis.call('ZADD', index, now, ARGV[a + 1])
+      redis.call('ZREMRANGEBYRANK', index, 0, -keep - 1)
+      redis.call('EXPIRE', index, ttl)
+    end
     out[#out + 1] = 1
   end
 end
@@ -77,12 +88,14 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return {'go', redis.call('HGET', KEYS[1], 'attempts') or '0',
   redis.call('HGET', KEYS[1], 'first_attempt') or '',
   redis.call('GET', KEYS[3]) or '', redis.call('HGET', KEYS[4], ARGV[4]) or '',
-  redis.call('HGET', KEYS[1], 'type') or ''}
+  redis.call('HGET', KEYS[1], 'type') or '', redis.call('HGET', KEYS[1], 'cycle_start') or '0'}
 ",
     )
 });
 
-/// Appends the attempt (if any) and, when the lease is still ours, moves the state on.
+/// Appends the attempt (if any) with its statistics and the endpoint's health, and, when the
+/// lease is still ours, moves the state on. Returns {applied, failing_since}.
+/// KEYS: state, attempts, retry shard, endpoint health, 5-minute stats, hourly stats.
 static RECORD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -90,8 +103,21 @@ if ARGV[2] ~= '' then
   redis.call('RPUSH', KEYS[2], ARGV[2])
   redis.call('LTRIM', KEYS[2], -100, -1)
   redis.call('EXPIRE', KEYS[2], ARGV[9])
+  for i, ttl in ipairs({ARGV[15], ARGV[16]}) do
+    redis.call('HINCRBY', KEYS[4 + i], ARGV[10], 1)
+    redis.call('HINCRBY', KEYS[4 + i], ARGV[11], 1)
+    redis.call('EXPIRE', KEYS[4 + i], ttl)
+  end
+  redis.call('HSET', KEYS[4], 'last_at', ARGV[12], 'last_outcome', ARGV[10], 'last_status', ARGV[14], 'last_delivery', ARGV[13])
+  if ARGV[10] == 'success' then
+    redis.call('HSET', KEYS[4], 'last_success', ARGV[12])
+    redis.call('HDEL', KEYS[4], 'failing_since')
+  else
+    redis.call('HSETNX', KEYS[4], 'failing_since', ARGV[12])
+  end
 end
-if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
+local failing = redis.call('HGET', KEYS[4], 'failing_since') or ''
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return {0, failing} end
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'attempts', ARGV[4])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'first_attempt', ARGV[5]) end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[7]) end
@@ -104,7 +130,27 @@ else
 end
 redis.call('HDEL', KEYS[1], 'lease')
 redis.call('EXPIRE', KEYS[1], ARGV[9])
-return 1
+return {1, failing}
+",
+    )
+});
+
+/// An owner's redelivery: a finished delivery starts a new cycle of attempts now; a waiting one
+/// is brought forward; one in flight is left alone.
+static REDELIVER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'gone' end
+if st == 'pending' then return 'in_flight' end
+if st ~= 'retrying' then
+  redis.call('HSET', KEYS[1], 'status', 'retrying', 'cycle_start', redis.call('HGET', KEYS[1], 'attempts'))
+  redis.call('HDEL', KEYS[1], 'first_attempt', 'reason')
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+redis.call('HSET', KEYS[1], 'next_attempt', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 'queued'
 ",
     )
 });
@@ -135,6 +181,8 @@ pub enum Taken {
     Go {
         event_type: String,
         attempts: u32,
+        /// Attempts made before the current cycle began (an owner's redelivery starts one).
+        cycle_start: u32,
         first_attempt_ms: Option<i64>,
         /// `None` when the event expired from the store.
         body: Option<Vec<u8>>,
@@ -158,32 +206,116 @@ pub struct Record<'a> {
     /// When the delivery is retrying: the due time of the next attempt.
     pub next_attempt_ms: Option<i64>,
     pub reason: Option<&'a str>,
+    /// The attempt's outcome and timing, for the endpoint's statistics and health.
+    pub timing: Option<AttemptTiming<'a>>,
 }
 
-/// How many deliveries each endpoint's listing keeps; older ones age out with retention.
+/// What the statistics need of an attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptTiming<'a> {
+    pub outcome: &'a str,
+    pub duration_ms: u64,
+    pub status_code: Option<u16>,
+    pub at_ms: i64,
+}
+
+/// The answer to recording: whether the lease was still ours, and since when the endpoint has
+/// failed without a success in between.
+#[derive(Debug, Clone, Copy)]
+pub struct Recorded {
+    pub applied: bool,
+    pub failing_since_ms: Option<i64>,
+}
+
+/// The answer to an owner's redelivery request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redelivery {
+    Queued,
+    InFlight,
+    NotFound,
+}
+
+/// Which deliveries a listing shows.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub endpoint: Option<EndpointId>,
+    pub event_type: Option<String>,
+    pub status: Option<DeliveryStatus>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+}
+
+/// Where a listing continues: the creation time and id of the last item shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_ms: i64,
+    pub id: String,
+}
+
+impl Cursor {
+    /// `<created_ms>.<id>`, opaque to clients.
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.created_ms, self.id)
+    }
+
+    pub fn decode(s: &str) -> Option<Self> {
+        let (ms, id) = s.split_once('.')?;
+        Some(Cursor {
+            created_ms: ms.parse().ok()?,
+            id: id.to_owned(),
+        })
+    }
+}
+
+/// A page of a listing.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Present when there may be more.
+    pub next: Option<Cursor>,
+}
+
+/// How many deliveries each endpoint's and account's listing keeps; older ones age out with
+/// retention.
 const DELIVERIES_PER_ENDPOINT: u32 = 10_000;
+/// How many events each account's listing keeps.
+const EVENTS_PER_ACCOUNT: u32 = 10_000;
+
+fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key: key.to_owned(),
+        problem: e.to_string(),
+    }
+}
 
 impl Store {
-    /// One round trip: the subscribed endpoints and, if any, the stored event body.
-    pub async fn ingest(&self, envelope: &Envelope, body: &[u8]) -> Result<Ingested, StoreError> {
+    /// One round trip: stores the event (first copy wins) and returns the stored body with the
+    /// subscribed endpoints, or only `target` when given (a test send).
+    pub async fn ingest(
+        &self,
+        envelope: &Envelope,
+        body: &[u8],
+        target: Option<&EndpointId>,
+        now_ms: i64,
+    ) -> Result<Ingested, StoreError> {
         let acct = &envelope.account_id;
         let eps_key = self.keys.account_endpoints(acct);
         let reply: Vec<Option<Vec<u8>>> = INGEST
             .key(&eps_key)
             .key(self.keys.type_index(acct, &envelope.event_type))
             .key(self.keys.all_types_index(acct))
-            .key(self.keys.event(&envelope.id))
+            .key(self.keys.event(acct, &envelope.id))
+            .key(self.keys.account_events(acct))
             .arg(body)
             .arg(self.retention_secs())
+            .arg(now_ms)
+            .arg(target.map(EndpointId::as_str).unwrap_or(""))
+            .arg(envelope.id.as_str())
+            .arg(EVENTS_PER_ACCOUNT)
             .invoke_async(&mut self.conn())
             .await?;
         let mut reply = reply.into_iter();
-        let Some(stored) = reply.next() else {
-            return Ok(Ingested {
-                body: body.to_vec(),
-                endpoints: Vec::new(),
-            });
-        };
+        let stored = reply.next().flatten();
         let mut endpoints = Vec::new();
         // A missing record is an index entry racing a delete: skip it.
         for json in reply.flatten() {
@@ -204,9 +336,11 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut inv = BEGIN.prepare_invoke();
+        let mut account = None;
         inv.arg(now_ms).arg(self.retention_secs()).arg(DELIVERIES_PER_ENDPOINT);
         for b in begins {
             let job = &b.job;
+            account = Some(&job.account);
             inv.key(self.keys.delivery(&job.delivery))
                 .key(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
                 .key(self.keys.endpoint_deliveries(&job.endpoint));
@@ -225,6 +359,7 @@ impl Store {
                 .arg(b.due_ms)
                 .arg(b.lease.as_deref().unwrap_or(""));
         }
+        inv.key(self.keys.account_deliveries(account.expect("at least one delivery")));
         let created: Vec<i64> = inv.invoke_async(&mut self.conn()).await?;
         Ok(created.into_iter().map(|c| c == 1).collect())
     }
@@ -235,7 +370,7 @@ impl Store {
         let reply: Vec<Vec<u8>> = TAKE
             .key(self.keys.delivery(&job.delivery))
             .key(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
-            .key(self.keys.event(&job.event))
+            .key(self.keys.event(&job.account, &job.event))
             .key(&eps_key)
             .arg(job.encode())
             .arg(lease_until_ms)
@@ -259,24 +394,33 @@ impl Store {
         Ok(Taken::Go {
             event_type: text(5),
             attempts: text(1).parse().unwrap_or(0),
+            cycle_start: text(6).parse().unwrap_or(0),
             first_attempt_ms: text(2).parse().ok(),
             body: non_empty(3),
             endpoint,
         })
     }
 
-    /// Applies a record; `false` when the lease had expired and another taker owns the delivery.
-    pub async fn record(&self, r: &Record<'_>) -> Result<bool, StoreError> {
+    /// Applies a record under its lease, and counts its attempt in the endpoint's statistics.
+    pub async fn record(&self, r: &Record<'_>) -> Result<Recorded, StoreError> {
         let job = r.job;
         let attempt_json = r
             .attempt
             .map(|a| serde_json::to_string(a).expect("attempts serialize"))
             .unwrap_or_default();
         let opt = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
-        let applied: i64 = RECORD
+        let timing = r.timing;
+        let at = timing.map_or(0, |t| t.at_ms);
+        let (applied, failing): (i64, String) = RECORD
             .key(self.keys.delivery(&job.delivery))
             .key(self.keys.attempts(&job.delivery))
             .key(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
+            .key(self.keys.endpoint_health(&job.endpoint))
+            .key(
+                self.keys
+                    .endpoint_stats(&job.endpoint, "5m", at / stats::FIVE_MINUTES_MS),
+            )
+            .key(self.keys.endpoint_stats(&job.endpoint, "1h", at / stats::HOUR_MS))
             .arg(r.lease)
             .arg(attempt_json)
             .arg(r.status.as_str())
@@ -286,9 +430,202 @@ impl Store {
             .arg(r.reason.unwrap_or(""))
             .arg(job.encode())
             .arg(self.retention_secs())
+            .arg(timing.map_or("", |t| t.outcome))
+            .arg(timing.map(|t| stats::latency_field(t.duration_ms)).unwrap_or_default())
+            .arg(at)
+            .arg(job.delivery.as_str())
+            .arg(
+                timing
+                    .and_then(|t| t.status_code)
+                    .map(|c| c.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(stats::FIVE_MINUTE_TTL_SECS)
+            .arg(stats::HOUR_TTL_SECS)
             .invoke_async(&mut self.conn())
             .await?;
-        Ok(applied == 1)
+        Ok(Recorded {
+            applied: applied == 1,
+            failing_since_ms: failing.parse().ok(),
+        })
+    }
+
+    /// Queues an owner's redelivery of one delivery, attempted as soon as a scheduler sees it.
+    pub async fn redeliver(&self, state: &DeliveryState, now_ms: i64) -> Result<Redelivery, StoreError> {
+        let job = RetryJob {
+            delivery: state.id.clone(),
+            event: state.event_id.clone(),
+            endpoint: state.endpoint_id.clone(),
+            account: state.account_id.clone(),
+        };
+        let answer: String = REDELIVER
+            .key(self.keys.delivery(&state.id))
+            .key(self.keys.retry_due(self.keys.shard_of(&state.id)))
+            .arg(job.encode())
+            .arg(now_ms)
+            .arg(self.retention_secs())
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(match answer.as_str() {
+            "queued" => Redelivery::Queued,
+            "in_flight" => Redelivery::InFlight,
+            _ => Redelivery::NotFound,
+        })
+    }
+
+    /// The stored body of an account's event.
+    pub async fn event_body(&self, account: &AccountId, event: &EventId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.conn().get(self.keys.event(account, event)).await?)
+    }
+
+    /// An account's events, newest first, with their bodies.
+    pub async fn list_events(
+        &self,
+        account: &AccountId,
+        cursor: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page<Vec<u8>>, StoreError> {
+        let index = self.keys.account_events(account);
+        let ids = self.scan_index(&index, cursor, None, None, limit).await?;
+        let mut pipe = redis::pipe();
+        for (id, _) in &ids {
+            pipe.get(
+                self.keys
+                    .event(account, &EventId::parse(id.as_str()).map_err(|e| corrupt(&index, e))?),
+            );
+        }
+        let bodies: Vec<Option<Vec<u8>>> = pipe.query_async(&mut self.conn()).await?;
+        let next = (ids.len() == limit)
+            .then(|| {
+                ids.last().map(|(id, ms)| Cursor {
+                    created_ms: *ms,
+                    id: id.clone(),
+                })
+            })
+            .flatten();
+        Ok(Page {
+            items: bodies.into_iter().flatten().collect(),
+            next,
+        })
+    }
+
+    /// Up to `limit` (id, score) pairs of a time index, newest first, after `cursor`.
+    async fn scan_index(
+        &self,
+        index: &str,
+        cursor: Option<&Cursor>,
+        since_ms: Option<i64>,
+        until_ms: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let max = match (cursor, until_ms) {
+            (Some(c), Some(u)) => c.created_ms.min(u),
+            (Some(c), None) => c.created_ms,
+            (None, Some(u)) => u,
+            (None, None) => i64::MAX,
+        };
+        let min = since_ms.unwrap_or(i64::MIN);
+        let mut out = Vec::with_capacity(limit);
+        let mut offset = 0isize;
+        let batch = 200isize;
+        while out.len() < limit {
+            let chunk: Vec<(String, f64)> = self
+                .conn()
+                .zrevrangebyscore_limit_withscores(index, max, min, offset, batch)
+                .await?;
+            let fetched = chunk.len();
+            for (id, score) in chunk {
+                let score = score as i64;
+                if let Some(c) = cursor
+                    && score == c.created_ms
+                    && id.as_str() >= c.id.as_str()
+                {
+                    continue;
+                }
+                out.push((id, score));
+                if out.len() == limit {
+                    break;
+                }
+            }
+            if (fetched as isize) < batch {
+                break;
+            }
+            offset += batch;
+        }
+        Ok(out)
+    }
+
+    /// An account's deliveries, newest first, filtered; scans at most a few thousand entries per
+    /// page, returning a cursor to continue when the filter is selective.
+    pub async fn list_deliveries(
+        &self,
+        account: &AccountId,
+        filter: &DeliveryFilter,
+        cursor: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page<DeliveryState>, StoreError> {
+        let index = match &filter.endpoint {
+            Some(ep) => self.keys.endpoint_deliveries(ep),
+            None => self.keys.account_deliveries(account),
+        };
+        let mut items = Vec::with_capacity(limit);
+        let mut cursor = cursor.cloned();
+        let mut scanned = 0;
+        loop {
+            let ids = self
+                .scan_index(&index, cursor.as_ref(), filter.since_ms, filter.until_ms, 200)
+                .await?;
+            let exhausted = ids.len() < 200;
+            let mut pipe = redis::pipe();
+            for (id, _) in &ids {
+                pipe.hgetall(
+                    self.keys
+                        .delivery(&DeliveryId::parse(id.as_str()).map_err(|e| corrupt(&index, e))?),
+                );
+            }
+            let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut self.conn()).await?;
+            for ((id, created), h) in ids.into_iter().zip(hashes) {
+                scanned += 1;
+                cursor = Some(Cursor {
+                    created_ms: created,
+                    id: id.clone(),
+                });
+                let Some(state) = DeliveryId::parse(id)
+                    .ok()
+                    .and_then(|id| DeliveryState::from_hash(id, &h))
+                else {
+                    continue;
+                };
+                let wanted = state.account_id == *account
+                    && filter.event_type.as_ref().is_none_or(|t| *t == state.event_type)
+                    && filter.status.is_none_or(|s| s == state.status);
+                if wanted {
+                    items.push(state);
+                    if items.len() == limit {
+                        return Ok(Page { items, next: cursor });
+                    }
+                }
+            }
+            if exhausted {
+                return Ok(Page { items, next: None });
+            }
+            if scanned >= 5000 {
+                return Ok(Page { items, next: cursor });
+            }
+        }
+    }
+
+    /// The ids of an endpoint's deliveries created at or after `since_ms`.
+    pub async fn endpoint_deliveries_since(
+        &self,
+        endpoint: &EndpointId,
+        since_ms: i64,
+    ) -> Result<Vec<DeliveryId>, StoreError> {
+        let ids: Vec<String> = self
+            .conn()
+            .zrangebyscore(self.keys.endpoint_deliveries(endpoint), since_ms, "+inf")
+            .await?;
+        Ok(ids.into_iter().filter_map(|i| DeliveryId::parse(i).ok()).collect())
     }
 
     pub async fn delivery(&self, id: &DeliveryId) -> Result<Option<DeliveryState>, StoreError> {
@@ -316,18 +653,5 @@ impl Store {
                 })
             })
             .collect()
-    }
-
-    /// An endpoint's most recent deliveries, newest first.
-    pub async fn endpoint_deliveries(
-        &self,
-        endpoint: &EndpointId,
-        limit: usize,
-    ) -> Result<Vec<DeliveryId>, StoreError> {
-        let ids: Vec<String> = self
-            .conn()
-            .zrevrange(self.keys.endpoint_deliveries(endpoint), 0, limit as isize - 1)
-            .await?;
-        Ok(ids.into_iter().filter_map(|i| DeliveryId::parse(i).ok()).collect())
     }
 }

@@ -28,12 +28,20 @@ impl Store {
         Ok(())
     }
 
-    /// Rewrites an endpoint whose subscriptions did not change (enable, disable, description).
-    pub async fn save_endpoint(&self, ep: &Endpoint) -> Result<(), StoreError> {
+    /// Rewrites an endpoint, moving it between type indexes when its subscriptions changed.
+    pub async fn save_endpoint(&self, ep: &Endpoint, previous: &Endpoint) -> Result<(), StoreError> {
         let json = serde_json::to_string(ep).expect("endpoints serialize");
-        self.conn()
-            .hset::<_, _, _, ()>(self.keys.account_endpoints(&ep.account_id), ep.id.as_str(), json)
-            .await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset(self.keys.account_endpoints(&ep.account_id), ep.id.as_str(), json);
+        let (old, new) = (self.index_keys(previous), self.index_keys(ep));
+        for key in old.iter().filter(|k| !new.contains(k)) {
+            pipe.srem(key, ep.id.as_str());
+        }
+        for key in &new {
+            pipe.sadd(key, ep.id.as_str());
+        }
+        pipe.query_async::<()>(&mut self.conn()).await?;
         Ok(())
     }
 
@@ -75,14 +83,24 @@ impl Store {
         Ok(true)
     }
 
-    /// Stops delivery to an endpoint and records why (e.g. it answered `410 Gone`).
-    pub async fn disable_endpoint(&self, id: &EndpointId, reason: &str) -> Result<(), StoreError> {
-        if let Some(mut ep) = self.get_endpoint(id).await? {
-            ep.enabled = false;
-            ep.disabled_reason = Some(reason.to_owned());
-            self.save_endpoint(&ep).await?;
+    /// Stops delivery to an endpoint and records why (e.g. it answered `410 Gone`). Returns the
+    /// endpoint when this call disabled it, `None` when it was already disabled or is gone.
+    pub async fn disable_endpoint(
+        &self,
+        id: &EndpointId,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Option<Endpoint>, StoreError> {
+        let Some(previous) = self.get_endpoint(id).await? else {
+            return Ok(None);
+        };
+        if !previous.enabled {
+            return Ok(None);
         }
-        Ok(())
+        let mut ep = previous.clone();
+        ep.disable(reason, now_ms);
+        self.save_endpoint(&ep, &previous).await?;
+        Ok(Some(ep))
     }
 }
 

@@ -45,8 +45,44 @@ impl Keys {
         format!("{}ep:{endpoint}:dlv", self.prefix)
     }
 
-    pub fn event(&self, event: &EventId) -> String {
-        format!("{}evt:{event}", self.prefix)
+    /// Scoped by account: event ids are chosen by publishers, and two accounts may choose the same.
+    pub fn event(&self, account: &AccountId, event: &EventId) -> String {
+        format!("{}evt:{account}:{event}", self.prefix)
+    }
+
+    pub fn account_info(&self, account: &AccountId) -> String {
+        format!("{}acct:{account}", self.prefix)
+    }
+
+    pub fn account_keys(&self, account: &AccountId) -> String {
+        format!("{}acct:{account}:keys", self.prefix)
+    }
+
+    /// An API key, by the SHA-256 of its plaintext (the plaintext is never stored).
+    pub fn api_key(&self, key_hash: &str) -> String {
+        format!("{}apikey:{key_hash}", self.prefix)
+    }
+
+    pub fn account_events(&self, account: &AccountId) -> String {
+        format!("{}acct:{account}:evt", self.prefix)
+    }
+
+    pub fn account_deliveries(&self, account: &AccountId) -> String {
+        format!("{}acct:{account}:dlv", self.prefix)
+    }
+
+    pub fn idempotency(&self, account: &AccountId, key_hash: &str) -> String {
+        format!("{}idem:{account}:{key_hash}", self.prefix)
+    }
+
+    /// Last delivery, last success and failing-since of an endpoint.
+    pub fn endpoint_health(&self, endpoint: &EndpointId) -> String {
+        format!("{}ep:{endpoint}:health", self.prefix)
+    }
+
+    /// Attempt counts by outcome and latency bucket in one time bucket (`5m` or `1h`).
+    pub fn endpoint_stats(&self, endpoint: &EndpointId, granularity: &str, bucket: i64) -> String {
+        format!("{}ep:{endpoint}:st:{granularity}:{bucket}", self.prefix)
     }
 
     pub fn delivery(&self, delivery: &DeliveryId) -> String {

@@ -6,24 +6,37 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `accounts` | set | account ids |
+//! | `acct:{A}` | hash | account name and creation time |
+//! | `acct:{A}:keys` | hash | API key prefix → prefix, creation time, SHA-256 |
+//! | `apikey:{sha256}` | string | the account of an API key |
+//! | `acct:{A}:evt` / `acct:{A}:dlv` | sorted set | the account's events / deliveries by time (bounded) |
+//! | `idem:{A}:{sha256}` | string | the response to an idempotent publish (24 h) |
 //! | `acct:{A}:eps` | hash | endpoint id → endpoint JSON |
 //! | `acct:{A}:idx:{type}` / `acct:{A}:idx:*` | set | endpoints subscribed to a type / to all |
 //! | `ep:{E}` | string | the account owning endpoint E |
 //! | `ep:{E}:dlv` | sorted set | E's deliveries by creation time (bounded) |
-//! | `evt:{id}` | string | the event body as delivered (first copy wins) |
+//! | `ep:{E}:health` | hash | last delivery, last success, failing since |
+//! | `ep:{E}:st:5m:{n}` / `ep:{E}:st:1h:{n}` | hash | attempts by outcome and latency bucket (2 h / 8 d) |
+//! | `evt:{A}:{id}` | string | the event body as delivered (first copy wins) |
 //! | `dlv:{D}` | hash | delivery state (see [`crate::delivery::field`]) |
 //! | `dlv:{D}:att` | list | attempt records, oldest first |
 //! | `retry:{n}:due` | sorted set | retry jobs and in-flight leases by due time |
 //! | `retry:{n}:claimed` | sorted set | jobs a scheduler is publishing, by lease expiry |
 
+mod accounts;
 mod deliveries;
 mod endpoints;
 mod keys;
 mod retry_set;
+mod stats;
 
-pub use deliveries::{Begin, Ingested, Record, Taken};
+pub use accounts::{API_KEY_PREFIX, Account, ApiKeyInfo, Idempotency};
+pub use deliveries::{
+    AttemptTiming, Begin, Cursor, DeliveryFilter, Ingested, Page, Record, Recorded, Redelivery, Taken,
+};
 pub use keys::Keys;
 pub use retry_set::Claimed;
+pub use stats::{EndpointHealth, EndpointStats, LastDelivery, WindowStats};
 
 use crate::startup::{self, Unreachable};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};

@@ -1,0 +1,120 @@
+//! Accounts and API keys: operators create accounts and issue keys; an account can list and
+//! revoke its own keys.
+
+use super::ApiState;
+use super::error::{ApiError, ApiResult};
+use super::extract::{Caller, JsonBody, Operator};
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use laabam_shared::clock::now_ms;
+use laabam_shared::ids::AccountId;
+use laabam_shared::store::{Account, ApiKeyInfo};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAccount {
+    pub name: String,
+}
+
+/// A new key: `key` is shown this once.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct NewApiKey {
+    pub key: String,
+    pub prefix: String,
+    pub created_at: String,
+}
+
+async fn existing(state: &ApiState, id: &str) -> ApiResult<AccountId> {
+    let id = AccountId::parse(id).map_err(|_| ApiError::NotFound("account"))?;
+    state
+        .store
+        .get_account(&id)
+        .await?
+        .ok_or(ApiError::NotFound("account"))?;
+    Ok(id)
+}
+
+#[utoipa::path(post, path = "/v1/accounts", tag = "accounts", request_body = CreateAccount,
+    responses((status = 201, body = Account), (status = 401, body = super::error::ErrorBody)), security(("operator" = [])))]
+pub async fn create(
+    _: Operator,
+    State(state): State<Arc<ApiState>>,
+    JsonBody(body): JsonBody<CreateAccount>,
+) -> ApiResult<(StatusCode, Json<Account>)> {
+    let name = body.name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::invalid("name", "must be 1 to 200 characters"));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(state.store.create_account(name, now_ms()).await?),
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/accounts/{account_id}/keys", tag = "accounts", params(("account_id" = String, Path)),
+    responses((status = 201, body = NewApiKey), (status = 404, body = super::error::ErrorBody)), security(("operator" = [])))]
+pub async fn create_key(
+    _: Operator,
+    State(state): State<Arc<ApiState>>,
+    Path(account): Path<String>,
+) -> ApiResult<(StatusCode, Json<NewApiKey>)> {
+    let account = existing(&state, &account).await?;
+    let (key, info) = state.store.create_api_key(&account, now_ms()).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(NewApiKey {
+            key,
+            prefix: info.prefix,
+            created_at: info.created_at,
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/accounts/{account_id}/keys", tag = "accounts", params(("account_id" = String, Path)),
+    responses((status = 200, body = [ApiKeyInfo])), security(("operator" = [])))]
+pub async fn list_keys(
+    _: Operator,
+    State(state): State<Arc<ApiState>>,
+    Path(account): Path<String>,
+) -> ApiResult<Json<Vec<ApiKeyInfo>>> {
+    let account = existing(&state, &account).await?;
+    Ok(Json(state.store.list_api_keys(&account).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/accounts/{account_id}/keys/{prefix}", tag = "accounts",
+    params(("account_id" = String, Path), ("prefix" = String, Path)),
+    responses((status = 204), (status = 404, body = super::error::ErrorBody)), security(("operator" = [])))]
+pub async fn revoke_key(
+    _: Operator,
+    State(state): State<Arc<ApiState>>,
+    Path((account, prefix)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let account = existing(&state, &account).await?;
+    revoke(&state, &account, &prefix).await
+}
+
+async fn revoke(state: &ApiState, account: &AccountId, prefix: &str) -> ApiResult<StatusCode> {
+    if state.store.revoke_api_key(account, prefix).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound("API key"))
+    }
+}
+
+#[utoipa::path(get, path = "/v1/api-keys", tag = "accounts", responses((status = 200, body = [ApiKeyInfo])), security(("api_key" = [])))]
+pub async fn own_keys(Caller(account): Caller, State(state): State<Arc<ApiState>>) -> ApiResult<Json<Vec<ApiKeyInfo>>> {
+    Ok(Json(state.store.list_api_keys(&account).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/api-keys/{prefix}", tag = "accounts", params(("prefix" = String, Path)),
+    responses((status = 204), (status = 404, body = super::error::ErrorBody)), security(("api_key" = [])))]
+pub async fn revoke_own_key(
+    Caller(account): Caller,
+    State(state): State<Arc<ApiState>>,
+    Path(prefix): Path<String>,
+) -> ApiResult<StatusCode> {
+    revoke(&state, &account, &prefix).await
+}

@@ -1,0 +1,99 @@
+//! One error shape for every route: `{"error": {"code", "message", "field"}}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use laabam_shared::store::StoreError;
+use serde::Serialize;
+
+/// An API failure; its variant decides the status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{message}")]
+    BadRequest { message: String, field: Option<String> },
+    #[error("{message}")]
+    Invalid { message: String, field: Option<String> },
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    pub message: String,
+    /// The offending field's path, when one field is to blame.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        ApiError::Invalid {
+            message: message.to_string(),
+            field: Some(field.into()),
+        }
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str, Option<String>) {
+        match self {
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
+            ApiError::BadRequest { field, .. } => (StatusCode::BAD_REQUEST, "bad_request", field.clone()),
+            ApiError::Invalid { field, .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", field.clone()),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Redis(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                ApiError::Unavailable("Redis is unavailable; try again".into())
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, field) = self.parts();
+        if let ApiError::Internal(detail) = &self {
+            // The cause is logged once here; clients get no internals.
+            tracing::error!(error = %detail, "internal error");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: self.to_string(),
+                field,
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,189 @@
+//! The HTTP front door (`laabam-producer serve`): accounts and keys, endpoints, publishing,
+//! events, deliveries and statistics, all read from and written to the same Redis store and
+//! broker as the pipeline, so any number of producer instances serve the same state.
+
+pub mod accounts;
+pub mod deliveries;
+pub mod endpoints;
+pub mod error;
+pub mod event_types;
+pub mod events;
+pub mod extract;
+pub mod openapi;
+pub mod views;
+
+use crate::Publisher;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+use error::ApiError;
+use laabam_shared::config::{CommonArgs, parse_duration};
+use laabam_shared::endpoint::Endpoint;
+use laabam_shared::startup::Unreachable;
+use laabam_shared::store::{Store, StoreConfig};
+use laabam_shared::targets::is_public;
+use sha2::{Digest, Sha256};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The largest request body accepted (the largest event, as over AMQP).
+pub const MAX_BODY_BYTES: usize = laabam_shared::envelope::MAX_EVENT_BYTES;
+
+/// `laabam-producer serve` settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Serves the API, /metrics, /healthz and /readyz.
+    #[arg(long, env = "LAABAM_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// The operator token for creating accounts and keys; operator routes are off without it.
+    #[arg(long, env = "LAABAM_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// How long a rotated-out secret keeps signing.
+    #[arg(long, env = "LAABAM_SECRET_GRACE", default_value = "24h", value_parser = parse_duration)]
+    pub secret_grace: Duration,
+    /// Accept endpoints on loopback and private networks (tests and local demos).
+    #[arg(long, env = "LAABAM_ALLOW_PRIVATE_TARGETS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_private_targets: bool,
+}
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct ApiState {
+    pub store: Store,
+    pub publisher: Arc<Publisher>,
+    /// SHA-256 of the operator token.
+    pub admin_token_hash: Option<Vec<u8>>,
+    pub secret_grace: Duration,
+    pub allow_private_targets: bool,
+}
+
+impl ApiState {
+    /// Refuses endpoints on non-public addresses at registration (the dispatcher checks again
+    /// when it connects). Names that do not resolve now are left to that check.
+    pub async fn guard_target(&self, ep: &Endpoint) -> Result<(), ApiError> {
+        if self.allow_private_targets {
+            return Ok(());
+        }
+        let uri: axum::http::Uri = ep
+            .url
+            .as_str()
+            .parse()
+            .map_err(|_| ApiError::invalid("url", "not a valid URL"))?;
+        let host = uri
+            .host()
+            .unwrap_or("")
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let addrs: Vec<IpAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => tokio::net::lookup_host((host.as_str(), 443))
+                .await
+                .map(|a| a.map(|s| s.ip()).collect())
+                .unwrap_or_default(),
+        };
+        match addrs.into_iter().find(|ip| !is_public(*ip)) {
+            Some(ip) => Err(ApiError::invalid(
+                "url",
+                format!("{host} is not a public address ({ip}); private targets are not allowed"),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, &'static str) {
+    if state.store.ping().await && state.publisher.is_connected().await {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+/// Every route.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/event-types", get(event_types::list))
+        .route("/v1/events", post(events::publish).get(events::list))
+        .route("/v1/events/{id}", get(events::get))
+        .route("/v1/endpoints", post(endpoints::create).get(endpoints::list))
+        .route(
+            "/v1/endpoints/{id}",
+            get(endpoints::get).patch(endpoints::update).delete(endpoints::delete),
+        )
+        .route("/v1/endpoints/{id}/secret", get(endpoints::secret))
+        .route("/v1/endpoints/{id}/secret/rotate", post(endpoints::rotate))
+        .route("/v1/endpoints/{id}/stats", get(endpoints::stats))
+        .route("/v1/endpoints/{id}/test", post(endpoints::test))
+        .route("/v1/endpoints/{id}/recover", post(endpoints::recover))
+        .route("/v1/deliveries", get(deliveries::list))
+        .route("/v1/deliveries/{id}", get(deliveries::get))
+        .route("/v1/deliveries/{id}/redeliver", post(deliveries::redeliver))
+        .route("/v1/accounts", post(accounts::create))
+        .route(
+            "/v1/accounts/{id}/keys",
+            post(accounts::create_key).get(accounts::list_keys),
+        )
+        .route("/v1/accounts/{id}/keys/{prefix}", delete(accounts::revoke_key))
+        .route("/v1/api-keys", get(accounts::own_keys))
+        .route("/v1/api-keys/{prefix}", delete(accounts::revoke_own_key))
+        .route("/v1/openapi.json", get(openapi::document))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(laabam_shared::ops::metrics))
+        .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Why the API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Unreachable(#[from] Unreachable),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Connects, binds and serves in the background until `shutdown`; returns the bound address.
+pub async fn start(
+    common: &CommonArgs,
+    args: &ServeArgs,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServeError> {
+    let store = Store::connect(&StoreConfig::from(common), common.connect_timeout).await?;
+    store.warn_if_not_durable().await;
+    let publisher = Arc::new(Publisher::connect(&common.amqp_url, common.connect_timeout).await?);
+    let state = Arc::new(ApiState {
+        store,
+        publisher,
+        admin_token_hash: args.admin_token.as_ref().map(|t| Sha256::digest(t.as_bytes()).to_vec()),
+        secret_grace: args.secret_grace,
+        allow_private_targets: args.allow_private_targets,
+    });
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: args.http_addr,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: args.http_addr,
+        source,
+    })?;
+    let app = router(state);
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    tracing::info!(%addr, "HTTP API listening");
+    Ok((addr, task))
+}

@@ -1,0 +1,27 @@
+//! The producer's Prometheus metrics.
+
+use prometheus::{Histogram, IntCounterVec, register_histogram, register_int_counter_vec};
+use std::sync::LazyLock;
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub published: IntCounterVec,
+    pub confirm_seconds: Histogram,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    published: register_int_counter_vec!(
+        "laabam_producer_events_published_total",
+        "Events published, by type and result (confirmed or failed)",
+        &["event_type", "result"]
+    )
+    .unwrap(),
+    confirm_seconds: register_histogram!(
+        "laabam_producer_publish_confirm_seconds",
+        "From publish to the broker's confirm",
+        vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0
+        ]
+    )
+    .unwrap(),
+});

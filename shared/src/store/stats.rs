@@ -1,0 +1,189 @@
+//! Per-endpoint statistics: attempt counts by outcome and by latency bucket, kept in 5-minute
+//! buckets (for the last hour) and hourly buckets (for 24 hours and 7 days), written by the
+//! same script that records each attempt.
+
+use super::{Store, StoreError};
+use crate::delivery::Outcome;
+use crate::ids::EndpointId;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// Upper bounds (ms) of the latency buckets; the last bucket is open.
+pub const LATENCY_BOUNDS_MS: &[u64] = &[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000];
+
+pub(super) const FIVE_MINUTES_MS: i64 = 5 * 60 * 1000;
+pub(super) const HOUR_MS: i64 = 60 * 60 * 1000;
+/// How long buckets are kept: a little more than the longest window that reads them.
+pub(super) const FIVE_MINUTE_TTL_SECS: u64 = 2 * 3600;
+pub(super) const HOUR_TTL_SECS: u64 = 8 * 24 * 3600;
+
+/// The field counting attempts that took `duration_ms`.
+pub(super) fn latency_field(duration_ms: u64) -> String {
+    let index = LATENCY_BOUNDS_MS
+        .iter()
+        .position(|&b| duration_ms <= b)
+        .unwrap_or(LATENCY_BOUNDS_MS.len());
+    format!("lat:{index}")
+}
+
+/// Statistics over one window.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct WindowStats {
+    /// Attempts by outcome.
+    pub counts: BTreeMap<String, u64>,
+    pub attempts: u64,
+    /// Successful attempts over all attempts; `null` with no attempts.
+    pub success_rate: Option<f64>,
+    /// Latency percentiles in ms, as the upper bound of the bucket holding the rank (approximate).
+    pub latency_p50_ms: Option<u64>,
+    pub latency_p95_ms: Option<u64>,
+    pub latency_p99_ms: Option<u64>,
+}
+
+/// An endpoint's most recent attempt.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct LastDelivery {
+    pub at_ms: i64,
+    pub outcome: String,
+    pub status_code: Option<u16>,
+    pub delivery_id: String,
+}
+
+/// The health record of an endpoint.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct EndpointHealth {
+    pub last_delivery: Option<LastDelivery>,
+    pub last_success_ms: Option<i64>,
+    /// Since when every attempt failed (cleared by a success).
+    pub failing_since_ms: Option<i64>,
+}
+
+fn window(buckets: &[HashMap<String, u64>]) -> WindowStats {
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let mut latency = vec![0u64; LATENCY_BOUNDS_MS.len() + 1];
+    for bucket in buckets {
+        for (field, n) in bucket {
+            match field.strip_prefix("lat:").and_then(|i| i.parse::<usize>().ok()) {
+                Some(i) if i < latency.len() => latency[i] += n,
+                Some(_) => {}
+                None => *counts.entry(field.clone()).or_default() += n,
+            }
+        }
+    }
+    let attempts: u64 = counts.values().sum();
+    let successes = counts.get(Outcome::Success.as_str()).copied().unwrap_or(0);
+    let total_timed: u64 = latency.iter().sum();
+    let percentile = |p: f64| -> Option<u64> {
+        if total_timed == 0 {
+            return None;
+        }
+        let rank = ((p * total_timed as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, n) in latency.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(LATENCY_BOUNDS_MS.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        None
+    };
+    WindowStats {
+        attempts,
+        success_rate: (attempts > 0).then(|| successes as f64 / attempts as f64),
+        latency_p50_ms: percentile(0.50),
+        latency_p95_ms: percentile(0.95),
+        latency_p99_ms: percentile(0.99),
+        counts,
+    }
+}
+
+/// The last hour, day and week of one endpoint.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct EndpointStats {
+    pub last_1h: WindowStats,
+    pub last_24h: WindowStats,
+    pub last_7d: WindowStats,
+    #[serde(flatten)]
+    pub health: EndpointHealth,
+}
+
+impl Store {
+    async fn buckets(
+        &self,
+        endpoint: &EndpointId,
+        granularity: &str,
+        width: i64,
+        count: i64,
+        now_ms: i64,
+    ) -> Result<Vec<HashMap<String, u64>>, StoreError> {
+        let newest = now_ms / width;
+        let mut pipe = redis::pipe();
+        for b in (newest - count + 1)..=newest {
+            pipe.hgetall(self.keys.endpoint_stats(endpoint, granularity, b));
+        }
+        Ok(pipe.query_async(&mut self.conn()).await?)
+    }
+
+    pub async fn endpoint_health(&self, endpoint: &EndpointId) -> Result<EndpointHealth, StoreError> {
+        let h: HashMap<String, String> =
+            redis::AsyncCommands::hgetall(&mut self.conn(), self.keys.endpoint_health(endpoint)).await?;
+        let num = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok());
+        Ok(EndpointHealth {
+            last_delivery: num("last_at").map(|at_ms| LastDelivery {
+                at_ms,
+                outcome: h.get("last_outcome").cloned().unwrap_or_default(),
+                status_code: h.get("last_status").and_then(|s| s.parse().ok()),
+                delivery_id: h.get("last_delivery").cloned().unwrap_or_default(),
+            }),
+            last_success_ms: num("last_success"),
+            failing_since_ms: num("failing_since"),
+        })
+    }
+
+    /// Success over the last 24 hours, for endpoint listings.
+    pub async fn endpoint_day(&self, endpoint: &EndpointId, now_ms: i64) -> Result<WindowStats, StoreError> {
+        Ok(window(&self.buckets(endpoint, "1h", HOUR_MS, 24, now_ms).await?))
+    }
+
+    pub async fn endpoint_stats(&self, endpoint: &EndpointId, now_ms: i64) -> Result<EndpointStats, StoreError> {
+        let five = self.buckets(endpoint, "5m", FIVE_MINUTES_MS, 12, now_ms).await?;
+        let hours = self.buckets(endpoint, "1h", HOUR_MS, 168, now_ms).await?;
+        Ok(EndpointStats {
+            last_1h: window(&five),
+            last_24h: window(&hours[hours.len() - 24..]),
+            last_7d: window(&hours),
+            health: self.endpoint_health(endpoint).await?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_fields_follow_the_bounds() {
+        assert_eq!(latency_field(0), "lat:0");
+        assert_eq!(latency_field(5), "lat:0");
+        assert_eq!(latency_field(6), "lat:1");
+        assert_eq!(latency_field(999_999), format!("lat:{}", LATENCY_BOUNDS_MS.len()));
+    }
+
+    #[test]
+    fn windows_sum_buckets_and_compute_rates_and_percentiles() {
+        let b1: HashMap<String, u64> = [("success", 9), ("http_5xx", 1), ("lat:0", 5), ("lat:4", 5)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        let b2: HashMap<String, u64> = [("success", 90), ("lat:0", 90)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        let w = window(&[b1, b2]);
+        assert_eq!(w.attempts, 100);
+        assert_eq!(w.success_rate, Some(0.99));
+        assert_eq!(w.latency_p50_ms, Some(5));
+        assert_eq!(w.latency_p99_ms, Some(100));
+        assert_eq!(window(&[]).success_rate, None);
+    }
+}

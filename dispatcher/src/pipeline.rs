@@ -367,7 +367,12 @@ impl Pipeline {
             status_code: result.status,
             duration_ms: result.duration.as_millis() as u64,
             error: result.error.clone(),
-            response_excerpt: result.excerpt.clone(),
+            // Kept for failed attempts, where it explains the failure; a success needs no body.
+            response_excerpt: if outcome.is_success() {
+                None
+            } else {
+                result.excerpt.clone()
+            },
         };
         let first_attempt_ms = task.first_attempt_ms.unwrap_or(started_ms);
         let (status, next_attempt_ms, reason) = match outcome {

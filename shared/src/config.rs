@@ -38,6 +38,9 @@ pub struct CommonArgs {
     /// How long events, deliveries and attempts are kept in Redis.
     #[arg(long, env = "LAABAM_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub retention: Duration,
+    /// Deliveries kept per endpoint: past it, the oldest finished ones are deleted.
+    #[arg(long, env = "LAABAM_HISTORY_PER_ENDPOINT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub history_per_endpoint: u32,
     /// How long to wait for RabbitMQ and Redis at start before exiting with an error.
     #[arg(long, env = "LAABAM_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub connect_timeout: Duration,

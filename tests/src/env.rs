@@ -144,6 +144,7 @@ impl TestEnv {
             prefix: self.prefix.clone(),
             retry_shards: 1,
             retention: Duration::from_secs(3600),
+            history_per_endpoint: 10_000,
         };
         Store::connect(&config, Duration::from_secs(10))
             .await
@@ -198,6 +199,41 @@ impl TestEnv {
                 panic!("component failed to start: {e}");
             }
         }));
+    }
+
+    /// Serves the HTTP API in this process; returns a client without credentials.
+    pub async fn start_api(&mut self, admin_token: &str) -> crate::ApiClient {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            common: laabam_shared::config::CommonArgs,
+            #[command(flatten)]
+            serve: laabam_producer::api::ServeArgs,
+        }
+        let mut args = vec!["laabam-producer".to_owned()];
+        args.extend(
+            self.common_flags()
+                .into_iter()
+                .filter(|f| !f.starts_with("--metrics") && f != "127.0.0.1:0"),
+        );
+        args.extend(
+            [
+                "--http-addr",
+                "127.0.0.1:0",
+                "--admin-token",
+                admin_token,
+                "--allow-private-targets",
+                "true",
+            ]
+            .map(String::from),
+        );
+        let cli = Serve::parse_from(args);
+        let (addr, task) = laabam_producer::api::start(&cli.common, &cli.serve, self.stop.child_token())
+            .await
+            .expect("API starts");
+        self.tasks.push(task);
+        crate::ApiClient::new(&format!("http://{addr}"))
     }
 
     /// Starts a real binary of the workspace (built on first use) with these flags; it is

@@ -3,13 +3,16 @@
 //! # Layout
 //! - [`env`]: a test's own namespace — a RabbitMQ vhost and a Redis key prefix, removed on drop —
 //!   and the components (in-process or as real binaries) running in it.
+//! - [`api`]: a JSON client for the HTTP API.
 //! - [`receiver`]: HTTP and HTTPS receivers that record every request and answer as told.
 //! - [`wait`]: waiting on conditions instead of sleeping.
 
+pub mod api;
 pub mod env;
 pub mod receiver;
 pub mod wait;
 
+pub use api::ApiClient;
 pub use env::TestEnv;
 pub use receiver::{Receiver, Reply};
 pub use wait::wait_until;

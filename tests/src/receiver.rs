@@ -30,6 +30,8 @@ pub struct Captured {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub path: String,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 impl Captured {
@@ -149,6 +151,7 @@ impl Receiver {
                             let (parts, body) = req.into_parts();
                             let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             let captured = Captured {
+                                at: std::time::Instant::now(),
                                 headers: parts.headers,
                                 body,
                                 path: parts.uri.path().to_owned(),

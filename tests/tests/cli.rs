@@ -187,3 +187,30 @@ async fn bad_input_and_missing_services_get_one_clear_line() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_bootstrap_accounts_and_keys_without_the_api() {
+    let mut env = TestEnv::new().await;
+    let account = json(&producer(&env, &["account", "create", "--name", "Acme Billing"]));
+    let id = account["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("acct_"));
+    assert_eq!(account["name"], "Acme Billing");
+    let key = json(&producer(&env, &["key", "create", "--account", &id]));
+    let key = key["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("lbk_"));
+    let out = producer(&env, &["key", "create", "--account", "acct_nobody"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no account acct_nobody"));
+
+    // The key works against the API, scoped to its account.
+    let api = env.start_api("cli-operator").await.with_token(&key);
+    let created = api
+        .post(
+            "/v1/endpoints",
+            serde_json::json!({ "url": "https://example.com/hooks" }),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{:?}", created.json);
+    let listed = json(&producer(&env, &["endpoint", "list", "--account", &id]));
+    assert_eq!(listed[0]["id"], created.json["id"]);
+}

@@ -40,17 +40,37 @@ return out
     )
 });
 
+/// Lua: keeps an endpoint's history (sorted set `idx`) to its newest `keep` entries by deleting
+/// the oldest *finished* deliveries; unfinished ones stay listed until they finish. Shared by
+/// the scripts that add deliveries and that finish them.
+const TRIM_HISTORY: &str = r"
+local function trim_history(idx, keep, prefix)
+  local excess = redis.call('ZCARD', idx) - keep
+  if excess <= 0 then return end
+  for _, old in ipairs(redis.call('ZRANGE', idx, 0, excess + 99)) do
+    local old_key = prefix .. 'dlv:' .. old
+    local st = redis.call('HGET', old_key, 'status')
+    if st ~= 'pending' and st ~= 'retrying' then
+      redis.call('DEL', old_key, old_key .. ':att')
+      redis.call('ZREM', idx, old)
+      excess = excess - 1
+      if excess == 0 then return end
+    end
+  end
+end
+";
+
 /// Creates each delivery that does not exist yet; returns 1 for created, 0 for already known.
 /// KEYS: three per delivery (state, retry shard, endpoint index), then the account's index.
 static BEGIN: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local now, ttl, keep = ARGV[1], ARGV[2], tonumber(ARGV[3])
+    Script::new(&format!(
+        r"{TRIM_HISTORY}
+local now, ttl, keep, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local acct_idx = KEYS[#KEYS]
-local out = {}
+local out = {{}}
 for i = 0, (#KEYS - 1) / 3 - 1 do
   local dk, due, idx = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
-  local a = 4 + i * 9
+  local a = 5 + i * 9
   if redis.call('EXISTS', dk) == 1 then
     out[#out + 1] = 0
   else
@@ -60,17 +80,18 @@ for i = 0, (#KEYS - 1) / 3 - 1 do
     if ARGV[a + 6] == 'retrying' then redis.call('HSET', dk, 'next_attempt', ARGV[a + 7]) end
     redis.call('EXPIRE', dk, ttl)
     redis.call('ZADD', due, ARGV[a + 7], ARGV[a])
-    for _, index in ipairs({idx, acct_idx}) do
-      redis.call('ZADD', index, now, ARGV[a + 1])
-      redis.call('ZREMRANGEBYRANK', index, 0, -keep - 1)
-      redis.call('EXPIRE', index, ttl)
-    end
+    redis.call('ZADD', idx, now, ARGV[a + 1])
+    redis.call('EXPIRE', idx, ttl)
+    trim_history(idx, keep, prefix)
+    redis.call('ZADD', acct_idx, now, ARGV[a + 1])
+    redis.call('ZREMRANGEBYRANK', acct_idx, 0, -keep * 10 - 1)
+    redis.call('EXPIRE', acct_idx, ttl)
     out[#out + 1] = 1
   end
 end
 return out
-",
-    )
+"
+    ))
 });
 
 /// Takes a retry job if it is still the delivery's current one: the delivery is unfinished and
@@ -95,15 +116,16 @@ return {'go', redis.call('HGET', KEYS[1], 'attempts') or '0',
 
 /// Appends the attempt (if any) with its statistics and the endpoint's health, and, when the
 /// lease is still ours, moves the state on. Returns {applied, failing_since}.
-/// KEYS: state, attempts, retry shard, endpoint health, 5-minute stats, hourly stats.
+/// KEYS: state, attempts, retry shard, endpoint health, 5-minute stats, hourly stats, the
+/// endpoint's history.
 static RECORD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+    Script::new(&format!(
+        r"{TRIM_HISTORY}
 if ARGV[2] ~= '' then
   redis.call('RPUSH', KEYS[2], ARGV[2])
   redis.call('LTRIM', KEYS[2], -100, -1)
   redis.call('EXPIRE', KEYS[2], ARGV[9])
-  for i, ttl in ipairs({ARGV[15], ARGV[16]}) do
+  for i, ttl in ipairs({{ARGV[15], ARGV[16]}}) do
     redis.call('HINCRBY', KEYS[4 + i], ARGV[10], 1)
     redis.call('HINCRBY', KEYS[4 + i], ARGV[11], 1)
     redis.call('EXPIRE', KEYS[4 + i], ttl)
@@ -117,7 +139,7 @@ if ARGV[2] ~= '' then
   end
 end
 local failing = redis.call('HGET', KEYS[4], 'failing_since') or ''
-if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return {0, failing} end
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return {{0, failing}} end
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'attempts', ARGV[4])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'first_attempt', ARGV[5]) end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[7]) end
@@ -130,9 +152,10 @@ else
 end
 redis.call('HDEL', KEYS[1], 'lease')
 redis.call('EXPIRE', KEYS[1], ARGV[9])
-return {1, failing}
-",
-    )
+if ARGV[3] == 'succeeded' or ARGV[3] == 'failed' then trim_history(KEYS[7], tonumber(ARGV[17]), ARGV[18]) end
+return {{1, failing}}
+"
+    ))
 });
 
 /// An owner's redelivery: a finished delivery starts a new cycle of attempts now; a waiting one
@@ -275,9 +298,6 @@ pub struct Page<T> {
     pub next: Option<Cursor>,
 }
 
-/// How many deliveries each endpoint's and account's listing keeps; older ones age out with
-/// retention.
-const DELIVERIES_PER_ENDPOINT: u32 = 10_000;
 /// How many events each account's listing keeps.
 const EVENTS_PER_ACCOUNT: u32 = 10_000;
 
@@ -337,7 +357,10 @@ impl Store {
         }
         let mut inv = BEGIN.prepare_invoke();
         let mut account = None;
-        inv.arg(now_ms).arg(self.retention_secs()).arg(DELIVERIES_PER_ENDPOINT);
+        inv.arg(now_ms)
+            .arg(self.retention_secs())
+            .arg(self.history_per_endpoint)
+            .arg(self.keys.prefix());
         for b in begins {
             let job = &b.job;
             account = Some(&job.account);
@@ -421,6 +444,7 @@ impl Store {
                     .endpoint_stats(&job.endpoint, "5m", at / stats::FIVE_MINUTES_MS),
             )
             .key(self.keys.endpoint_stats(&job.endpoint, "1h", at / stats::HOUR_MS))
+            .key(self.keys.endpoint_deliveries(&job.endpoint))
             .arg(r.lease)
             .arg(attempt_json)
             .arg(r.status.as_str())
@@ -442,6 +466,8 @@ impl Store {
             )
             .arg(stats::FIVE_MINUTE_TTL_SECS)
             .arg(stats::HOUR_TTL_SECS)
+            .arg(self.history_per_endpoint)
+            .arg(self.keys.prefix())
             .invoke_async(&mut self.conn())
             .await?;
         Ok(Recorded {
@@ -487,6 +513,12 @@ impl Store {
     ) -> Result<Page<Vec<u8>>, StoreError> {
         let index = self.keys.account_events(account);
         let ids = self.scan_index(&index, cursor, None, None, limit).await?;
+        if ids.is_empty() {
+            return Ok(Page {
+                items: Vec::new(),
+                next: None,
+            });
+        }
         let mut pipe = redis::pipe();
         for (id, _) in &ids {
             pipe.get(
@@ -576,6 +608,9 @@ impl Store {
                 .scan_index(&index, cursor.as_ref(), filter.since_ms, filter.until_ms, 200)
                 .await?;
             let exhausted = ids.len() < 200;
+            if ids.is_empty() {
+                return Ok(Page { items, next: None });
+            }
             let mut pipe = redis::pipe();
             for (id, _) in &ids {
                 pipe.hgetall(

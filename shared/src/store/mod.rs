@@ -14,7 +14,7 @@
 //! | `acct:{A}:eps` | hash | endpoint id → endpoint JSON |
 //! | `acct:{A}:idx:{type}` / `acct:{A}:idx:*` | set | endpoints subscribed to a type / to all |
 //! | `ep:{E}` | string | the account owning endpoint E |
-//! | `ep:{E}:dlv` | sorted set | E's deliveries by creation time (bounded) |
+//! | `ep:{E}:dlv` | sorted set | E's deliveries by creation time (newest `LAABAM_HISTORY_PER_ENDPOINT`) |
 //! | `ep:{E}:health` | hash | last delivery, last success, failing since |
 //! | `ep:{E}:st:5m:{n}` / `ep:{E}:st:1h:{n}` | hash | attempts by outcome and latency bucket (2 h / 8 d) |
 //! | `evt:{A}:{id}` | string | the event body as delivered (first copy wins) |
@@ -57,6 +57,8 @@ pub struct Store {
     conn: ConnectionManager,
     keys: Keys,
     retention: Duration,
+    /// Finished deliveries kept per endpoint beyond which the oldest are deleted.
+    history_per_endpoint: u32,
 }
 
 impl std::fmt::Debug for Store {
@@ -74,6 +76,7 @@ pub struct StoreConfig {
     pub prefix: String,
     pub retry_shards: u16,
     pub retention: Duration,
+    pub history_per_endpoint: u32,
 }
 
 impl From<&crate::config::CommonArgs> for StoreConfig {
@@ -83,6 +86,7 @@ impl From<&crate::config::CommonArgs> for StoreConfig {
             prefix: c.redis_prefix.clone(),
             retry_shards: c.retry_shards,
             retention: c.retention,
+            history_per_endpoint: c.history_per_endpoint,
         }
     }
 }
@@ -107,6 +111,7 @@ impl Store {
             conn,
             keys: Keys::new(&config.prefix, config.retry_shards),
             retention: config.retention,
+            history_per_endpoint: config.history_per_endpoint.max(1),
         })
     }
 

@@ -1,0 +1,117 @@
+//! What an endpoint's settings promise: custom headers on every delivery, a rate limit that
+//! spaces deliveries out, and a bounded history whose cost per delivery is known.
+
+use futures_util::future::join_all;
+use laabam_shared::clock::now_ms;
+use laabam_shared::endpoint::{Endpoint, NewEndpoint};
+use laabam_shared::envelope::Envelope;
+use laabam_shared::ids::AccountId;
+use laabam_shared::store::DeliveryFilter;
+use laabam_tests::{Receiver, TestEnv, wait_until};
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_rate_limits_and_bounded_history_apply() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::ok().await;
+    let account = AccountId::parse("acct_settings").unwrap();
+    let ep = Endpoint::create(
+        account.clone(),
+        NewEndpoint {
+            url: rx.url.clone(),
+            rate_limit: Some(2),
+            headers: BTreeMap::from([("x-tenant".to_owned(), "t1".to_owned())]),
+            ..Default::default()
+        },
+        now_ms(),
+    )
+    .unwrap();
+    let store = env.store().await;
+    store.create_endpoint(&ep).await.unwrap();
+    env.start_dispatcher(&["--history-per-endpoint", "5"]);
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+    let events: Vec<Envelope> = (0..8)
+        .map(|n| {
+            let data = RawValue::from_string(format!(r#"{{"payment_id":"p{n}","reason":"r"}}"#)).unwrap();
+            Envelope::new("payment.failed", account.clone(), data, None, now_ms()).unwrap()
+        })
+        .collect();
+    assert!(
+        join_all(events.iter().map(|e| publisher.publish(e)))
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    wait_until("all 8 delivered", Duration::from_secs(30), || async { rx.count() == 8 }).await;
+
+    let requests = rx.requests();
+    assert!(
+        requests.iter().all(|r| r.header("x-tenant") == "t1"),
+        "custom header on every delivery"
+    );
+    // 2 per second with a full bucket of 2: 8 deliveries cannot arrive in under ~3 s.
+    let span = requests.last().unwrap().at - requests.first().unwrap().at;
+    assert!(
+        span >= Duration::from_millis(2500),
+        "rate limit spaced deliveries over {span:?}"
+    );
+
+    // History: the endpoint keeps its 5 newest deliveries; older finished ones are deleted.
+    wait_until("all recorded", Duration::from_secs(10), || async {
+        let page = store
+            .list_deliveries(&account, &DeliveryFilter::default(), None, 50)
+            .await
+            .unwrap();
+        page.items
+            .iter()
+            .all(|d| d.status == laabam_shared::delivery::DeliveryStatus::Succeeded)
+    })
+    .await;
+    let filter = DeliveryFilter {
+        endpoint: Some(ep.id.clone()),
+        ..Default::default()
+    };
+    assert_eq!(
+        store
+            .list_deliveries(&account, &filter, None, 50)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        5
+    );
+    let mut conn = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let states: Vec<String> = redis::Commands::scan_match::<_, String>(&mut conn, format!("{}dlv:*", env.prefix))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|k| !k.ends_with(":att"))
+        .collect();
+    assert_eq!(states.len(), 5, "older finished deliveries were deleted: {states:?}");
+
+    // What one delivery costs in Redis: its state, its attempt log, and its share of the event.
+    let usage = |key: &str, conn: &mut redis::Connection| -> u64 {
+        redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(key)
+            .query::<Option<u64>>(conn)
+            .unwrap()
+            .unwrap_or(0)
+    };
+    let per_delivery: u64 = states
+        .iter()
+        .map(|k| usage(k, &mut conn) + usage(&format!("{k}:att"), &mut conn))
+        .sum::<u64>()
+        / states.len() as u64;
+    let event_key = format!("{}evt:{}:{}", env.prefix, account, events[0].id);
+    let per_event = usage(&event_key, &mut conn);
+    println!(
+        "Redis memory: {per_delivery} bytes per delivery (state + attempt log), {per_event} bytes per stored event"
+    );
+    assert!(per_delivery < 2048, "a delivery costs {per_delivery} bytes");
+}

@@ -250,6 +250,16 @@ async fn every_route_answers_bad_input_with_the_documented_error() {
         (422, Some("name"))
     );
     assert_eq!(admin.post("/v1/accounts/acct_nobody/keys", json!({})).await.status, 404);
+    assert_eq!(admin.get("/v1/accounts/acct_nobody/keys").await.status, 404);
+    assert_eq!(admin.delete("/v1/accounts/acct_nobody/keys/lbk_x").await.status, 404);
+    assert_eq!(client.delete("/v1/api-keys/lbk_unknown").await.status, 404);
+    let own = client.get("/v1/api-keys").await;
+    assert_eq!(own.json.as_array().unwrap().len(), 1);
+    assert!(own.json[0]["prefix"].as_str().unwrap().starts_with("lbk_"));
+    assert!(
+        own.json[0].get("hash").is_none() && own.json[0].get("key").is_none(),
+        "listings never show keys"
+    );
 
     // Bad ids and bad query parameters.
     for path in [

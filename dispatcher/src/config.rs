@@ -45,6 +45,10 @@ pub struct DispatcherConfig {
     /// An endpoint whose attempts have all failed for this long is disabled.
     #[arg(long, env = "LAABAM_DISABLE_AFTER", default_value = "5d", value_parser = parse_duration)]
     pub disable_after: Duration,
+    /// Export attempts per endpoint (`laabam_dispatcher_endpoint_attempts_total`): one series
+    /// per endpoint and outcome, so only for fleets with a bounded number of endpoints.
+    #[arg(long, env = "LAABAM_METRICS_PER_ENDPOINT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub metrics_per_endpoint: bool,
     /// How long a SIGTERM waits for in-flight attempts before closing (their leases cover the rest).
     #[arg(long, env = "LAABAM_SHUTDOWN_GRACE", default_value = "15s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

@@ -78,6 +78,7 @@ pub async fn run(
             Ok(()) => break,
             Err(e) => {
                 readiness.set_broker(false);
+                METRICS.consuming.set(0);
                 tracing::warn!(error = %e, retry_in = ?backoff.upcoming(), "broker session ended; reconnecting");
                 backoff.pause(&shutdown).await;
             }
@@ -132,6 +133,7 @@ async fn session(
         )
         .await?;
     readiness.set_broker(true);
+    METRICS.consuming.set(1);
     backoff.reset();
     tracing::info!("consuming events and retry jobs");
 
@@ -161,6 +163,7 @@ async fn session(
     }
 
     // Shutdown: stop deliveries, let in-flight work finish (or its leases hand it back), close.
+    METRICS.consuming.set(0);
     let _ = events_channel
         .basic_cancel(events_tag.as_str().into(), BasicCancelOptions::default())
         .await;

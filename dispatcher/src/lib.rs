@@ -40,6 +40,10 @@ pub enum DispatcherError {
 /// Runs until `shutdown`, then drains. Returns early only if start-up fails.
 pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Result<(), DispatcherError> {
     let readiness = Arc::new(Readiness::default());
+    metrics::initialize();
+    if config.metrics_per_endpoint {
+        metrics::enable_per_endpoint();
+    }
     let ops_addr = ops::serve(config.metrics_addr, readiness.clone(), shutdown.clone()).await?;
     tracing::info!(%ops_addr, "metrics and health endpoints listening");
 

@@ -1,10 +1,62 @@
 //! The dispatcher's Prometheus metrics. Label sets stay bounded: event type and outcome only.
 
+use laabam_shared::delivery::Outcome;
+use laabam_shared::envelope::EnvelopeError;
 use prometheus::{
     Histogram, HistogramVec, IntCounterVec, IntGauge, register_histogram, register_histogram_vec,
     register_int_counter_vec, register_int_gauge,
 };
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
+
+/// Attempts by endpoint and outcome: one series per endpoint, so registered only when an
+/// operator asks for it (`LAABAM_METRICS_PER_ENDPOINT=true`) and accepts the cardinality.
+static PER_ENDPOINT: OnceLock<IntCounterVec> = OnceLock::new();
+
+pub fn enable_per_endpoint() {
+    PER_ENDPOINT.get_or_init(|| {
+        register_int_counter_vec!(
+            "laabam_dispatcher_endpoint_attempts_total",
+            "Delivery attempts by endpoint and outcome (opt-in: one series per endpoint)",
+            &["endpoint_id", "outcome"]
+        )
+        .unwrap()
+    });
+}
+
+/// Creates every known label combination at zero, so dashboards and alerts find each metric
+/// from the start and `rate()` sees the first increment.
+pub fn initialize() {
+    let m = &*METRICS;
+    for spec in laabam_shared::catalog::CATALOG {
+        let t = spec.name;
+        m.events_consumed.with_label_values(&[t]);
+        m.deferred.with_label_values(&[t]);
+        m.retries_scheduled.with_label_values(&[t]);
+        m.attempt_seconds.with_label_values(&[t]);
+        for outcome in Outcome::ALL {
+            m.attempts.with_label_values(&[t, outcome.as_str()]);
+        }
+        for result in ["succeeded", "failed"] {
+            m.completed.with_label_values(&[t, result]);
+        }
+    }
+    for reason in EnvelopeError::CODES
+        .into_iter()
+        .chain([crate::pipeline::INVALID_RETRY_JOB])
+    {
+        m.dead_letters.with_label_values(&[reason]);
+    }
+    for reason in ["gone", "failing"] {
+        m.endpoints_disabled.with_label_values(&[reason]);
+    }
+}
+
+/// Counts an attempt against its endpoint, when per-endpoint metrics are on.
+pub fn count_endpoint_attempt(endpoint_id: &str, outcome: &str) {
+    if let Some(counter) = PER_ENDPOINT.get() {
+        counter.with_label_values(&[endpoint_id, outcome]).inc();
+    }
+}
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -15,7 +67,9 @@ pub struct Metrics {
     pub completed: IntCounterVec,
     pub dead_letters: IntCounterVec,
     pub in_flight: IntGauge,
+    pub consuming: IntGauge,
     pub endpoints_disabled: IntCounterVec,
+    pub retries_scheduled: IntCounterVec,
     pub publish_to_delivered_seconds: Histogram,
 }
 
@@ -61,10 +115,21 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         &["reason"]
     )
     .unwrap(),
+    retries_scheduled: register_int_counter_vec!(
+        "laabam_dispatcher_retries_scheduled_total",
+        "Failed attempts given a next attempt in the retry set",
+        &["event_type"]
+    )
+    .unwrap(),
     endpoints_disabled: register_int_counter_vec!(
         "laabam_dispatcher_endpoints_disabled_total",
         "Endpoints disabled by the platform, by reason",
         &["reason"]
+    )
+    .unwrap(),
+    consuming: register_int_gauge!(
+        "laabam_dispatcher_consuming",
+        "1 while this dispatcher consumes events and retry jobs, else 0"
     )
     .unwrap(),
     in_flight: register_int_gauge!("laabam_dispatcher_in_flight_attempts", "Attempts in flight").unwrap(),

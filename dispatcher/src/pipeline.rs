@@ -27,6 +27,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+/// The dead-letter reason of a retry-queue message that is not a retry job.
+pub const INVALID_RETRY_JOB: &str = "invalid_retry_job";
+
 /// What to do with the broker message.
 #[derive(Debug)]
 pub enum Disposition {
@@ -206,7 +209,7 @@ impl Pipeline {
             Ok(j) => j,
             Err(e) => {
                 return Handled::only(Disposition::DeadLetter {
-                    reason: "invalid_retry_job",
+                    reason: INVALID_RETRY_JOB,
                     detail: e.to_string(),
                 });
             }
@@ -355,6 +358,7 @@ impl Pipeline {
             .attempts
             .with_label_values(&[&task.event_type, outcome.as_str()])
             .inc();
+        crate::metrics::count_endpoint_attempt(task.endpoint.id.as_str(), outcome.as_str());
         METRICS
             .attempt_seconds
             .with_label_values(&[&task.event_type])
@@ -413,7 +417,8 @@ impl Pipeline {
                     .with_label_values(&[&task.event_type, status.as_str()])
                     .inc();
             }
-            _ => {}
+            DeliveryStatus::Retrying => METRICS.retries_scheduled.with_label_values(&[&task.event_type]).inc(),
+            DeliveryStatus::Pending => {}
         }
         tracing::info!(
             status_code = result.status,

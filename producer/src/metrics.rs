@@ -25,3 +25,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     )
     .unwrap(),
 });
+
+/// Creates every known label combination at zero (see the dispatcher's `initialize`).
+pub fn initialize() {
+    for spec in laabam_shared::catalog::CATALOG {
+        for result in ["confirmed", "failed"] {
+            METRICS.published.with_label_values(&[spec.name, result]);
+        }
+    }
+}

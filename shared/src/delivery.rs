@@ -53,6 +53,19 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, for metrics initialised at zero.
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Success,
+        Outcome::Http3xx,
+        Outcome::Http4xx,
+        Outcome::Http5xx,
+        Outcome::Http410,
+        Outcome::Timeout,
+        Outcome::ConnectError,
+        Outcome::TlsError,
+        Outcome::InvalidResponse,
+    ];
+
     /// Classifies an HTTP status; any 2xx is success, `410 Gone` has its own outcome.
     pub fn from_status(status: u16) -> Self {
         match status {

@@ -55,6 +55,16 @@ pub enum EnvelopeError {
 }
 
 impl EnvelopeError {
+    /// Every reason code, for metrics initialised at zero.
+    pub const CODES: [&'static str; 6] = [
+        "too_large",
+        "invalid_json",
+        "missing_field",
+        "invalid_field",
+        "unknown_type",
+        "invalid_payload",
+    ];
+
     /// A short machine-readable reason (`x-laabam-dead-reason`, metric labels).
     pub fn code(&self) -> &'static str {
         match self {
@@ -302,6 +312,26 @@ mod tests {
             assert_eq!(err.code(), code, "{body}: {err}");
             assert_eq!(err.field().as_deref(), field, "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn every_code_is_listed() {
+        let errors = [
+            EnvelopeError::TooLarge { size: 1, max: 0 },
+            EnvelopeError::InvalidJson(String::new()),
+            EnvelopeError::MissingField("x"),
+            EnvelopeError::InvalidField {
+                field: "x",
+                problem: String::new(),
+            },
+            EnvelopeError::UnknownType(String::new()),
+            EnvelopeError::InvalidPayload(PayloadError {
+                field: String::new(),
+                problem: String::new(),
+            }),
+        ];
+        let codes: Vec<_> = errors.iter().map(EnvelopeError::code).collect();
+        assert_eq!(codes, EnvelopeError::CODES);
     }
 
     #[test]

@@ -31,7 +31,8 @@ impl Readiness {
     }
 }
 
-/// `/metrics`: every registered metric in Prometheus text format.
+/// `/metrics`: every registered metric in Prometheus text format, process metrics (CPU, memory,
+/// open fds) included: the default registry collects them.
 pub async fn metrics() -> (StatusCode, String) {
     let mut buf = Vec::new();
     match TextEncoder::new().encode(&prometheus::gather(), &mut buf) {

@@ -82,7 +82,7 @@ impl TestEnv {
     }
 
     /// The connection flags every component of this test shares.
-    pub fn common_flags(&self) -> Vec<String> {
+    pub fn connection_flags(&self) -> Vec<String> {
         [
             "--amqp-url",
             &self.amqp_url,
@@ -92,12 +92,17 @@ impl TestEnv {
             &self.prefix,
             "--connect-timeout",
             "10s",
-            "--metrics-addr",
-            "127.0.0.1:0",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect()
+    }
+
+    /// Connection flags plus a free metrics port, for the long-running components.
+    pub fn common_flags(&self) -> Vec<String> {
+        let mut flags = self.connection_flags();
+        flags.extend(["--metrics-addr".to_owned(), "127.0.0.1:0".to_owned()]);
+        flags
     }
 
     /// Dispatcher flags: millisecond-scale retries, short timeouts, then the test's own.
@@ -212,11 +217,7 @@ impl TestEnv {
             serve: laabam_producer::api::ServeArgs,
         }
         let mut args = vec!["laabam-producer".to_owned()];
-        args.extend(
-            self.common_flags()
-                .into_iter()
-                .filter(|f| !f.starts_with("--metrics") && f != "127.0.0.1:0"),
-        );
+        args.extend(self.connection_flags());
         args.extend(
             [
                 "--http-addr",

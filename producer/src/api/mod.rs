@@ -155,6 +155,7 @@ pub async fn start(
     args: &ServeArgs,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServeError> {
+    crate::metrics::initialize();
     let store = Store::connect(&StoreConfig::from(common), common.connect_timeout).await?;
     store.warn_if_not_durable().await;
     let publisher = Arc::new(Publisher::connect(&common.amqp_url, common.connect_timeout).await?);

@@ -240,12 +240,18 @@ impl TestEnv {
     /// Starts a real binary of the workspace (built on first use) with these flags; it is
     /// killed when the environment is dropped.
     pub fn spawn_binary(&mut self, name: &str, flags: &[String]) -> u32 {
-        let child = Command::new(binary(name))
-            .args(flags)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        self.spawn_binary_with(name, flags, &[("RUST_LOG", &log)], None)
+    }
+
+    /// Like [`Self::spawn_binary`], with extra environment variables and stderr sent to a file.
+    pub fn spawn_binary_with(&mut self, name: &str, flags: &[String], envs: &[(&str, &str)], stderr: Option<&std::path::Path>) -> u32 {
+        let mut command = Command::new(binary(name));
+        command.args(flags).envs(envs.iter().copied()).stdin(Stdio::null());
+        if let Some(path) = stderr {
+            command.stderr(std::fs::File::create(path).expect("log file"));
+        }
+        let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let pid = child.id();
         self.children.push(child);
         pid

@@ -245,7 +245,13 @@ impl TestEnv {
     }
 
     /// Like [`Self::spawn_binary`], with extra environment variables and stderr sent to a file.
-    pub fn spawn_binary_with(&mut self, name: &str, flags: &[String], envs: &[(&str, &str)], stderr: Option<&std::path::Path>) -> u32 {
+    pub fn spawn_binary_with(
+        &mut self,
+        name: &str,
+        flags: &[String],
+        envs: &[(&str, &str)],
+        stderr: Option<&std::path::Path>,
+    ) -> u32 {
         let mut command = Command::new(binary(name));
         command.args(flags).envs(envs.iter().copied()).stdin(Stdio::null());
         if let Some(path) = stderr {

@@ -19,7 +19,11 @@ struct OwnRedis {
 
 impl OwnRedis {
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let dir = std::env::temp_dir().join(format!("laabam-redis-{}", ulid::Ulid::new()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut redis = OwnRedis { port, dir, child: None };
@@ -29,7 +33,16 @@ impl OwnRedis {
 
     fn restart(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--appendonly", "yes", "--appendfsync", "always"])
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -61,14 +74,21 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     let rx = Receiver::ok().await;
     let ep = env.endpoint("acct_ops", &rx.url, None).await;
 
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut flags = env.dispatcher_flags(&[]);
     flags.extend(["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")]);
     let log = std::env::temp_dir().join(format!("laabam-dispatcher-{}.log", ulid::Ulid::new()));
     env.spawn_binary_with(
         "laabam-dispatcher",
         &flags,
-        &[("LAABAM_LOG_FORMAT", "json"), ("RUST_LOG", "info,laabam_dispatcher=debug,laabam_shared=debug")],
+        &[
+            ("LAABAM_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,laabam_dispatcher=debug,laabam_shared=debug"),
+        ],
         Some(&log),
     );
     env.start_scheduler(&[]);
@@ -82,7 +102,9 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
         }
     };
     wait_until("listening", Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", metrics_port)).await.is_ok()
+        tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
+            .await
+            .is_ok()
     })
     .await;
     wait_until("ready", Duration::from_secs(30), || ready(200)).await;
@@ -90,8 +112,18 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
 
     let publisher = env.publisher().await;
     let event = |n: u32| {
-        let data = RawValue::from_string(format!(r#"{{"customer_id":"c{n}","name":"N","email":"n@example.com"}}"#)).unwrap();
-        Envelope::new("customer.created", AccountId::parse("acct_ops").unwrap(), data, None, now_ms()).unwrap()
+        let data = RawValue::from_string(format!(
+            r#"{{"customer_id":"c{n}","name":"N","email":"n@example.com"}}"#
+        ))
+        .unwrap();
+        Envelope::new(
+            "customer.created",
+            AccountId::parse("acct_ops").unwrap(),
+            data,
+            None,
+            now_ms(),
+        )
+        .unwrap()
     };
     publisher.publish(&event(1)).await.unwrap();
     wait_until("first delivery", Duration::from_secs(20), || async { rx.count() == 1 }).await;
@@ -107,12 +139,17 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     // Redis is back (with its append-only file): readiness returns and the event arrives.
     redis.restart();
     wait_until("ready again", Duration::from_secs(30), || ready(200)).await;
-    wait_until("the event published during the outage", Duration::from_secs(30), || async {
-        rx.per_event().contains_key(during.id.as_str())
-    })
+    wait_until(
+        "the event published during the outage",
+        Duration::from_secs(30),
+        || async { rx.per_event().contains_key(during.id.as_str()) },
+    )
     .await;
     publisher.publish(&event(3)).await.unwrap();
-    wait_until("delivery goes on", Duration::from_secs(20), || async { rx.count() >= 3 }).await;
+    wait_until("delivery goes on", Duration::from_secs(20), || async {
+        rx.count() >= 3
+    })
+    .await;
 
     // Logs: one JSON object per line, with event and delivery ids, and no secret of any kind.
     let text = std::fs::read_to_string(&log).unwrap();
@@ -124,9 +161,17 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     assert!(!lines.is_empty());
     let finished: Vec<&serde_json::Value> = lines.iter().filter(|l| l["message"] == "attempt finished").collect();
     assert!(!finished.is_empty(), "attempts are logged");
-    let attempt_span = finished[0]["spans"].as_array().unwrap().iter().find(|s| s["name"] == "attempt").unwrap();
+    let attempt_span = finished[0]["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "attempt")
+        .unwrap();
     for field in ["event_id", "endpoint_id", "delivery_id", "attempt"] {
-        assert!(!attempt_span[field].is_null(), "attempt logs carry {field}: {attempt_span}");
+        assert!(
+            !attempt_span[field].is_null(),
+            "attempt logs carry {field}: {attempt_span}"
+        );
     }
     let secret = ep.secret.expose();
     for forbidden in [secret.as_str(), &secret["whsec_".len()..], "v1,", "guest:guest"] {

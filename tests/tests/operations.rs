@@ -179,3 +179,28 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     }
     let _ = std::fs::remove_file(&log);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_and_the_scheduler_stop_cleanly_on_sigterm() {
+    let mut env = TestEnv::new().await;
+    let api_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut api_flags = env.connection_flags();
+    api_flags.extend(["serve".into(), "--http-addr".into(), format!("127.0.0.1:{api_port}")]);
+    let producer = env.spawn_binary("laabam-producer", &api_flags);
+    let scheduler = env.spawn_binary("laabam-retry-scheduler", &env.scheduler_flags(&[]));
+    wait_until("the API listens", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", api_port)).await.is_ok()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for pid in [producer, scheduler] {
+        let started = std::time::Instant::now();
+        let status = env.terminate(pid).await;
+        assert!(status.success(), "clean exit: {status:?}");
+        assert!(started.elapsed() < Duration::from_secs(10), "stopped within its bound");
+    }
+}

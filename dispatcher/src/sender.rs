@@ -175,29 +175,40 @@ async fn read_capped(mut body: hyper::body::Incoming) -> (Vec<u8>, Option<String
             }
         }
     }
-    (kept, None)
+    let note = (read >= READ_CAP_BYTES).then(|| {
+        format!(
+            "response body exceeds {} KiB; the rest was not read",
+            READ_CAP_BYTES / 1024
+        )
+    });
+    (kept, note)
 }
 
 /// Maps a client error to an outcome, looking through the cause chain for TLS failures.
 fn classify(err: &hyper_util::client::legacy::Error) -> (Outcome, String) {
     let message = chain(err);
-    let mut source: Option<&(dyn StdError + 'static)> = err.source();
-    while let Some(e) = source {
-        if e.downcast_ref::<rustls::Error>().is_some() {
-            return (Outcome::TlsError, message);
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
-        {
-            return (Outcome::TlsError, message);
-        }
-        source = e.source();
-    }
-    if err.is_connect() {
+    if err.source().is_some_and(is_tls) {
+        (Outcome::TlsError, message)
+    } else if err.is_connect() {
         (Outcome::ConnectError, message)
     } else {
         (Outcome::InvalidResponse, message)
     }
+}
+
+/// Whether a rustls error sits anywhere in the chain, also inside the `io::Error`s that
+/// connectors wrap their causes in.
+fn is_tls(err: &(dyn StdError + 'static)) -> bool {
+    if err.is::<rustls::Error>() {
+        return true;
+    }
+    if let Some(io) = err.downcast_ref::<std::io::Error>()
+        && let Some(inner) = io.get_ref()
+        && is_tls(inner)
+    {
+        return true;
+    }
+    err.source().is_some_and(is_tls)
 }
 
 fn chain(err: &dyn StdError) -> String {

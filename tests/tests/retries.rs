@@ -134,7 +134,14 @@ async fn gone_disables_the_endpoint_and_stops_delivery() {
     let second = invoice_paid(4);
     publisher.publish(&second).await.unwrap();
     wait_until("second event at the healthy endpoint", WAIT, || async {
-        healthy.count() == 2
+        healthy.per_event().contains_key(second.id.as_str())
+    })
+    .await;
+    wait_until("the healthy endpoint was told", WAIT, || async {
+        healthy
+            .requests()
+            .iter()
+            .any(|r| r.json()["type"] == "endpoint.disabled" && r.json()["data"]["endpoint_id"] == ep_gone.id.as_str())
     })
     .await;
     assert_eq!(gone.count(), 1, "no attempt after 410");

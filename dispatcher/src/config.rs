@@ -26,9 +26,8 @@ pub struct DispatcherConfig {
     /// A PEM file of extra CA certificates to trust (private CAs, tests), besides the web PKI.
     #[arg(long, env = "LAABAM_EXTRA_CA_FILE")]
     pub extra_ca_file: Option<PathBuf>,
-    /// Allow endpoints on loopback, private and link-local addresses (tests and local demos).
-    #[arg(long, env = "LAABAM_ALLOW_PRIVATE_TARGETS", default_value_t = false, action = clap::ArgAction::Set)]
-    pub allow_private_targets: bool,
+    #[command(flatten)]
+    pub targets: laabam_shared::targets::TargetArgs,
     /// Broker messages (events and retry jobs) being processed at once by this process.
     #[arg(long, env = "LAABAM_MAX_IN_FLIGHT", default_value_t = 512)]
     pub max_in_flight: usize,

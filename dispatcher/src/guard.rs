@@ -2,21 +2,18 @@
 //! addresses actually dialled (not the URL at registration only) defeats DNS rebinding.
 
 use hyper_util::client::legacy::connect::dns::Name;
-use laabam_shared::targets::is_public;
+use laabam_shared::targets::TargetPolicy;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-/// A resolver that drops non-public addresses, failing when none remain.
+/// A resolver that drops addresses the policy refuses, failing when none remain.
 #[derive(Debug, Clone)]
 pub struct GuardedResolver {
-    pub allow_private: bool,
-}
-
-fn refusal(what: &str) -> String {
-    format!("refused: {what} is not a public address (LAABAM_ALLOW_PRIVATE_TARGETS=true allows it)")
+    pub policy: Arc<TargetPolicy>,
 }
 
 impl tower_service::Service<Name> for GuardedResolver {
@@ -29,33 +26,30 @@ impl tower_service::Service<Name> for GuardedResolver {
     }
 
     fn call(&mut self, name: Name) -> Self::Future {
-        let allow_private = self.allow_private;
+        let policy = self.policy.clone();
         Box::pin(async move {
             let resolved: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = resolved
-                .iter()
-                .copied()
-                .filter(|a| allow_private || is_public(a.ip()))
-                .collect();
-            if allowed.is_empty() && !resolved.is_empty() {
-                return Err(io::Error::new(io::ErrorKind::PermissionDenied, refusal(name.as_str())));
+            let allowed: Vec<SocketAddr> = resolved.iter().copied().filter(|a| policy.permits(a.ip())).collect();
+            match (allowed.is_empty(), resolved.first()) {
+                (true, Some(refused)) => Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("refused: {}", TargetPolicy::refusal(name.as_str(), refused.ip())),
+                )),
+                _ => Ok(allowed.into_iter()),
             }
-            Ok(allowed.into_iter())
         })
     }
 }
 
-/// Checks a URL whose host is an IP literal (those never reach the resolver).
-pub fn check_literal(url: &str, allow_private: bool) -> Result<(), String> {
-    if allow_private {
-        return Ok(());
-    }
+/// Checks the scheme, and a host that is an IP literal (those never reach the resolver).
+pub fn check_url(url: &str, policy: &TargetPolicy) -> Result<(), String> {
+    policy.check_scheme(url).map_err(|e| format!("refused: {e}"))?;
     let Ok(uri) = url.parse::<http::Uri>() else {
         return Ok(());
     };
     let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']');
     match host.parse::<IpAddr>() {
-        Ok(ip) if !is_public(ip) => Err(refusal(host)),
+        Ok(ip) if !policy.permits(ip) => Err(format!("refused: {}", TargetPolicy::refusal(host, ip))),
         _ => Ok(()),
     }
 }
@@ -66,14 +60,24 @@ mod tests {
 
     #[test]
     fn literal_private_hosts_are_refused_unless_allowed() {
-        assert!(check_literal("http://127.0.0.1:8080/x", false).is_err());
-        assert!(check_literal("http://[::1]/x", false).is_err());
-        assert!(check_literal("http://[::ffff:169.254.169.254]/", false).is_err());
-        assert!(check_literal("http://127.0.0.1:8080/x", true).is_ok());
-        assert!(check_literal("https://8.8.8.8/", false).is_ok());
+        let strict = TargetPolicy::default();
+        let open = TargetPolicy {
+            allow_private: true,
+            ..Default::default()
+        };
+        assert!(check_url("http://127.0.0.1:8080/x", &strict).is_err());
+        assert!(check_url("http://[::1]/x", &strict).is_err());
+        assert!(check_url("http://[::ffff:169.254.169.254]/", &strict).is_err());
+        assert!(check_url("http://127.0.0.1:8080/x", &open).is_ok());
+        assert!(check_url("https://8.8.8.8/", &strict).is_ok());
         assert!(
-            check_literal("https://example.com/", false).is_ok(),
+            check_url("https://example.com/", &strict).is_ok(),
             "names are checked when resolved"
         );
+        let https_only = TargetPolicy {
+            require_https: true,
+            ..open
+        };
+        assert!(check_url("http://8.8.8.8/", &https_only).is_err());
     }
 }

@@ -63,7 +63,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
         sender: sender::Sender::new(
             config.http_timeout,
             config.extra_ca_file.as_deref(),
-            config.allow_private_targets,
+            config.targets.policy(),
         )?,
         limits: limits::EndpointLimits::new(config.endpoint_concurrency),
         policy: config.retry.policy(),

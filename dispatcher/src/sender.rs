@@ -1,7 +1,7 @@
 //! Outbound HTTP: one pooled keep-alive client (http and https over rustls), a whole-request
 //! timeout, no redirects, and response bodies read only up to a cap.
 
-use crate::guard::{GuardedResolver, check_literal};
+use crate::guard::{GuardedResolver, check_url};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
 use http_body_util::{BodyExt, Full};
@@ -10,6 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use laabam_shared::delivery::Outcome;
+use laabam_shared::targets::TargetPolicy;
 use std::error::Error as StdError;
 use std::path::Path;
 use std::sync::Arc;
@@ -44,7 +45,7 @@ pub struct SendResult {
 pub struct Sender {
     client: Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>,
     timeout: Duration,
-    allow_private: bool,
+    policy: Arc<TargetPolicy>,
 }
 
 fn tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, SenderError> {
@@ -77,9 +78,10 @@ fn tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, SenderErr
 }
 
 impl Sender {
-    /// `allow_private` lets endpoints reach loopback and private networks (tests, demos).
-    pub fn new(timeout: Duration, extra_ca: Option<&Path>, allow_private: bool) -> Result<Self, SenderError> {
-        let mut http = HttpConnector::new_with_resolver(GuardedResolver { allow_private });
+    /// `policy` decides which addresses endpoints may reach, checked on every connect.
+    pub fn new(timeout: Duration, extra_ca: Option<&Path>, policy: TargetPolicy) -> Result<Self, SenderError> {
+        let policy = Arc::new(policy);
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: policy.clone() });
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(timeout));
@@ -95,7 +97,7 @@ impl Sender {
         Ok(Sender {
             client,
             timeout,
-            allow_private,
+            policy,
         })
     }
 
@@ -111,7 +113,7 @@ impl Sender {
             excerpt: None,
             retry_after: None,
         };
-        if let Err(refused) = check_literal(url, self.allow_private) {
+        if let Err(refused) = check_url(url, &self.policy) {
             return fail(Outcome::ConnectError, refused);
         }
         let mut builder = http::Request::post(url)

@@ -208,8 +208,14 @@ impl TestEnv {
 
     /// Serves the HTTP API in this process; returns a client without credentials.
     pub async fn start_api(&mut self, admin_token: &str) -> crate::ApiClient {
+        self.start_api_with(admin_token, &[]).await
+    }
+
+    /// [`Self::start_api`] with extra flags (later flags win).
+    pub async fn start_api_with(&mut self, admin_token: &str, extra: Flags<'_>) -> crate::ApiClient {
         use clap::Parser;
         #[derive(clap::Parser)]
+        #[command(args_override_self = true)]
         struct Serve {
             #[command(flatten)]
             common: laabam_shared::config::CommonArgs,
@@ -229,6 +235,7 @@ impl TestEnv {
             ]
             .map(String::from),
         );
+        args.extend(extra.iter().map(|s| s.to_string()));
         let cli = Serve::parse_from(args);
         let (addr, task) = laabam_producer::api::start(&cli.common, &cli.serve, self.stop.child_token())
             .await

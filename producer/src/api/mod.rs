@@ -22,7 +22,7 @@ use laabam_shared::config::{CommonArgs, parse_duration};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::startup::Unreachable;
 use laabam_shared::store::{Store, StoreConfig};
-use laabam_shared::targets::is_public;
+use laabam_shared::targets::{TargetArgs, TargetPolicy};
 use sha2::{Digest, Sha256};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -44,9 +44,8 @@ pub struct ServeArgs {
     /// How long a rotated-out secret keeps signing.
     #[arg(long, env = "LAABAM_SECRET_GRACE", default_value = "24h", value_parser = parse_duration)]
     pub secret_grace: Duration,
-    /// Accept endpoints on loopback and private networks (tests and local demos).
-    #[arg(long, env = "LAABAM_ALLOW_PRIVATE_TARGETS", default_value_t = false, action = clap::ArgAction::Set)]
-    pub allow_private_targets: bool,
+    #[command(flatten)]
+    pub targets: TargetArgs,
 }
 
 /// What every handler shares.
@@ -57,14 +56,17 @@ pub struct ApiState {
     /// SHA-256 of the operator token.
     pub admin_token_hash: Option<Vec<u8>>,
     pub secret_grace: Duration,
-    pub allow_private_targets: bool,
+    pub targets: TargetPolicy,
 }
 
 impl ApiState {
-    /// Refuses endpoints on non-public addresses at registration (the dispatcher checks again
+    /// Refuses endpoints the target policy forbids at registration (the dispatcher checks again
     /// when it connects). Names that do not resolve now are left to that check.
     pub async fn guard_target(&self, ep: &Endpoint) -> Result<(), ApiError> {
-        if self.allow_private_targets {
+        self.targets
+            .check_scheme(ep.url.as_str())
+            .map_err(|e| ApiError::invalid("url", e))?;
+        if self.targets.allow_private {
             return Ok(());
         }
         let uri: axum::http::Uri = ep
@@ -85,11 +87,8 @@ impl ApiState {
                 .map(|a| a.map(|s| s.ip()).collect())
                 .unwrap_or_default(),
         };
-        match addrs.into_iter().find(|ip| !is_public(*ip)) {
-            Some(ip) => Err(ApiError::invalid(
-                "url",
-                format!("{host} is not a public address ({ip}); private targets are not allowed"),
-            )),
+        match addrs.into_iter().find(|ip| !self.targets.permits(*ip)) {
+            Some(ip) => Err(ApiError::invalid("url", TargetPolicy::refusal(&host, ip))),
             None => Ok(()),
         }
     }
@@ -164,7 +163,7 @@ pub async fn start(
         publisher,
         admin_token_hash: args.admin_token.as_ref().map(|t| Sha256::digest(t.as_bytes()).to_vec()),
         secret_grace: args.secret_grace,
-        allow_private_targets: args.allow_private_targets,
+        targets: args.targets.policy(),
     });
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await

@@ -56,6 +56,25 @@ enum Command {
     Endpoint(EndpointCommand),
     /// Declare every exchange and queue (for operators, and publishers that start first).
     Topology,
+    /// Make a key for LAABAM_SECRET_KEY.
+    #[command(subcommand)]
+    SecretKey(SecretKeyCommand),
+    /// Manage the sealing of stored endpoint secrets.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+}
+
+#[derive(Subcommand)]
+enum SecretKeyCommand {
+    /// Print a new random sealing key (base64 of 32 bytes).
+    Generate,
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Re-seal every endpoint secret with LAABAM_SECRET_KEY, opening old ones with
+    /// LAABAM_SECRET_KEY_PREVIOUS: the second step of a key rotation.
+    Reencrypt,
 }
 
 #[derive(Subcommand)]
@@ -205,6 +224,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             eprintln!("deleted endpoint {id}");
             print(&json!({ "id": id, "deleted": true }));
+        }
+        Command::SecretKey(SecretKeyCommand::Generate) => {
+            eprintln!("set it as LAABAM_SECRET_KEY on every process; keep it out of version control");
+            print(&json!({ "key": laabam_shared::sealing::SecretSealer::generate_key() }));
+        }
+        Command::Secrets(SecretsCommand::Reencrypt) => {
+            if common.secret_key.is_none() {
+                bail!("LAABAM_SECRET_KEY is not set: there is no key to seal with");
+            }
+            let count = store(common).await?.reseal_all_endpoints().await?;
+            eprintln!("re-sealed the secrets of {count} endpoints with the current key");
+            print(&json!({ "endpoints": count }));
         }
         Command::Topology => {
             let conn =

@@ -9,6 +9,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 250ms, 5s, 8h or 3d: {e}"))
 }
 
+/// Checks a sealing key at start, so a bad one is refused before anything runs.
+pub fn parse_secret_key(s: &str) -> Result<String, String> {
+    crate::sealing::SecretSealer::new(Some(s), None)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 /// Where the platform's state lives and how long to wait for it at start.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
@@ -41,6 +48,13 @@ pub struct CommonArgs {
     /// Deliveries kept per endpoint: past it, the oldest finished ones are deleted.
     #[arg(long, env = "LAABAM_HISTORY_PER_ENDPOINT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub history_per_endpoint: u32,
+    /// Seals endpoint signing secrets in Redis (base64 of 32 bytes; `laabam-producer secret-key
+    /// generate`). Without it they are stored in plaintext, with a warning at start.
+    #[arg(long, env = "LAABAM_SECRET_KEY", hide_env_values = true, value_parser = parse_secret_key)]
+    pub secret_key: Option<String>,
+    /// The key being rotated out: still opens secrets sealed with it.
+    #[arg(long, env = "LAABAM_SECRET_KEY_PREVIOUS", hide_env_values = true, value_parser = parse_secret_key)]
+    pub secret_key_previous: Option<String>,
     /// How long to wait for RabbitMQ and Redis at start before exiting with an error.
     #[arg(long, env = "LAABAM_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub connect_timeout: Duration,

@@ -19,6 +19,7 @@ pub mod envelope;
 pub mod ids;
 pub mod ops;
 pub mod retry;
+pub mod sealing;
 pub mod shutdown;
 pub mod signing;
 pub mod startup;

@@ -144,12 +144,19 @@ impl TestEnv {
     }
 
     pub async fn store(&self) -> Store {
+        self.store_sealed(None, None).await
+    }
+
+    /// A store that seals endpoint secrets with `key` (and opens with `previous` too).
+    pub async fn store_sealed(&self, key: Option<&str>, previous: Option<&str>) -> Store {
         let config = StoreConfig {
             url: self.redis_url.clone(),
             prefix: self.prefix.clone(),
             retry_shards: 1,
             retention: Duration::from_secs(3600),
             history_per_endpoint: 10_000,
+            secret_key: key.map(str::to_owned),
+            secret_key_previous: previous.map(str::to_owned),
         };
         Store::connect(&config, Duration::from_secs(10))
             .await

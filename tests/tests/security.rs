@@ -238,3 +238,103 @@ async fn plain_text(base: &str, path: &str) -> String {
     let resp = client.get(format!("{base}{path}").parse().unwrap()).await.unwrap();
     String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_secrets_are_sealed_at_rest_and_survive_a_key_rotation() {
+    use laabam_shared::sealing::SecretSealer;
+    use laabam_shared::signing::{DEFAULT_TOLERANCE, verify};
+    let mut env = TestEnv::new().await;
+    let (old_key, new_key) = (SecretSealer::generate_key(), SecretSealer::generate_key());
+    let rx = Receiver::ok().await;
+    let sealed_store = env.store_sealed(Some(&old_key), None).await;
+    let ep = Endpoint::create(
+        AccountId::parse("acct_sealed").unwrap(),
+        NewEndpoint {
+            url: rx.url.clone(),
+            ..Default::default()
+        },
+        now_ms(),
+    )
+    .unwrap();
+    sealed_store.create_endpoint(&ep).await.unwrap();
+    let (redis_url, key, field) = (
+        env.redis_url.clone(),
+        format!("{}acct:acct_sealed:eps", env.prefix),
+        ep.id.to_string(),
+    );
+    let raw = move || {
+        let mut conn = redis::Client::open(redis_url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        redis::Commands::hget::<_, _, String>(&mut conn, &key, &field).unwrap()
+    };
+    let stored = raw();
+    assert!(
+        stored.contains("enc:v1:") && !stored.contains("whsec_"),
+        "sealed in Redis: {stored}"
+    );
+    assert!(
+        env.store().await.get_endpoint(&ep.id).await.is_err(),
+        "unreadable without the key"
+    );
+
+    // A dispatcher with the key signs with the real secret.
+    env.start_dispatcher(&["--secret-key", &old_key]);
+    let publish = |n: u32| {
+        let data = RawValue::from_string(format!(r#"{{"payment_id":"p{n}","reason":"r"}}"#)).unwrap();
+        Envelope::new(
+            "payment.failed",
+            AccountId::parse("acct_sealed").unwrap(),
+            data,
+            None,
+            now_ms(),
+        )
+        .unwrap()
+    };
+    let publisher = env.publisher().await;
+    publisher.publish(&publish(1)).await.unwrap();
+    wait_until("delivered", Duration::from_secs(20), || async { rx.count() == 1 }).await;
+    let req = &rx.requests()[0];
+    let verified = verify(
+        &ep.secret,
+        req.header("webhook-id"),
+        req.header("webhook-timestamp"),
+        req.header("webhook-signature"),
+        &req.body,
+        now_ms() / 1000,
+        DEFAULT_TOLERANCE,
+    );
+    assert!(verified.is_ok());
+
+    // Rotate: new key, old as previous; re-encrypt; then only the new key is needed.
+    let mut flags = env.connection_flags();
+    flags.extend([
+        "--secret-key".into(),
+        new_key.clone(),
+        "--secret-key-previous".into(),
+        old_key.clone(),
+        "secrets".into(),
+        "reencrypt".into(),
+    ]);
+    let out = std::process::Command::new(laabam_tests::env::binary("laabam-producer"))
+        .args(&flags)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["endpoints"],
+        1
+    );
+    let resealed = raw();
+    assert_ne!(resealed, stored);
+    let new_only = env.store_sealed(Some(&new_key), None).await;
+    assert_eq!(new_only.get_endpoint(&ep.id).await.unwrap().unwrap().secret, ep.secret);
+    env.start_dispatcher(&["--secret-key", &new_key]);
+    publisher.publish(&publish(2)).await.unwrap();
+    publisher.publish(&publish(3)).await.unwrap();
+    wait_until("delivered after rotation", Duration::from_secs(20), || async {
+        rx.count() >= 3
+    })
+    .await;
+}

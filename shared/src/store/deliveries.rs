@@ -7,7 +7,6 @@
 //! the entry. Only the holder of the current token may change the state, so a late record from
 //! an expired lease can add its attempt to the log but cannot undo a newer outcome.
 
-use super::endpoints::parse_endpoint;
 use super::stats;
 use super::{Store, StoreError};
 use crate::delivery::{AttemptRecord, DeliveryState, DeliveryStatus, RetryJob};
@@ -339,7 +338,7 @@ impl Store {
         let mut endpoints = Vec::new();
         // A missing record is an index entry racing a delete: skip it.
         for json in reply.flatten() {
-            let ep = parse_endpoint(&eps_key, &String::from_utf8_lossy(&json))?;
+            let ep = self.open_endpoint(&eps_key, &String::from_utf8_lossy(&json))?;
             if ep.enabled && ep.subscribes_to(&envelope.event_type) {
                 endpoints.push(ep);
             }
@@ -412,7 +411,10 @@ impl Store {
         }
         let non_empty = |i: usize| reply.get(i).filter(|v| !v.is_empty()).cloned();
         let endpoint = non_empty(4)
-            .map(|json| parse_endpoint(&eps_key, &String::from_utf8_lossy(&json)).map(Box::new))
+            .map(|json| {
+                self.open_endpoint(&eps_key, &String::from_utf8_lossy(&json))
+                    .map(Box::new)
+            })
             .transpose()?;
         Ok(Taken::Go {
             event_type: text(5),

@@ -13,9 +13,55 @@ impl Store {
         }
     }
 
+    /// The record as stored: the endpoint's JSON with every secret sealed.
+    fn sealed_json(&self, ep: &Endpoint) -> String {
+        let mut value = serde_json::to_value(ep).expect("endpoints serialize");
+        let bound_to = ep.id.as_str();
+        for_each_secret(&mut value, |s| *s = self.sealer.seal(s, bound_to));
+        value.to_string()
+    }
+
+    /// Parses a stored record, opening its secrets.
+    pub(super) fn open_endpoint(&self, key: &str, json: &str) -> Result<Endpoint, StoreError> {
+        let corrupt = |problem: String| StoreError::Corrupt {
+            key: key.to_owned(),
+            problem,
+        };
+        let mut value: serde_json::Value = serde_json::from_str(json).map_err(|e| corrupt(e.to_string()))?;
+        let bound_to = value["id"].as_str().unwrap_or_default().to_owned();
+        let mut failure = None;
+        for_each_secret(&mut value, |s| match self.sealer.open(s, &bound_to) {
+            Ok(plain) => *s = plain,
+            Err(e) => failure = Some(e),
+        });
+        if let Some(e) = failure {
+            return Err(corrupt(e.to_string()));
+        }
+        serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Re-seals every endpoint with the current key (after a key rotation); returns how many.
+    pub async fn reseal_all_endpoints(&self) -> Result<usize, StoreError> {
+        let accounts: Vec<String> = self.conn().smembers(self.keys.accounts()).await?;
+        let mut count = 0;
+        for account in accounts.into_iter().filter_map(|a| AccountId::parse(a).ok()) {
+            for ep in self.list_endpoints(&account).await? {
+                self.conn()
+                    .hset::<_, _, _, ()>(
+                        self.keys.account_endpoints(&account),
+                        ep.id.as_str(),
+                        self.sealed_json(&ep),
+                    )
+                    .await?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
     /// Stores a new endpoint and indexes it under each subscribed type.
     pub async fn create_endpoint(&self, ep: &Endpoint) -> Result<(), StoreError> {
-        let json = serde_json::to_string(ep).expect("endpoints serialize");
+        let json = self.sealed_json(ep);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .sadd(self.keys.accounts(), ep.account_id.as_str())
@@ -30,7 +76,7 @@ impl Store {
 
     /// Rewrites an endpoint, moving it between type indexes when its subscriptions changed.
     pub async fn save_endpoint(&self, ep: &Endpoint, previous: &Endpoint) -> Result<(), StoreError> {
-        let json = serde_json::to_string(ep).expect("endpoints serialize");
+        let json = self.sealed_json(ep);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .hset(self.keys.account_endpoints(&ep.account_id), ep.id.as_str(), json);
@@ -50,7 +96,7 @@ impl Store {
         let raw: Vec<String> = self.conn().hvals(&key).await?;
         let mut eps = raw
             .iter()
-            .map(|json| parse_endpoint(&key, json))
+            .map(|json| self.open_endpoint(&key, json))
             .collect::<Result<Vec<_>, _>>()?;
         eps.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(eps)
@@ -63,7 +109,7 @@ impl Store {
         };
         let key = self.keys.account_endpoints(&account);
         let json: Option<String> = self.conn().hget(&key, id.as_str()).await?;
-        json.map(|j| parse_endpoint(&key, &j)).transpose()
+        json.map(|j| self.open_endpoint(&key, &j)).transpose()
     }
 
     /// Removes an endpoint; its deliveries stay readable until retention expires them, and
@@ -104,9 +150,16 @@ impl Store {
     }
 }
 
-pub(super) fn parse_endpoint(key: &str, json: &str) -> Result<Endpoint, StoreError> {
-    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
-        key: key.to_owned(),
-        problem: e.to_string(),
-    })
+/// Applies `f` to the endpoint's current and retired secrets in its JSON form.
+fn for_each_secret(value: &mut serde_json::Value, mut f: impl FnMut(&mut String)) {
+    if let Some(serde_json::Value::String(s)) = value.get_mut("secret") {
+        f(s);
+    }
+    if let Some(serde_json::Value::Array(retired)) = value.get_mut("previous_secrets") {
+        for r in retired {
+            if let Some(serde_json::Value::String(s)) = r.get_mut("secret") {
+                f(s);
+            }
+        }
+    }
 }

@@ -38,8 +38,10 @@ pub use keys::Keys;
 pub use retry_set::Claimed;
 pub use stats::{EndpointHealth, EndpointStats, LastDelivery, WindowStats};
 
+use crate::sealing::SecretSealer;
 use crate::startup::{self, Unreachable};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A Redis failure, or a record in Redis that no longer parses.
@@ -59,6 +61,8 @@ pub struct Store {
     retention: Duration,
     /// Finished deliveries kept per endpoint beyond which the oldest are deleted.
     history_per_endpoint: u32,
+    /// Seals endpoint secrets on the way into Redis and opens them on the way out.
+    sealer: Arc<SecretSealer>,
 }
 
 impl std::fmt::Debug for Store {
@@ -77,6 +81,9 @@ pub struct StoreConfig {
     pub retry_shards: u16,
     pub retention: Duration,
     pub history_per_endpoint: u32,
+    /// Validated sealing keys (see [`crate::sealing`]).
+    pub secret_key: Option<String>,
+    pub secret_key_previous: Option<String>,
 }
 
 impl From<&crate::config::CommonArgs> for StoreConfig {
@@ -87,6 +94,8 @@ impl From<&crate::config::CommonArgs> for StoreConfig {
             retry_shards: c.retry_shards,
             retention: c.retention,
             history_per_endpoint: c.history_per_endpoint,
+            secret_key: c.secret_key.clone(),
+            secret_key_previous: c.secret_key_previous.clone(),
         }
     }
 }
@@ -112,6 +121,10 @@ impl Store {
             keys: Keys::new(&config.prefix, config.retry_shards),
             retention: config.retention,
             history_per_endpoint: config.history_per_endpoint.max(1),
+            sealer: Arc::new(
+                SecretSealer::new(config.secret_key.as_deref(), config.secret_key_previous.as_deref())
+                    .expect("sealing keys are validated when configuration is parsed"),
+            ),
         })
     }
 
@@ -133,9 +146,13 @@ impl Store {
         redis::cmd("PING").query_async::<()>(&mut self.conn()).await.is_ok()
     }
 
-    /// Warns when Redis would lose recorded outcomes on a crash or evict them under memory
-    /// pressure: "recorded" only means durable with append-only persistence and no eviction.
+    /// Warns about settings a production installation must not run with: Redis that would lose
+    /// recorded outcomes on a crash or evict them ("recorded" only means durable with
+    /// append-only persistence and no eviction), and signing secrets stored unsealed.
     pub async fn warn_if_not_durable(&self) {
+        if !self.sealer.is_sealing() {
+            tracing::warn!("LAABAM_SECRET_KEY is not set: endpoint signing secrets are stored in Redis unencrypted");
+        }
         let mut conn = self.conn();
         let mut setting = async |name: &str| -> Option<String> {
             let pair: Vec<String> = redis::cmd("CONFIG")

@@ -255,6 +255,17 @@ mod tests {
         assert_eq!(schema["properties"]["amount"]["type"], "integer");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn validation_never_panics_on_any_json(value in proptest::arbitrary::any::<(Option<String>, Option<i64>, bool)>()) {
+            let (s, n, flag) = value;
+            let json = serde_json::json!({ "invoice_id": s, "payment_id": n, "amount": flag });
+            for spec in CATALOG {
+                let _ = spec.validate(&raw(&json.to_string()));
+            }
+        }
+    }
+
     #[test]
     fn unknown_types_are_not_found() {
         assert!(lookup("invoice.deleted").is_none());

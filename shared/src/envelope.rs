@@ -314,6 +314,46 @@ mod tests {
         }
     }
 
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn payload() -> impl Strategy<Value = String> {
+            ("[a-zA-Z0-9 _.@-]{0,40}", "[a-zA-Z0-9 _.@-]{0,40}", any::<i64>()).prop_map(|(a, b, n)| {
+                serde_json::json!({ "invoice_id": a, "payment_id": b, "amount": n, "note": "é\u{1F600}\"" }).to_string()
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic_and_always_get_a_reason(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+                if let Err(e) = Envelope::parse(&body, &Provenance::default(), 0) {
+                    prop_assert!(EnvelopeError::CODES.contains(&e.code()));
+                }
+            }
+
+            #[test]
+            fn json_shaped_noise_never_panics(
+                id in proptest::option::of("[ -~]{0,140}"),
+                ty in proptest::option::of("[a-z.]{0,20}"),
+                ts in proptest::option::of("[0-9TZ:.+-]{0,30}"),
+                account in proptest::option::of("[ -~]{0,70}"),
+            ) {
+                let body = serde_json::json!({ "id": id, "type": ty, "timestamp": ts, "account_id": account, "data": {} });
+                let _ = Envelope::parse(body.to_string().as_bytes(), &Provenance::default(), 0);
+            }
+
+            #[test]
+            fn valid_events_round_trip_with_data_byte_for_byte(data in payload(), account in "[a-z0-9_]{1,20}") {
+                let raw = RawValue::from_string(data.clone()).unwrap();
+                let env = Envelope::new("invoice.paid", AccountId::parse(account).unwrap(), raw, None, 1_000).unwrap();
+                let back = Envelope::parse(&env.to_json(), &Provenance::default(), 0).unwrap();
+                prop_assert_eq!(back.data.get(), data.as_str());
+                prop_assert_eq!(back.to_json(), env.to_json());
+            }
+        }
+    }
+
     #[test]
     fn every_code_is_listed() {
         let errors = [

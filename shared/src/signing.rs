@@ -228,6 +228,42 @@ mod tests {
         assert!(verify(&stranger, "evt_1", "100", &header, b"body", 100, DEFAULT_TOLERANCE).is_err());
     }
 
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn every_signature_verifies_and_any_change_breaks_it(
+                id in "[ -~]{1,64}",
+                ts in 0i64..4_000_000_000,
+                body in proptest::collection::vec(any::<u8>(), 0..256),
+                flip in any::<usize>(),
+            ) {
+                let secret = Secret::generate();
+                let header = signature_header([&secret], &id, ts, &body);
+                prop_assert!(verify(&secret, &id, &ts.to_string(), &header, &body, ts, DEFAULT_TOLERANCE).is_ok());
+                if !body.is_empty() {
+                    let mut changed = body.clone();
+                    let i = flip % changed.len();
+                    changed[i] ^= 0x01;
+                    prop_assert!(verify(&secret, &id, &ts.to_string(), &header, &changed, ts, DEFAULT_TOLERANCE).is_err());
+                }
+            }
+
+            #[test]
+            fn garbage_headers_never_panic(header in "[ -~]{0,200}", ts in "[ -~]{0,20}") {
+                let secret = Secret::generate();
+                let _ = verify(&secret, "id", &ts, &header, b"{}", 0, DEFAULT_TOLERANCE);
+            }
+
+            #[test]
+            fn secret_parsing_never_panics(s in "[ -~]{0,100}") {
+                let _ = Secret::parse(&s);
+            }
+        }
+    }
+
     #[test]
     fn secrets_round_trip_and_never_print() {
         let s = Secret::generate();

@@ -77,6 +77,27 @@ impl ApiClient {
         self.send(method, path, body, &[]).await
     }
 
+    /// Like [`Self::post`], but `None` when the API cannot be reached at all.
+    pub async fn try_post(&self, path: &str, body: Value) -> Option<Answer> {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", "application/json");
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let body = Full::new(Bytes::from(serde_json::to_vec(&body).unwrap()));
+        let resp = self.client.request(req.body(body).unwrap()).await.ok()?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.ok()?.to_bytes();
+        Some(Answer {
+            status,
+            headers,
+            json: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        })
+    }
+
     pub async fn get(&self, path: &str) -> Answer {
         self.call(Method::GET, path, None).await
     }

@@ -5,11 +5,13 @@
 //!   and the components (in-process or as real binaries) running in it.
 //! - [`api`]: a JSON client for the HTTP API.
 //! - [`receiver`]: HTTP and HTTPS receivers that record every request and answer as told.
+//! - [`report`]: the fault table (fault, confirmed, delivered, lost, duplicates).
 //! - [`wait`]: waiting on conditions instead of sleeping.
 
 pub mod api;
 pub mod env;
 pub mod receiver;
+pub mod report;
 pub mod wait;
 
 pub use api::ApiClient;

@@ -104,13 +104,28 @@ impl Receiver {
     }
 
     pub async fn start(script: impl Fn(&Captured, usize) -> Reply + Send + Sync + 'static) -> Self {
-        Self::serve(Arc::new(script), None).await
+        Self::serve(Arc::new(script), None, 0).await
+    }
+
+    /// A receiver on a given port, e.g. one coming back where an earlier one stopped.
+    pub async fn start_on(port: u16, script: impl Fn(&Captured, usize) -> Reply + Send + Sync + 'static) -> Self {
+        Self::serve(Arc::new(script), None, port).await
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url
+            .split(':')
+            .nth(2)
+            .and_then(|p| p.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .expect("a port in the URL")
     }
 
     /// A TLS receiver whose certificate names `names`, signed by a fresh CA.
     pub async fn start_tls(names: &[&str], script: impl Fn(&Captured, usize) -> Reply + Send + Sync + 'static) -> Self {
         let (config, ca_pem) = test_tls(names);
-        let mut rx = Self::serve(Arc::new(script), Some(Arc::new(config))).await;
+        let mut rx = Self::serve(Arc::new(script), Some(Arc::new(config)), 0).await;
         let path = std::env::temp_dir().join(format!("laabam-test-ca-{}.pem", ulid::Ulid::new()));
         std::fs::write(&path, ca_pem).expect("write CA");
         rx.url = rx.url.replacen("http://", "https://", 1);
@@ -118,8 +133,8 @@ impl Receiver {
         rx
     }
 
-    async fn serve(script: Arc<Script>, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+    async fn serve(script: Arc<Script>, tls: Option<Arc<rustls::ServerConfig>>, port: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind receiver");
         let addr = listener.local_addr().expect("addr");
         let requests: Arc<Mutex<Vec<Captured>>> = Arc::default();
         let concurrency: Arc<Concurrency> = Arc::default();

@@ -145,11 +145,17 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
         || async { rx.per_event().contains_key(during.id.as_str()) },
     )
     .await;
-    publisher.publish(&event(3)).await.unwrap();
+    let after = event(3);
+    publisher.publish(&after).await.unwrap();
     wait_until("delivery goes on", Duration::from_secs(20), || async {
-        rx.count() >= 3
+        rx.per_event().contains_key(after.id.as_str())
     })
     .await;
+    let ids: Vec<String> = rx.per_event().into_keys().collect();
+    assert_eq!(ids.len(), 3);
+    let (lost, _) =
+        laabam_tests::report::fault_row("Redis down, then restarted (append-only)", &ids, &rx.per_event(), 1);
+    assert_eq!(lost, 0);
 
     // Logs: one JSON object per line, with event and delivery ids, and no secret of any kind.
     let text = std::fs::read_to_string(&log).unwrap();

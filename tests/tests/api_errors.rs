@@ -318,3 +318,24 @@ async fn every_route_answers_bad_input_with_the_documented_error() {
         .await;
     assert_eq!(answer.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_over_their_rate_are_told_to_slow_down_and_others_are_not() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api_with(ADMIN, &["--api-rate-limit", "5"]).await;
+    let client = key(&api).await;
+    let mut limited = None;
+    for _ in 0..30 {
+        let answer = client.get("/v1/event-types").await;
+        if answer.status == 429 {
+            limited = Some(answer);
+            break;
+        }
+    }
+    let limited = limited.expect("a burst past twice the rate is limited");
+    assert_eq!(limited.json["error"]["code"], "rate_limited");
+    assert!(limited.headers.get("retry-after").is_some());
+    // Another credential has its own budget.
+    let other = key(&api).await;
+    assert_eq!(other.get("/v1/event-types").await.status, 200);
+}

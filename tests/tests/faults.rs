@@ -342,7 +342,13 @@ async fn a_producer_killed_mid_stream_loses_no_event_it_confirmed() {
         .unwrap()
         .port();
     let mut flags = env.connection_flags();
-    flags.extend(["serve".into(), "--http-addr".into(), format!("127.0.0.1:{port}")]);
+    flags.extend([
+        "serve".into(),
+        "--http-addr".into(),
+        format!("127.0.0.1:{port}"),
+        "--api-rate-limit".into(),
+        "100000".into(),
+    ]);
     let api = ApiClient::new(&format!("http://127.0.0.1:{port}")).with_token(&key);
     let start = |env: &mut TestEnv| env.spawn_binary("laabam-producer", &flags);
     let up = || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() };

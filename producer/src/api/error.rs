@@ -23,6 +23,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("method not allowed on this route")]
     MethodNotAllowed,
+    #[error("too many requests; slow down (see Retry-After)")]
+    RateLimited,
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -61,6 +63,7 @@ impl ApiError {
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None),
+            ApiError::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", None),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
         }

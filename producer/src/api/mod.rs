@@ -9,6 +9,7 @@ pub mod error;
 pub mod event_types;
 pub mod events;
 pub mod extract;
+pub mod limits;
 pub mod openapi;
 pub mod views;
 
@@ -46,6 +47,15 @@ pub struct ServeArgs {
     pub secret_grace: Duration,
     #[command(flatten)]
     pub targets: TargetArgs,
+    /// Requests per second per credential (or per client address), with bursts of twice that.
+    #[arg(long, env = "LAABAM_API_RATE_LIMIT", default_value_t = 100)]
+    pub api_rate_limit: u32,
+    /// Requests processed at once; past it the API answers 503 with Retry-After.
+    #[arg(long, env = "LAABAM_API_MAX_IN_FLIGHT", default_value_t = 512)]
+    pub api_max_in_flight: usize,
+    /// The longest a request may take (a publish waits for the broker's confirm).
+    #[arg(long, env = "LAABAM_API_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub api_timeout: Duration,
 }
 
 /// What every handler shares.
@@ -102,8 +112,8 @@ async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, &'static str)
     }
 }
 
-/// Every route.
-pub fn router(state: Arc<ApiState>) -> Router {
+/// Every route, behind the API's own limits.
+pub fn router(state: Arc<ApiState>, limits: Arc<limits::Limits>) -> Router {
     Router::new()
         .route("/v1/event-types", get(event_types::list))
         .route("/v1/events", post(events::publish).get(events::list))
@@ -136,6 +146,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(limits, limits::enforce))
         .with_state(state)
 }
 
@@ -175,7 +186,12 @@ pub async fn start(
         addr: args.http_addr,
         source,
     })?;
-    let app = router(state);
+    let limits = Arc::new(limits::Limits::new(
+        args.api_rate_limit,
+        args.api_max_in_flight,
+        args.api_timeout,
+    ));
+    let app = router(state, limits).into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

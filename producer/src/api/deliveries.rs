@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryQuery {
     pub endpoint_id: Option<String>,
@@ -28,6 +29,7 @@ pub struct DeliveryQuery {
     pub until: Option<String>,
     pub cursor: Option<String>,
     /// 1 to 250, default 50.
+    #[param(minimum = 1, maximum = 250)]
     pub limit: Option<usize>,
 }
 

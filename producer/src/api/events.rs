@@ -116,11 +116,13 @@ pub async fn publish(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// From a previous page's `next_cursor`.
     pub cursor: Option<String>,
     /// 1 to 250, default 50.
+    #[param(minimum = 1, maximum = 250)]
     pub limit: Option<usize>,
 }
 

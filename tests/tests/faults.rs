@@ -54,6 +54,7 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_the_stream_goes_on(
             "invalid_payload",
         ),
         ("invoice.created", big.into_bytes(), "too_large"),
+        ("invoice.created", vec![b'{'; 10 * 1024 * 1024], "too_large"),
     ];
     let conn = Connection::connect(&env.amqp_url, ConnectionProperties::default())
         .await
@@ -424,5 +425,148 @@ async fn a_receiver_down_for_a_while_gets_everything_by_retry() {
     }
     let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
     let (lost, _) = fault_row("receiver down for a while, then back", &ids, &arrivals, 1);
+    assert_eq!(lost, 0);
+}
+
+/// A RabbitMQ node of the test's own (own name, port and data directory), so restarting it
+/// leaves every other test's broker alone.
+struct OwnRabbit {
+    node: String,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnRabbit {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let name = format!("laabam-fault-{}", ulid::Ulid::new().to_string().to_lowercase());
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(dir.join("mnesia")).unwrap();
+        std::fs::create_dir_all(dir.join("log")).unwrap();
+        std::fs::write(dir.join("enabled_plugins"), "[].").unwrap();
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )
+        .unwrap();
+        // The broker drops to the rabbitmq user: it must own its directory.
+        let _ = std::process::Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&dir)
+            .status();
+        let rabbit = OwnRabbit {
+            node: format!("{name}@localhost"),
+            port,
+            dir,
+        };
+        rabbit.boot().await;
+        rabbit
+    }
+
+    async fn boot(&self) {
+        let d = &self.dir;
+        std::process::Command::new("rabbitmq-server")
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env(
+                "RABBITMQ_DIST_PORT",
+                (self.port as u32 + 20_000).min(65_000).to_string(),
+            )
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"))
+            .env("RABBITMQ_FEATURE_FLAGS_FILE", d.join("feature_flags"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .current_dir(d)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("rabbitmq-server starts");
+        let port = self.port;
+        wait_until(
+            "the RabbitMQ node accepts connections",
+            Duration::from_secs(90),
+            || async move {
+                lapin::Connection::connect(
+                    &format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+                    lapin::ConnectionProperties::default(),
+                )
+                .await
+                .is_ok()
+            },
+        )
+        .await;
+    }
+
+    fn stop(&self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "stop"])
+            .output();
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+impl Drop for OwnRabbit {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_rabbitmq_node_restart_loses_no_confirmed_event() {
+    let rabbit = OwnRabbit::start().await;
+    let mut env = TestEnv::new().await;
+    env.amqp_url = rabbit.url();
+    let rx = Receiver::start(|_, _| Reply::After(Duration::from_millis(10), 200)).await;
+    env.endpoint("acct_r", &rx.url, None).await;
+    env.start_dispatcher(&[]);
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+    let mut confirmed = Vec::new();
+    let mut unconfirmed = 0;
+    for n in 0..300 {
+        if n == 100 {
+            rabbit.stop();
+        }
+        if n == 130 {
+            rabbit.boot().await;
+        }
+        let e = event("acct_r", n);
+        match publisher.publish(&e).await {
+            Ok(()) => confirmed.push(e.id.to_string()),
+            Err(_) => {
+                unconfirmed += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert!(
+        unconfirmed >= 25,
+        "publishes while the node was down were reported, not confirmed"
+    );
+    wait_until(
+        "every confirmed event delivered after the restart",
+        Duration::from_secs(90),
+        || async {
+            let seen = rx.per_event();
+            confirmed.iter().all(|id| seen.contains_key(id))
+        },
+    )
+    .await;
+    let (lost, _) = fault_row(
+        "RabbitMQ node stopped and restarted (own node)",
+        &confirmed,
+        &rx.per_event(),
+        1,
+    );
     assert_eq!(lost, 0);
 }

@@ -434,6 +434,8 @@ struct OwnRabbit {
     node: String,
     port: u16,
     dir: std::path::PathBuf,
+    /// The `rabbitmq-server` processes started, reaped when the node stops.
+    children: std::sync::Mutex<Vec<std::process::Child>>,
 }
 
 impl OwnRabbit {
@@ -462,6 +464,7 @@ impl OwnRabbit {
             node: format!("{name}@localhost"),
             port,
             dir,
+            children: std::sync::Mutex::new(Vec::new()),
         };
         rabbit.boot().await;
         rabbit
@@ -469,7 +472,7 @@ impl OwnRabbit {
 
     async fn boot(&self) {
         let d = &self.dir;
-        std::process::Command::new("rabbitmq-server")
+        let child = std::process::Command::new("rabbitmq-server")
             .env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env(
@@ -487,6 +490,7 @@ impl OwnRabbit {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("rabbitmq-server starts");
+        self.children.lock().unwrap().push(child);
         let port = self.port;
         wait_until(
             "the RabbitMQ node accepts connections",

@@ -4,7 +4,7 @@
 use laabam_shared::clock::now_ms;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
-use laabam_tests::{ApiClient, Receiver, TestEnv, wait_until};
+use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use serde_json::value::RawValue;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -71,7 +71,15 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     let mut redis = OwnRedis::start();
     let mut env = TestEnv::new().await;
     env.redis_url = format!("redis://127.0.0.1:{}", redis.port);
-    let rx = Receiver::ok().await;
+    // The first attempt of the first event fails, so a retry is pending in Redis when it stops.
+    let rx = Receiver::start(|req, nth| {
+        if nth == 0 && req.json()["data"]["customer_id"] == "c0" {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
     let ep = env.endpoint("acct_ops", &rx.url, None).await;
 
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -79,7 +87,7 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
         .local_addr()
         .unwrap()
         .port();
-    let mut flags = env.dispatcher_flags(&[]);
+    let mut flags = env.dispatcher_flags(&["--retry-first-delay", "5s", "--retry-max-delay", "5s"]);
     flags.extend(["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")]);
     let log = std::env::temp_dir().join(format!("laabam-dispatcher-{}.log", ulid::Ulid::new()));
     env.spawn_binary_with(
@@ -125,16 +133,23 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
         )
         .unwrap()
     };
+    let retried = event(0);
+    publisher.publish(&retried).await.unwrap();
+    wait_until("the first attempt failed", Duration::from_secs(20), || async {
+        rx.count() == 1
+    })
+    .await;
     publisher.publish(&event(1)).await.unwrap();
-    wait_until("first delivery", Duration::from_secs(20), || async { rx.count() == 1 }).await;
+    wait_until("first delivery", Duration::from_secs(20), || async { rx.count() == 2 }).await;
 
-    // Redis goes away: readiness drops; an event published meanwhile waits in the broker.
+    // Redis goes away with a retry pending: readiness drops; an event published meanwhile
+    // waits in the broker.
     redis.stop();
     wait_until("not ready while Redis is down", Duration::from_secs(15), || ready(503)).await;
     let during = event(2);
     publisher.publish(&during).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(rx.count(), 1, "nothing can be delivered without recording it");
+    assert_eq!(rx.count(), 2, "nothing can be delivered without recording it");
 
     // Redis is back (with its append-only file): readiness returns and the event arrives.
     redis.restart();
@@ -151,10 +166,23 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
         rx.per_event().contains_key(after.id.as_str())
     })
     .await;
-    let ids: Vec<String> = rx.per_event().into_keys().collect();
-    assert_eq!(ids.len(), 3);
-    let (lost, _) =
-        laabam_tests::report::fault_row("Redis down, then restarted (append-only)", &ids, &rx.per_event(), 1);
+    wait_until(
+        "the retry pending across the restart",
+        Duration::from_secs(30),
+        || async { rx.per_event().get(retried.id.as_str()) == Some(&2) },
+    )
+    .await;
+    let mut arrivals = rx.per_event();
+    // The planned failed attempt is not a duplicate.
+    *arrivals.get_mut(retried.id.as_str()).unwrap() -= 1;
+    let ids: Vec<String> = arrivals.keys().cloned().collect();
+    assert_eq!(ids.len(), 4);
+    let (lost, _) = laabam_tests::report::fault_row(
+        "Redis down with a retry pending, then restarted (append-only)",
+        &ids,
+        &arrivals,
+        1,
+    );
     assert_eq!(lost, 0);
 
     // Logs: one JSON object per line, with event and delivery ids, and no secret of any kind.

@@ -40,6 +40,20 @@ impl ApiClient {
         }
     }
 
+    /// Creates an account as the operator (`admin_token`) and returns its id and a client
+    /// holding a fresh key of it.
+    pub async fn new_account(&self, admin_token: &str, name: &str) -> (String, ApiClient) {
+        let admin = self.with_token(admin_token);
+        let created = admin.post("/v1/accounts", serde_json::json!({ "name": name })).await;
+        assert_eq!(created.status, 201, "{:?}", created.json);
+        let id = created.json["id"].as_str().expect("an account id").to_owned();
+        let key = admin
+            .post(&format!("/v1/accounts/{id}/keys"), serde_json::json!({}))
+            .await;
+        assert_eq!(key.status, 201, "{:?}", key.json);
+        (id, self.with_token(key.json["key"].as_str().expect("a key")))
+    }
+
     /// Sends raw bytes, for tests of malformed input.
     pub async fn send(&self, method: Method, path: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> Answer {
         let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));

@@ -323,6 +323,33 @@ impl TestEnv {
             .expect("join")
     }
 
+    /// Publishes the way a publisher that knows nothing of our library does (the README's AMQP
+    /// contract only), with confirms.
+    pub async fn plain_publish(&self, routing_key: &str, body: &[u8], props: lapin::BasicProperties) {
+        let conn = laabam_shared::startup::amqp_connect(&self.amqp_url, "plain-publisher")
+            .await
+            .expect("connect");
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let confirm = channel
+            .basic_publish(
+                laabam_shared::topology::EVENTS_EXCHANGE.into(),
+                routing_key.into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "the broker confirmed");
+        let _ = conn.close(200, "done".into()).await;
+    }
+
     /// Declares the topology, as `laabam-producer topology` does before plain publishers start.
     pub async fn declare_topology(&self) {
         let conn = laabam_shared::startup::amqp_connect(&self.amqp_url, "laabam-test")
@@ -371,6 +398,23 @@ impl Drop for TestEnv {
             }
         }
     }
+}
+
+/// Publishes every event through our library, 100 at a time, and asserts the broker confirmed
+/// each.
+pub async fn publish_all(publisher: &Publisher, events: &[laabam_shared::envelope::Envelope]) {
+    for chunk in events.chunks(100) {
+        let results = futures_util::future::join_all(chunk.iter().map(|e| publisher.publish(e))).await;
+        assert!(results.iter().all(Result::is_ok), "every publish confirmed");
+    }
+}
+
+/// A free TCP port on loopback (for processes that must be told their port in advance).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// The path of a workspace binary, building the workspace's binaries once per test process.

@@ -17,4 +17,4 @@ pub mod wait;
 pub use api::ApiClient;
 pub use env::TestEnv;
 pub use receiver::{Receiver, Reply};
-pub use wait::wait_until;
+pub use wait::{wait_finished, wait_until};

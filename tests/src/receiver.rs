@@ -42,6 +42,28 @@ impl Captured {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).expect("body is JSON")
     }
+
+    /// Verifies the signature in `header` as a Standard Webhooks receiver would, now.
+    pub fn verify(
+        &self,
+        secret: &laabam_shared::signing::Secret,
+        header: &str,
+    ) -> Result<(), laabam_shared::signing::SignatureError> {
+        laabam_shared::signing::verify(
+            secret,
+            self.header("webhook-id"),
+            self.header("webhook-timestamp"),
+            self.header(header),
+            &self.body,
+            laabam_shared::clock::now_ms() / 1000,
+            laabam_shared::signing::DEFAULT_TOLERANCE,
+        )
+    }
+
+    /// Whether `webhook-signature` verifies with `secret`.
+    pub fn verifies(&self, secret: &laabam_shared::signing::Secret) -> bool {
+        self.verify(secret, "webhook-signature").is_ok()
+    }
 }
 
 /// What to answer.

@@ -3,8 +3,7 @@
 
 use laabam_shared::catalog::CATALOG;
 use laabam_shared::clock::{format_rfc3339_ms, now_ms};
-use laabam_shared::signing::{DEFAULT_TOLERANCE, Secret, verify};
-use laabam_tests::receiver::Captured;
+use laabam_shared::signing::Secret;
 use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -16,15 +15,14 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// An account with its own key, created the way an operator would.
 async fn account(api: &ApiClient, name: &str) -> (String, ApiClient) {
-    let admin = api.with_token(ADMIN);
-    let created = admin.post("/v1/accounts", json!({ "name": name })).await;
-    assert_eq!(created.status, 201, "{:?}", created.json);
-    let id = created.json["id"].as_str().unwrap().to_owned();
-    let key = admin.post(&format!("/v1/accounts/{id}/keys"), json!({})).await;
-    assert_eq!(key.status, 201, "{:?}", key.json);
-    let key = key.json["key"].as_str().unwrap().to_owned();
-    assert!(key.starts_with("lbk_"));
-    (id, api.with_token(&key))
+    let (id, client) = api.new_account(ADMIN, name).await;
+    assert!(
+        client.get("/v1/api-keys").await.json[0]["prefix"]
+            .as_str()
+            .unwrap()
+            .starts_with("lbk_")
+    );
+    (id, client)
 }
 
 async fn endpoint(client: &ApiClient, url: &str, events: Value) -> (String, Secret) {
@@ -37,19 +35,6 @@ async fn endpoint(client: &ApiClient, url: &str, events: Value) -> (String, Secr
     assert_eq!(created.status, 201, "{:?}", created.json);
     let secret = Secret::parse(created.json["secret"].as_str().unwrap()).unwrap();
     (created.json["id"].as_str().unwrap().to_owned(), secret)
-}
-
-fn verifies(req: &Captured, secret: &Secret) -> bool {
-    verify(
-        secret,
-        req.header("webhook-id"),
-        req.header("webhook-timestamp"),
-        req.header("webhook-signature"),
-        &req.body,
-        now_ms() / 1000,
-        DEFAULT_TOLERANCE,
-    )
-    .is_ok()
 }
 
 async fn delivery_status(client: &ApiClient, id: &str) -> String {
@@ -106,7 +91,7 @@ async fn an_account_manages_endpoints_publishes_and_inspects_every_delivery() {
     })
     .await;
     for req in healthy.requests() {
-        assert!(verifies(&req, &healthy_secret));
+        assert!(req.verifies(&healthy_secret));
     }
     let succeeded = alice
         .get(&format!("/v1/deliveries?endpoint_id={healthy_id}&status=succeeded"))
@@ -218,7 +203,7 @@ async fn an_account_manages_endpoints_publishes_and_inspects_every_delivery() {
         .find(|r| r.header("webhook-id") == test.json["event_id"].as_str().unwrap())
         .unwrap();
     assert!(
-        verifies(&test_req, &new_secret) && verifies(&test_req, &healthy_secret),
+        test_req.verifies(&new_secret) && test_req.verifies(&healthy_secret),
         "both secrets verify during the grace period"
     );
     assert_eq!(test_req.header("webhook-signature").split(' ').count(), 2);

@@ -10,16 +10,7 @@ const ADMIN: &str = "errors-operator-token";
 type Case<'a> = (Method, String, String, u16, &'a str, Option<&'a str>, &'a str);
 
 async fn key(api: &ApiClient) -> ApiClient {
-    let admin = api.with_token(ADMIN);
-    let id = admin.post("/v1/accounts", json!({ "name": "errors" })).await.json["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let key = admin.post(&format!("/v1/accounts/{id}/keys"), json!({})).await.json["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    api.with_token(&key)
+    api.new_account(ADMIN, "errors").await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,10 +1,10 @@
 //! Two dispatchers and two schedulers deliver a burst with injected failures: nothing lost,
 //! and every (event, endpoint) pair gets exactly the attempts its failures call for.
 
-use futures_util::future::join_all;
 use laabam_shared::clock::now_ms;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
+use laabam_tests::env::publish_all;
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
 use serde_json::value::RawValue;
 use std::time::Duration;
@@ -55,10 +55,7 @@ async fn two_dispatchers_and_two_schedulers_lose_nothing_and_attempt_exactly_as_
             .unwrap()
         })
         .collect();
-    for chunk in events.chunks(100) {
-        let results = join_all(chunk.iter().map(|e| publisher.publish(e))).await;
-        assert!(results.iter().all(Result::is_ok), "every publish confirmed");
-    }
+    publish_all(&publisher, &events).await;
 
     let expected_requests: Vec<usize> = (0..ENDPOINTS)
         .map(|i| events.iter().map(|e| injected_failures(e.id.as_str(), i) + 1).sum())

@@ -1,16 +1,15 @@
 //! Poison messages are dead-lettered with a reason and the stream goes on; a dispatcher killed
 //! mid-burst loses nothing that the broker confirmed.
 
-use futures_util::future::join_all;
 use laabam_shared::clock::now_ms;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
 use laabam_shared::topology;
+use laabam_tests::env::publish_all;
 use laabam_tests::report::fault_row;
 use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::BasicProperties;
 use lapin::types::AMQPValue;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -56,24 +55,8 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_the_stream_goes_on(
         ("invoice.created", big.into_bytes(), "too_large"),
         ("invoice.created", vec![b'{'; 10 * 1024 * 1024], "too_large"),
     ];
-    let conn = Connection::connect(&env.amqp_url, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     for (key, body, _) in &poison {
-        channel
-            .basic_publish(
-                topology::EVENTS_EXCHANGE.into(),
-                (*key).into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        env.plain_publish(key, body, BasicProperties::default()).await;
     }
     let good = event("acct_a", 1);
     env.publisher().await.publish(&good).await.unwrap();
@@ -105,7 +88,6 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_the_stream_goes_on(
             String::from_utf8_lossy(&body[..body.len().min(60)])
         );
     }
-    conn.close(200, "done".into()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,14 +100,7 @@ async fn a_dispatcher_killed_mid_burst_loses_no_confirmed_event() {
     env.start_scheduler(&[]);
     let publisher = env.publisher().await;
     let events: Vec<Envelope> = (0..600).map(|n| event("acct_k", n)).collect();
-    for chunk in events.chunks(100) {
-        assert!(
-            join_all(chunk.iter().map(|e| publisher.publish(e)))
-                .await
-                .iter()
-                .all(Result::is_ok)
-        );
-    }
+    publish_all(&publisher, &events).await;
     wait_until("the burst under way", Duration::from_secs(30), || async {
         rx.count() >= 100
     })
@@ -241,14 +216,7 @@ async fn sigterm_drains_in_flight_attempts_and_loses_nothing() {
     env.start_scheduler(&[]);
     let publisher = env.publisher().await;
     let events: Vec<Envelope> = (0..200).map(|n| event("acct_t", n)).collect();
-    for chunk in events.chunks(50) {
-        assert!(
-            join_all(chunk.iter().map(|e| publisher.publish(e)))
-                .await
-                .iter()
-                .all(Result::is_ok)
-        );
-    }
+    publish_all(&publisher, &events).await;
     wait_until("attempts in flight", Duration::from_secs(20), || async {
         rx.count() >= 10
     })
@@ -295,14 +263,7 @@ async fn a_retry_scheduler_killed_mid_stream_loses_no_retry() {
     let first = env.spawn_binary("laabam-retry-scheduler", &flags);
     let publisher = env.publisher().await;
     let events: Vec<Envelope> = (0..300).map(|n| event("acct_s", n)).collect();
-    for chunk in events.chunks(50) {
-        assert!(
-            join_all(chunk.iter().map(|e| publisher.publish(e)))
-                .await
-                .iter()
-                .all(Result::is_ok)
-        );
-    }
+    publish_all(&publisher, &events).await;
     wait_until("retries under way", Duration::from_secs(30), || async {
         rx.count() >= 350
     })
@@ -337,11 +298,7 @@ async fn a_producer_killed_mid_stream_loses_no_event_it_confirmed() {
     let rx = Receiver::ok().await;
     env.endpoint(account.id.as_str(), &rx.url, None).await;
     env.start_dispatcher(&[]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = laabam_tests::env::free_port();
     let mut flags = env.connection_flags();
     flags.extend([
         "serve".into(),
@@ -440,11 +397,7 @@ struct OwnRabbit {
 
 impl OwnRabbit {
     async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = laabam_tests::env::free_port();
         let name = format!("laabam-fault-{}", ulid::Ulid::new().to_string().to_lowercase());
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(dir.join("mnesia")).unwrap();

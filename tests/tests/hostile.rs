@@ -2,10 +2,10 @@
 //! timeout, reading a bounded amount, and nothing else is held back.
 
 use laabam_shared::clock::now_ms;
-use laabam_shared::delivery::{DeliveryStatus, Outcome};
+use laabam_shared::delivery::Outcome;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
-use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
+use laabam_tests::{Receiver, Reply, TestEnv, wait_finished, wait_until};
 use serde_json::value::RawValue;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -122,18 +122,7 @@ async fn broken_endpoints_fail_clearly_within_the_timeout() {
     ];
     for (ep, (outcome, fragment)) in endpoints.iter().zip(expected) {
         let id = DeliveryId::for_pair(&event.id, &ep.id);
-        wait_until(
-            &format!("{} finished", ep.url.as_str()),
-            Duration::from_secs(20),
-            || async {
-                store
-                    .delivery(&id)
-                    .await
-                    .unwrap()
-                    .is_some_and(|d| matches!(d.status, DeliveryStatus::Succeeded | DeliveryStatus::Failed))
-            },
-        )
-        .await;
+        wait_finished(&store, &id).await;
         let attempts = store.attempts(&id).await.unwrap();
         assert_eq!(attempts.len(), 1);
         let a = &attempts[0];

@@ -1,10 +1,9 @@
 //! The operator's view: the deploy/ Prometheus rules and Grafana dashboard, evaluated by a real
 //! Prometheus scraping the real processes under load with injected failures.
 
-use laabam_shared::topology;
+use laabam_tests::env::free_port;
 use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::BasicProperties;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -27,14 +26,6 @@ fn tool(name: &str) -> &str {
         "{name} is missing: scripts/services installs it (Debian package prometheus)"
     );
     name
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]
@@ -229,7 +220,7 @@ async fn dashboards_and_alerts_evaluate_to_what_the_traffic_implies() {
             .await;
         assert_eq!(answer.status, 202);
         if n == events - 50 {
-            poison(&env.amqp_url).await;
+            poison(&env).await;
         }
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
@@ -373,24 +364,8 @@ async fn metrics_text(port: u16) -> String {
     String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
 }
 
-async fn poison(amqp_url: &str) {
-    let conn = Connection::connect(amqp_url, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+async fn poison(env: &TestEnv) {
     let body = br#"{"type":"invoice.exploded","account_id":"acct_x","data":{}}"#;
-    channel
-        .basic_publish(
-            topology::EVENTS_EXCHANGE.into(),
-            "invoice.exploded".into(),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    conn.close(200, "done".into()).await.unwrap();
+    env.plain_publish("invoice.exploded", body, BasicProperties::default())
+        .await;
 }

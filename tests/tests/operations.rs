@@ -19,11 +19,7 @@ struct OwnRedis {
 
 impl OwnRedis {
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = laabam_tests::env::free_port();
         let dir = std::env::temp_dir().join(format!("laabam-redis-{}", ulid::Ulid::new()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut redis = OwnRedis { port, dir, child: None };
@@ -82,11 +78,7 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     .await;
     let ep = env.endpoint("acct_ops", &rx.url, None).await;
 
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let metrics_port = laabam_tests::env::free_port();
     let mut flags = env.dispatcher_flags(&["--retry-first-delay", "5s", "--retry-max-delay", "5s"]);
     flags.extend(["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")]);
     let log = std::env::temp_dir().join(format!("laabam-dispatcher-{}.log", ulid::Ulid::new()));
@@ -217,11 +209,7 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_producer_and_the_scheduler_stop_cleanly_on_sigterm() {
     let mut env = TestEnv::new().await;
-    let api_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let api_port = laabam_tests::env::free_port();
     let mut api_flags = env.connection_flags();
     api_flags.extend(["serve".into(), "--http-addr".into(), format!("127.0.0.1:{api_port}")]);
     let producer = env.spawn_binary("laabam-producer", &api_flags);

@@ -6,7 +6,7 @@ use laabam_shared::delivery::{DeliveryStatus, Outcome};
 use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
-use laabam_tests::{ApiClient, Receiver, TestEnv, wait_until};
+use laabam_tests::{ApiClient, Receiver, TestEnv, wait_finished, wait_until};
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::time::Duration;
@@ -14,16 +14,7 @@ use std::time::Duration;
 const ADMIN: &str = "security-operator";
 
 async fn account(api: &ApiClient) -> ApiClient {
-    let admin = api.with_token(ADMIN);
-    let id = admin.post("/v1/accounts", json!({ "name": "sec" })).await.json["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let key = admin.post(&format!("/v1/accounts/{id}/keys"), json!({})).await.json["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    api.with_token(&key)
+    api.new_account(ADMIN, "sec").await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,14 +133,7 @@ async fn deliver_to(
     .unwrap();
     env.publisher().await.publish(&event).await.unwrap();
     let id = DeliveryId::for_pair(&event.id, &ep.id);
-    wait_until("finished", Duration::from_secs(20), || async {
-        store
-            .delivery(&id)
-            .await
-            .unwrap()
-            .is_some_and(|d| matches!(d.status, DeliveryStatus::Succeeded | DeliveryStatus::Failed))
-    })
-    .await;
+    wait_finished(&store, &id).await;
     (
         store.delivery(&id).await.unwrap().unwrap(),
         store.attempts(&id).await.unwrap(),
@@ -242,7 +226,6 @@ async fn plain_text(base: &str, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_secrets_are_sealed_at_rest_and_survive_a_key_rotation() {
     use laabam_shared::sealing::SecretSealer;
-    use laabam_shared::signing::{DEFAULT_TOLERANCE, verify};
     let mut env = TestEnv::new().await;
     let (old_key, new_key) = (SecretSealer::generate_key(), SecretSealer::generate_key());
     let rx = Receiver::ok().await;
@@ -296,16 +279,7 @@ async fn signing_secrets_are_sealed_at_rest_and_survive_a_key_rotation() {
     publisher.publish(&publish(1)).await.unwrap();
     wait_until("delivered", Duration::from_secs(20), || async { rx.count() == 1 }).await;
     let req = &rx.requests()[0];
-    let verified = verify(
-        &ep.secret,
-        req.header("webhook-id"),
-        req.header("webhook-timestamp"),
-        req.header("webhook-signature"),
-        &req.body,
-        now_ms() / 1000,
-        DEFAULT_TOLERANCE,
-    );
-    assert!(verified.is_ok());
+    assert!(req.verifies(&ep.secret));
 
     // Rotate: new key, old as previous; re-encrypt; then only the new key is needed.
     let mut flags = env.connection_flags();

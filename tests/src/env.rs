@@ -421,19 +421,26 @@ pub fn free_port() -> u16 {
 pub fn binary(name: &str) -> PathBuf {
     static BUILD: Once = Once::new();
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let exe = std::env::current_exe().expect("test binary path");
+    let release = exe.ancestors().any(|d| d.file_name().is_some_and(|n| n == "release"));
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let profile: &[&str] = if release { &["--release"] } else { &[] };
         let status = Command::new(cargo)
             .args(["build", "--quiet", "--bins"])
+            .args(profile)
             .current_dir(&workspace)
             .status()
             .expect("cargo build runs");
         assert!(status.success(), "building the binaries failed");
     });
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join(name)
+    // target/<profile>/deps/<test> → target/<profile>/<name>; a binary of the target dir itself
+    // (laabam-bench) sits next to the others.
+    let dir = exe.parent().expect("target dir");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("target dir")
+    } else {
+        dir
+    };
+    dir.join(name)
 }

@@ -32,6 +32,8 @@ pub struct Captured {
     pub path: String,
     /// When the request arrived.
     pub at: std::time::Instant,
+    /// The same, as unix milliseconds (to compare with the envelope's timestamp).
+    pub at_ms: i64,
 }
 
 impl Captured {
@@ -189,6 +191,7 @@ impl Receiver {
                             let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             let captured = Captured {
                                 at: std::time::Instant::now(),
+                                at_ms: laabam_shared::clock::now_ms(),
                                 headers: parts.headers,
                                 body,
                                 path: parts.uri.path().to_owned(),

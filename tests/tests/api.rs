@@ -460,3 +460,41 @@ async fn the_openapi_document_describes_every_route() {
     assert_eq!(api.get("/healthz").await.status, 200);
     assert_eq!(api.get("/readyz").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sends_reach_their_endpoint_whatever_it_subscribes_to() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api(ADMIN).await;
+    env.start_dispatcher(&[]);
+    let (_, owner) = account(&api, "Tester").await;
+    let rx = Receiver::ok().await;
+    let (id, _) = endpoint(&owner, &rx.url, json!(["invoice.paid"])).await;
+    let sent = owner
+        .post(
+            &format!("/v1/endpoints/{id}/test"),
+            json!({ "type": "customer.created" }),
+        )
+        .await;
+    assert_eq!(sent.status, 202, "{:?}", sent.json);
+    let delivery = sent.json["delivery_id"].as_str().unwrap().to_owned();
+    wait_until("the test event delivered", WAIT, || async {
+        delivery_status(&owner, &delivery).await == "succeeded"
+    })
+    .await;
+    assert_eq!(rx.requests()[0].json()["type"], "customer.created");
+
+    assert_eq!(
+        owner
+            .patch(&format!("/v1/endpoints/{id}"), json!({ "enabled": false }))
+            .await
+            .status,
+        200
+    );
+    let refused = owner
+        .post(&format!("/v1/endpoints/{id}/test"), json!({ "type": "invoice.paid" }))
+        .await;
+    assert_eq!(
+        (refused.status, refused.json["error"]["code"].as_str()),
+        (409, Some("conflict"))
+    );
+}

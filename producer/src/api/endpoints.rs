@@ -259,6 +259,11 @@ pub async fn test(
     JsonBody(body): JsonBody<TestSend>,
 ) -> ApiResult<(StatusCode, Json<TestSent>)> {
     let ep = owned(&state, &account, &id).await?;
+    if !ep.enabled {
+        return Err(ApiError::Conflict(
+            "the endpoint is disabled; enable it to send a test event".into(),
+        ));
+    }
     let spec = catalog::lookup(&body.event_type)
         .ok_or_else(|| ApiError::invalid("type", format!("unknown event type {:?}", body.event_type)))?;
     let data = RawValue::from_string(spec.example.to_owned()).expect("catalog examples are JSON");

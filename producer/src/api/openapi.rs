@@ -67,6 +67,7 @@ impl Modify for CommonErrors {
             ("401", "Missing or invalid credentials"),
             ("404", "Not found (or another account's)"),
             ("405", "Method not allowed on this route"),
+            ("409", "Conflicts with the resource's state (in progress, disabled)"),
             ("413", "Body larger than 256 KiB"),
             ("422", "Well-formed but invalid input; `field` names it"),
             ("429", "Too many requests; see Retry-After"),

@@ -121,7 +121,11 @@ impl Store {
         let mut pipe = redis::pipe();
         pipe.atomic()
             .hdel(self.keys.account_endpoints(&ep.account_id), id.as_str())
-            .del(self.keys.endpoint_owner(id));
+            .del(self.keys.endpoint_owner(id))
+            // Its health and per-endpoint listing go with it; its deliveries stay readable
+            // through the account's listing until retention expires them.
+            .del(self.keys.endpoint_health(id))
+            .del(self.keys.endpoint_deliveries(id));
         for key in self.index_keys(&ep) {
             pipe.srem(key, id.as_str());
         }

@@ -37,6 +37,24 @@ async fn endpoint(client: &ApiClient, url: &str, events: Value) -> (String, Secr
     (created.json["id"].as_str().unwrap().to_owned(), secret)
 }
 
+/// Sends a test event of `event_type` to an endpoint, waits until it was delivered, and returns
+/// the event id.
+async fn send_test(client: &ApiClient, endpoint_id: &str, event_type: &str) -> String {
+    let sent = client
+        .post(
+            &format!("/v1/endpoints/{endpoint_id}/test"),
+            json!({ "type": event_type }),
+        )
+        .await;
+    assert_eq!(sent.status, 202, "{:?}", sent.json);
+    let delivery = sent.json["delivery_id"].as_str().unwrap().to_owned();
+    wait_until("the test event delivered", WAIT, || async {
+        delivery_status(client, &delivery).await == "succeeded"
+    })
+    .await;
+    sent.json["event_id"].as_str().unwrap().to_owned()
+}
+
 async fn delivery_status(client: &ApiClient, id: &str) -> String {
     client.get(&format!("/v1/deliveries/{id}")).await.json["status"]
         .as_str()
@@ -185,22 +203,11 @@ async fn an_account_manages_endpoints_publishes_and_inspects_every_delivery() {
     assert_eq!(shown.json["secret"], new_secret.expose());
 
     // A test send reaches this endpoint only, through the real pipeline.
-    let test = alice
-        .post(
-            &format!("/v1/endpoints/{healthy_id}/test"),
-            json!({ "type": "invoice.paid" }),
-        )
-        .await;
-    assert_eq!(test.status, 202, "{:?}", test.json);
-    let test_delivery = test.json["delivery_id"].as_str().unwrap().to_owned();
-    wait_until("test delivered", WAIT, || async {
-        delivery_status(&alice, &test_delivery).await == "succeeded"
-    })
-    .await;
+    let test_event = send_test(&alice, &healthy_id, "invoice.paid").await;
     let test_req = healthy
         .requests()
         .into_iter()
-        .find(|r| r.header("webhook-id") == test.json["event_id"].as_str().unwrap())
+        .find(|r| r.header("webhook-id") == test_event.as_str())
         .unwrap();
     assert!(
         test_req.verifies(&new_secret) && test_req.verifies(&healthy_secret),
@@ -208,7 +215,7 @@ async fn an_account_manages_endpoints_publishes_and_inspects_every_delivery() {
     );
     assert_eq!(test_req.header("webhook-signature").split(' ').count(), 2);
     assert!(
-        !flaky.per_event().contains_key(test.json["event_id"].as_str().unwrap()),
+        !flaky.per_event().contains_key(test_event.as_str()),
         "the other invoice.paid endpoint got nothing"
     );
 
@@ -469,18 +476,7 @@ async fn test_sends_reach_their_endpoint_whatever_it_subscribes_to() {
     let (_, owner) = account(&api, "Tester").await;
     let rx = Receiver::ok().await;
     let (id, _) = endpoint(&owner, &rx.url, json!(["invoice.paid"])).await;
-    let sent = owner
-        .post(
-            &format!("/v1/endpoints/{id}/test"),
-            json!({ "type": "customer.created" }),
-        )
-        .await;
-    assert_eq!(sent.status, 202, "{:?}", sent.json);
-    let delivery = sent.json["delivery_id"].as_str().unwrap().to_owned();
-    wait_until("the test event delivered", WAIT, || async {
-        delivery_status(&owner, &delivery).await == "succeeded"
-    })
-    .await;
+    send_test(&owner, &id, "customer.created").await;
     assert_eq!(rx.requests()[0].json()["type"], "customer.created");
 
     assert_eq!(

@@ -54,7 +54,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
         .await
         .ok();
     let store = Store::connect(&StoreConfig::from(common), common.connect_timeout).await?;
-    store.warn_if_not_durable().await;
+    store.warn_about_unsafe_settings().await;
     readiness.set_redis(true);
     watch_redis(store.clone(), readiness.clone(), shutdown.clone());
 

@@ -71,6 +71,8 @@ pub struct AttemptTask {
     /// Attempts made before the current cycle (an owner's redelivery restarts the budget).
     cycle_start: u32,
     first_attempt_ms: Option<i64>,
+    /// The event's timestamp (unix ms), read once per event for the publish-to-delivered metric.
+    published_ms: Option<i64>,
     lease: String,
     _slot: OwnedSemaphorePermit,
 }
@@ -106,6 +108,13 @@ fn disabled_reason_label(why: &str) -> &'static str {
 struct TimestampOnly<'a> {
     #[serde(borrow)]
     timestamp: &'a str,
+}
+
+/// The `timestamp` of a stored event body, in unix ms.
+fn published_ms(body: &[u8]) -> Option<i64> {
+    serde_json::from_slice::<TimestampOnly<'_>>(body)
+        .ok()
+        .and_then(|t| clock::parse_rfc3339_ms(t.timestamp))
 }
 
 impl Pipeline {
@@ -171,6 +180,7 @@ impl Pipeline {
             Ok(c) => c,
             Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
         };
+        let published = published_ms(&ingested.body);
         let body = Bytes::from(ingested.body);
         let mut attempts = Vec::new();
         for (((begin, slot), endpoint), created) in begins.into_iter().zip(slots).zip(ingested.endpoints).zip(created) {
@@ -187,6 +197,7 @@ impl Pipeline {
                     attempts_before: 0,
                     cycle_start: 0,
                     first_attempt_ms: None,
+                    published_ms: published,
                     lease,
                     _slot: slot,
                 }),
@@ -287,6 +298,7 @@ impl Pipeline {
             .await;
             return Handled::only(Disposition::Ack);
         };
+        let published_ms = published_ms(&body);
         Handled {
             disposition: Disposition::Ack,
             attempts: vec![AttemptTask {
@@ -297,6 +309,7 @@ impl Pipeline {
                 attempts_before: attempts,
                 cycle_start,
                 first_attempt_ms,
+                published_ms,
                 lease,
                 _slot: slot,
             }],
@@ -381,11 +394,7 @@ impl Pipeline {
         let first_attempt_ms = task.first_attempt_ms.unwrap_or(started_ms);
         let (status, next_attempt_ms, reason) = match outcome {
             Outcome::Success => {
-                if let Some(published) = std::str::from_utf8(&task.body)
-                    .ok()
-                    .and_then(|b| serde_json::from_str::<TimestampOnly<'_>>(b).ok())
-                    .and_then(|t| clock::parse_rfc3339_ms(t.timestamp))
-                {
+                if let Some(published) = task.published_ms {
                     METRICS
                         .publish_to_delivered_seconds
                         .observe((now_ms() - published).max(0) as f64 / 1000.0);

@@ -55,6 +55,16 @@ async fn send_test(client: &ApiClient, endpoint_id: &str, event_type: &str) -> S
     sent.json["event_id"].as_str().unwrap().to_owned()
 }
 
+/// One endpoint's entry in a `GET /v1/endpoints` answer.
+fn view_of(list: &Value, id: &str) -> Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == id)
+        .expect("listed")
+        .clone()
+}
+
 async fn delivery_status(client: &ApiClient, id: &str) -> String {
     client.get(&format!("/v1/deliveries/{id}")).await.json["status"]
         .as_str()
@@ -130,25 +140,11 @@ async fn an_account_manages_endpoints_publishes_and_inspects_every_delivery() {
     assert_eq!(event.json["event"]["type"], "invoice.paid");
     assert_eq!(event.json["deliveries"].as_array().unwrap().len(), 2);
     let listed = alice.get("/v1/endpoints").await;
-    let flaky_view = listed
-        .json
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["id"] == flaky_id.as_str())
-        .unwrap()
-        .clone();
+    let flaky_view = view_of(&listed.json, &flaky_id);
     assert_eq!(flaky_view["success_rate_24h"], 0.0);
     assert_eq!(flaky_view["last_delivery"]["outcome"], "http_5xx");
     assert_eq!(flaky_view["status"], "active");
-    let healthy_view = listed
-        .json
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["id"] == healthy_id.as_str())
-        .unwrap()
-        .clone();
+    let healthy_view = view_of(&listed.json, &healthy_id);
     assert_eq!(healthy_view["success_rate_24h"], 1.0);
     let stats = alice.get(&format!("/v1/endpoints/{flaky_id}/stats")).await;
     assert_eq!(stats.json["last_24h"]["counts"]["http_5xx"], 2);

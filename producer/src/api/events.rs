@@ -177,12 +177,21 @@ pub async fn event_view(state: &ApiState, account: &AccountId, id: &str) -> ApiR
         .event_body(account, &id)
         .await?
         .ok_or(ApiError::NotFound("event"))?;
-    let mut deliveries = Vec::new();
-    for ep in state.store.list_endpoints(account).await? {
-        if let Some(d) = state.store.delivery(&DeliveryId::for_pair(&id, &ep.id)).await? {
-            deliveries.push(d.into());
-        }
-    }
+    let pairs: Vec<DeliveryId> = state
+        .store
+        .list_endpoints(account)
+        .await?
+        .iter()
+        .map(|ep| DeliveryId::for_pair(&id, &ep.id))
+        .collect();
+    let deliveries = state
+        .store
+        .deliveries(&pairs)
+        .await?
+        .into_iter()
+        .flatten()
+        .map(Into::into)
+        .collect();
     let event = RawValue::from_string(String::from_utf8_lossy(&body).into_owned())
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(EventView { event, deliveries })

@@ -167,7 +167,7 @@ pub async fn start(
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServeError> {
     crate::metrics::initialize();
     let store = Store::connect(&StoreConfig::from(common), common.connect_timeout).await?;
-    store.warn_if_not_durable().await;
+    store.warn_about_unsafe_settings().await;
     let publisher = Arc::new(Publisher::connect(&common.amqp_url, common.connect_timeout).await?);
     let state = Arc::new(ApiState {
         store,

@@ -614,24 +614,18 @@ impl Store {
             if ids.is_empty() {
                 return Ok(Page { items, next: None });
             }
-            let mut pipe = redis::pipe();
-            for (id, _) in &ids {
-                pipe.hgetall(
-                    self.keys
-                        .delivery(&DeliveryId::parse(id.as_str()).map_err(|e| corrupt(&index, e))?),
-                );
-            }
-            let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut self.conn()).await?;
-            for ((id, created), h) in ids.into_iter().zip(hashes) {
+            let delivery_ids = ids
+                .iter()
+                .map(|(id, _)| DeliveryId::parse(id.as_str()).map_err(|e| corrupt(&index, e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let states = self.deliveries(&delivery_ids).await?;
+            for ((id, created), state) in ids.into_iter().zip(states) {
                 scanned += 1;
                 cursor = Some(Cursor {
                     created_ms: created,
-                    id: id.clone(),
+                    id,
                 });
-                let Some(state) = DeliveryId::parse(id)
-                    .ok()
-                    .and_then(|id| DeliveryState::from_hash(id, &h))
-                else {
+                let Some(state) = state else {
                     continue;
                 };
                 let wanted = state.account_id == *account
@@ -677,6 +671,23 @@ impl Store {
                 key: self.keys.delivery(id),
                 problem: "missing or invalid fields".into(),
             })
+    }
+
+    /// The states of several deliveries in one round trip; `None` where one is absent.
+    pub async fn deliveries(&self, ids: &[DeliveryId]) -> Result<Vec<Option<DeliveryState>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hgetall(self.keys.delivery(id));
+        }
+        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut self.conn()).await?;
+        Ok(ids
+            .iter()
+            .zip(hashes)
+            .map(|(id, h)| DeliveryState::from_hash(id.clone(), &h))
+            .collect())
     }
 
     /// Every recorded attempt, oldest first.

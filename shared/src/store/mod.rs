@@ -149,7 +149,7 @@ impl Store {
     /// Warns about settings a production installation must not run with: Redis that would lose
     /// recorded outcomes on a crash or evict them ("recorded" only means durable with
     /// append-only persistence and no eviction), and signing secrets stored unsealed.
-    pub async fn warn_if_not_durable(&self) {
+    pub async fn warn_about_unsafe_settings(&self) {
         if !self.sealer.is_sealing() {
             tracing::warn!("LAABAM_SECRET_KEY is not set: endpoint signing secrets are stored in Redis unencrypted");
         }

@@ -33,6 +33,11 @@ impl ApiClient {
         }
     }
 
+    /// The credential this client sends, for handing to another client (a browser).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     pub fn with_token(&self, token: &str) -> Self {
         ApiClient {
             token: Some(token.to_owned()),

@@ -16,5 +16,5 @@ pub mod wait;
 
 pub use api::ApiClient;
 pub use env::TestEnv;
-pub use receiver::{Receiver, Reply};
+pub use receiver::{Captured, Receiver, Reply};
 pub use wait::{wait_finished, wait_until};

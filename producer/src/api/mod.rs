@@ -3,6 +3,7 @@
 //! broker as the pipeline, so any number of producer instances serve the same state.
 
 pub mod accounts;
+pub mod dashboard;
 pub mod deliveries;
 pub mod endpoints;
 pub mod error;
@@ -143,6 +144,7 @@ pub fn router(state: Arc<ApiState>, limits: Arc<limits::Limits>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(laabam_shared::ops::metrics))
+        .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

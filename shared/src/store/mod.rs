@@ -36,7 +36,7 @@ pub use deliveries::{
 };
 pub use keys::Keys;
 pub use retry_set::Claimed;
-pub use stats::{EndpointHealth, EndpointStats, LastDelivery, WindowStats};
+pub use stats::{EndpointHealth, EndpointStats, LastDelivery, SeriesPoint, WindowStats};
 
 use crate::sealing::SecretSealer;
 use crate::startup::{self, Unreachable};

@@ -97,14 +97,40 @@ fn window(buckets: &[HashMap<String, u64>]) -> WindowStats {
     }
 }
 
-/// The last hour, day and week of one endpoint.
+/// One bucket of a time series, so a chart can show how outcomes and latency moved.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SeriesPoint {
+    /// RFC 3339 start of the bucket.
+    pub start: String,
+    #[serde(flatten)]
+    pub stats: WindowStats,
+}
+
+/// The last hour, day and week of one endpoint, with the buckets behind the first two.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EndpointStats {
     pub last_1h: WindowStats,
     pub last_24h: WindowStats,
     pub last_7d: WindowStats,
+    /// The last hour in 5-minute buckets, oldest first.
+    pub series_1h: Vec<SeriesPoint>,
+    /// The last 24 hours in hourly buckets, oldest first.
+    pub series_24h: Vec<SeriesPoint>,
     #[serde(flatten)]
     pub health: EndpointHealth,
+}
+
+/// Buckets `width` ms wide ending with the one holding `now_ms`, one point each.
+fn series(buckets: &[HashMap<String, u64>], width: i64, now_ms: i64) -> Vec<SeriesPoint> {
+    let first = now_ms / width - buckets.len() as i64 + 1;
+    buckets
+        .iter()
+        .enumerate()
+        .map(|(i, b)| SeriesPoint {
+            start: crate::clock::format_rfc3339_ms((first + i as i64) * width),
+            stats: window(std::slice::from_ref(b)),
+        })
+        .collect()
 }
 
 impl Store {
@@ -148,10 +174,13 @@ impl Store {
     pub async fn endpoint_stats(&self, endpoint: &EndpointId, now_ms: i64) -> Result<EndpointStats, StoreError> {
         let five = self.buckets(endpoint, "5m", FIVE_MINUTES_MS, 12, now_ms).await?;
         let hours = self.buckets(endpoint, "1h", HOUR_MS, 168, now_ms).await?;
+        let day = &hours[hours.len() - 24..];
         Ok(EndpointStats {
             last_1h: window(&five),
-            last_24h: window(&hours[hours.len() - 24..]),
+            last_24h: window(day),
             last_7d: window(&hours),
+            series_1h: series(&five, FIVE_MINUTES_MS, now_ms),
+            series_24h: series(day, HOUR_MS, now_ms),
             health: self.endpoint_health(endpoint).await?,
         })
     }
@@ -185,5 +214,17 @@ mod tests {
         assert_eq!(w.latency_p50_ms, Some(5));
         assert_eq!(w.latency_p99_ms, Some(100));
         assert_eq!(window(&[]).success_rate, None);
+    }
+
+    #[test]
+    fn series_points_start_at_their_bucket_and_end_with_the_current_one() {
+        let now = 10 * HOUR_MS + 1234;
+        let ok: HashMap<String, u64> = [("success".to_owned(), 3)].into_iter().collect();
+        let points = series(&[HashMap::new(), ok], HOUR_MS, now);
+        assert_eq!(points.len(), 2);
+        assert_eq!(points[0].start, crate::clock::format_rfc3339_ms(9 * HOUR_MS));
+        assert_eq!(points[1].start, crate::clock::format_rfc3339_ms(10 * HOUR_MS));
+        assert_eq!(points[0].stats.attempts, 0);
+        assert_eq!(points[1].stats.success_rate, Some(1.0));
     }
 }

@@ -34,6 +34,10 @@ pub struct DispatcherConfig {
     /// Default limit of requests in flight to one endpoint, when the endpoint sets none.
     #[arg(long, env = "LAABAM_ENDPOINT_CONCURRENCY", default_value_t = 16)]
     pub endpoint_concurrency: u32,
+    /// How long a delivery waits for one of its endpoint's request slots before it is deferred
+    /// to the retry set; a burst to a healthy endpoint queues here instead.
+    #[arg(long, env = "LAABAM_SLOT_WAIT", default_value = "250ms", value_parser = parse_duration)]
+    pub slot_wait: Duration,
     /// How long a delivery deferred by an endpoint's concurrency limit waits (jittered ×1–2).
     #[arg(long, env = "LAABAM_DEFER_DELAY", default_value = "1s", value_parser = parse_duration)]
     pub defer_delay: Duration,

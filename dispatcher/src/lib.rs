@@ -65,7 +65,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
             config.extra_ca_file.as_deref(),
             config.targets.policy(),
         )?,
-        limits: limits::EndpointLimits::new(config.endpoint_concurrency),
+        limits: limits::EndpointLimits::new(config.endpoint_concurrency, config.slot_wait),
         policy: config.retry.policy(),
         lease: config.lease(),
         defer_delay: config.defer_delay,

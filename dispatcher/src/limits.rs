@@ -1,19 +1,27 @@
 //! Per-endpoint limits: requests in flight at once, and deliveries per second. A delivery
-//! finding its endpoint at either limit is deferred to the retry set instead of waiting here,
-//! so one slow or throttled endpoint never holds broker messages or slots that healthy
-//! endpoints need. Both limits are per dispatcher process.
+//! finding its endpoint's requests all in flight waits for one to finish when the wait is
+//! expected to be short: a healthy endpoint frees a slot within milliseconds, so a burst queues
+//! here instead of making a round trip through the retry set, scheduler and broker. The
+//! expected wait is the number waiting times how long a slot is typically held (a moving
+//! average), over the limit; when it exceeds the slot wait, as for a slow endpoint, the
+//! delivery is deferred to the retry set at once, so a slow endpoint never holds the broker
+//! messages and in-flight slots healthy endpoints need. Over the rate limit, deliveries are
+//! deferred too. Both limits are per dispatcher process.
 
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::ids::EndpointId;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 #[derive(Debug)]
 pub struct EndpointLimits {
     default_limit: u32,
-    slots: Mutex<HashMap<EndpointId, (u32, Arc<Semaphore>)>>,
+    /// How long a delivery waits for a free slot before it is deferred.
+    slot_wait: Duration,
+    slots: Mutex<HashMap<EndpointId, Slots>>,
     rates: Mutex<HashMap<EndpointId, TokenBucket>>,
 }
 
@@ -47,13 +55,77 @@ impl TokenBucket {
     }
 }
 
+/// One endpoint's request slots, how many deliveries wait for one, and how long one is held.
+#[derive(Debug, Clone)]
+struct Slots {
+    limit: u32,
+    semaphore: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
+    held: Arc<HeldTime>,
+}
+
+/// A moving average of how long a slot is held, in ms (f64 bits; 0 until the first release).
+#[derive(Debug, Default)]
+struct HeldTime(AtomicU64);
+
+impl HeldTime {
+    fn ms(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+
+    fn observe(&self, ms: f64) {
+        let old = self.ms();
+        let new = if old == 0.0 { ms } else { old * 0.8 + ms * 0.2 };
+        self.0.store(new.to_bits(), Ordering::Relaxed);
+    }
+}
+
+/// The right to one request to an endpoint; releasing it records how long it was held.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    taken: Instant,
+    held: Arc<HeldTime>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.held.observe(self.taken.elapsed().as_secs_f64() * 1000.0);
+    }
+}
+
+impl Slots {
+    fn new(limit: u32) -> Self {
+        Slots {
+            limit,
+            semaphore: Arc::new(Semaphore::new(limit as usize)),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            held: Arc::default(),
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.semaphore.available_permits() == self.limit as usize && self.waiting.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// Counts a waiter for as long as it waits, even if its future is dropped.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Idle entries are dropped when the map grows past this, so it stays bounded.
 const PRUNE_ABOVE: usize = 10_000;
 
 impl EndpointLimits {
-    pub fn new(default_limit: u32) -> Self {
+    pub fn new(default_limit: u32, slot_wait: Duration) -> Self {
         EndpointLimits {
             default_limit: default_limit.max(1),
+            slot_wait,
             slots: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
         }
@@ -78,29 +150,44 @@ impl EndpointLimits {
         bucket.try_take(now)
     }
 
-    /// A slot for one request to `endpoint`, or `None` when it is at either limit.
-    pub fn try_acquire(&self, endpoint: &Endpoint) -> Option<OwnedSemaphorePermit> {
-        let slot = self.try_slot(endpoint)?;
-        self.try_rate(endpoint).then_some(slot)
+    /// A slot for one request to `endpoint`, waiting for one to free up when that should take
+    /// less than the slot wait; `None` means defer: no slot soon enough, or at the rate limit.
+    pub async fn acquire(&self, endpoint: &Endpoint) -> Option<Slot> {
+        let slots = self.slots_of(endpoint);
+        let permit = match slots.semaphore.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let ahead = slots.waiting.fetch_add(1, Ordering::Relaxed) + 1;
+                let _waiting = Waiting(slots.waiting.clone());
+                let expected_ms = ahead as f64 * slots.held.ms() / slots.limit as f64;
+                if expected_ms > self.slot_wait.as_secs_f64() * 1000.0 {
+                    return None;
+                }
+                tokio::time::timeout(self.slot_wait, slots.semaphore.clone().acquire_owned())
+                    .await
+                    .ok()?
+                    .ok()?
+            }
+        };
+        self.try_rate(endpoint).then(|| Slot {
+            _permit: permit,
+            taken: Instant::now(),
+            held: slots.held.clone(),
+        })
     }
 
-    fn try_slot(&self, endpoint: &Endpoint) -> Option<OwnedSemaphorePermit> {
+    fn slots_of(&self, endpoint: &Endpoint) -> Slots {
         let limit = endpoint.max_concurrency.unwrap_or(self.default_limit).max(1);
-        let semaphore = {
-            let mut slots = self.slots.lock().expect("limits lock");
-            if slots.len() > PRUNE_ABOVE {
-                slots.retain(|_, (max, sem)| sem.available_permits() < *max as usize);
-            }
-            let entry = slots
-                .entry(endpoint.id.clone())
-                .or_insert_with(|| (limit, Arc::new(Semaphore::new(limit as usize))));
-            if entry.0 != limit {
-                // The owner changed the limit: start a fresh semaphore; old permits drain away.
-                *entry = (limit, Arc::new(Semaphore::new(limit as usize)));
-            }
-            entry.1.clone()
-        };
-        semaphore.try_acquire_owned().ok()
+        let mut slots = self.slots.lock().expect("limits lock");
+        if slots.len() > PRUNE_ABOVE {
+            slots.retain(|_, s| !s.idle());
+        }
+        let entry = slots.entry(endpoint.id.clone()).or_insert_with(|| Slots::new(limit));
+        if entry.limit != limit {
+            // The owner changed the limit: start afresh; old permits drain away.
+            *entry = Slots::new(limit);
+        }
+        entry.clone()
     }
 }
 
@@ -124,12 +211,17 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn a_rate_limit_admits_its_rate_then_refills() {
-        let limits = EndpointLimits::new(100);
+    const WAIT: Duration = Duration::from_millis(50);
+
+    #[tokio::test]
+    async fn a_rate_limit_admits_its_rate_then_refills() {
+        let limits = EndpointLimits::new(100, WAIT);
         let mut ep = endpoint(None);
         ep.rate_limit = Some(3);
-        let admitted = (0..10).filter(|_| limits.try_acquire(&ep).is_some()).count();
+        let mut admitted = 0;
+        for _ in 0..10 {
+            admitted += usize::from(limits.acquire(&ep).await.is_some());
+        }
         assert_eq!(admitted, 3);
         let start = Instant::now();
         let mut bucket = TokenBucket::new(2, start);
@@ -138,23 +230,58 @@ mod tests {
         assert!(!bucket.try_take(start + Duration::from_millis(500)));
     }
 
-    #[test]
-    fn at_most_the_limit_is_handed_out_and_slots_come_back() {
-        let limits = EndpointLimits::new(2);
+    #[tokio::test]
+    async fn at_most_the_limit_is_handed_out_and_slots_come_back() {
+        let limits = EndpointLimits::new(2, WAIT);
         let ep = endpoint(None);
-        let a = limits.try_acquire(&ep).unwrap();
-        let _b = limits.try_acquire(&ep).unwrap();
-        assert!(limits.try_acquire(&ep).is_none());
+        let a = limits.acquire(&ep).await.unwrap();
+        let _b = limits.acquire(&ep).await.unwrap();
+        let started = Instant::now();
+        assert!(limits.acquire(&ep).await.is_none());
+        assert!(
+            started.elapsed() >= WAIT,
+            "a full endpoint is waited for before deferring"
+        );
         drop(a);
-        assert!(limits.try_acquire(&ep).is_some());
+        assert!(limits.acquire(&ep).await.is_some());
     }
 
-    #[test]
-    fn an_endpoint_limit_overrides_the_default() {
-        let limits = EndpointLimits::new(8);
+    #[tokio::test]
+    async fn a_waiter_gets_the_slot_a_finished_request_frees() {
+        let limits = Arc::new(EndpointLimits::new(1, Duration::from_secs(5)));
+        let ep = endpoint(None);
+        let first = limits.acquire(&ep).await.unwrap();
+        let waiter = tokio::spawn({
+            let (limits, ep) = (limits.clone(), ep.clone());
+            async move { limits.acquire(&ep).await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(first);
+        assert!(waiter.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_slow_endpoint_is_deferred_at_once_instead_of_waited_for() {
+        let limits = EndpointLimits::new(1, Duration::from_millis(100));
+        let ep = endpoint(None);
+        let slow = limits.acquire(&ep).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(slow);
+        let _busy = limits.acquire(&ep).await.unwrap();
+        let started = Instant::now();
+        assert!(limits.acquire(&ep).await.is_none());
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "deferred at once, not after the wait"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_limit_overrides_the_default() {
+        let limits = EndpointLimits::new(8, WAIT);
         let serial = endpoint(Some(1));
-        let _only = limits.try_acquire(&serial).unwrap();
-        assert!(limits.try_acquire(&serial).is_none());
-        assert!(limits.try_acquire(&endpoint(None)).is_some());
+        let _only = limits.acquire(&serial).await.unwrap();
+        assert!(limits.acquire(&serial).await.is_none());
+        assert!(limits.acquire(&endpoint(None)).await.is_some());
     }
 }

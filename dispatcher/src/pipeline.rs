@@ -6,7 +6,7 @@
 //! re-queues it if this process dies) *before* the message is acknowledged, and attempts run
 //! *after*, so an acknowledged message never depends on this process surviving.
 
-use crate::limits::EndpointLimits;
+use crate::limits::{EndpointLimits, Slot};
 use crate::metrics::METRICS;
 use crate::sender::Sender;
 use bytes::Bytes;
@@ -23,7 +23,6 @@ use laabam_shared::store::{AttemptTiming, Begin, Record, Recorded, Store, Taken}
 use rand::Rng;
 use serde_json::value::RawValue;
 use std::time::Duration;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -74,7 +73,7 @@ pub struct AttemptTask {
     /// The event's timestamp (unix ms), read once per event for the publish-to-delivered metric.
     published_ms: Option<i64>,
     lease: String,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 /// Everything the dispatcher's message handling needs.
@@ -153,11 +152,10 @@ impl Pipeline {
             Ok(i) => i,
             Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
         };
+        let slots = futures_util::future::join_all(ingested.endpoints.iter().map(|ep| self.limits.acquire(ep))).await;
         let now = now_ms();
         let mut begins = Vec::with_capacity(ingested.endpoints.len());
-        let mut slots = Vec::with_capacity(ingested.endpoints.len());
-        for endpoint in &ingested.endpoints {
-            let slot = self.limits.try_acquire(endpoint);
+        for (endpoint, slot) in ingested.endpoints.iter().zip(&slots) {
             let job = RetryJob {
                 delivery: DeliveryId::for_pair(&envelope.id, &endpoint.id),
                 event: envelope.id.clone(),
@@ -174,7 +172,6 @@ impl Pipeline {
                 due_ms,
                 lease,
             });
-            slots.push(slot);
         }
         let created = match self.store.begin(&begins, now).await {
             Ok(c) => c,
@@ -282,7 +279,7 @@ impl Pipeline {
             );
             return fail(&why).await;
         }
-        let Some(slot) = self.limits.try_acquire(&endpoint) else {
+        let Some(slot) = self.limits.acquire(&endpoint).await else {
             METRICS.deferred.with_label_values(&[&event_type]).inc();
             self.record(Record {
                 job: &job,

@@ -235,8 +235,25 @@ async fn pipeline(scenario: &str, n: usize, endpoints: usize, rate: Option<f64>)
         env.endpoint("acct_bench", &rx.url, None).await;
         receivers.push(rx);
     }
-    let mut flags = env.dispatcher_flags(&["--max-in-flight", "1024", "--endpoint-concurrency", "256"]);
-    flags.extend(["--metrics-addr".into(), format!("127.0.0.1:{}", free_port())]);
+    // Production defaults (timeouts, leases, in-flight cap), except quick retries and a
+    // per-endpoint limit fit for one high-volume endpoint.
+    let mut flags = env.connection_flags();
+    flags.extend(
+        [
+            "--retry-first-delay",
+            "100ms",
+            "--retry-max-delay",
+            "1s",
+            "--endpoint-concurrency",
+            "128",
+            "--allow-private-targets",
+            "true",
+            "--metrics-addr",
+        ]
+        .map(String::from),
+    );
+    let metrics_port = free_port();
+    flags.push(format!("127.0.0.1:{metrics_port}"));
     let dispatcher = env.spawn_binary_with("laabam-dispatcher", &flags, &[("RUST_LOG", "error")], None);
     let mut sflags = env.scheduler_flags(&[]);
     sflags.extend(["--metrics-addr".into(), format!("127.0.0.1:{}", free_port())]);
@@ -261,6 +278,7 @@ async fn pipeline(scenario: &str, n: usize, endpoints: usize, rate: Option<f64>)
     .await;
     let seconds = started.elapsed().as_secs_f64();
     let (cpu, redis_bytes) = meter.stop(&ours);
+    print_counters(metrics_port).await;
     Run {
         scenario: scenario.into(),
         deliveries: n * endpoints,
@@ -268,6 +286,33 @@ async fn pipeline(scenario: &str, n: usize, endpoints: usize, rate: Option<f64>)
         lat: latencies(&receivers),
         cpu,
         redis_bytes,
+    }
+}
+
+/// The dispatcher's own counts of what it did (attempts by outcome, deferrals, retries), so a
+/// run shows work beyond one attempt per delivery.
+async fn print_counters(port: u16) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let Ok(response) = client
+        .get(format!("http://127.0.0.1:{port}/metrics").parse().unwrap())
+        .await
+    else {
+        return;
+    };
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let wanted = [
+        "attempts_total",
+        "deferred_total",
+        "retries_scheduled_total",
+        "completed_total",
+    ];
+    for line in String::from_utf8_lossy(&body).lines() {
+        if !line.starts_with('#') && wanted.iter().any(|w| line.contains(w)) && !line.ends_with(" 0") {
+            println!("  {line}");
+        }
     }
 }
 

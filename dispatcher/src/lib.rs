@@ -6,11 +6,13 @@
 //! - [`consumer`]: the broker session: consume, ack, dead-letter, reconnect.
 //! - [`pipeline`]: what each message means: fan-out, leases, attempts, outcomes.
 //! - [`sender`]: the outbound HTTP client; [`guard`]: which addresses it may reach.
-//! - [`limits`]: per-endpoint concurrency limits.
+//! - [`directory`]: each account's endpoints, cached by version.
+//! - [`limits`]: per-endpoint concurrency and rate limits.
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod config;
 pub mod consumer;
+pub mod directory;
 pub mod guard;
 pub mod limits;
 pub mod metrics;
@@ -59,6 +61,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     watch_redis(store.clone(), readiness.clone(), shutdown.clone());
 
     let pipeline = Arc::new(pipeline::Pipeline {
+        directory: directory::Directory::new(store.clone()),
         store,
         sender: sender::Sender::new(
             config.http_timeout,

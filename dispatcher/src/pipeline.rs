@@ -6,6 +6,7 @@
 //! re-queues it if this process dies) *before* the message is acknowledged, and attempts run
 //! *after*, so an acknowledged message never depends on this process surviving.
 
+use crate::directory::Directory;
 use crate::limits::{EndpointLimits, Slot};
 use crate::metrics::METRICS;
 use crate::sender::Sender;
@@ -19,12 +20,15 @@ use laabam_shared::envelope::{Envelope, Provenance};
 use laabam_shared::ids::{DeliveryId, EndpointId};
 use laabam_shared::retry::{NextStep, RetryPolicy, random_jitter};
 use laabam_shared::signing::signature_header;
-use laabam_shared::store::{AttemptTiming, Begin, Record, Recorded, Store, Taken};
+use laabam_shared::store::{AttemptTiming, Begin, Ingest, Record, Recorded, Store, Taken};
 use rand::Rng;
 use serde_json::value::RawValue;
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
+
+/// How often a fan-out re-reads endpoints that changed under it before handing the message back.
+const MAX_STALE_TRIES: usize = 5;
 
 /// The dead-letter reason of a retry-queue message that is not a retry job.
 pub const INVALID_RETRY_JOB: &str = "invalid_retry_job";
@@ -80,6 +84,8 @@ pub struct AttemptTask {
 #[derive(Debug)]
 pub struct Pipeline {
     pub store: Store,
+    /// Each account's endpoints, cached and checked against Redis by version.
+    pub directory: Directory,
     pub sender: Sender,
     pub limits: EndpointLimits,
     pub policy: RetryPolicy,
@@ -144,71 +150,85 @@ impl Pipeline {
     }
 
     async fn fan_out(&self, envelope: Envelope, target: Option<&EndpointId>) -> Handled {
-        let ingested = match self
-            .store
-            .ingest(&envelope, &envelope.to_json(), target, now_ms())
-            .await
-        {
-            Ok(i) => i,
+        let json = envelope.to_json();
+        let mut endpoints = match self.directory.get(&envelope.account_id).await {
+            Ok(e) => e,
             Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
         };
-        let slots = futures_util::future::join_all(ingested.endpoints.iter().map(|ep| self.limits.acquire(ep))).await;
-        let now = now_ms();
-        let mut begins = Vec::with_capacity(ingested.endpoints.len());
-        for (endpoint, slot) in ingested.endpoints.iter().zip(&slots) {
-            let job = RetryJob {
-                delivery: DeliveryId::for_pair(&envelope.id, &endpoint.id),
-                event: envelope.id.clone(),
-                endpoint: endpoint.id.clone(),
-                account: envelope.account_id.clone(),
+        // Endpoints changing between our read and the write is rare; a few tries settle it.
+        for _ in 0..MAX_STALE_TRIES {
+            let recipients: Vec<&Endpoint> = endpoints.recipients(&envelope.event_type, target).collect();
+            let slots = futures_util::future::join_all(recipients.iter().map(|ep| self.limits.acquire(ep))).await;
+            let now = now_ms();
+            let begins: Vec<Begin> = recipients
+                .iter()
+                .zip(&slots)
+                .map(|(endpoint, slot)| {
+                    let (due_ms, lease) = match slot {
+                        Some(_) => (self.lease_until(now), Some(new_lease())),
+                        None => (self.deferred_until(now), None),
+                    };
+                    Begin {
+                        job: RetryJob {
+                            delivery: DeliveryId::for_pair(&envelope.id, &endpoint.id),
+                            event: envelope.id.clone(),
+                            endpoint: endpoint.id.clone(),
+                            account: envelope.account_id.clone(),
+                        },
+                        event_type: envelope.event_type.clone(),
+                        due_ms,
+                        lease,
+                    }
+                })
+                .collect();
+            let (body, created) = match self.store.ingest(&envelope, &json, endpoints.version, &begins, now).await {
+                Ok(Ingest::Begun { body, created }) => (body, created),
+                Ok(Ingest::Stale) => {
+                    tracing::debug!("the account's endpoints changed; reloading them");
+                    endpoints = match self.directory.reload(&envelope.account_id).await {
+                        Ok(e) => e,
+                        Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
+                    };
+                    continue;
+                }
+                Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
             };
-            let (due_ms, lease) = match slot {
-                Some(_) => (self.lease_until(now), Some(new_lease())),
-                None => (self.deferred_until(now), None),
-            };
-            begins.push(Begin {
-                job,
-                event_type: envelope.event_type.clone(),
-                due_ms,
-                lease,
-            });
-        }
-        let created = match self.store.begin(&begins, now).await {
-            Ok(c) => c,
-            Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
-        };
-        let published = published_ms(&ingested.body);
-        let body = Bytes::from(ingested.body);
-        let mut attempts = Vec::new();
-        for (((begin, slot), endpoint), created) in begins.into_iter().zip(slots).zip(ingested.endpoints).zip(created) {
-            if !created {
-                tracing::debug!(delivery_id = %begin.job.delivery, "delivery already known; skipped");
-                continue;
-            }
-            match (slot, begin.lease) {
-                (Some(slot), Some(lease)) => attempts.push(AttemptTask {
-                    job: begin.job,
-                    event_type: begin.event_type,
-                    endpoint,
-                    body: body.clone(),
-                    attempts_before: 0,
-                    cycle_start: 0,
-                    first_attempt_ms: None,
-                    published_ms: published,
-                    lease,
-                    _slot: slot,
-                }),
-                _ => {
-                    METRICS.deferred.with_label_values(&[&envelope.event_type]).inc();
-                    tracing::debug!(delivery_id = %begin.job.delivery, endpoint_id = %endpoint.id, "endpoint at its concurrency limit; deferred");
+            let published = published_ms(&body);
+            let body = Bytes::from(body);
+            let mut attempts = Vec::new();
+            for (((begin, slot), endpoint), created) in begins.into_iter().zip(slots).zip(recipients).zip(created) {
+                if !created {
+                    tracing::debug!(delivery_id = %begin.job.delivery, "delivery already known; skipped");
+                    continue;
+                }
+                match (slot, begin.lease) {
+                    (Some(slot), Some(lease)) => attempts.push(AttemptTask {
+                        job: begin.job,
+                        event_type: begin.event_type,
+                        endpoint: endpoint.clone(),
+                        body: body.clone(),
+                        attempts_before: 0,
+                        cycle_start: 0,
+                        first_attempt_ms: None,
+                        published_ms: published,
+                        lease,
+                        _slot: slot,
+                    }),
+                    _ => {
+                        METRICS.deferred.with_label_values(&[&envelope.event_type]).inc();
+                        tracing::debug!(delivery_id = %begin.job.delivery, endpoint_id = %endpoint.id, "endpoint at its limit; deferred");
+                    }
                 }
             }
+            tracing::debug!(deliveries = attempts.len(), "event fanned out");
+            return Handled {
+                disposition: Disposition::Ack,
+                attempts,
+            };
         }
-        tracing::debug!(deliveries = attempts.len(), "event fanned out");
-        Handled {
-            disposition: Disposition::Ack,
-            attempts,
-        }
+        Handled::only(Disposition::Requeue(
+            "the account's endpoints kept changing during fan-out".into(),
+        ))
     }
 
     /// A retry job that came due: take it under a new lease and attempt, defer, or finish it.

@@ -135,8 +135,7 @@ pub async fn update(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<UpdateEndpoint>,
 ) -> ApiResult<Json<EndpointView>> {
-    let previous = owned(&state, &account, &id).await?;
-    let mut ep = previous.clone();
+    let mut ep = owned(&state, &account, &id).await?;
     let disabling = body.enabled == Some(false) && ep.enabled;
     ep.apply(EndpointPatch {
         url: body.url,
@@ -152,7 +151,7 @@ pub async fn update(
         ep.disable("disabled by its owner", now_ms());
     }
     state.guard_target(&ep).await?;
-    state.store.save_endpoint(&ep, &previous).await?;
+    state.store.save_endpoint(&ep).await?;
     Ok(Json(view(&state, ep).await?))
 }
 
@@ -217,10 +216,9 @@ pub async fn rotate(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<SecretView>> {
-    let previous = owned(&state, &account, &id).await?;
-    let mut ep = previous.clone();
+    let mut ep = owned(&state, &account, &id).await?;
     ep.rotate_secret(now_ms(), state.secret_grace);
-    state.store.save_endpoint(&ep, &previous).await?;
+    state.store.save_endpoint(&ep).await?;
     Ok(Json(secret_view(&ep)))
 }
 

@@ -17,28 +17,6 @@ use redis::{AsyncCommands, Script};
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-/// Stores the event (first copy wins) and indexes it for its account, then returns the stored
-/// body and the records of the endpoints subscribed to its type (or only of `ARGV[4]`, for a
-/// test send).
-static INGEST: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('SET', KEYS[4], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.call('ZADD', KEYS[5], ARGV[3], ARGV[5])
-  redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -tonumber(ARGV[6]) - 1)
-  redis.call('EXPIRE', KEYS[5], ARGV[2])
-end
-local out = {redis.call('GET', KEYS[4])}
-local ids
-if ARGV[4] ~= '' then ids = {ARGV[4]} else ids = redis.call('SUNION', KEYS[2], KEYS[3]) end
-if #ids == 0 then return out end
-local eps = redis.call('HMGET', KEYS[1], unpack(ids))
-for i = 1, #eps do out[#out + 1] = eps[i] end
-return out
-",
-    )
-});
-
 /// Lua: keeps an endpoint's history (sorted set `idx`) to its newest `keep` entries by deleting
 /// the oldest *finished* deliveries; unfinished ones stay listed until they finish. Shared by
 /// the scripts that add deliveries and that finish them.
@@ -46,7 +24,7 @@ const TRIM_HISTORY: &str = r"
 local function trim_history(idx, keep, prefix)
   local excess = redis.call('ZCARD', idx) - keep
   if excess <= 0 then return end
-  for _, old in ipairs(redis.call('ZRANGE', idx, 0, excess + 99)) do
+  for _, old in ipairs(redis.call('ZRANGE', idx, 0, excess + 9)) do
     local old_key = prefix .. 'dlv:' .. old
     local st = redis.call('HGET', old_key, 'status')
     if st ~= 'pending' and st ~= 'retrying' then
@@ -59,34 +37,51 @@ local function trim_history(idx, keep, prefix)
 end
 ";
 
-/// Creates each delivery that does not exist yet; returns 1 for created, 0 for already known.
-/// KEYS: three per delivery (state, retry shard, endpoint index), then the account's index.
-static BEGIN: LazyLock<Script> = LazyLock::new(|| {
+/// An event's arrival in one round trip: if the account's endpoints are still at the version
+/// the dispatcher cached, stores the event (first copy wins) and creates each of its deliveries
+/// that does not exist yet, under a lease or deferred. Returns {'stale'} when the endpoints
+/// changed (nothing written), else {'ok', stored body or '' when this copy was stored, then
+/// '1' created / '0' already known per delivery}.
+/// KEYS: endpoints version, event, account's events, account's deliveries, then three per
+/// delivery (state, retry shard, endpoint history).
+static INGEST: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{TRIM_HISTORY}
-local now, ttl, keep, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local acct_idx = KEYS[#KEYS]
-local out = {{}}
-for i = 0, (#KEYS - 1) / 3 - 1 do
-  local dk, due, idx = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
-  local a = 5 + i * 9
-  if redis.call('EXISTS', dk) == 1 then
-    out[#out + 1] = 0
+if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return {{'stale'}} end
+local now, ttl, keep, prefix = ARGV[4], ARGV[3], tonumber(ARGV[7]), ARGV[8]
+local out = {{'ok', ''}}
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ttl) then
+  redis.call('ZADD', KEYS[3], now, ARGV[5])
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[6]) - 1)
+  redis.call('EXPIRE', KEYS[3], ttl)
+else
+  out[2] = redis.call('GET', KEYS[2])
+end
+local created = 0
+for i = 0, (#KEYS - 4) / 3 - 1 do
+  local dk, due, idx = KEYS[5 + i * 3], KEYS[6 + i * 3], KEYS[7 + i * 3]
+  local a = 9 + i * 9
+  if redis.call('HSETNX', dk, 'event', ARGV[a + 2]) == 0 then
+    out[#out + 1] = '0'
   else
-    redis.call('HSET', dk, 'event', ARGV[a + 2], 'endpoint', ARGV[a + 3], 'account', ARGV[a + 4],
-      'type', ARGV[a + 5], 'status', ARGV[a + 6], 'attempts', 0, 'cycle_start', 0, 'created', now)
-    if ARGV[a + 8] ~= '' then redis.call('HSET', dk, 'lease', ARGV[a + 8]) end
-    if ARGV[a + 6] == 'retrying' then redis.call('HSET', dk, 'next_attempt', ARGV[a + 7]) end
+    local fields = {{'endpoint', ARGV[a + 3], 'account', ARGV[a + 4], 'type', ARGV[a + 5],
+      'status', ARGV[a + 6], 'attempts', 0, 'cycle_start', 0, 'created', now}}
+    if ARGV[a + 8] ~= '' then fields[#fields + 1] = 'lease'; fields[#fields + 1] = ARGV[a + 8] end
+    if ARGV[a + 6] == 'retrying' then fields[#fields + 1] = 'next_attempt'; fields[#fields + 1] = ARGV[a + 7] end
+    redis.call('HSET', dk, unpack(fields))
     redis.call('EXPIRE', dk, ttl)
     redis.call('ZADD', due, ARGV[a + 7], ARGV[a])
     redis.call('ZADD', idx, now, ARGV[a + 1])
     redis.call('EXPIRE', idx, ttl)
     trim_history(idx, keep, prefix)
-    redis.call('ZADD', acct_idx, now, ARGV[a + 1])
-    redis.call('ZREMRANGEBYRANK', acct_idx, 0, -keep * 10 - 1)
-    redis.call('EXPIRE', acct_idx, ttl)
-    out[#out + 1] = 1
+    redis.call('ZADD', KEYS[4], now, ARGV[a + 1])
+    created = created + 1
+    out[#out + 1] = '1'
   end
+end
+if created > 0 then
+  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -keep * 10 - 1)
+  redis.call('EXPIRE', KEYS[4], ttl)
 end
 return out
 "
@@ -120,37 +115,42 @@ return {'go', redis.call('HGET', KEYS[1], 'attempts') or '0',
 static RECORD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{TRIM_HISTORY}
+local failing = ''
 if ARGV[2] ~= '' then
-  redis.call('RPUSH', KEYS[2], ARGV[2])
-  redis.call('LTRIM', KEYS[2], -100, -1)
+  if redis.call('RPUSH', KEYS[2], ARGV[2]) > 100 then redis.call('LTRIM', KEYS[2], -100, -1) end
   redis.call('EXPIRE', KEYS[2], ARGV[9])
   for i, ttl in ipairs({{ARGV[15], ARGV[16]}}) do
-    redis.call('HINCRBY', KEYS[4 + i], ARGV[10], 1)
-    redis.call('HINCRBY', KEYS[4 + i], ARGV[11], 1)
-    redis.call('EXPIRE', KEYS[4 + i], ttl)
+    -- A bucket's first count of a field sets its lifetime; later ones need not.
+    if redis.call('HINCRBY', KEYS[4 + i], ARGV[10] .. '|' .. ARGV[11], 1) == 1 then
+      redis.call('EXPIRE', KEYS[4 + i], ttl)
+    end
   end
-  redis.call('HSET', KEYS[4], 'last_at', ARGV[12], 'last_outcome', ARGV[10], 'last_status', ARGV[14], 'last_delivery', ARGV[13])
   if ARGV[10] == 'success' then
-    redis.call('HSET', KEYS[4], 'last_success', ARGV[12])
+    redis.call('HSET', KEYS[4], 'last_at', ARGV[12], 'last_outcome', ARGV[10], 'last_status', ARGV[14],
+      'last_delivery', ARGV[13], 'last_success', ARGV[12])
     redis.call('HDEL', KEYS[4], 'failing_since')
   else
+    redis.call('HSET', KEYS[4], 'last_at', ARGV[12], 'last_outcome', ARGV[10], 'last_status', ARGV[14],
+      'last_delivery', ARGV[13])
     redis.call('HSETNX', KEYS[4], 'failing_since', ARGV[12])
+    failing = redis.call('HGET', KEYS[4], 'failing_since')
   end
 end
-local failing = redis.call('HGET', KEYS[4], 'failing_since') or ''
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return {{0, failing}} end
-redis.call('HSET', KEYS[1], 'status', ARGV[3], 'attempts', ARGV[4])
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'first_attempt', ARGV[5]) end
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[7]) end
+-- The state keeps the lifetime it got when the delivery began (retention from creation).
+local set = {{'status', ARGV[3], 'attempts', ARGV[4]}}
+local unset = {{'lease'}}
+if ARGV[5] ~= '' then set[#set + 1] = 'first_attempt'; set[#set + 1] = ARGV[5] end
+if ARGV[7] ~= '' then set[#set + 1] = 'reason'; set[#set + 1] = ARGV[7] end
 if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[1], 'next_attempt', ARGV[6])
+  set[#set + 1] = 'next_attempt'; set[#set + 1] = ARGV[6]
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[8])
 else
-  redis.call('HDEL', KEYS[1], 'next_attempt')
+  unset[#unset + 1] = 'next_attempt'
   redis.call('ZREM', KEYS[3], ARGV[8])
 end
-redis.call('HDEL', KEYS[1], 'lease')
-redis.call('EXPIRE', KEYS[1], ARGV[9])
+redis.call('HSET', KEYS[1], unpack(set))
+redis.call('HDEL', KEYS[1], unpack(unset))
 if ARGV[3] == 'succeeded' or ARGV[3] == 'failed' then trim_history(KEYS[7], tonumber(ARGV[17]), ARGV[18]) end
 return {{1, failing}}
 "
@@ -177,13 +177,18 @@ return 'queued'
     )
 });
 
-/// What the store knows of an event's fan-out.
+/// The answer to an event's arrival.
 #[derive(Debug)]
-pub struct Ingested {
-    /// The body to deliver: the first stored copy, so a redelivered message keeps its timestamp.
-    pub body: Vec<u8>,
-    /// Enabled endpoints subscribed to the event's type.
-    pub endpoints: Vec<Endpoint>,
+pub enum Ingest {
+    /// The account's endpoints changed since the version given; nothing was written.
+    Stale,
+    Begun {
+        /// The body to deliver: the first stored copy, so a redelivered message keeps its
+        /// timestamp.
+        body: Vec<u8>,
+        /// Per delivery asked for: created now (`true`) or already known.
+        created: Vec<bool>,
+    },
 }
 
 /// A delivery to create: attempted now under `lease`, or deferred to `due_ms` without one.
@@ -308,62 +313,33 @@ fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
 }
 
 impl Store {
-    /// One round trip: stores the event (first copy wins) and returns the stored body with the
-    /// subscribed endpoints, or only `target` when given (a test send).
+    /// One round trip: stores the event (first copy wins) and begins its deliveries, provided the
+    /// account's endpoints are still at `endpoints_version` (the version `begins` were chosen
+    /// from).
     pub async fn ingest(
         &self,
         envelope: &Envelope,
         body: &[u8],
-        target: Option<&EndpointId>,
+        endpoints_version: u64,
+        begins: &[Begin],
         now_ms: i64,
-    ) -> Result<Ingested, StoreError> {
+    ) -> Result<Ingest, StoreError> {
         let acct = &envelope.account_id;
-        let eps_key = self.keys.account_endpoints(acct);
-        let reply: Vec<Option<Vec<u8>>> = INGEST
-            .key(&eps_key)
-            .key(self.keys.type_index(acct, &envelope.event_type))
-            .key(self.keys.all_types_index(acct))
+        let mut inv = INGEST.prepare_invoke();
+        inv.key(self.keys.endpoints_version(acct))
             .key(self.keys.event(acct, &envelope.id))
             .key(self.keys.account_events(acct))
+            .key(self.keys.account_deliveries(acct))
+            .arg(endpoints_version)
             .arg(body)
             .arg(self.retention_secs())
             .arg(now_ms)
-            .arg(target.map(EndpointId::as_str).unwrap_or(""))
             .arg(envelope.id.as_str())
             .arg(EVENTS_PER_ACCOUNT)
-            .invoke_async(&mut self.conn())
-            .await?;
-        let mut reply = reply.into_iter();
-        let stored = reply.next().flatten();
-        let mut endpoints = Vec::new();
-        // A missing record is an index entry racing a delete: skip it.
-        for json in reply.flatten() {
-            let ep = self.open_endpoint(&eps_key, &String::from_utf8_lossy(&json))?;
-            // A test send (`target`) reaches its endpoint whatever the endpoint subscribes to.
-            if ep.enabled && (target.is_some() || ep.subscribes_to(&envelope.event_type)) {
-                endpoints.push(ep);
-            }
-        }
-        Ok(Ingested {
-            body: stored.unwrap_or_else(|| body.to_vec()),
-            endpoints,
-        })
-    }
-
-    /// Creates the deliveries that are new; `true` at each index that was created.
-    pub async fn begin(&self, begins: &[Begin], now_ms: i64) -> Result<Vec<bool>, StoreError> {
-        if begins.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut inv = BEGIN.prepare_invoke();
-        let mut account = None;
-        inv.arg(now_ms)
-            .arg(self.retention_secs())
             .arg(self.history_per_endpoint)
             .arg(self.keys.prefix());
         for b in begins {
             let job = &b.job;
-            account = Some(&job.account);
             inv.key(self.keys.delivery(&job.delivery))
                 .key(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
                 .key(self.keys.endpoint_deliveries(&job.endpoint));
@@ -382,9 +358,16 @@ impl Store {
                 .arg(b.due_ms)
                 .arg(b.lease.as_deref().unwrap_or(""));
         }
-        inv.key(self.keys.account_deliveries(account.expect("at least one delivery")));
-        let created: Vec<i64> = inv.invoke_async(&mut self.conn()).await?;
-        Ok(created.into_iter().map(|c| c == 1).collect())
+        let reply: Vec<Vec<u8>> = inv.invoke_async(&mut self.conn()).await?;
+        let mut reply = reply.into_iter();
+        if reply.next().as_deref() != Some(b"ok".as_slice()) {
+            return Ok(Ingest::Stale);
+        }
+        let stored = reply.next().filter(|b| !b.is_empty());
+        Ok(Ingest::Begun {
+            body: stored.unwrap_or_else(|| body.to_vec()),
+            created: reply.map(|c| c == b"1").collect(),
+        })
     }
 
     /// Takes a retry job under a new lease lasting until `lease_until_ms`.
@@ -392,6 +375,7 @@ impl Store {
         let eps_key = self.keys.account_endpoints(&job.account);
         let reply: Vec<Vec<u8>> = TAKE
             .key(self.keys.delivery(&job.delivery))
+            .key(self.keys.attempts(&job.delivery))
             .key(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
             .key(self.keys.event(&job.account, &job.event))
             .key(&eps_key)
@@ -458,7 +442,7 @@ impl Store {
             .arg(job.encode())
             .arg(self.retention_secs())
             .arg(timing.map_or("", |t| t.outcome))
-            .arg(timing.map(|t| stats::latency_field(t.duration_ms)).unwrap_or_default())
+            .arg(timing.map(|t| stats::latency_index(t.duration_ms)).unwrap_or_default())
             .arg(at)
             .arg(job.delivery.as_str())
             .arg(
@@ -690,17 +674,12 @@ impl Store {
             .collect())
     }
 
-    /// Every recorded attempt, oldest first.
+    /// Every recorded attempt (the newest 100), oldest first.
     pub async fn attempts(&self, id: &DeliveryId) -> Result<Vec<AttemptRecord>, StoreError> {
         let key = self.keys.attempts(id);
         let raw: Vec<String> = self.conn().lrange(&key, 0, -1).await?;
         raw.iter()
-            .map(|j| {
-                serde_json::from_str(j).map_err(|e| StoreError::Corrupt {
-                    key: key.clone(),
-                    problem: e.to_string(),
-                })
-            })
+            .map(|j| serde_json::from_str(j).map_err(|e| corrupt(&key, e)))
             .collect()
     }
 }

@@ -1,18 +1,34 @@
-//! Endpoint records, indexed by account and event type so that fan-out is one round trip.
+//! Endpoint records, kept per account with a version counter that every change bumps: a
+//! dispatcher caches an account's endpoints and the fan-out script checks the version it
+//! cached against Redis, so an event costs no endpoint reads and a change is seen at once.
 
 use super::{Store, StoreError};
 use crate::endpoint::Endpoint;
 use crate::ids::{AccountId, EndpointId};
 use redis::AsyncCommands;
 
-impl Store {
-    fn index_keys(&self, ep: &Endpoint) -> Vec<String> {
-        match &ep.events {
-            None => vec![self.keys.all_types_index(&ep.account_id)],
-            Some(types) => types.iter().map(|t| self.keys.type_index(&ep.account_id, t)).collect(),
-        }
-    }
+/// An account's endpoints as of one version of them.
+#[derive(Debug, Clone, Default)]
+pub struct AccountEndpoints {
+    pub version: u64,
+    pub endpoints: Vec<Endpoint>,
+}
 
+impl AccountEndpoints {
+    /// Who gets an event: enabled endpoints subscribed to its type, or only `target` (a test
+    /// send reaches its endpoint whatever the endpoint subscribes to).
+    pub fn recipients<'a>(&'a self, event_type: &'a str, target: Option<&'a EndpointId>) -> impl Iterator<Item = &'a Endpoint> {
+        self.endpoints.iter().filter(move |ep| {
+            ep.enabled
+                && match target {
+                    Some(id) => ep.id == *id,
+                    None => ep.subscribes_to(event_type),
+                }
+        })
+    }
+}
+
+impl Store {
     /// The record as stored: the endpoint's JSON with every secret sealed.
     fn sealed_json(&self, ep: &Endpoint) -> String {
         let mut value = serde_json::to_value(ep).expect("endpoints serialize");
@@ -66,29 +82,39 @@ impl Store {
         pipe.atomic()
             .sadd(self.keys.accounts(), ep.account_id.as_str())
             .hset(self.keys.account_endpoints(&ep.account_id), ep.id.as_str(), json)
-            .set(self.keys.endpoint_owner(&ep.id), ep.account_id.as_str());
-        for key in self.index_keys(ep) {
-            pipe.sadd(key, ep.id.as_str());
-        }
+            .set(self.keys.endpoint_owner(&ep.id), ep.account_id.as_str())
+            .incr(self.keys.endpoints_version(&ep.account_id), 1);
         pipe.query_async::<()>(&mut self.conn()).await?;
         Ok(())
     }
 
-    /// Rewrites an endpoint, moving it between type indexes when its subscriptions changed.
-    pub async fn save_endpoint(&self, ep: &Endpoint, previous: &Endpoint) -> Result<(), StoreError> {
+    /// Rewrites an endpoint.
+    pub async fn save_endpoint(&self, ep: &Endpoint) -> Result<(), StoreError> {
         let json = self.sealed_json(ep);
         let mut pipe = redis::pipe();
         pipe.atomic()
-            .hset(self.keys.account_endpoints(&ep.account_id), ep.id.as_str(), json);
-        let (old, new) = (self.index_keys(previous), self.index_keys(ep));
-        for key in old.iter().filter(|k| !new.contains(k)) {
-            pipe.srem(key, ep.id.as_str());
-        }
-        for key in &new {
-            pipe.sadd(key, ep.id.as_str());
-        }
+            .hset(self.keys.account_endpoints(&ep.account_id), ep.id.as_str(), json)
+            .incr(self.keys.endpoints_version(&ep.account_id), 1);
         pipe.query_async::<()>(&mut self.conn()).await?;
         Ok(())
+    }
+
+    /// Every endpoint of an account with the version they belong to, read atomically.
+    pub async fn account_endpoints(&self, account: &AccountId) -> Result<AccountEndpoints, StoreError> {
+        let key = self.keys.account_endpoints(account);
+        let (version, raw): (Option<u64>, Vec<String>) = redis::pipe()
+            .atomic()
+            .get(self.keys.endpoints_version(account))
+            .hvals(&key)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(AccountEndpoints {
+            version: version.unwrap_or(0),
+            endpoints: raw
+                .iter()
+                .map(|json| self.open_endpoint(&key, json))
+                .collect::<Result<_, _>>()?,
+        })
     }
 
     pub async fn list_endpoints(&self, account: &AccountId) -> Result<Vec<Endpoint>, StoreError> {
@@ -125,10 +151,8 @@ impl Store {
             // Its health and per-endpoint listing go with it; its deliveries stay readable
             // through the account's listing until retention expires them.
             .del(self.keys.endpoint_health(id))
-            .del(self.keys.endpoint_deliveries(id));
-        for key in self.index_keys(&ep) {
-            pipe.srem(key, id.as_str());
-        }
+            .del(self.keys.endpoint_deliveries(id))
+            .incr(self.keys.endpoints_version(&ep.account_id), 1);
         pipe.query_async::<()>(&mut self.conn()).await?;
         Ok(true)
     }
@@ -149,7 +173,7 @@ impl Store {
         }
         let mut ep = previous.clone();
         ep.disable(reason, now_ms);
-        self.save_endpoint(&ep, &previous).await?;
+        self.save_endpoint(&ep).await?;
         Ok(Some(ep))
     }
 }

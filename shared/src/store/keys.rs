@@ -28,13 +28,9 @@ impl Keys {
         format!("{}acct:{account}:eps", self.prefix)
     }
 
-    pub fn type_index(&self, account: &AccountId, event_type: &str) -> String {
-        format!("{}acct:{account}:idx:{event_type}", self.prefix)
-    }
-
-    /// Endpoints subscribed to every type (`*` is never a catalog type).
-    pub fn all_types_index(&self, account: &AccountId) -> String {
-        self.type_index(account, "*")
+    /// Bumped by every change to the account's endpoints, so dispatchers can cache them.
+    pub fn endpoints_version(&self, account: &AccountId) -> String {
+        format!("{}acct:{account}:eps:ver", self.prefix)
     }
 
     pub fn endpoint_owner(&self, endpoint: &EndpointId) -> String {
@@ -88,6 +84,7 @@ impl Keys {
     pub fn delivery(&self, delivery: &DeliveryId) -> String {
         format!("{}dlv:{delivery}", self.prefix)
     }
+
 
     pub fn attempts(&self, delivery: &DeliveryId) -> String {
         format!("{}dlv:{delivery}:att", self.prefix)

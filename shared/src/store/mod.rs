@@ -1,7 +1,8 @@
 //! The Redis store: endpoints, events, deliveries with their attempts, and the retry set.
 //!
 //! Every multi-key change is one Lua script, so each step of a delivery's life is atomic and
-//! costs one round trip. Key layout (all below `LAABAM_REDIS_PREFIX`):
+//! costs one round trip: an event's storage and the start of all its deliveries together, then
+//! one record per attempt. Key layout (all below `LAABAM_REDIS_PREFIX`):
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -12,14 +13,14 @@
 //! | `acct:{A}:evt` / `acct:{A}:dlv` | sorted set | the account's events / deliveries by time (bounded) |
 //! | `idem:{A}:{sha256}` | string | the response to an idempotent publish (24 h) |
 //! | `acct:{A}:eps` | hash | endpoint id → endpoint JSON |
-//! | `acct:{A}:idx:{type}` / `acct:{A}:idx:*` | set | endpoints subscribed to a type / to all |
+//! | `acct:{A}:eps:ver` | string | a counter bumped by every endpoint change (dispatchers cache endpoints by it) |
 //! | `ep:{E}` | string | the account owning endpoint E |
 //! | `ep:{E}:dlv` | sorted set | E's deliveries by creation time (newest `LAABAM_HISTORY_PER_ENDPOINT`) |
 //! | `ep:{E}:health` | hash | last delivery, last success, failing since |
 //! | `ep:{E}:st:5m:{n}` / `ep:{E}:st:1h:{n}` | hash | attempts by outcome and latency bucket (2 h / 8 d) |
 //! | `evt:{A}:{id}` | string | the event body as delivered (first copy wins) |
-//! | `dlv:{D}` | hash | delivery state (see [`crate::delivery::field`]) |
-//! | `dlv:{D}:att` | list | attempt records, oldest first |
+//! | `dlv:{D}` | hash | delivery state (see [`crate::delivery::field`]); every value short, so Redis keeps it compact (listpack) |
+//! | `dlv:{D}:att` | list | attempt records, oldest first (newest 100) |
 //! | `retry:{n}:due` | sorted set | retry jobs and in-flight leases by due time |
 //! | `retry:{n}:claimed` | sorted set | jobs a scheduler is publishing, by lease expiry |
 
@@ -31,9 +32,8 @@ mod retry_set;
 mod stats;
 
 pub use accounts::{API_KEY_PREFIX, Account, ApiKeyInfo, Idempotency};
-pub use deliveries::{
-    AttemptTiming, Begin, Cursor, DeliveryFilter, Ingested, Page, Record, Recorded, Redelivery, Taken,
-};
+pub use deliveries::{AttemptTiming, Begin, Cursor, DeliveryFilter, Ingest, Page, Record, Recorded, Redelivery, Taken};
+pub use endpoints::AccountEndpoints;
 pub use keys::Keys;
 pub use retry_set::Claimed;
 pub use stats::{EndpointHealth, EndpointStats, LastDelivery, SeriesPoint, WindowStats};

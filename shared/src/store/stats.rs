@@ -1,6 +1,7 @@
-//! Per-endpoint statistics: attempt counts by outcome and by latency bucket, kept in 5-minute
-//! buckets (for the last hour) and hourly buckets (for 24 hours and 7 days), written by the
-//! same script that records each attempt.
+//! Per-endpoint statistics: attempt counts by outcome and latency bucket (one hash field
+//! `<outcome>|<latency bucket>` per pair, so an attempt is one increment), kept in 5-minute
+//! buckets (for the last hour) and hourly buckets (for 24 hours and 7 days), written by the same
+//! script that records each attempt.
 
 use super::{Store, StoreError};
 use crate::delivery::Outcome;
@@ -17,13 +18,12 @@ pub(super) const HOUR_MS: i64 = 60 * 60 * 1000;
 pub(super) const FIVE_MINUTE_TTL_SECS: u64 = 2 * 3600;
 pub(super) const HOUR_TTL_SECS: u64 = 8 * 24 * 3600;
 
-/// The field counting attempts that took `duration_ms`.
-pub(super) fn latency_field(duration_ms: u64) -> String {
-    let index = LATENCY_BOUNDS_MS
+/// The latency bucket of an attempt that took `duration_ms`.
+pub(super) fn latency_index(duration_ms: u64) -> usize {
+    LATENCY_BOUNDS_MS
         .iter()
         .position(|&b| duration_ms <= b)
-        .unwrap_or(LATENCY_BOUNDS_MS.len());
-    format!("lat:{index}")
+        .unwrap_or(LATENCY_BOUNDS_MS.len())
 }
 
 /// Statistics over one window.
@@ -63,10 +63,10 @@ fn window(buckets: &[HashMap<String, u64>]) -> WindowStats {
     let mut latency = vec![0u64; LATENCY_BOUNDS_MS.len() + 1];
     for bucket in buckets {
         for (field, n) in bucket {
-            match field.strip_prefix("lat:").and_then(|i| i.parse::<usize>().ok()) {
-                Some(i) if i < latency.len() => latency[i] += n,
-                Some(_) => {}
-                None => *counts.entry(field.clone()).or_default() += n,
+            let (outcome, index) = field.split_once('|').unwrap_or((field, ""));
+            *counts.entry(outcome.to_owned()).or_default() += n;
+            if let Some(slot) = index.parse::<usize>().ok().and_then(|i| latency.get_mut(i)) {
+                *slot += n;
             }
         }
     }
@@ -191,20 +191,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn latency_fields_follow_the_bounds() {
-        assert_eq!(latency_field(0), "lat:0");
-        assert_eq!(latency_field(5), "lat:0");
-        assert_eq!(latency_field(6), "lat:1");
-        assert_eq!(latency_field(999_999), format!("lat:{}", LATENCY_BOUNDS_MS.len()));
+    fn latency_buckets_follow_the_bounds() {
+        assert_eq!(latency_index(0), 0);
+        assert_eq!(latency_index(5), 0);
+        assert_eq!(latency_index(6), 1);
+        assert_eq!(latency_index(999_999), LATENCY_BOUNDS_MS.len());
     }
 
     #[test]
     fn windows_sum_buckets_and_compute_rates_and_percentiles() {
-        let b1: HashMap<String, u64> = [("success", 9), ("http_5xx", 1), ("lat:0", 5), ("lat:4", 5)]
+        let b1: HashMap<String, u64> = [("success|0", 5), ("success|4", 4), ("http_5xx|4", 1)]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
-        let b2: HashMap<String, u64> = [("success", 90), ("lat:0", 90)]
+        let b2: HashMap<String, u64> = [("success|0", 90)]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
@@ -219,7 +219,7 @@ mod tests {
     #[test]
     fn series_points_start_at_their_bucket_and_end_with_the_current_one() {
         let now = 10 * HOUR_MS + 1234;
-        let ok: HashMap<String, u64> = [("success".to_owned(), 3)].into_iter().collect();
+        let ok: HashMap<String, u64> = [("success|1".to_owned(), 3)].into_iter().collect();
         let points = series(&[HashMap::new(), ok], HOUR_MS, now);
         assert_eq!(points.len(), 2);
         assert_eq!(points[0].start, crate::clock::format_rfc3339_ms(9 * HOUR_MS));

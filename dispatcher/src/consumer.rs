@@ -1,4 +1,4 @@
-//! The broker side of the dispatcher: one connection, a consumer on the event queue and one on
+//! The broker side of the dispatcher: one connection, a consumer on each event queue and one on
 //! the retry queue, manual acks, bounded prefetch, and reconnection with backoff.
 
 use crate::metrics::METRICS;
@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
     pub amqp_url: String,
+    pub layout: topology::Layout,
     pub max_in_flight: usize,
     pub shutdown_grace: Duration,
 }
@@ -103,7 +104,7 @@ async fn session(
 ) -> Result<(), SessionError> {
     let conn = startup::amqp_connect(&settings.amqp_url, "laabam-dispatcher").await?;
     let setup = conn.create_channel().await?;
-    topology::declare(&setup).await?;
+    topology::declare(&setup, settings.layout).await?;
     // Prefetch bounds what the broker pushes ahead of processing; it matches the in-flight cap.
     let prefetch = settings.max_in_flight.clamp(1, u16::MAX as usize) as u16;
     let events_channel = conn.create_channel().await?;
@@ -115,15 +116,25 @@ async fn session(
     dead_channel.confirm_select(ConfirmSelectOptions::default()).await?;
 
     let tag = |what: &str| format!("laabam-dispatcher-{}-{what}-{}", std::process::id(), ulid::Ulid::new());
-    let (events_tag, retries_tag) = (tag("events"), tag("retries"));
-    let mut events = events_channel
-        .basic_consume(
-            topology::DISPATCH_QUEUE.into(),
-            events_tag.as_str().into(),
-            consume_options(),
-            FieldTable::default(),
-        )
-        .await?;
+    let retries_tag = tag("retries");
+    // Every event queue on one channel, so one prefetch window bounds them all.
+    let mut events_tags = Vec::new();
+    let mut event_consumers = Vec::new();
+    for queue in settings.layout.dispatch_queues() {
+        let consumer_tag = tag(&queue);
+        event_consumers.push(
+            events_channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    consumer_tag.as_str().into(),
+                    consume_options(),
+                    FieldTable::default(),
+                )
+                .await?,
+        );
+        events_tags.push(consumer_tag);
+    }
+    let mut events = futures_util::stream::select_all(event_consumers);
     let mut retries = retry_channel
         .basic_consume(
             topology::RETRY_QUEUE.into(),
@@ -164,9 +175,11 @@ async fn session(
 
     // Shutdown: stop deliveries, let in-flight work finish (or its leases hand it back), close.
     METRICS.consuming.set(0);
-    let _ = events_channel
-        .basic_cancel(events_tag.as_str().into(), BasicCancelOptions::default())
-        .await;
+    for consumer_tag in &events_tags {
+        let _ = events_channel
+            .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+    }
     let _ = retry_channel
         .basic_cancel(retries_tag.as_str().into(), BasicCancelOptions::default())
         .await;

@@ -76,6 +76,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     });
     let settings = consumer::ConsumerSettings {
         amqp_url: common.amqp_url.clone(),
+        layout: common.layout(),
         max_in_flight: config.max_in_flight,
         shutdown_grace: config.shutdown_grace,
     };

@@ -181,7 +181,11 @@ impl Pipeline {
                     }
                 })
                 .collect();
-            let (body, created) = match self.store.ingest(&envelope, &json, endpoints.version, &begins, now).await {
+            let (body, created) = match self
+                .store
+                .ingest(&envelope, &json, endpoints.version, &begins, now)
+                .await
+            {
                 Ok(Ingest::Begun { body, created }) => (body, created),
                 Ok(Ingest::Stale) => {
                     tracing::debug!("the account's endpoints changed; reloading them");

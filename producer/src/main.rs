@@ -178,7 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?
                 .ensure_account(&envelope.account_id, envelope.account_id.as_str(), now_ms())
                 .await?;
-            let publisher = Publisher::connect(&common.amqp_url, common.connect_timeout).await?;
+            let publisher = Publisher::connect(&common.amqp_url, common.connect_timeout, common.layout()).await?;
             publisher.publish(&envelope).await?;
             eprintln!("published {} ({})", envelope.id, envelope.event_type);
             print(&json!({ "id": envelope.id, "type": envelope.event_type, "timestamp": envelope.timestamp }));
@@ -240,12 +240,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topology => {
             let conn =
                 startup::amqp_connect_within(&common.amqp_url, "laabam-producer", common.connect_timeout).await?;
-            topology::declare(&conn.create_channel().await?).await?;
+            let layout = common.layout();
+            topology::declare(&conn.create_channel().await?, layout).await?;
             eprintln!("topology declared");
-            print(&json!({
-                "exchanges": [topology::EVENTS_EXCHANGE, topology::UNROUTABLE_EXCHANGE, topology::RETRY_EXCHANGE, topology::DEAD_EXCHANGE],
-                "queues": [topology::DISPATCH_QUEUE, topology::UNROUTABLE_QUEUE, topology::RETRY_QUEUE, topology::DEAD_QUEUE],
-            }));
+            let mut exchanges = vec![
+                topology::EVENTS_EXCHANGE,
+                topology::UNROUTABLE_EXCHANGE,
+                topology::RETRY_EXCHANGE,
+                topology::DEAD_EXCHANGE,
+            ];
+            if layout.sharded() {
+                exchanges.push(topology::DISPATCH_SHARDS_EXCHANGE);
+            }
+            let mut queues = layout.dispatch_queues();
+            queues.extend([topology::UNROUTABLE_QUEUE, topology::RETRY_QUEUE, topology::DEAD_QUEUE].map(String::from));
+            print(&json!({ "exchanges": exchanges, "queues": queues }));
         }
     }
     Ok(())

@@ -26,6 +26,7 @@ pub enum PublishError {
 pub struct Publisher {
     url: String,
     name: String,
+    layout: topology::Layout,
     /// The live connection and channel; `None` after a failure, until the next publish
     /// reconnects.
     link: Mutex<Option<(Connection, Channel)>>,
@@ -53,10 +54,10 @@ fn properties(envelope: &Envelope, target: Option<&EndpointId>) -> BasicProperti
     }
 }
 
-async fn open(url: &str, name: &str) -> Result<(Connection, Channel), lapin::Error> {
+async fn open(url: &str, name: &str, layout: topology::Layout) -> Result<(Connection, Channel), lapin::Error> {
     let conn = startup::amqp_connect(url, name).await?;
     let channel = conn.create_channel().await?;
-    topology::declare(&channel).await?;
+    topology::declare(&channel, layout).await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok((conn, channel))
 }
@@ -64,12 +65,13 @@ async fn open(url: &str, name: &str) -> Result<(Connection, Channel), lapin::Err
 impl Publisher {
     /// Connects (waiting up to `wait` for the broker) and declares the topology, so events
     /// published before any dispatcher starts are kept.
-    pub async fn connect(url: &str, wait: Duration) -> Result<Self, Unreachable> {
+    pub async fn connect(url: &str, wait: Duration, layout: topology::Layout) -> Result<Self, Unreachable> {
         let name = "laabam-producer";
-        let link = startup::within("RabbitMQ", url, wait, || open(url, name)).await?;
+        let link = startup::within("RabbitMQ", url, wait, || open(url, name, layout)).await?;
         Ok(Publisher {
             url: url.to_owned(),
             name: name.to_owned(),
+            layout,
             link: Mutex::new(Some(link)),
         })
     }
@@ -83,7 +85,7 @@ impl Publisher {
             return Ok(channel.clone());
         }
         *link = None;
-        let (conn, channel) = open(&self.url, &self.name).await?;
+        let (conn, channel) = open(&self.url, &self.name, self.layout).await?;
         *link = Some((conn, channel.clone()));
         Ok(channel)
     }

@@ -26,9 +26,9 @@ enum RoundError {
     Store(#[from] laabam_shared::store::StoreError),
 }
 
-async fn open_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
+async fn open_channel(conn: &Connection, layout: topology::Layout) -> Result<Channel, lapin::Error> {
     let channel = conn.create_channel().await?;
-    topology::declare(&channel).await?;
+    topology::declare(&channel, layout).await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok(channel)
 }
@@ -49,7 +49,7 @@ pub async fn run(
             None => startup::amqp_connect(&config.common.amqp_url, "laabam-retry-scheduler").await,
         };
         let channel = match connection {
-            Ok(c) => open_channel(&c).await.map(|ch| (c, ch)),
+            Ok(c) => open_channel(&c, config.common.layout()).await.map(|ch| (c, ch)),
             Err(e) => Err(e),
         };
         let (connection, channel) = match channel {

@@ -42,6 +42,10 @@ pub struct CommonArgs {
     /// Every dispatcher and scheduler of one installation must agree on it.
     #[arg(long, env = "LAABAM_RETRY_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub retry_shards: u16,
+    /// Event queues: 1, or N > 1 spread by a consistent hash of each event's id (needs the
+    /// broker's `rabbitmq_consistent_hash_exchange` plugin). Every process must agree.
+    #[arg(long, env = "LAABAM_DISPATCH_QUEUES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub dispatch_queues: u16,
     /// How long events, deliveries and attempts are kept in Redis.
     #[arg(long, env = "LAABAM_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub retention: Duration,
@@ -61,6 +65,14 @@ pub struct CommonArgs {
     /// `text` for people, `json` for log pipelines.
     #[arg(long, env = "LAABAM_LOG_FORMAT", default_value = "text")]
     pub log_format: crate::telemetry::LogFormat,
+}
+
+impl CommonArgs {
+    pub fn layout(&self) -> crate::topology::Layout {
+        crate::topology::Layout {
+            dispatch_queues: self.dispatch_queues,
+        }
+    }
 }
 
 /// The retry policy, as flags and variables.

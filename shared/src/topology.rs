@@ -3,12 +3,15 @@
 //!
 //! ```text
 //! publishers ─▶ laabam.events (topic) ──#──▶ laabam.dispatch ─▶ dispatchers
+//!        or, with LAABAM_DISPATCH_QUEUES=N > 1 (the consistent-hash exchange plugin):
+//!               laabam.events ──#──▶ laabam.dispatch.shards (x-consistent-hash on message_id)
+//!                                      ─▶ laabam.dispatch.0 … laabam.dispatch.N-1 ─▶ dispatchers
 //!                   └─ alternate-exchange ─▶ laabam.unroutable (fanout) ─▶ laabam.unroutable
 //! scheduler  ─▶ laabam.retries (direct) ─retry─▶ laabam.retries ─▶ dispatchers
 //! dispatcher ─▶ laabam.dead (fanout) ─▶ laabam.dead       (poison messages, with a reason header)
 //! ```
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
@@ -19,6 +22,12 @@ pub const UNROUTABLE_EXCHANGE: &str = "laabam.unroutable";
 pub const UNROUTABLE_QUEUE: &str = "laabam.unroutable";
 /// Bound with `#`, so unknown types reach a dispatcher and are dead-lettered with a reason.
 pub const DISPATCH_QUEUE: &str = "laabam.dispatch";
+/// Spreads events over several dispatch queues by a hash of their `message_id` (publishers
+/// keep publishing to `laabam.events`; a message without one goes to one fixed queue).
+pub const DISPATCH_SHARDS_EXCHANGE: &str = "laabam.dispatch.shards";
+/// The exchange type the sharded layout needs (RabbitMQ's bundled plugin
+/// `rabbitmq_consistent_hash_exchange`).
+pub const CONSISTENT_HASH: &str = "x-consistent-hash";
 /// Retry jobs travel apart from events and never pass through `laabam.events`.
 pub const RETRY_EXCHANGE: &str = "laabam.retries";
 pub const RETRY_QUEUE: &str = "laabam.retries";
@@ -30,6 +39,37 @@ pub const DEAD_QUEUE: &str = "laabam.dead";
 pub const TARGET_ENDPOINT_HEADER: &str = "x-laabam-endpoint";
 /// Why a message was dead-lettered.
 pub const DEAD_REASON_HEADER: &str = "x-laabam-dead-reason";
+
+/// How the event stream is laid out over queues; every process must use the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// One queue (the default, no plugin needed), or N queues that N consumers and the broker's
+    /// cores work on in parallel: one classic queue is one Erlang process, so one core.
+    pub dispatch_queues: u16,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout { dispatch_queues: 1 }
+    }
+}
+
+impl Layout {
+    pub fn sharded(&self) -> bool {
+        self.dispatch_queues > 1
+    }
+
+    /// The queues dispatchers consume events from.
+    pub fn dispatch_queues(&self) -> Vec<String> {
+        if self.sharded() {
+            (0..self.dispatch_queues)
+                .map(|i| format!("{DISPATCH_QUEUE}.{i}"))
+                .collect()
+        } else {
+            vec![DISPATCH_QUEUE.to_owned()]
+        }
+    }
+}
 
 fn durable_exchange() -> ExchangeDeclareOptions {
     ExchangeDeclareOptions {
@@ -46,7 +86,7 @@ fn durable_queue() -> QueueDeclareOptions {
 }
 
 /// Declares every exchange, queue and binding.
-pub async fn declare(channel: &Channel) -> Result<(), lapin::Error> {
+pub async fn declare(channel: &Channel, layout: Layout) -> Result<(), lapin::Error> {
     let mut events_args = FieldTable::default();
     events_args.insert(
         "alternate-exchange".into(),
@@ -65,7 +105,6 @@ pub async fn declare(channel: &Channel) -> Result<(), lapin::Error> {
     }
     let bindings = [
         (UNROUTABLE_QUEUE, UNROUTABLE_EXCHANGE, ""),
-        (DISPATCH_QUEUE, EVENTS_EXCHANGE, "#"),
         (RETRY_QUEUE, RETRY_EXCHANGE, RETRY_ROUTING_KEY),
         (DEAD_QUEUE, DEAD_EXCHANGE, ""),
     ];
@@ -77,6 +116,53 @@ pub async fn declare(channel: &Channel) -> Result<(), lapin::Error> {
             .queue_bind(
                 queue.into(),
                 exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    declare_dispatch(channel, layout).await
+}
+
+/// The dispatch queue, or the sharding exchange and its queues.
+async fn declare_dispatch(channel: &Channel, layout: Layout) -> Result<(), lapin::Error> {
+    let (source, key) = if layout.sharded() {
+        let mut args = FieldTable::default();
+        args.insert("hash-property".into(), AMQPValue::LongString("message_id".into()));
+        channel
+            .exchange_declare(
+                DISPATCH_SHARDS_EXCHANGE.into(),
+                ExchangeKind::Custom(CONSISTENT_HASH.into()),
+                durable_exchange(),
+                args,
+            )
+            .await
+            .inspect_err(|e| {
+                tracing::error!(error = %e, "LAABAM_DISPATCH_QUEUES > 1 needs RabbitMQ's consistent-hash exchange: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange");
+            })?;
+        channel
+            .exchange_bind(
+                DISPATCH_SHARDS_EXCHANGE.into(),
+                EVENTS_EXCHANGE.into(),
+                "#".into(),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        // The routing key of a consistent-hash binding is the queue's weight.
+        (DISPATCH_SHARDS_EXCHANGE, "1")
+    } else {
+        (EVENTS_EXCHANGE, "#")
+    };
+    for queue in layout.dispatch_queues() {
+        channel
+            .queue_declare(queue.as_str().into(), durable_queue(), FieldTable::default())
+            .await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                source.into(),
                 key.into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),

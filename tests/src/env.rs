@@ -164,7 +164,7 @@ impl TestEnv {
     }
 
     pub async fn publisher(&self) -> Publisher {
-        Publisher::connect(&self.amqp_url, Duration::from_secs(10))
+        Publisher::connect(&self.amqp_url, Duration::from_secs(10), Default::default())
             .await
             .expect("RabbitMQ reachable")
     }
@@ -355,7 +355,7 @@ impl TestEnv {
         let conn = laabam_shared::startup::amqp_connect(&self.amqp_url, "laabam-test")
             .await
             .expect("connect");
-        laabam_shared::topology::declare(&conn.create_channel().await.expect("channel"))
+        laabam_shared::topology::declare(&conn.create_channel().await.expect("channel"), Default::default())
             .await
             .expect("declare");
         let _ = conn.close(200, "done".into()).await;
@@ -398,6 +398,21 @@ impl Drop for TestEnv {
             }
         }
     }
+}
+
+/// `n` distinct `payment.failed` events of `account`.
+pub fn sample_events(account: &str, n: usize) -> Vec<laabam_shared::envelope::Envelope> {
+    let account = AccountId::parse(account).expect("a valid account id");
+    (0..n)
+        .map(|i| {
+            let data = serde_json::value::RawValue::from_string(format!(
+                r#"{{"payment_id":"pay_{i}","reason":"card_declined"}}"#
+            ))
+            .expect("JSON");
+            laabam_shared::envelope::Envelope::new("payment.failed", account.clone(), data, None, now_ms())
+                .expect("a valid event")
+        })
+        .collect()
 }
 
 /// Publishes every event through our library, 100 at a time, and asserts the broker confirmed

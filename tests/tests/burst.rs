@@ -1,12 +1,8 @@
 //! Two dispatchers and two schedulers deliver a burst with injected failures: nothing lost,
 //! and every (event, endpoint) pair gets exactly the attempts its failures call for.
 
-use laabam_shared::clock::now_ms;
-use laabam_shared::envelope::Envelope;
-use laabam_shared::ids::AccountId;
-use laabam_tests::env::publish_all;
+use laabam_tests::env::{publish_all, sample_events};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
-use serde_json::value::RawValue;
 use std::time::Duration;
 
 const EVENTS: usize = 2000;
@@ -41,20 +37,7 @@ async fn two_dispatchers_and_two_schedulers_lose_nothing_and_attempt_exactly_as_
         env.start_scheduler(&[]);
     }
     let publisher = env.publisher().await;
-    let events: Vec<Envelope> = (0..EVENTS)
-        .map(|n| {
-            let data =
-                RawValue::from_string(format!(r#"{{"payment_id":"pay_{n}","reason":"card_declined"}}"#)).unwrap();
-            Envelope::new(
-                "payment.failed",
-                AccountId::parse("acct_burst").unwrap(),
-                data,
-                None,
-                now_ms(),
-            )
-            .unwrap()
-        })
-        .collect();
+    let events = sample_events("acct_burst", EVENTS);
     publish_all(&publisher, &events).await;
 
     let expected_requests: Vec<usize> = (0..ENDPOINTS)

@@ -183,3 +183,57 @@ async fn https_endpoints_are_delivered_with_an_extra_trusted_ca() {
     })
     .await;
 }
+
+/// The dispatcher caches each account's endpoints; every change must still reach the very next
+/// event: a new endpoint, a changed subscription, a deletion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_changes_reach_a_running_dispatcher_on_the_next_event() {
+    let mut env = TestEnv::new().await;
+    let first = Receiver::ok().await;
+    let second = Receiver::ok().await;
+    let mut ep_first = env.endpoint("acct_changes", &first.url, None).await;
+    env.start_dispatcher(&[]);
+    let publisher = env.publisher().await;
+    let store = env.store().await;
+    let events = laabam_tests::env::sample_events("acct_changes", 4);
+    let send = |i: usize| publisher.publish(&events[i]);
+    let got = |rx: &Receiver, i: usize| rx.per_event().contains_key(events[i].id.as_str());
+
+    send(0).await.unwrap();
+    wait_until("the first event at the first endpoint", WAIT, || async {
+        got(&first, 0)
+    })
+    .await;
+
+    let ep_second = env.endpoint("acct_changes", &second.url, None).await;
+    send(1).await.unwrap();
+    wait_until("the second event at both endpoints", WAIT, || async {
+        got(&first, 1) && got(&second, 1)
+    })
+    .await;
+
+    ep_first.events = Some(vec!["customer.created".into()]);
+    store.save_endpoint(&ep_first).await.unwrap();
+    send(2).await.unwrap();
+    wait_until("the third event at the second endpoint", WAIT, || async {
+        got(&second, 2)
+    })
+    .await;
+
+    store.delete_endpoint(&ep_second.id).await.unwrap();
+    ep_first.events = None;
+    store.save_endpoint(&ep_first).await.unwrap();
+    send(3).await.unwrap();
+    wait_until("the fourth event at the first endpoint", WAIT, || async {
+        got(&first, 3)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    assert!(
+        !got(&first, 2),
+        "the first endpoint unsubscribed from payment.failed before event 3"
+    );
+    assert!(!got(&second, 3), "the deleted endpoint got nothing after its deletion");
+    assert!(!got(&second, 0), "the second endpoint did not exist yet");
+}

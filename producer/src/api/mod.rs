@@ -170,7 +170,7 @@ pub async fn start(
     crate::metrics::initialize();
     let store = Store::connect(&StoreConfig::from(common), common.connect_timeout).await?;
     store.warn_about_unsafe_settings().await;
-    let publisher = Arc::new(Publisher::connect(&common.amqp_url, common.connect_timeout).await?);
+    let publisher = Arc::new(Publisher::connect(&common.amqp_url, common.connect_timeout, common.layout()).await?);
     let state = Arc::new(ApiState {
         store,
         publisher,

@@ -17,7 +17,11 @@ pub struct AccountEndpoints {
 impl AccountEndpoints {
     /// Who gets an event: enabled endpoints subscribed to its type, or only `target` (a test
     /// send reaches its endpoint whatever the endpoint subscribes to).
-    pub fn recipients<'a>(&'a self, event_type: &'a str, target: Option<&'a EndpointId>) -> impl Iterator<Item = &'a Endpoint> {
+    pub fn recipients<'a>(
+        &'a self,
+        event_type: &'a str,
+        target: Option<&'a EndpointId>,
+    ) -> impl Iterator<Item = &'a Endpoint> {
         self.endpoints.iter().filter(move |ep| {
             ep.enabled
                 && match target {

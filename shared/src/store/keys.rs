@@ -85,7 +85,6 @@ impl Keys {
         format!("{}dlv:{delivery}", self.prefix)
     }
 
-
     pub fn attempts(&self, delivery: &DeliveryId) -> String {
         format!("{}dlv:{delivery}:att", self.prefix)
     }

@@ -375,7 +375,6 @@ impl Store {
         let eps_key = self.keys.account_endpoints(&job.account);
         let reply: Vec<Vec<u8>> = TAKE
             .key(self.keys.delivery(&job.delivery))
-            .key(self.keys.attempts(&job.delivery))
             .key(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
             .key(self.keys.event(&job.account, &job.event))
             .key(&eps_key)

@@ -1,6 +1,6 @@
 //! `laabam-bench <scenario>`: measures the whole system on the real RabbitMQ and Redis.
 //!
-//! Scenarios: `baseline` (a bare pipeline: consume, sign, POST, ack; no records, no retries:
+//! Scenarios: see `USAGE`; `baseline` is a bare pipeline (consume, sign, POST, ack; no records,
 //! the machine's practical limit), `throughput` (N events, one endpoint), `fanout` (N events, ten
 //! endpoints), `latency` (a fixed rate, publish to receive percentiles), `all`.
 //! Prints a table and writes JSON to target/bench/. Run with `--release`.
@@ -17,7 +17,7 @@ use laabam_shared::ids::AccountId;
 use laabam_shared::signing::Secret;
 use laabam_shared::topology;
 use laabam_tests::env::free_port;
-use laabam_tests::{Receiver, TestEnv, wait_until};
+use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::value::RawValue;
@@ -134,6 +134,8 @@ struct Run {
     lat: Vec<f64>,
     cpu: Vec<(String, f64, u64)>,
     redis_bytes: i64,
+    /// What only this scenario reports.
+    extra: Value,
 }
 
 impl Run {
@@ -172,6 +174,7 @@ impl Run {
             "peak_rss_bytes": self.cpu.iter().filter(|c| c.2 > 0).map(|(n, _, r)| (n.clone(), json!(r))).collect::<serde_json::Map<_, _>>(),
             "deliveries_per_cpu_second": self.deliveries as f64 / total_cpu.max(0.001),
             "redis_bytes_added": self.redis_bytes,
+            "extra": self.extra,
         })
     }
 }
@@ -227,16 +230,53 @@ impl Meter {
     }
 }
 
-async fn pipeline(scenario: &str, n: usize, endpoints: usize, rate: Option<f64>) -> Run {
-    let mut env = TestEnv::new().await;
-    let mut receivers = Vec::new();
-    for _ in 0..endpoints {
-        let rx = Receiver::ok().await;
-        env.endpoint("acct_bench", &rx.url, None).await;
-        receivers.push(rx);
+/// The components' log level: `error` unless `LAABAM_BENCH_LOG` says otherwise.
+fn log_level() -> String {
+    std::env::var("LAABAM_BENCH_LOG").unwrap_or_else(|_| "error".into())
+}
+
+/// What one run of the real pipeline looks like.
+#[derive(Debug, Clone)]
+struct Setup {
+    name: String,
+    events: usize,
+    /// Healthy endpoints of the benchmark account, each subscribed to everything.
+    endpoints: usize,
+    /// Publish at this many events per second instead of as fast as possible.
+    rate: Option<f64>,
+    /// `--dispatch-queues` for every process.
+    queues: u16,
+    /// Fail the first attempt of one event in ten (by its id), once.
+    failing: bool,
+    /// Add an endpoint answering after 5 s.
+    slow: bool,
+}
+
+impl Setup {
+    fn new(name: &str, events: usize, endpoints: usize) -> Self {
+        Setup {
+            name: name.into(),
+            events,
+            endpoints,
+            rate: None,
+            queues: 1,
+            failing: false,
+            slow: false,
+        }
     }
-    // Production defaults (timeouts, leases, in-flight cap), except quick retries and a
-    // per-endpoint limit fit for one high-volume endpoint.
+}
+
+/// Whether the failing scenario fails this event's first attempt.
+fn fails_once(event_id: &str) -> bool {
+    event_id.bytes().map(u64::from).sum::<u64>() % 10 == 0
+}
+
+/// The dispatcher and scheduler as separate release processes, with production defaults
+/// (timeouts, leases, in-flight cap) except quick retries and a per-endpoint limit fit for one
+/// high-volume endpoint. Returns their pids and metrics ports.
+fn spawn_components(env: &mut TestEnv, queues: u16) -> ([(&'static str, u32); 2], u16, u16) {
+    let queues = queues.to_string();
+    let (dispatcher_port, scheduler_port) = (free_port(), free_port());
     let mut flags = env.connection_flags();
     flags.extend(
         [
@@ -248,17 +288,66 @@ async fn pipeline(scenario: &str, n: usize, endpoints: usize, rate: Option<f64>)
             "128",
             "--allow-private-targets",
             "true",
-            "--metrics-addr",
+            "--dispatch-queues",
+            &queues,
         ]
         .map(String::from),
     );
-    let metrics_port = free_port();
-    flags.push(format!("127.0.0.1:{metrics_port}"));
-    let dispatcher = env.spawn_binary_with("laabam-dispatcher", &flags, &[("RUST_LOG", "error")], None);
-    let mut sflags = env.scheduler_flags(&[]);
-    sflags.extend(["--metrics-addr".into(), format!("127.0.0.1:{}", free_port())]);
-    let scheduler = env.spawn_binary_with("laabam-retry-scheduler", &sflags, &[("RUST_LOG", "error")], None);
-    let publisher = Arc::new(env.publisher().await);
+    flags.extend(["--metrics-addr".into(), format!("127.0.0.1:{dispatcher_port}")]);
+    let dispatcher = env.spawn_binary_with("laabam-dispatcher", &flags, &[("RUST_LOG", &log_level())], None);
+    let mut sflags = env.connection_flags();
+    sflags.extend(["--dispatch-queues".into(), queues, "--poll".into(), "20ms".into()]);
+    sflags.extend(["--metrics-addr".into(), format!("127.0.0.1:{scheduler_port}")]);
+    let scheduler = env.spawn_binary_with("laabam-retry-scheduler", &sflags, &[("RUST_LOG", &log_level())], None);
+    (
+        [("dispatcher", dispatcher), ("scheduler", scheduler)],
+        dispatcher_port,
+        scheduler_port,
+    )
+}
+
+async fn publisher(env: &TestEnv, queues: u16) -> Arc<Publisher> {
+    Arc::new(
+        Publisher::connect(
+            &env.amqp_url,
+            Duration::from_secs(10),
+            topology::Layout {
+                dispatch_queues: queues,
+            },
+        )
+        .await
+        .expect("RabbitMQ reachable"),
+    )
+}
+
+async fn pipeline(setup: &Setup) -> Run {
+    let mut env = TestEnv::new().await;
+    let mut receivers = Vec::new();
+    for _ in 0..setup.endpoints {
+        let rx = if setup.failing {
+            Receiver::start(|c, before| {
+                if before == 0 && fails_once(c.header("webhook-id")) {
+                    Reply::Status(500)
+                } else {
+                    Reply::Status(200)
+                }
+            })
+            .await
+        } else {
+            Receiver::ok().await
+        };
+        env.endpoint("acct_bench", &rx.url, None).await;
+        receivers.push(rx);
+    }
+    let slow = if setup.slow {
+        let rx = Receiver::start(|_, _| Reply::After(Duration::from_secs(5), 200)).await;
+        env.endpoint("acct_bench", &rx.url, None).await;
+        Some(rx)
+    } else {
+        None
+    };
+    let (ours, dispatcher_port, scheduler_port) = spawn_components(&mut env, setup.queues);
+    let publisher = publisher(&env, setup.queues).await;
     // Warm up: one event end to end.
     publisher.publish(&events(1)[0]).await.unwrap();
     wait_until("warm-up", Duration::from_secs(30), || async {
@@ -266,50 +355,263 @@ async fn pipeline(scenario: &str, n: usize, endpoints: usize, rate: Option<f64>)
     })
     .await;
     let warm: usize = receivers.iter().map(Receiver::count).sum();
-    let ours = [("dispatcher", dispatcher), ("scheduler", scheduler)];
+    let batch = events(setup.events);
+    let retried = if setup.failing {
+        batch.iter().filter(|e| fails_once(e.id.as_str())).count() * setup.endpoints
+    } else {
+        0
+    };
     let meter = Meter::start(&ours);
     let started = Instant::now();
-    let concurrency = if rate.is_some() { 64 } else { 128 };
-    publish(publisher, events(n), concurrency, rate).await;
-    let expected = n * endpoints + warm;
-    wait_until("every delivery", Duration::from_secs(600), || async {
+    let concurrency = if setup.rate.is_some() { 64 } else { 128 };
+    publish(publisher, batch, concurrency, setup.rate).await;
+    let expected = setup.events * setup.endpoints + retried + warm;
+    wait_until("every delivery", Duration::from_secs(900), || async {
         receivers.iter().map(Receiver::count).sum::<usize>() >= expected
     })
     .await;
     let seconds = started.elapsed().as_secs_f64();
     let (cpu, redis_bytes) = meter.stop(&ours);
-    print_counters(metrics_port).await;
+    print_counters(
+        dispatcher_port,
+        &["attempts_total", "deferred_total", "retries_scheduled_total"],
+    )
+    .await;
+    print_counters(
+        scheduler_port,
+        &["republished_total", "due_lag_seconds_sum", "due_lag_seconds_count"],
+    )
+    .await;
+    if let Some(slow) = &slow {
+        println!("  slow endpoint: {} requests answered or in flight", slow.count());
+    }
     Run {
-        scenario: scenario.into(),
-        deliveries: n * endpoints,
+        scenario: setup.name.clone(),
+        deliveries: setup.events * setup.endpoints,
         seconds,
         lat: latencies(&receivers),
         cpu,
         redis_bytes,
+        extra: json!({ "queues": setup.queues, "retried_attempts": retried }),
     }
 }
 
-/// The dispatcher's own counts of what it did (attempts by outcome, deferrals, retries), so a
-/// run shows work beyond one attempt per delivery.
-async fn print_counters(port: u16) {
+/// One account bursts while another publishes steadily: the quiet account's latency.
+async fn noisy_neighbour(burst: usize) -> Run {
+    let mut env = TestEnv::new().await;
+    let noisy = Receiver::ok().await;
+    let quiet = Receiver::ok().await;
+    env.endpoint("acct_bench", &noisy.url, None).await;
+    env.endpoint("acct_quiet", &quiet.url, None).await;
+    let (ours, dispatcher_port, _) = spawn_components(&mut env, 1);
+    let publisher = publisher(&env, 1).await;
+    publisher.publish(&events(1)[0]).await.unwrap();
+    wait_until("warm-up", Duration::from_secs(30), || async { noisy.count() >= 1 }).await;
+    let meter = Meter::start(&ours);
+    let started = Instant::now();
+    let steady = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            let account = AccountId::parse("acct_quiet").unwrap();
+            let mut sent = 0;
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            loop {
+                tick.tick().await;
+                let data =
+                    RawValue::from_string(r#"{"customer_id":"c","name":"n","email":"e@example.com"}"#.into()).unwrap();
+                let e = Envelope::new("customer.created", account.clone(), data, None, now_ms()).unwrap();
+                publisher.publish(&e).await.expect("confirmed");
+                sent += 1;
+                if sent % 50 == 0 && sent >= 250 && STOP_QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+                    return sent;
+                }
+            }
+        })
+    };
+    publish(publisher, events(burst), 128, None).await;
+    wait_until("the burst delivered", Duration::from_secs(900), || async {
+        noisy.count() > burst
+    })
+    .await;
+    STOP_QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = steady.await.unwrap();
+    wait_until("the quiet account's events", Duration::from_secs(60), || async {
+        quiet.count() >= sent
+    })
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let (cpu, redis_bytes) = meter.stop(&ours);
+    print_counters(dispatcher_port, &["deferred_total"]).await;
+    let burst_lat = latencies(std::slice::from_ref(&noisy));
+    println!(
+        "  noisy account: {burst} events, latency p50 {:.0} ms, p99 {:.0} ms",
+        percentile(&burst_lat, 0.5),
+        percentile(&burst_lat, 0.99)
+    );
+    Run {
+        scenario: "noisy-neighbour (quiet account's latency)".into(),
+        deliveries: burst + sent,
+        seconds,
+        lat: latencies(&[quiet]),
+        cpu,
+        redis_bytes,
+        extra: json!({ "burst_events": burst, "quiet_events": sent,
+            "burst_latency_ms": { "p50": percentile(&burst_lat, 0.5), "p99": percentile(&burst_lat, 0.99) } }),
+    }
+}
+
+static STOP_QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `n` pending retries (deliveries of n/10 events to ten endpoints each, as a failing fan-out
+/// leaves them) due evenly over `spread`: the scheduler's re-queue rate and due lag, and Redis
+/// bytes per pending retry.
+async fn retry_backlog(n: usize, spread: Duration) -> Run {
+    let mut env = TestEnv::new().await;
+    let store = env.store().await;
+    let keys = laabam_shared::store::Keys::new(&env.prefix, 1);
+    let client = redis::Client::open(env.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let account = AccountId::parse("acct_bench").unwrap();
+    let endpoints: Vec<_> = (0..10).map(|_| laabam_shared::ids::EndpointId::generate()).collect();
+    let before = redis_memory();
+    let start_ms = now_ms() + 5_000;
+    let per_event = endpoints.len();
+    let body = events(1)[0].to_json();
+    for chunk in (0..n / per_event).collect::<Vec<_>>().chunks(1_000) {
+        let mut pipe = redis::pipe();
+        for &i in chunk {
+            let event = laabam_shared::ids::EventId::generate();
+            pipe.set_ex(keys.event(&account, &event), &body, 3600).ignore();
+            for (k, endpoint) in endpoints.iter().enumerate() {
+                let delivery = laabam_shared::ids::DeliveryId::for_pair(&event, endpoint);
+                let due = start_ms + (spread.as_millis() as usize * (i * per_event + k) / n) as i64;
+                let job = laabam_shared::delivery::RetryJob {
+                    delivery: delivery.clone(),
+                    event: event.clone(),
+                    endpoint: endpoint.clone(),
+                    account: account.clone(),
+                };
+                pipe.hset_multiple(
+                    keys.delivery(&delivery),
+                    &[
+                        ("event", event.as_str().to_owned()),
+                        ("endpoint", endpoint.as_str().to_owned()),
+                        ("account", account.as_str().to_owned()),
+                        ("type", "invoice.paid".to_owned()),
+                        ("status", "retrying".to_owned()),
+                        ("attempts", "1".to_owned()),
+                        ("cycle_start", "0".to_owned()),
+                        ("created", start_ms.to_string()),
+                        ("first_attempt", start_ms.to_string()),
+                        ("next_attempt", due.to_string()),
+                    ],
+                )
+                .ignore()
+                .expire(keys.delivery(&delivery), 3600)
+                .ignore()
+                .zadd(keys.retry_due(0), job.encode(), due)
+                .ignore();
+            }
+        }
+        pipe.query_async::<()>(&mut conn).await.unwrap();
+    }
+    drop(store);
+    let bytes = redis_memory() as i64 - before as i64;
+    let job_and_event: i64 = {
+        let members: Vec<String> = redis::AsyncCommands::zrange(&mut conn, keys.retry_due(0), 0, 0)
+            .await
+            .unwrap();
+        let job: i64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(keys.retry_due(0))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _ = members;
+        job / n as i64 + (body.len() as i64 + 80) / per_event as i64
+    };
+    println!(
+        "  {n} pending retries: Redis +{} MiB, {} bytes per pending retry with its delivery state, about {job_and_event} bytes for the job and its share of the event",
+        bytes / 1_048_576,
+        bytes / n as i64
+    );
+    let port = free_port();
+    let mut sflags = env.connection_flags();
+    sflags.extend(["--metrics-addr".into(), format!("127.0.0.1:{port}")]);
+    let scheduler = env.spawn_binary_with("laabam-retry-scheduler", &sflags, &[("RUST_LOG", &log_level())], None);
+    let ours = [("scheduler", scheduler)];
+    let meter = Meter::start(&ours);
+    let started = Instant::now();
+    wait_until("every retry re-queued", Duration::from_secs(900), || async {
+        counter(port, "laabam_scheduler_republished_total").await >= n as f64
+    })
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let (cpu, _) = meter.stop(&ours);
+    let metrics = scrape(port).await;
+    let lag_p99 = histogram_quantile(&metrics, "laabam_scheduler_due_lag_seconds", 0.99);
+    let busy = seconds - 5.0;
+    println!(
+        "  re-queued {n} in {seconds:.1} s (first due after 5 s, last after {:.0} s): {:.0}/s while due; due lag p99 ≤ {lag_p99} s",
+        5.0 + spread.as_secs_f64(),
+        n as f64 / busy.max(spread.as_secs_f64())
+    );
+    Run {
+        scenario: "retry-backlog".into(),
+        deliveries: n,
+        seconds: busy.max(spread.as_secs_f64()),
+        lat: Vec::new(),
+        cpu,
+        redis_bytes: bytes,
+        extra: json!({ "bytes_per_pending_retry": bytes / n as i64, "job_and_event_share_bytes": job_and_event,
+            "due_lag_p99_seconds_at_most": lag_p99 }),
+    }
+}
+
+async fn scrape(port: u16) -> String {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let Ok(response) = client
         .get(format!("http://127.0.0.1:{port}/metrics").parse().unwrap())
         .await
     else {
-        return;
+        return String::new();
     };
     let body = http_body_util::BodyExt::collect(response.into_body())
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let wanted = [
-        "attempts_total",
-        "deferred_total",
-        "retries_scheduled_total",
-        "completed_total",
-    ];
-    for line in String::from_utf8_lossy(&body).lines() {
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+async fn counter(port: u16, name: &str) -> f64 {
+    scrape(port)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The upper bound of the histogram bucket holding quantile `q` (as Prometheus would bound it).
+fn histogram_quantile(metrics: &str, name: &str, q: f64) -> String {
+    let buckets: Vec<(String, f64)> = metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix("_bucket{le=\"")?;
+            let (le, count) = rest.split_once("\"} ")?;
+            Some((le.to_owned(), count.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map_or("?".into(), |(le, _)| le.clone())
+}
+
+/// A process's own counts of what it did (attempts by outcome, deferrals, retries), so a run
+/// shows work beyond one attempt per delivery.
+async fn print_counters(port: u16, wanted: &[&str]) {
+    for line in scrape(port).await.lines() {
         if !line.starts_with('#') && wanted.iter().any(|w| line.contains(w)) && !line.ends_with(" 0") {
             println!("  {line}");
         }
@@ -396,50 +698,144 @@ async fn baseline(n: usize) -> Run {
         lat: latencies(&[rx]),
         cpu,
         redis_bytes,
+        extra: json!({}),
     }
 }
+
+/// The median of several runs' rate and latency percentiles, as one line and as JSON.
+fn summary(name: &str, runs: &[Value]) -> Value {
+    let median = |f: &dyn Fn(&Value) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).filter(|x| x.is_finite()).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let rate = median(&|r| r["deliveries_per_s"].as_f64().unwrap_or(f64::NAN));
+    let p50 = median(&|r| r["latency_ms"]["p50"].as_f64().unwrap_or(f64::NAN));
+    let p99 = median(&|r| r["latency_ms"]["p99"].as_f64().unwrap_or(f64::NAN));
+    let per_cpu = median(&|r| r["deliveries_per_cpu_second"].as_f64().unwrap_or(f64::NAN));
+    println!(
+        "\nSUMMARY {name}: median of {} runs: {rate:.0} deliveries/s, latency p50 {p50:.0} ms, p99 {p99:.0} ms, {per_cpu:.0} deliveries per CPU-second",
+        runs.len()
+    );
+    json!({ "scenario": name, "runs": runs.len(), "median_deliveries_per_s": rate,
+        "median_latency_ms": { "p50": p50, "p99": p99 }, "median_deliveries_per_cpu_second": per_cpu })
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+const USAGE: &str = "usage: laabam-bench <baseline|throughput|fanout|latency|failing|slow-endpoint|retry-backlog|noisy-neighbour|all> \
+[--events N] [--rate R] [--queues Q] [--runs K]";
 
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let scenario = args.first().cloned().unwrap_or_else(|| "all".into());
-    let n: usize = args
-        .iter()
-        .position(|a| a == "--events")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    let rate: f64 = args
-        .iter()
-        .position(|a| a == "--rate")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000.0);
-    let mut reports = Vec::new();
+    let n: usize = arg(&args, "--events", 200_000);
+    let rate: f64 = arg(&args, "--rate", 3000.0);
+    let queues: u16 = arg(&args, "--queues", 1);
+    let runs: usize = arg(&args, "--runs", 1);
     let wanted = |s: &str| scenario == s || scenario == "all";
+    let mut summaries = Vec::new();
+    let mut all = Vec::new();
+    let mut repeat = async |name: &str, f: &dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Run>>>| {
+        let mut reports = Vec::new();
+        for _ in 0..runs {
+            reports.push(f().await.report());
+        }
+        summaries.push(summary(name, &reports));
+        all.extend(reports);
+    };
     if wanted("baseline") {
-        reports.push(baseline(n).await.report());
+        repeat("baseline", &|| Box::pin(baseline(n))).await;
     }
     if wanted("throughput") {
-        reports.push(pipeline("throughput", n, 1, None).await.report());
+        let mut setup = Setup::new("throughput", n, 1);
+        setup.queues = queues;
+        setup.name = format!("throughput ({queues} queue{})", if queues > 1 { "s" } else { "" });
+        repeat(&setup.name.clone(), &|| {
+            Box::pin({
+                let setup = setup.clone();
+                async move { pipeline(&setup).await }
+            })
+        })
+        .await;
     }
     if wanted("fanout") {
-        reports.push(pipeline("fanout", n / 10, 10, None).await.report());
+        let setup = Setup::new("fanout", n / 10, 10);
+        repeat("fanout", &|| {
+            Box::pin({
+                let setup = setup.clone();
+                async move { pipeline(&setup).await }
+            })
+        })
+        .await;
     }
     if wanted("latency") {
-        reports.push(
-            pipeline("latency", (rate * 15.0) as usize, 1, Some(rate))
-                .await
-                .report(),
-        );
+        let mut setup = Setup::new(&format!("latency at {rate:.0}/s"), (rate * 30.0) as usize, 1);
+        setup.rate = Some(rate);
+        repeat(&setup.name.clone(), &|| {
+            Box::pin({
+                let setup = setup.clone();
+                async move { pipeline(&setup).await }
+            })
+        })
+        .await;
     }
-    if reports.is_empty() {
-        eprintln!("usage: laabam-bench baseline|throughput|fanout|latency|all [--events N] [--rate R]");
+    if wanted("failing") {
+        let mut setup = Setup::new("failing (10% fail once)", n / 10, 1);
+        setup.failing = true;
+        repeat(&setup.name.clone(), &|| {
+            Box::pin({
+                let setup = setup.clone();
+                async move { pipeline(&setup).await }
+            })
+        })
+        .await;
+    }
+    if wanted("slow-endpoint") {
+        for slow in [false, true] {
+            let mut setup = Setup::new(
+                if slow {
+                    "ten healthy endpoints and a 5 s one"
+                } else {
+                    "ten healthy endpoints"
+                },
+                n / 40,
+                10,
+            );
+            setup.slow = slow;
+            repeat(&setup.name.clone(), &|| {
+                Box::pin({
+                    let setup = setup.clone();
+                    async move { pipeline(&setup).await }
+                })
+            })
+            .await;
+        }
+    }
+    if wanted("noisy-neighbour") {
+        repeat("noisy-neighbour", &|| Box::pin(noisy_neighbour(n / 2))).await;
+    }
+    if wanted("retry-backlog") {
+        repeat("retry-backlog", &|| {
+            Box::pin(retry_backlog(1_000_000, Duration::from_secs(100)))
+        })
+        .await;
+    }
+    if all.is_empty() {
+        eprintln!("{USAGE}");
         std::process::exit(2);
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&dir);
     let path = dir.join(format!("{scenario}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(&reports).unwrap()).unwrap();
+    let out = json!({ "summaries": summaries, "runs": all });
+    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("\nwrote {}", path.display());
 }

@@ -28,7 +28,8 @@ pub struct DispatcherConfig {
     pub extra_ca_file: Option<PathBuf>,
     #[command(flatten)]
     pub targets: laabam_shared::targets::TargetArgs,
-    /// Broker messages (events and retry jobs) being processed at once by this process.
+    /// Broker messages (events and retry jobs) being processed, and attempts in flight, at once
+    /// in this process; a message fanning out to N endpoints waits for room for N attempts.
     #[arg(long, env = "LAABAM_MAX_IN_FLIGHT", default_value_t = 512)]
     pub max_in_flight: usize,
     /// Default limit of requests in flight to one endpoint, when the endpoint sets none.

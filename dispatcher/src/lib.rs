@@ -62,6 +62,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
 
     let pipeline = Arc::new(pipeline::Pipeline {
         directory: directory::Directory::new(store.clone()),
+        in_flight: pipeline::InFlight::new(config.max_in_flight),
         store,
         sender: sender::Sender::new(
             config.http_timeout,

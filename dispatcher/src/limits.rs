@@ -62,6 +62,8 @@ struct Slots {
     semaphore: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
     held: Arc<HeldTime>,
+    /// Deliveries this process deferred that have not come back yet.
+    deferred: Arc<AtomicUsize>,
 }
 
 /// A moving average of how long a slot is held, in ms (f64 bits; 0 until the first release).
@@ -101,11 +103,14 @@ impl Slots {
             semaphore: Arc::new(Semaphore::new(limit as usize)),
             waiting: Arc::new(AtomicUsize::new(0)),
             held: Arc::default(),
+            deferred: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     fn idle(&self) -> bool {
-        self.semaphore.available_permits() == self.limit as usize && self.waiting.load(Ordering::Relaxed) == 0
+        self.semaphore.available_permits() == self.limit as usize
+            && self.waiting.load(Ordering::Relaxed) == 0
+            && self.deferred.load(Ordering::Relaxed) == 0
     }
 }
 
@@ -117,6 +122,9 @@ impl Drop for Waiting {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// The longest a deferral is stretched for an endpoint's backlog.
+pub const MAX_BACKLOG: Duration = Duration::from_secs(300);
 
 /// Idle entries are dropped when the map grows past this, so it stays bounded.
 const PRUNE_ABOVE: usize = 10_000;
@@ -174,6 +182,23 @@ impl EndpointLimits {
             taken: Instant::now(),
             held: slots.held.clone(),
         })
+    }
+
+    /// Counts one more delivery deferred for `endpoint` and returns how long the ones already
+    /// deferred will take to pass through its slots (at most [`MAX_BACKLOG`]).
+    pub fn deferral_backlog(&self, endpoint: &Endpoint) -> Duration {
+        let slots = self.slots_of(endpoint);
+        let ahead = slots.deferred.fetch_add(1, Ordering::Relaxed);
+        let ms = ahead as f64 * slots.held.ms() / slots.limit as f64;
+        Duration::from_secs_f64(ms / 1000.0).min(MAX_BACKLOG)
+    }
+
+    /// A delivery to `endpoint` came back from the retry set.
+    pub fn returned(&self, endpoint: &Endpoint) {
+        let _ = self
+            .slots_of(endpoint)
+            .deferred
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     fn slots_of(&self, endpoint: &Endpoint) -> Slots {
@@ -273,6 +298,33 @@ mod tests {
         assert!(
             started.elapsed() < Duration::from_millis(100),
             "deferred at once, not after the wait"
+        );
+    }
+
+    #[tokio::test]
+    async fn deferrals_to_a_slow_endpoint_are_spread_over_the_time_its_slots_need() {
+        let limits = EndpointLimits::new(2, Duration::from_millis(10));
+        let ep = endpoint(None);
+        let slow = limits.acquire(&ep).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(slow);
+        assert_eq!(
+            limits.deferral_backlog(&ep),
+            Duration::ZERO,
+            "nothing deferred ahead yet"
+        );
+        let second = limits.deferral_backlog(&ep).as_millis();
+        assert!(
+            (90..=130).contains(&second),
+            "one ahead, 200 ms a slot, two slots: {second} ms"
+        );
+        limits.returned(&ep);
+        limits.returned(&ep);
+        limits.returned(&ep);
+        assert_eq!(
+            limits.deferral_backlog(&ep),
+            Duration::ZERO,
+            "the count never goes below zero"
         );
     }
 

@@ -23,9 +23,38 @@ use laabam_shared::signing::signature_header;
 use laabam_shared::store::{AttemptTiming, Begin, Ingest, Record, Recorded, Store, Taken};
 use rand::Rng;
 use serde_json::value::RawValue;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument;
+
+/// The process-wide bound on attempts in flight.
+#[derive(Debug)]
+pub struct InFlight {
+    semaphore: Arc<Semaphore>,
+    capacity: usize,
+}
+
+impl InFlight {
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.clamp(1, Semaphore::MAX_PERMITS);
+        InFlight {
+            semaphore: Arc::new(Semaphore::new(capacity)),
+            capacity,
+        }
+    }
+
+    /// Waits for `n` attempts' room at once (never part of it, so two wide events cannot each
+    /// hold half and wait for the rest); past the capacity, the extra attempts go unbounded.
+    async fn acquire(&self, n: usize) -> Option<OwnedSemaphorePermit> {
+        let n = n.min(self.capacity);
+        if n == 0 {
+            return None;
+        }
+        self.semaphore.clone().acquire_many_owned(n as u32).await.ok()
+    }
+}
 
 /// How often a fan-out re-reads endpoints that changed under it before handing the message back.
 const MAX_STALE_TRIES: usize = 5;
@@ -78,6 +107,8 @@ pub struct AttemptTask {
     published_ms: Option<i64>,
     lease: String,
     _slot: Slot,
+    /// Its share of the process's attempts in flight.
+    _in_flight: Option<OwnedSemaphorePermit>,
 }
 
 /// Everything the dispatcher's message handling needs.
@@ -86,6 +117,10 @@ pub struct Pipeline {
     pub store: Store,
     /// Each account's endpoints, cached and checked against Redis by version.
     pub directory: Directory,
+    /// Attempts in flight in this process (`LAABAM_MAX_IN_FLIGHT`). An event takes one per
+    /// recipient before its deliveries begin, so a wide fan-out waits here (holding its broker
+    /// message) instead of oversubscribing endpoints and deferring through the retry set.
+    pub in_flight: InFlight,
     pub sender: Sender,
     pub limits: EndpointLimits,
     pub policy: RetryPolicy,
@@ -127,9 +162,13 @@ impl Pipeline {
         now + self.lease.as_millis() as i64
     }
 
-    fn deferred_until(&self, now: i64) -> i64 {
+    /// When a deferred delivery to `endpoint` comes back: after the defer delay (jittered ×1–2)
+    /// plus the time the deliveries already deferred for it need to pass through its slots, so
+    /// a slow endpoint's backlog waits in the retry set instead of cycling through it.
+    fn deferred_until(&self, now: i64, endpoint: &Endpoint) -> i64 {
         let base = self.defer_delay.as_millis() as i64;
-        now + base + rand::rng().random_range(0..=base.max(1))
+        let backlog = self.limits.deferral_backlog(endpoint).as_millis() as i64;
+        now + base + backlog + rand::rng().random_range(0..=(base + backlog).max(1))
     }
 
     /// A newly published event: validate, fan out, begin each delivery. `target` restricts the
@@ -158,6 +197,7 @@ impl Pipeline {
         // Endpoints changing between our read and the write is rare; a few tries settle it.
         for _ in 0..MAX_STALE_TRIES {
             let recipients: Vec<&Endpoint> = endpoints.recipients(&envelope.event_type, target).collect();
+            let mut in_flight = self.in_flight.acquire(recipients.len()).await;
             let slots = futures_util::future::join_all(recipients.iter().map(|ep| self.limits.acquire(ep))).await;
             let now = now_ms();
             let begins: Vec<Begin> = recipients
@@ -166,7 +206,7 @@ impl Pipeline {
                 .map(|(endpoint, slot)| {
                     let (due_ms, lease) = match slot {
                         Some(_) => (self.lease_until(now), Some(new_lease())),
-                        None => (self.deferred_until(now), None),
+                        None => (self.deferred_until(now, endpoint), None),
                     };
                     Begin {
                         job: RetryJob {
@@ -217,6 +257,7 @@ impl Pipeline {
                         published_ms: published,
                         lease,
                         _slot: slot,
+                        _in_flight: in_flight.as_mut().and_then(|p| p.split(1)),
                     }),
                     _ => {
                         METRICS.deferred.with_label_values(&[&envelope.event_type]).inc();
@@ -303,6 +344,8 @@ impl Pipeline {
             );
             return fail(&why).await;
         }
+        self.limits.returned(&endpoint);
+        let in_flight = self.in_flight.acquire(1).await;
         let Some(slot) = self.limits.acquire(&endpoint).await else {
             METRICS.deferred.with_label_values(&[&event_type]).inc();
             self.record(Record {
@@ -312,7 +355,7 @@ impl Pipeline {
                 status: DeliveryStatus::Retrying,
                 attempts,
                 first_attempt_ms,
-                next_attempt_ms: Some(self.deferred_until(now)),
+                next_attempt_ms: Some(self.deferred_until(now, &endpoint)),
                 reason: None,
                 timing: None,
             })
@@ -333,6 +376,7 @@ impl Pipeline {
                 published_ms,
                 lease,
                 _slot: slot,
+                _in_flight: in_flight,
             }],
         }
     }

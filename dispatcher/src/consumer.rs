@@ -18,7 +18,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -168,8 +168,7 @@ async fn session(
         let pipeline = pipeline.clone();
         let dead_channel = dead_channel.clone();
         tracker.spawn(async move {
-            handle(&pipeline, &dead_channel, source, delivery).await;
-            drop(slot);
+            handle(&pipeline, &dead_channel, source, delivery, slot).await;
         });
     }
 
@@ -212,7 +211,16 @@ fn target(delivery: &Delivery) -> Option<EndpointId> {
     }
 }
 
-async fn handle(pipeline: &Pipeline, dead_channel: &Channel, source: Source, delivery: Delivery) {
+/// Settles one message, then runs its attempts. The message's slot is freed once it is settled:
+/// attempts are bounded by the pipeline's own in-flight limit, so a slow attempt never keeps
+/// the consumer from taking the next message.
+async fn handle(
+    pipeline: &Pipeline,
+    dead_channel: &Channel,
+    source: Source,
+    delivery: Delivery,
+    slot: OwnedSemaphorePermit,
+) {
     let Handled { disposition, attempts } = match source {
         Source::Events => {
             pipeline
@@ -240,6 +248,7 @@ async fn handle(pipeline: &Pipeline, dead_channel: &Channel, source: Source, del
             requeue(&delivery).await;
         }
     }
+    drop(slot);
     futures_util::future::join_all(attempts.into_iter().map(|task| pipeline.run_attempt(task))).await;
 }
 

@@ -1,10 +1,10 @@
 //! Per-endpoint limits: requests in flight at once, and deliveries per second. A delivery
 //! finding its endpoint's requests all in flight waits for one to finish when the wait is
 //! expected to be short: a healthy endpoint frees a slot within milliseconds, so a burst queues
-//! here instead of making a round trip through the retry set, scheduler and broker. The
-//! expected wait is the number waiting times how long a slot is typically held (a moving
-//! average), over the limit; when it exceeds the slot wait, as for a slow endpoint, the
-//! delivery is deferred to the retry set at once, so a slow endpoint never holds the broker
+//! here instead of making a round trip through the retry set, scheduler and broker. It waits
+//! only if a slot is typically held (a moving average) for less than the slot wait, and the
+//! number waiting times that, over the limit, is less too; otherwise, as for a slow endpoint,
+//! the delivery is deferred to the retry set at once, so a slow endpoint never holds the broker
 //! messages and in-flight slots healthy endpoints need. Over the rate limit, deliveries are
 //! deferred too. Both limits are per dispatcher process.
 
@@ -167,8 +167,12 @@ impl EndpointLimits {
             Err(_) => {
                 let ahead = slots.waiting.fetch_add(1, Ordering::Relaxed) + 1;
                 let _waiting = Waiting(slots.waiting.clone());
-                let expected_ms = ahead as f64 * slots.held.ms() / slots.limit as f64;
-                if expected_ms > self.slot_wait.as_secs_f64() * 1000.0 {
+                // Wait only for an endpoint that usually answers within the slot wait, and only
+                // when the queue ahead should clear in time: an event's other deliveries wait
+                // with it.
+                let (held_ms, wait_ms) = (slots.held.ms(), self.slot_wait.as_secs_f64() * 1000.0);
+                let expected_ms = ahead as f64 * held_ms / slots.limit as f64;
+                if held_ms > wait_ms || expected_ms > wait_ms {
                     return None;
                 }
                 tokio::time::timeout(self.slot_wait, slots.semaphore.clone().acquire_owned())

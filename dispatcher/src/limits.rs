@@ -21,7 +21,7 @@ pub struct EndpointLimits {
     default_limit: u32,
     /// How long a delivery waits for a free slot before it is deferred.
     slot_wait: Duration,
-    slots: Mutex<HashMap<EndpointId, Slots>>,
+    slots: Mutex<HashMap<EndpointId, Arc<Slots>>>,
     rates: Mutex<HashMap<EndpointId, TokenBucket>>,
 }
 
@@ -56,14 +56,14 @@ impl TokenBucket {
 }
 
 /// One endpoint's request slots, how many deliveries wait for one, and how long one is held.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Slots {
     limit: u32,
     semaphore: Arc<Semaphore>,
-    waiting: Arc<AtomicUsize>,
-    held: Arc<HeldTime>,
+    waiting: AtomicUsize,
+    held: HeldTime,
     /// Deliveries this process deferred that have not come back yet.
-    deferred: Arc<AtomicUsize>,
+    deferred: AtomicUsize,
 }
 
 /// A moving average of how long a slot is held, in ms (f64 bits; 0 until the first release).
@@ -87,12 +87,12 @@ impl HeldTime {
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
     taken: Instant,
-    held: Arc<HeldTime>,
+    slots: Arc<Slots>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.held.observe(self.taken.elapsed().as_secs_f64() * 1000.0);
+        self.slots.held.observe(self.taken.elapsed().as_secs_f64() * 1000.0);
     }
 }
 
@@ -101,9 +101,9 @@ impl Slots {
         Slots {
             limit,
             semaphore: Arc::new(Semaphore::new(limit as usize)),
-            waiting: Arc::new(AtomicUsize::new(0)),
-            held: Arc::default(),
-            deferred: Arc::new(AtomicUsize::new(0)),
+            waiting: AtomicUsize::new(0),
+            held: HeldTime::default(),
+            deferred: AtomicUsize::new(0),
         }
     }
 
@@ -115,9 +115,9 @@ impl Slots {
 }
 
 /// Counts a waiter for as long as it waits, even if its future is dropped.
-struct Waiting(Arc<AtomicUsize>);
+struct Waiting<'a>(&'a AtomicUsize);
 
-impl Drop for Waiting {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -166,11 +166,10 @@ impl EndpointLimits {
             Ok(permit) => permit,
             Err(_) => {
                 let ahead = slots.waiting.fetch_add(1, Ordering::Relaxed) + 1;
-                let _waiting = Waiting(slots.waiting.clone());
-                // Wait only for an endpoint that usually answers within the slot wait, and only
-                // when the queue ahead should clear in time: an event's other deliveries wait
-                // with it.
-                // Until a slot has been released once, nothing says the endpoint is fast.
+                let _waiting = Waiting(&slots.waiting);
+                // Wait only for an endpoint that usually answers within the slot wait (until a
+                // slot has been released once, nothing says so), and only when the queue ahead
+                // should clear in time: an event's other deliveries wait with it.
                 let wait_ms = self.slot_wait.as_secs_f64() * 1000.0;
                 let held_ms = slots.held.ms();
                 let expected_ms = ahead as f64 * held_ms / slots.limit as f64;
@@ -186,17 +185,22 @@ impl EndpointLimits {
         self.try_rate(endpoint).then(|| Slot {
             _permit: permit,
             taken: Instant::now(),
-            held: slots.held.clone(),
+            slots,
         })
     }
 
-    /// Counts one more delivery deferred for `endpoint` and returns how long the ones already
-    /// deferred will take to pass through its slots (at most [`MAX_BACKLOG`]).
+    /// How long the deliveries already deferred for `endpoint` will take to pass through its
+    /// slots (at most [`MAX_BACKLOG`]).
     pub fn deferral_backlog(&self, endpoint: &Endpoint) -> Duration {
         let slots = self.slots_of(endpoint);
-        let ahead = slots.deferred.fetch_add(1, Ordering::Relaxed);
+        let ahead = slots.deferred.load(Ordering::Relaxed);
         let ms = ahead as f64 * slots.held.ms() / slots.limit as f64;
         Duration::from_secs_f64(ms / 1000.0).min(MAX_BACKLOG)
+    }
+
+    /// A delivery to `endpoint` was deferred.
+    pub fn deferred(&self, endpoint: &Endpoint) {
+        self.slots_of(endpoint).deferred.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A delivery to `endpoint` came back from the retry set.
@@ -207,16 +211,18 @@ impl EndpointLimits {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
-    fn slots_of(&self, endpoint: &Endpoint) -> Slots {
+    fn slots_of(&self, endpoint: &Endpoint) -> Arc<Slots> {
         let limit = endpoint.max_concurrency.unwrap_or(self.default_limit).max(1);
         let mut slots = self.slots.lock().expect("limits lock");
         if slots.len() > PRUNE_ABOVE {
             slots.retain(|_, s| !s.idle());
         }
-        let entry = slots.entry(endpoint.id.clone()).or_insert_with(|| Slots::new(limit));
+        let entry = slots
+            .entry(endpoint.id.clone())
+            .or_insert_with(|| Arc::new(Slots::new(limit)));
         if entry.limit != limit {
             // The owner changed the limit: start afresh; old permits drain away.
-            *entry = Slots::new(limit);
+            *entry = Arc::new(Slots::new(limit));
         }
         entry.clone()
     }
@@ -321,14 +327,20 @@ mod tests {
             Duration::ZERO,
             "nothing deferred ahead yet"
         );
+        limits.deferred(&ep);
         let second = limits.deferral_backlog(&ep).as_millis();
         assert!(
             (90..=130).contains(&second),
             "one ahead, 200 ms a slot, two slots: {second} ms"
         );
-        limits.returned(&ep);
-        limits.returned(&ep);
-        limits.returned(&ep);
+        limits.deferred(&ep);
+        assert!(
+            limits.deferral_backlog(&ep).as_millis() > second,
+            "each deferral adds its share"
+        );
+        for _ in 0..3 {
+            limits.returned(&ep);
+        }
         assert_eq!(
             limits.deferral_backlog(&ep),
             Duration::ZERO,

@@ -97,7 +97,7 @@ impl Handled {
 pub struct AttemptTask {
     job: RetryJob,
     event_type: String,
-    endpoint: Endpoint,
+    endpoint: Arc<Endpoint>,
     body: Bytes,
     attempts_before: u32,
     /// Attempts made before the current cycle (an owner's redelivery restarts the budget).
@@ -196,7 +196,7 @@ impl Pipeline {
         };
         // Endpoints changing between our read and the write is rare; a few tries settle it.
         for _ in 0..MAX_STALE_TRIES {
-            let recipients: Vec<&Endpoint> = endpoints.recipients(&envelope.event_type, target).collect();
+            let recipients: Vec<&Arc<Endpoint>> = endpoints.recipients(&envelope.event_type, target).collect();
             let mut in_flight = self.in_flight.acquire(recipients.len()).await;
             let slots = futures_util::future::join_all(recipients.iter().map(|ep| self.limits.acquire(ep))).await;
             let now = now_ms();
@@ -260,6 +260,7 @@ impl Pipeline {
                         _in_flight: in_flight.as_mut().and_then(|p| p.split(1)),
                     }),
                     _ => {
+                        self.limits.deferred(endpoint);
                         METRICS.deferred.with_label_values(&[&envelope.event_type]).inc();
                         tracing::debug!(delivery_id = %begin.job.delivery, endpoint_id = %endpoint.id, "endpoint at its limit; deferred");
                     }
@@ -335,7 +336,7 @@ impl Pipeline {
         let (body, endpoint) = match (body, endpoint) {
             (None, _) => return fail("event expired from the store before delivery").await,
             (_, None) => return fail("endpoint was deleted").await,
-            (Some(body), Some(endpoint)) => (body, *endpoint),
+            (Some(body), Some(endpoint)) => (body, endpoint),
         };
         if !endpoint.enabled {
             let why = format!(
@@ -360,6 +361,7 @@ impl Pipeline {
                 timing: None,
             })
             .await;
+            self.limits.deferred(&endpoint);
             return Handled::only(Disposition::Ack);
         };
         let published_ms = published_ms(&body);

@@ -1,9 +1,12 @@
 // The dashboard's only way to the data: the public /v1 API, with the key from this tab's session
 // storage in the Authorization header (never in a URL, so it stays out of logs and history).
 
+import { t } from './i18n.js';
+
 const KEY = 'laabam.apiKey';
 
-// An API answer other than 2xx, with the API's own message and the field to blame.
+// An API answer other than 2xx, with the API's own message (or, when the server cannot be
+// reached, a translated one) and the field to blame.
 export class ApiFailure extends Error {
   constructor(status, body, fallback) {
     super(body?.error?.message || fallback || `HTTP ${status}`);
@@ -47,7 +50,7 @@ export async function api(method, path, body, key = apiKey()) {
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch {
-    throw new ApiFailure(0, null, 'network');
+    throw new ApiFailure(0, null, t('error_network'));
   }
   const text = await response.text();
   let json = null;

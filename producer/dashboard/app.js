@@ -34,7 +34,7 @@ function banner(message) {
 }
 
 function describe(error) {
-  if (error instanceof ApiFailure && error.status === 0) return t('error_network');
+  if (error instanceof ApiFailure && error.status === 0) return error.message;
   if (error instanceof ApiFailure && error.status === 404) return t('not_found');
   return t('error_generic', { message: error.message });
 }

@@ -1,6 +1,6 @@
 // One delivery: its payload, every attempt with the receiver's answer, and Redeliver.
 
-import { api, ApiFailure } from './api.js';
+import { api } from './api.js';
 import { fill, h, toast } from './dom.js';
 import { count, deliveryBadge, exactTime, outcomeLabel, timeAgo } from './format.js';
 import { t } from './i18n.js';
@@ -54,7 +54,7 @@ export async function deliveryPage(id) {
       toast(t('redelivered'));
       await refresh();
     } catch (e) {
-      toast(e instanceof ApiFailure && e.status === 0 ? t('error_network') : e.message, 'error');
+      toast(e.message, 'error');
     }
   });
   draw();

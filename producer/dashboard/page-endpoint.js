@@ -2,7 +2,7 @@
 // failed deliveries, and its deliveries with filters. Data parts refresh live; the controls
 // the user is working with are never redrawn under them.
 
-import { api, ApiFailure, eventTypes, query } from './api.js';
+import { api, eventTypes, query } from './api.js';
 import { latencyChart, outcomesChart } from './charts.js';
 import { confirmDialog, copyText, fill, h, toast } from './dom.js';
 import { count, deliveryBadge, endpointBadge, eventChips, exactTime, millis, percent, rateClass, timeAgo } from './format.js';
@@ -12,7 +12,7 @@ const STATUSES = ['pending', 'retrying', 'succeeded', 'failed'];
 const PAGE = 25;
 
 function failed(e) {
-  toast(e instanceof ApiFailure && e.status === 0 ? t('error_network') : e.message, 'error');
+  toast(e.message, 'error');
 }
 
 function header(ep, reload) {

@@ -1,6 +1,6 @@
 // Adding or editing an endpoint: URL, description, event types from the catalog, rate limit.
 
-import { api, ApiFailure, eventTypes } from './api.js';
+import { api, eventTypes } from './api.js';
 import { h, toast } from './dom.js';
 import { eventDescription, t } from './i18n.js';
 
@@ -55,7 +55,7 @@ export async function endpointFormPage(id) {
       toast(id ? t('saved') : t('created'));
       location.hash = `#/endpoints/${saved.id}`;
     } catch (e) {
-      fail(e instanceof ApiFailure && e.status === 0 ? t('error_network') : e.message, fieldFor(form, e.field));
+      fail(e.message, fieldFor(form, e.field));
     }
   });
 

@@ -218,22 +218,16 @@ async fn an_account_manages_endpoints_publishes_and_inspects_every_delivery() {
     // Idempotent publishing: the same key answers with the first result, delivered once.
     let body = json!({ "type": "payment.failed", "data": { "payment_id": "p9", "reason": "expired_card" } });
     let idem = [("idempotency-key", "order-42")];
-    let first = alice
-        .send(
+    let publish = || {
+        alice.send(
             http::Method::POST,
             "/v1/events",
             serde_json::to_vec(&body).unwrap(),
             &idem,
         )
-        .await;
-    let second = alice
-        .send(
-            http::Method::POST,
-            "/v1/events",
-            serde_json::to_vec(&body).unwrap(),
-            &idem,
-        )
-        .await;
+    };
+    let first = publish().await;
+    let second = publish().await;
     assert_eq!((first.status, second.status), (202, 202));
     assert_eq!(first.json["id"], second.json["id"]);
     assert_eq!(second.headers.get("idempotent-replayed").unwrap(), "true");

@@ -15,7 +15,7 @@ use crate::envelope::Envelope;
 use crate::ids::{AccountId, DeliveryId, EndpointId, EventId};
 use redis::{AsyncCommands, Script};
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 /// Lua: keeps an endpoint's history (sorted set `idx`) to its newest `keep` entries by deleting
 /// the oldest *finished* deliveries; unfinished ones stay listed until they finish. Shared by
@@ -214,7 +214,7 @@ pub enum Taken {
         /// `None` when the event expired from the store.
         body: Option<Vec<u8>>,
         /// `None` when the endpoint was deleted.
-        endpoint: Option<Box<Endpoint>>,
+        endpoint: Option<Arc<Endpoint>>,
     },
     /// The job is stale (delivery finished, queued again, or gone); drop it.
     Stale(String),
@@ -397,7 +397,7 @@ impl Store {
         let endpoint = non_empty(4)
             .map(|json| {
                 self.open_endpoint(&eps_key, &String::from_utf8_lossy(&json))
-                    .map(Box::new)
+                    .map(Arc::new)
             })
             .transpose()?;
         Ok(Taken::Go {

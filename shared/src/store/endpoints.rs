@@ -6,12 +6,14 @@ use super::{Store, StoreError};
 use crate::endpoint::Endpoint;
 use crate::ids::{AccountId, EndpointId};
 use redis::AsyncCommands;
+use std::sync::Arc;
 
-/// An account's endpoints as of one version of them.
+/// An account's endpoints as of one version of them, shared (not copied) by every delivery
+/// made from them.
 #[derive(Debug, Clone, Default)]
 pub struct AccountEndpoints {
     pub version: u64,
-    pub endpoints: Vec<Endpoint>,
+    pub endpoints: Vec<Arc<Endpoint>>,
 }
 
 impl AccountEndpoints {
@@ -21,7 +23,7 @@ impl AccountEndpoints {
         &'a self,
         event_type: &'a str,
         target: Option<&'a EndpointId>,
-    ) -> impl Iterator<Item = &'a Endpoint> {
+    ) -> impl Iterator<Item = &'a Arc<Endpoint>> {
         self.endpoints.iter().filter(move |ep| {
             ep.enabled
                 && match target {
@@ -116,7 +118,7 @@ impl Store {
             version: version.unwrap_or(0),
             endpoints: raw
                 .iter()
-                .map(|json| self.open_endpoint(&key, json))
+                .map(|json| self.open_endpoint(&key, json).map(Arc::new))
                 .collect::<Result<_, _>>()?,
         })
     }

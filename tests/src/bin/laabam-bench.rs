@@ -728,6 +728,34 @@ fn summary(name: &str, runs: &[Value]) -> Value {
         "median_latency_ms": { "p50": p50, "p99": p99 }, "median_deliveries_per_cpu_second": per_cpu })
 }
 
+/// One scenario of the command line.
+enum Job {
+    Baseline(usize),
+    Pipeline(Setup),
+    NoisyNeighbour(usize),
+    RetryBacklog(usize, Duration),
+}
+
+impl Job {
+    fn name(&self) -> String {
+        match self {
+            Job::Baseline(_) => "baseline".into(),
+            Job::Pipeline(setup) => setup.name.clone(),
+            Job::NoisyNeighbour(_) => "noisy-neighbour".into(),
+            Job::RetryBacklog(..) => "retry-backlog".into(),
+        }
+    }
+
+    async fn run(&self) -> Run {
+        match self {
+            Job::Baseline(n) => baseline(*n).await,
+            Job::Pipeline(setup) => pipeline(setup).await,
+            Job::NoisyNeighbour(burst) => noisy_neighbour(*burst).await,
+            Job::RetryBacklog(n, spread) => retry_backlog(*n, *spread).await,
+        }
+    }
+}
+
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     args.iter()
         .position(|a| a == name)
@@ -748,92 +776,50 @@ async fn main() {
     let queues: u16 = arg(&args, "--queues", 1);
     let runs: usize = arg(&args, "--runs", 1);
     let wanted = |s: &str| scenario == s || scenario == "all";
-    let mut summaries = Vec::new();
-    let mut all = Vec::new();
-    let mut repeat = async |name: &str, f: &dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Run>>>| {
-        let mut reports = Vec::new();
-        for _ in 0..runs {
-            reports.push(f().await.report());
-        }
-        summaries.push(summary(name, &reports));
-        all.extend(reports);
-    };
+    let mut jobs = Vec::new();
     if wanted("baseline") {
-        repeat("baseline", &|| Box::pin(baseline(n))).await;
+        jobs.push(Job::Baseline(n));
     }
     if wanted("throughput") {
-        let mut setup = Setup::new("throughput", n, 1);
+        let plural = if queues > 1 { "s" } else { "" };
+        let mut setup = Setup::new(&format!("throughput ({queues} queue{plural})"), n, 1);
         setup.queues = queues;
-        setup.name = format!("throughput ({queues} queue{})", if queues > 1 { "s" } else { "" });
-        repeat(&setup.name.clone(), &|| {
-            Box::pin({
-                let setup = setup.clone();
-                async move { pipeline(&setup).await }
-            })
-        })
-        .await;
+        jobs.push(Job::Pipeline(setup));
     }
     if wanted("fanout") {
-        let setup = Setup::new("fanout", n / 10, 10);
-        repeat("fanout", &|| {
-            Box::pin({
-                let setup = setup.clone();
-                async move { pipeline(&setup).await }
-            })
-        })
-        .await;
+        jobs.push(Job::Pipeline(Setup::new("fanout", n / 10, 10)));
     }
     if wanted("latency") {
         let mut setup = Setup::new(&format!("latency at {rate:.0}/s"), (rate * 30.0) as usize, 1);
         setup.rate = Some(rate);
-        repeat(&setup.name.clone(), &|| {
-            Box::pin({
-                let setup = setup.clone();
-                async move { pipeline(&setup).await }
-            })
-        })
-        .await;
+        jobs.push(Job::Pipeline(setup));
     }
     if wanted("failing") {
         let mut setup = Setup::new("failing (10% fail once)", n / 10, 1);
         setup.failing = true;
-        repeat(&setup.name.clone(), &|| {
-            Box::pin({
-                let setup = setup.clone();
-                async move { pipeline(&setup).await }
-            })
-        })
-        .await;
+        jobs.push(Job::Pipeline(setup));
     }
     if wanted("slow-endpoint") {
-        for slow in [false, true] {
-            let mut setup = Setup::new(
-                if slow {
-                    "ten healthy endpoints and a 5 s one"
-                } else {
-                    "ten healthy endpoints"
-                },
-                n / 40,
-                10,
-            );
-            setup.slow = slow;
-            repeat(&setup.name.clone(), &|| {
-                Box::pin({
-                    let setup = setup.clone();
-                    async move { pipeline(&setup).await }
-                })
-            })
-            .await;
-        }
+        jobs.push(Job::Pipeline(Setup::new("ten healthy endpoints", n / 40, 10)));
+        let mut slow = Setup::new("ten healthy endpoints and a 5 s one", n / 40, 10);
+        slow.slow = true;
+        jobs.push(Job::Pipeline(slow));
     }
     if wanted("noisy-neighbour") {
-        repeat("noisy-neighbour", &|| Box::pin(noisy_neighbour(n / 2))).await;
+        jobs.push(Job::NoisyNeighbour(n / 2));
     }
     if wanted("retry-backlog") {
-        repeat("retry-backlog", &|| {
-            Box::pin(retry_backlog(1_000_000, Duration::from_secs(100)))
-        })
-        .await;
+        jobs.push(Job::RetryBacklog(1_000_000, Duration::from_secs(100)));
+    }
+    let mut summaries = Vec::new();
+    let mut all = Vec::new();
+    for job in &jobs {
+        let mut reports = Vec::new();
+        for _ in 0..runs {
+            reports.push(job.run().await.report());
+        }
+        summaries.push(summary(&job.name(), &reports));
+        all.extend(reports);
     }
     if all.is_empty() {
         eprintln!("{USAGE}");

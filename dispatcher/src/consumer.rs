@@ -1,6 +1,7 @@
 //! The broker side of the dispatcher: one connection, a consumer on each event queue and one on
 //! the retry queue, manual acks, bounded prefetch, and reconnection with backoff.
 
+use crate::acks::{Acks, Settle};
 use crate::metrics::METRICS;
 use crate::pipeline::{Disposition, Handled, Pipeline};
 use futures_util::StreamExt;
@@ -11,8 +12,7 @@ use laabam_shared::startup::{self, Backoff};
 use laabam_shared::topology;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
@@ -114,6 +114,8 @@ async fn session(
     // Dead letters are confirmed before the original is acknowledged, so none is lost.
     let dead_channel = conn.create_channel().await?;
     dead_channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let (events_acks, events_acker) = Acks::start(events_channel.clone());
+    let (retry_acks, retry_acker) = Acks::start(retry_channel.clone());
 
     let tag = |what: &str| format!("laabam-dispatcher-{}-{what}-{}", std::process::id(), ulid::Ulid::new());
     let retries_tag = tag("retries");
@@ -167,8 +169,12 @@ async fn session(
         };
         let pipeline = pipeline.clone();
         let dead_channel = dead_channel.clone();
+        let acks = match source {
+            Source::Events => events_acks.clone(),
+            Source::Retries => retry_acks.clone(),
+        };
         tracker.spawn(async move {
-            handle(&pipeline, &dead_channel, source, delivery, slot).await;
+            handle(&pipeline, &dead_channel, &acks, source, delivery, slot).await;
         });
     }
 
@@ -188,6 +194,11 @@ async fn session(
         .is_err()
     {
         tracing::warn!("shutdown grace elapsed with attempts in flight; their leases will retry them");
+    }
+    // Every message handled so far is settled: send the last acknowledgements before closing.
+    drop((events_acks, retry_acks));
+    for acker in [events_acker, retry_acker] {
+        let _ = tokio::time::timeout(Duration::from_secs(2), acker).await;
     }
     let _ = conn.close(200, "shutdown".into()).await;
     Ok(())
@@ -217,6 +228,7 @@ fn target(delivery: &Delivery) -> Option<EndpointId> {
 async fn handle(
     pipeline: &Pipeline,
     dead_channel: &Channel,
+    acks: &Acks,
     source: Source,
     delivery: Delivery,
     slot: OwnedSemaphorePermit,
@@ -229,44 +241,28 @@ async fn handle(
         }
         Source::Retries => pipeline.handle_retry(&delivery.data).await,
     };
+    let tag = delivery.delivery_tag;
     match disposition {
-        Disposition::Ack => ack(&delivery).await,
+        Disposition::Ack => acks.settle(Settle::Ack(tag)),
         Disposition::DeadLetter { reason, detail } => {
             tracing::warn!(reason, detail = %detail, routing_key = %delivery.routing_key, bytes = delivery.data.len(), "message dead-lettered");
             METRICS.dead_letters.with_label_values(&[reason]).inc();
             match dead_letter(dead_channel, &delivery, reason, &detail).await {
-                Ok(()) => ack(&delivery).await,
+                Ok(()) => acks.settle(Settle::Ack(tag)),
                 Err(e) => {
                     tracing::error!(error = %e, "could not dead-letter; handing the message back");
-                    requeue(&delivery).await;
+                    acks.settle(Settle::Requeue(tag));
                 }
             }
         }
         Disposition::Requeue(why) => {
             tracing::warn!(error = %why, "dependency failed; handing the message back");
             tokio::time::sleep(Duration::from_secs(1)).await;
-            requeue(&delivery).await;
+            acks.settle(Settle::Requeue(tag));
         }
     }
     drop(slot);
     futures_util::future::join_all(attempts.into_iter().map(|task| pipeline.run_attempt(task))).await;
-}
-
-async fn ack(delivery: &Delivery) {
-    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-        // The broker will redeliver; the deliveries already begun are recognised and skipped.
-        tracing::warn!(error = %e, "ack failed");
-    }
-}
-
-async fn requeue(delivery: &Delivery) {
-    let options = BasicNackOptions {
-        requeue: true,
-        ..Default::default()
-    };
-    if let Err(e) = delivery.acker.nack(options).await {
-        tracing::warn!(error = %e, "nack failed; the broker redelivers on reconnect");
-    }
 }
 
 /// Republishes the original body and properties to the dead-letter exchange with the reason.

@@ -3,13 +3,15 @@
 //!
 //! # Layout
 //! - [`config`]: flags and `LAABAM_*` variables.
-//! - [`consumer`]: the broker session: consume, ack, dead-letter, reconnect.
+//! - [`consumer`]: the broker session: consume, dead-letter, reconnect; [`acks`]: acknowledgements
+//!   coalesced into multiple acks.
 //! - [`pipeline`]: what each message means: fan-out, leases, attempts, outcomes.
 //! - [`sender`]: the outbound HTTP client; [`guard`]: which addresses it may reach.
 //! - [`directory`]: each account's endpoints, cached by version.
 //! - [`limits`]: per-endpoint concurrency and rate limits.
 //! - [`metrics`]: Prometheus metrics.
 
+pub mod acks;
 pub mod config;
 pub mod consumer;
 pub mod directory;

@@ -2,8 +2,9 @@
 //! finding its endpoint's requests all in flight waits for one to finish when the wait is
 //! expected to be short: a healthy endpoint frees a slot within milliseconds, so a burst queues
 //! here instead of making a round trip through the retry set, scheduler and broker. It waits
-//! only if a slot is typically held (a moving average) for less than the slot wait, and the
-//! number waiting times that, over the limit, is less too; otherwise, as for a slow endpoint,
+//! only if a slot is typically held (a moving average, or, while every slot is held, at least as
+//! long as none has been released) for less than the slot wait, and the number waiting times
+//! that, over the limit, is less too; otherwise, as for a slow endpoint,
 //! the delivery is deferred to the retry set at once, so a slow endpoint never holds the broker
 //! messages and in-flight slots healthy endpoints need. Over the rate limit, deliveries are
 //! deferred too. Both limits are per dispatcher process.
@@ -12,7 +13,7 @@ use laabam_shared::endpoint::Endpoint;
 use laabam_shared::ids::EndpointId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -62,8 +63,19 @@ struct Slots {
     semaphore: Arc<Semaphore>,
     waiting: AtomicUsize,
     held: HeldTime,
+    /// When a slot was last released (or first taken), in ms since [`EPOCH`]: while every slot
+    /// is held, the time since says each is held at least about that long, long before the
+    /// first slow request finishes and the moving average learns it.
+    progress_ms: AtomicU64,
     /// Deliveries this process deferred that have not come back yet.
     deferred: AtomicUsize,
+}
+
+/// The origin of [`Slots::progress_ms`].
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn since_epoch_ms() -> u64 {
+    EPOCH.elapsed().as_millis() as u64
 }
 
 /// A moving average of how long a slot is held, in ms (f64 bits; 0 until the first release).
@@ -93,6 +105,7 @@ pub struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.slots.held.observe(self.taken.elapsed().as_secs_f64() * 1000.0);
+        self.slots.progress_ms.store(since_epoch_ms(), Ordering::Relaxed);
     }
 }
 
@@ -103,8 +116,20 @@ impl Slots {
             semaphore: Arc::new(Semaphore::new(limit as usize)),
             waiting: AtomicUsize::new(0),
             held: HeldTime::default(),
+            progress_ms: AtomicU64::new(0),
             deferred: AtomicUsize::new(0),
         }
+    }
+
+    /// How long a slot is held: the moving average, or, while every slot has been held
+    /// without one released for longer than that, the time since one was.
+    fn held_ms(&self) -> f64 {
+        let average = self.held.ms();
+        if self.semaphore.available_permits() > 0 {
+            return average;
+        }
+        let stalled = since_epoch_ms().saturating_sub(self.progress_ms.load(Ordering::Relaxed));
+        average.max(stalled as f64)
     }
 
     fn idle(&self) -> bool {
@@ -163,7 +188,13 @@ impl EndpointLimits {
     pub async fn acquire(&self, endpoint: &Endpoint) -> Option<Slot> {
         let slots = self.slots_of(endpoint);
         let permit = match slots.semaphore.clone().try_acquire_owned() {
-            Ok(permit) => permit,
+            Ok(permit) => {
+                // The first slot taken starts the clock for an endpoint that never answers.
+                let _ = slots
+                    .progress_ms
+                    .compare_exchange(0, since_epoch_ms(), Ordering::Relaxed, Ordering::Relaxed);
+                permit
+            }
             Err(_) => {
                 let ahead = slots.waiting.fetch_add(1, Ordering::Relaxed) + 1;
                 let _waiting = Waiting(&slots.waiting);
@@ -171,9 +202,9 @@ impl EndpointLimits {
                 // slot has been released once, nothing says so), and only when the queue ahead
                 // should clear in time: an event's other deliveries wait with it.
                 let wait_ms = self.slot_wait.as_secs_f64() * 1000.0;
-                let held_ms = slots.held.ms();
+                let held_ms = slots.held_ms();
                 let expected_ms = ahead as f64 * held_ms / slots.limit as f64;
-                if held_ms == 0.0 || held_ms > wait_ms || expected_ms > wait_ms {
+                if slots.held.ms() == 0.0 || held_ms > wait_ms || expected_ms > wait_ms {
                     return None;
                 }
                 tokio::time::timeout(self.slot_wait, slots.semaphore.clone().acquire_owned())
@@ -194,7 +225,7 @@ impl EndpointLimits {
     pub fn deferral_backlog(&self, endpoint: &Endpoint) -> Duration {
         let slots = self.slots_of(endpoint);
         let ahead = slots.deferred.load(Ordering::Relaxed);
-        let ms = ahead as f64 * slots.held.ms() / slots.limit as f64;
+        let ms = ahead as f64 * slots.held_ms() / slots.limit as f64;
         Duration::from_secs_f64(ms / 1000.0).min(MAX_BACKLOG)
     }
 
@@ -345,6 +376,38 @@ mod tests {
             limits.deferral_backlog(&ep),
             Duration::ZERO,
             "the count never goes below zero"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_holding_every_slot_is_known_slow_before_it_answers() {
+        let limits = EndpointLimits::new(2, Duration::from_millis(100));
+        let ep = endpoint(None);
+        let _held = [limits.acquire(&ep).await.unwrap(), limits.acquire(&ep).await.unwrap()];
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        limits.deferred(&ep);
+        limits.deferred(&ep);
+        let backlog = limits.deferral_backlog(&ep).as_millis();
+        assert!(
+            (180..=400).contains(&backlog),
+            "two ahead, slots held 200 ms so far, two slots: {backlog} ms"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fast_endpoint_that_stalls_is_deferred_at_once() {
+        let limits = EndpointLimits::new(1, Duration::from_millis(100));
+        let ep = endpoint(None);
+        let quick = limits.acquire(&ep).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(quick);
+        let _stuck = limits.acquire(&ep).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        assert!(limits.acquire(&ep).await.is_none());
+        assert!(
+            started.elapsed() < Duration::from_millis(50),
+            "no slot released for longer than the wait: deferred at once"
         );
     }
 

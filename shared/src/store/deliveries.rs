@@ -20,14 +20,17 @@ use std::sync::{Arc, LazyLock};
 /// Lua: keeps an endpoint's history (sorted set `idx`) to its newest `keep` entries by deleting
 /// the oldest *finished* deliveries; unfinished ones stay listed until they finish. Run when a
 /// delivery finishes. It lets the history grow by `keep / 64` before trimming, so a busy
-/// endpoint pays for one scan and two deletes per 150 deliveries instead of per delivery.
+/// endpoint pays for one scan and two deletes per 150 deliveries instead of per delivery. A scan
+/// looks at no more than that batch (plus ten): when the oldest entries are unfinished (a slow
+/// endpoint's deferred backlog), each finish costs a bounded look, not a walk past all of them.
 const TRIM_HISTORY: &str = r"
 local function trim_history(idx, keep, prefix)
+  local slack = math.floor(keep / 64)
   local count = redis.call('ZCARD', idx)
-  if count <= keep + math.floor(keep / 64) then return end
+  if count <= keep + slack then return end
   local excess = count - keep
   local keys, members = {}, {}
-  for _, old in ipairs(redis.call('ZRANGE', idx, 0, math.min(excess + 9, 999))) do
+  for _, old in ipairs(redis.call('ZRANGE', idx, 0, math.min(excess, slack + 1) + 9)) do
     local old_key = prefix .. 'dlv:' .. old
     local st = redis.call('HGET', old_key, 'status')
     if st ~= 'pending' and st ~= 'retrying' then

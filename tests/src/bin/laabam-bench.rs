@@ -1,4 +1,4 @@
-//! `laabam-bench <scenario>`: measures the whole system on the real RabbitMQ and Redis.
+//! `laabam-bench <scenario>...`: measures the whole system on the real RabbitMQ and Redis.
 //!
 //! Scenarios: see `USAGE`; `baseline` is a bare pipeline (consume, sign, POST, ack; no records,
 //! the machine's practical limit), `throughput` (N events, one endpoint), `fanout` (N events, ten
@@ -764,18 +764,23 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-const USAGE: &str = "usage: laabam-bench <baseline|throughput|fanout|latency|failing|slow-endpoint|retry-backlog|noisy-neighbour|all> \
-[--events N] [--rate R] [--queues Q] [--runs K]";
+const USAGE: &str = "usage: laabam-bench <baseline|throughput|fanout|latency|failing|slow-endpoint|retry-backlog|noisy-neighbour|all>... \
+[--events N] [--rate R] [--queues Q] [--runs K]  (several scenarios run interleaved, round by round)";
 
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let scenario = args.first().cloned().unwrap_or_else(|| "all".into());
+    // Several scenarios in one call run interleaved (one run of each, then the next round), so
+    // scenarios compared with each other see the same state of this noisy machine.
+    let mut scenarios: Vec<String> = args.iter().take_while(|a| !a.starts_with("--")).cloned().collect();
+    if scenarios.is_empty() {
+        scenarios.push("all".into());
+    }
     let n: usize = arg(&args, "--events", 200_000);
     let rate: f64 = arg(&args, "--rate", 3000.0);
     let queues: u16 = arg(&args, "--queues", 1);
     let runs: usize = arg(&args, "--runs", 1);
-    let wanted = |s: &str| scenario == s || scenario == "all";
+    let wanted = |s: &str| scenarios.iter().any(|x| x == s || x == "all");
     let mut jobs = Vec::new();
     if wanted("baseline") {
         jobs.push(Job::Baseline(n));
@@ -800,8 +805,8 @@ async fn main() {
         jobs.push(Job::Pipeline(setup));
     }
     if wanted("slow-endpoint") {
-        jobs.push(Job::Pipeline(Setup::new("ten healthy endpoints", n / 40, 10)));
-        let mut slow = Setup::new("ten healthy endpoints and a 5 s one", n / 40, 10);
+        jobs.push(Job::Pipeline(Setup::new("ten healthy endpoints", n / 10, 10)));
+        let mut slow = Setup::new("ten healthy endpoints and a 5 s one", n / 10, 10);
         slow.slow = true;
         jobs.push(Job::Pipeline(slow));
     }
@@ -811,16 +816,18 @@ async fn main() {
     if wanted("retry-backlog") {
         jobs.push(Job::RetryBacklog(1_000_000, Duration::from_secs(100)));
     }
-    let mut summaries = Vec::new();
-    let mut all = Vec::new();
-    for job in &jobs {
-        let mut reports = Vec::new();
-        for _ in 0..runs {
+    let mut reports: Vec<Vec<Value>> = jobs.iter().map(|_| Vec::new()).collect();
+    for _ in 0..runs {
+        for (job, reports) in jobs.iter().zip(&mut reports) {
             reports.push(job.run().await.report());
         }
-        summaries.push(summary(&job.name(), &reports));
-        all.extend(reports);
     }
+    let summaries: Vec<Value> = jobs
+        .iter()
+        .zip(&reports)
+        .map(|(job, reports)| summary(&job.name(), reports))
+        .collect();
+    let all: Vec<Value> = reports.into_iter().flatten().collect();
     if all.is_empty() {
         eprintln!("{USAGE}");
         std::process::exit(2);
@@ -832,7 +839,7 @@ async fn main() {
     } else {
         String::new()
     };
-    let path = dir.join(format!("{scenario}{suffix}.json"));
+    let path = dir.join(format!("{}{suffix}.json", scenarios.join("+")));
     let out = json!({ "summaries": summaries, "runs": all });
     std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("\nwrote {}", path.display());

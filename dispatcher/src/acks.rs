@@ -12,7 +12,7 @@
 
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -42,8 +42,8 @@ pub enum Frame {
 /// A tag settled but not yet covered by a multiple ack.
 #[derive(Debug, Clone, Copy)]
 enum Waiting {
-    /// Waiting for an ack since this instant.
-    Ack(Instant),
+    /// Waiting for an ack (since when is kept in `AckWindow::oldest`).
+    Ack,
     /// Already settled at the broker (acked alone, or requeued): nothing more to send for it.
     Sent,
 }
@@ -56,6 +56,9 @@ pub struct AckWindow {
     /// Every tag up to this one is settled at the broker.
     settled_upto: u64,
     waiting: BTreeMap<u64, Waiting>,
+    /// Tags waiting for an ack, oldest first, so the linger needs no scan of `waiting`; entries
+    /// settled since are skipped as they reach the front.
+    oldest: VecDeque<(Instant, u64)>,
 }
 
 impl AckWindow {
@@ -63,7 +66,8 @@ impl AckWindow {
     pub fn settle(&mut self, settle: Settle, now: Instant) -> Option<Frame> {
         match settle {
             Settle::Ack(tag) => {
-                self.waiting.insert(tag, Waiting::Ack(now));
+                self.waiting.insert(tag, Waiting::Ack);
+                self.oldest.push_back((now, tag));
                 None
             }
             Settle::Requeue(tag) => {
@@ -83,33 +87,32 @@ impl AckWindow {
                 break;
             }
             self.settled_upto += 1;
-            if matches!(entry.remove(), Waiting::Ack(_)) {
+            if matches!(entry.remove(), Waiting::Ack) {
                 ack_upto = Some(self.settled_upto);
             }
         }
         if let Some(tag) = ack_upto {
             frames.push(Frame::AckUpTo(tag));
         }
-        for (tag, waiting) in self.waiting.iter_mut() {
-            if let Waiting::Ack(since) = *waiting
-                && now.duration_since(since) >= LINGER
-            {
+        while let Some(&(since, tag)) = self.oldest.front() {
+            if let Some(waiting @ Waiting::Ack) = self.waiting.get_mut(&tag) {
+                if now.duration_since(since) < LINGER {
+                    break;
+                }
                 *waiting = Waiting::Sent;
-                frames.push(Frame::AckOne(*tag));
+                frames.push(Frame::AckOne(tag));
             }
+            self.oldest.pop_front();
         }
         frames
     }
 
     /// When the oldest tag held behind a gap is due to be acknowledged on its own.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.waiting
-            .values()
-            .filter_map(|w| match w {
-                Waiting::Ack(since) => Some(*since + LINGER),
-                Waiting::Sent => None,
-            })
-            .min()
+        self.oldest
+            .iter()
+            .find(|(_, tag)| matches!(self.waiting.get(tag), Some(Waiting::Ack)))
+            .map(|(since, _)| *since + LINGER)
     }
 }
 

@@ -136,19 +136,20 @@ if ARGV[2] ~= '' then
       redis.call('EXPIRE', KEYS[4 + i], ttl)
     end
   end
-  -- An empty failing_since means not failing; a success clears it in the same write.
+  -- One write of the endpoint's health; an empty failing_since means not failing.
+  local health = {{'last_at', ARGV[12], 'last_outcome', ARGV[10], 'last_status', ARGV[14],
+    'last_delivery', ARGV[13]}}
   if ARGV[10] == 'success' then
-    redis.call('HSET', KEYS[4], 'last_at', ARGV[12], 'last_outcome', ARGV[10], 'last_status', ARGV[14],
-      'last_delivery', ARGV[13], 'last_success', ARGV[12], 'failing_since', '')
+    health[#health + 1] = 'last_success'; health[#health + 1] = ARGV[12]
+    health[#health + 1] = 'failing_since'; health[#health + 1] = ''
   else
-    redis.call('HSET', KEYS[4], 'last_at', ARGV[12], 'last_outcome', ARGV[10], 'last_status', ARGV[14],
-      'last_delivery', ARGV[13])
     failing = redis.call('HGET', KEYS[4], 'failing_since') or ''
     if failing == '' then
       failing = ARGV[12]
-      redis.call('HSET', KEYS[4], 'failing_since', failing)
+      health[#health + 1] = 'failing_since'; health[#health + 1] = failing
     end
   end
+  redis.call('HSET', KEYS[4], unpack(health))
 end
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return {{0, failing}} end
 -- The state keeps the lifetime it got when the delivery began (retention from creation).

@@ -3,6 +3,7 @@
 
 use laabam_shared::catalog::CATALOG;
 use laabam_shared::clock::{format_rfc3339_ms, now_ms};
+use laabam_shared::ids::{AccountId, EventId};
 use laabam_shared::signing::Secret;
 use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use serde_json::{Value, json};
@@ -332,6 +333,76 @@ async fn an_account_manages_endpoints_publishes_and_inspects_every_delivery() {
     assert_eq!(patched.json["events"], Value::Null);
     assert_eq!(alice.delete(&format!("/v1/endpoints/{flaky_id}")).await.status, 204);
     assert_eq!(alice.get(&format!("/v1/endpoints/{flaky_id}")).await.status, 404);
+}
+
+/// A redelivery starts a new cycle with the event's payload kept for another retention period,
+/// so its retries still have something to send; once the payload is gone, the owner is told so
+/// instead of getting a delivery that could never be sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_keeps_its_payload_and_one_whose_payload_expired_is_refused() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api(ADMIN).await;
+    env.start_dispatcher(&[]);
+    env.start_scheduler(&[]);
+    let rx = Receiver::ok().await;
+    let (account_id, alice) = account(&api, "Alice").await;
+    let (endpoint_id, _) = endpoint(&alice, &rx.url, json!(["invoice.paid"])).await;
+    let event_id = send_test(&alice, &endpoint_id, "invoice.paid").await;
+    let listed = alice.get(&format!("/v1/deliveries?endpoint_id={endpoint_id}")).await;
+    let delivery = listed.json["data"][0]["id"].as_str().unwrap().to_owned();
+
+    let store = env.store().await;
+    let event_key = store.keys().event(
+        &AccountId::parse(&account_id).unwrap(),
+        &EventId::parse(&event_id).unwrap(),
+    );
+    let mut redis = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ttl = |mut conn: redis::aio::MultiplexedConnection, key: String| async move {
+        redis::cmd("TTL").arg(&key).query_async::<i64>(&mut conn).await.unwrap()
+    };
+    let retention = ttl(redis.clone(), event_key.clone()).await;
+    assert!(
+        retention > 3600,
+        "an event lives for the retention period: {retention} s"
+    );
+
+    // Near the end of retention, a redelivery gives the payload a new period.
+    let _: () = redis::cmd("EXPIRE")
+        .arg(&event_key)
+        .arg(5)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let redelivered = alice
+        .post(&format!("/v1/deliveries/{delivery}/redeliver"), json!({}))
+        .await;
+    assert_eq!(redelivered.status, 202, "{:?}", redelivered.json);
+    wait_until("redelivered", WAIT, || async { rx.count() == 2 }).await;
+    assert!(ttl(redis.clone(), event_key.clone()).await > retention - 60);
+
+    // Without its payload, the delivery is refused with a reason, and nothing is queued.
+    wait_until("the redelivery finished", WAIT, || async {
+        delivery_status(&alice, &delivery).await == "succeeded"
+    })
+    .await;
+    let _: () = redis::cmd("DEL").arg(&event_key).query_async(&mut redis).await.unwrap();
+    let refused = alice
+        .post(&format!("/v1/deliveries/{delivery}/redeliver"), json!({}))
+        .await;
+    assert_eq!(refused.status, 409, "{:?}", refused.json);
+    assert!(
+        refused.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("outlived retention"),
+        "{:?}",
+        refused.json
+    );
+    assert_eq!(delivery_status(&alice, &delivery).await, "succeeded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,7 +110,7 @@ pub struct Redelivered {
 
 #[utoipa::path(post, path = "/v1/deliveries/{delivery_id}/redeliver", tag = "deliveries", params(("delivery_id" = String, Path)),
     responses((status = 202, body = Redelivered), (status = 404, body = super::error::ErrorBody),
-        (status = 409, body = super::error::ErrorBody, description = "An attempt is in flight")), security(("api_key" = [])))]
+        (status = 409, body = super::error::ErrorBody, description = "An attempt is in flight, or the event's payload outlived retention")), security(("api_key" = [])))]
 pub async fn redeliver(
     Caller(account): Caller,
     State(state): State<Arc<ApiState>>,
@@ -127,6 +127,9 @@ pub async fn redeliver(
         )),
         Redelivery::InFlight => Err(ApiError::Conflict(
             "an attempt of this delivery is in flight; try again when it finishes".into(),
+        )),
+        Redelivery::EventExpired => Err(ApiError::Conflict(
+            "this delivery's event payload has outlived retention and can no longer be sent".into(),
         )),
         Redelivery::NotFound => Err(ApiError::NotFound("delivery")),
     }

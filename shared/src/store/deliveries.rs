@@ -51,7 +51,9 @@ end
 /// the dispatcher cached, stores the event (first copy wins) and creates each of its deliveries
 /// that does not exist yet, under a lease or deferred. Returns {'stale'} when the endpoints
 /// changed (nothing written), else {'ok', stored body or '' when this copy was stored, then
-/// '1' created / '0' already known per delivery}.
+/// '1' created / '0' already known per delivery}. When this copy is the first, none of its
+/// deliveries can exist (they are only ever created here, with the event, and a redelivery
+/// extends both), so only a repeated copy pays for the `HSETNX` that tells known from new.
 /// KEYS: endpoints version, event, account's events, account's deliveries, then three per
 /// delivery (state, retry shard, endpoint history).
 static INGEST: LazyLock<Script> = LazyLock::new(|| {
@@ -60,7 +62,8 @@ static INGEST: LazyLock<Script> = LazyLock::new(|| {
 if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return {'stale'} end
 local now, ttl, keep = ARGV[4], ARGV[3], tonumber(ARGV[7])
 local out = {'ok', ''}
-if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ttl) then
+local first = redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ttl)
+if first then
   redis.call('ZADD', KEYS[3], now, ARGV[5])
   redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[6]) - 1)
   redis.call('EXPIRE', KEYS[3], ttl)
@@ -71,10 +74,10 @@ local created = 0
 for i = 0, (#KEYS - 4) / 3 - 1 do
   local dk, due, idx = KEYS[5 + i * 3], KEYS[6 + i * 3], KEYS[7 + i * 3]
   local a = 8 + i * 9
-  if redis.call('HSETNX', dk, 'event', ARGV[a + 2]) == 0 then
+  if not first and redis.call('HSETNX', dk, 'event', ARGV[a + 2]) == 0 then
     out[#out + 1] = '0'
   else
-    local fields = {'endpoint', ARGV[a + 3], 'account', ARGV[a + 4], 'type', ARGV[a + 5],
+    local fields = {'event', ARGV[a + 2], 'endpoint', ARGV[a + 3], 'account', ARGV[a + 4], 'type', ARGV[a + 5],
       'status', ARGV[a + 6], 'attempts', 0, 'cycle_start', 0, 'created', now}
     if ARGV[a + 8] ~= '' then fields[#fields + 1] = 'lease'; fields[#fields + 1] = ARGV[a + 8] end
     if ARGV[a + 6] == 'retrying' then fields[#fields + 1] = 'next_attempt'; fields[#fields + 1] = ARGV[a + 7] end
@@ -153,19 +156,17 @@ if ARGV[2] ~= '' then
 end
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return {{0, failing}} end
 -- The state keeps the lifetime it got when the delivery began (retention from creation).
-local set = {{'status', ARGV[3], 'attempts', ARGV[4]}}
-local unset = {{'lease'}}
+-- One write: the lease is released and an absent next attempt cleared by empty values (read
+-- back as none), which costs less than a separate HDEL.
+local set = {{'status', ARGV[3], 'attempts', ARGV[4], 'lease', '', 'next_attempt', ARGV[6]}}
 if ARGV[5] ~= '' then set[#set + 1] = 'first_attempt'; set[#set + 1] = ARGV[5] end
 if ARGV[7] ~= '' then set[#set + 1] = 'reason'; set[#set + 1] = ARGV[7] end
 if ARGV[6] ~= '' then
-  set[#set + 1] = 'next_attempt'; set[#set + 1] = ARGV[6]
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[8])
 else
-  unset[#unset + 1] = 'next_attempt'
   redis.call('ZREM', KEYS[3], ARGV[8])
 end
 redis.call('HSET', KEYS[1], unpack(set))
-redis.call('HDEL', KEYS[1], unpack(unset))
 if ARGV[3] == 'succeeded' or ARGV[3] == 'failed' then trim_history(KEYS[7], tonumber(ARGV[17]), ARGV[18]) end
 return {{1, failing}}
 "
@@ -173,13 +174,17 @@ return {{1, failing}}
 });
 
 /// An owner's redelivery: a finished delivery starts a new cycle of attempts now; a waiting one
-/// is brought forward; one in flight is left alone.
+/// is brought forward; one in flight is left alone. A new cycle extends the event's body with
+/// the state and the attempt log, so a redelivery near the end of retention still has its
+/// payload when its retries come due; a delivery whose body already expired cannot be sent.
+/// KEYS: state, retry shard, attempts, event.
 static REDELIVER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'gone' end
 if st == 'pending' then return 'in_flight' end
+if redis.call('EXPIRE', KEYS[4], ARGV[3]) == 0 then return 'expired' end
 if st ~= 'retrying' then
   redis.call('HSET', KEYS[1], 'status', 'retrying', 'cycle_start', redis.call('HGET', KEYS[1], 'attempts'))
   redis.call('HDEL', KEYS[1], 'first_attempt', 'reason')
@@ -275,6 +280,8 @@ pub struct Recorded {
 pub enum Redelivery {
     Queued,
     InFlight,
+    /// The delivery is known but its event's body has outlived retention.
+    EventExpired,
     NotFound,
 }
 
@@ -489,6 +496,7 @@ impl Store {
             .key(self.keys.delivery(&state.id))
             .key(self.keys.retry_due(self.keys.shard_of(&state.id)))
             .key(self.keys.attempts(&state.id))
+            .key(self.keys.event(&state.account_id, &state.event_id))
             .arg(job.encode())
             .arg(now_ms)
             .arg(self.retention_secs())
@@ -497,6 +505,7 @@ impl Store {
         Ok(match answer.as_str() {
             "queued" => Redelivery::Queued,
             "in_flight" => Redelivery::InFlight,
+            "expired" => Redelivery::EventExpired,
             _ => Redelivery::NotFound,
         })
     }

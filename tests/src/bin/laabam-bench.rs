@@ -18,7 +18,7 @@ use laabam_shared::signing::Secret;
 use laabam_shared::topology;
 use laabam_tests::env::free_port;
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -625,7 +625,10 @@ async fn print_counters(port: u16, wanted: &[&str]) {
     }
 }
 
-/// The bare pipeline: one queue, consume, sign, POST, ack; no records, no retries.
+/// The bare pipeline: one queue, consume, sign, POST, ack; no records, no retries. It consumes
+/// the project's own dispatch queue, so the broker does the same routing and queueing work as
+/// in `throughput` (a queue of its own would leave the dispatch queue bound too, and every
+/// publish would be written to both).
 async fn baseline(n: usize) -> Run {
     let env = TestEnv::new().await;
     let rx = Receiver::ok().await;
@@ -635,30 +638,9 @@ async fn baseline(n: usize) -> Run {
         .unwrap();
     let channel = conn.create_channel().await.unwrap();
     channel.basic_qos(1024, Default::default()).await.unwrap();
-    channel
-        .queue_declare(
-            "baseline".into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            "baseline".into(),
-            topology::EVENTS_EXCHANGE.into(),
-            "#".into(),
-            Default::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
     let mut consumer = channel
         .basic_consume(
-            "baseline".into(),
+            topology::DISPATCH_QUEUE.into(),
             "b".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),

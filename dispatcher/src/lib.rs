@@ -70,6 +70,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
             config.http_timeout,
             config.extra_ca_file.as_deref(),
             config.targets.policy(),
+            config.max_in_flight,
         )?,
         limits: limits::EndpointLimits::new(config.endpoint_concurrency, config.slot_wait),
         policy: config.retry.policy(),

@@ -79,7 +79,16 @@ fn tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, SenderErr
 
 impl Sender {
     /// `policy` decides which addresses endpoints may reach, checked on every connect.
-    pub fn new(timeout: Duration, extra_ca: Option<&Path>, policy: TargetPolicy) -> Result<Self, SenderError> {
+    /// `max_in_flight` bounds the connections kept idle per host: the process never has more
+    /// requests in flight than that, so every connection it opened can be kept for reuse. A
+    /// smaller pool closes connections whenever a busy endpoint's requests briefly all finish
+    /// (waiting on Redis or the broker) and opens them again moments later.
+    pub fn new(
+        timeout: Duration,
+        extra_ca: Option<&Path>,
+        policy: TargetPolicy,
+        max_in_flight: usize,
+    ) -> Result<Self, SenderError> {
         let policy = Arc::new(policy);
         let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: policy.clone() });
         http.enforce_http(false);
@@ -92,7 +101,7 @@ impl Sender {
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(max_in_flight)
             .build(https);
         Ok(Sender {
             client,

@@ -17,11 +17,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Requests being answered now, and the most ever answered at once.
+/// Requests being answered now, the most ever answered at once, and connections accepted.
 #[derive(Debug, Default)]
 struct Concurrency {
     now: AtomicUsize,
     peak: AtomicUsize,
+    connections: AtomicUsize,
 }
 
 /// A request as the receiver saw it.
@@ -173,6 +174,7 @@ impl Receiver {
                     _ = stop2.cancelled() => return,
                     accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
                 };
+                conc.connections.fetch_add(1, Ordering::Relaxed);
                 let (script, reqs, seen, stop3, acceptor, conc) = (
                     script.clone(),
                     reqs.clone(),
@@ -261,6 +263,11 @@ impl Receiver {
 
     pub fn count(&self) -> usize {
         self.requests.lock().unwrap().len()
+    }
+
+    /// Connections accepted so far: with keep-alive, far fewer than requests.
+    pub fn connections(&self) -> usize {
+        self.concurrency.connections.load(Ordering::Relaxed)
     }
 
     /// Requests per `webhook-id`.

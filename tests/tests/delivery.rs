@@ -152,6 +152,33 @@ async fn a_republished_event_without_id_is_recognised_and_not_delivered_twice() 
     );
 }
 
+/// A busy endpoint's connections are kept and reused: however its requests come and go, the
+/// dispatcher opens about one connection per request slot, not one per burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_endpoint_is_served_over_reused_connections() {
+    const SLOTS: usize = 128;
+    const EVENTS: usize = 8000;
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::ok().await;
+    env.endpoint("acct_busy", &rx.url, None).await;
+    env.start_dispatcher(&["--endpoint-concurrency", &SLOTS.to_string()]);
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+    laabam_tests::env::publish_all(&publisher, &laabam_tests::env::sample_events("acct_busy", EVENTS)).await;
+    wait_until("every event delivered", Duration::from_secs(120), || async {
+        rx.count() >= EVENTS
+    })
+    .await;
+    // A request may open a connection while another is on its way back to the pool (each slot
+    // can race once), so the bound is two per slot; one connection per burst would be hundreds.
+    assert!(
+        rx.connections() <= 2 * SLOTS,
+        "{} connections for {} requests at most {SLOTS} at a time",
+        rx.connections(),
+        rx.count()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_endpoints_are_delivered_with_an_extra_trusted_ca() {
     let mut env = TestEnv::new().await;

@@ -382,6 +382,8 @@ async fn pipeline(setup: &Setup) -> Run {
         &["republished_total", "due_lag_seconds_sum", "due_lag_seconds_count"],
     )
     .await;
+    let connections: usize = receivers.iter().map(Receiver::connections).sum();
+    println!("  receivers: {connections} connections accepted (keep-alive reuses the rest)");
     if let Some(slow) = &slow {
         println!("  slow endpoint: {} requests answered or in flight", slow.count());
     }
@@ -392,7 +394,7 @@ async fn pipeline(setup: &Setup) -> Run {
         lat: latencies(&receivers),
         cpu,
         redis_bytes,
-        extra: json!({ "queues": setup.queues, "retried_attempts": retried }),
+        extra: json!({ "queues": setup.queues, "retried_attempts": retried, "connections": connections }),
     }
 }
 
@@ -680,6 +682,10 @@ async fn baseline(n: usize) -> Run {
     let (cpu, redis_bytes) = meter.stop(&[]);
     worker.abort();
     let _ = conn.close(200, "done".into()).await;
+    println!(
+        "  receivers: {} connections accepted (keep-alive reuses the rest)",
+        rx.connections()
+    );
     Run {
         scenario: "baseline".into(),
         deliveries: n,

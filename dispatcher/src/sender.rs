@@ -101,7 +101,7 @@ impl Sender {
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(max_in_flight)
+            .pool_max_idle_per_host(max_in_flight.max(1))
             .build(https);
         Ok(Sender {
             client,

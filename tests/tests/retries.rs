@@ -2,11 +2,11 @@
 //! endpoint's outcome is its own.
 
 use laabam_shared::clock::now_ms;
-use laabam_shared::delivery::{DeliveryStatus, Outcome};
+use laabam_shared::delivery::{DeliveryStatus, Outcome, RetryJob};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
-use laabam_shared::store::Store;
+use laabam_shared::store::{Record, Store};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
 use serde_json::value::RawValue;
 use std::time::Duration;
@@ -78,6 +78,50 @@ async fn a_500_then_a_timeout_then_200_arrives_on_attempt_three_with_the_same_id
     let state = store.delivery(&delivery).await.unwrap().unwrap();
     assert_eq!(state.attempts, 3);
     assert_eq!(state.first_attempt_ms, Some(attempts[0].at_ms));
+}
+
+/// A record from a lease that is no longer current (an attempt that outlived its lease, or no
+/// lease at all) adds nothing to the state: the finished delivery keeps its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_without_the_current_lease_cannot_undo_the_outcome() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::ok().await;
+    let ep = env.endpoint("acct_a", &rx.url, None).await;
+    env.start_dispatcher(&[]);
+    let event = invoice_paid(1);
+    env.publisher().await.publish(&event).await.unwrap();
+    let store = env.store().await;
+    wait_status(&store, &event, &ep, DeliveryStatus::Succeeded).await;
+
+    let job = RetryJob {
+        delivery: DeliveryId::for_pair(&event.id, &ep.id),
+        event: event.id.clone(),
+        endpoint: ep.id.clone(),
+        account: ep.account_id.clone(),
+    };
+    // The released lease is stored empty; neither an old token nor an empty one holds it.
+    for lease in ["00000000deadbeef", ""] {
+        let recorded = store
+            .record(&Record {
+                job: &job,
+                lease,
+                attempt: None,
+                status: DeliveryStatus::Failed,
+                attempts: 9,
+                first_attempt_ms: None,
+                next_attempt_ms: None,
+                reason: Some("a late record"),
+                timing: None,
+            })
+            .await
+            .unwrap();
+        assert!(!recorded.applied, "lease {lease:?} was taken as current");
+    }
+    let state = store.delivery(&job.delivery).await.unwrap().unwrap();
+    assert_eq!(state.status, DeliveryStatus::Succeeded);
+    assert_eq!(state.attempts, 1);
+    assert_eq!(state.reason, None);
+    assert_eq!(state.next_attempt_ms, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -154,7 +154,8 @@ if ARGV[2] ~= '' then
   end
   redis.call('HSET', KEYS[4], unpack(health))
 end
-if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return {{0, failing}} end
+-- A released lease is stored empty, so an empty token never holds it.
+if ARGV[1] == '' or redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return {{0, failing}} end
 -- The state keeps the lifetime it got when the delivery began (retention from creation).
 -- One write: the lease is released and an absent next attempt cleared by empty values (read
 -- back as none), which costs less than a separate HDEL.

@@ -87,13 +87,56 @@ where
     }
 }
 
-/// One AMQP connection attempt, named so the broker's management view shows who is who.
+/// How long one AMQP connection attempt may take. lapin sets no limit of its own, and a broker
+/// that accepts the TCP connection but never finishes the handshake (a node booting or shutting
+/// down) would otherwise hold a reconnect loop, and every delivery waiting on it, forever.
+pub const AMQP_CONNECT_LIMIT: Duration = Duration::from_secs(15);
+
+/// One AMQP connection attempt, named so the broker's management view shows who is who, and
+/// bounded by [`AMQP_CONNECT_LIMIT`].
 pub async fn amqp_connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    amqp_connect_bounded(url, name, AMQP_CONNECT_LIMIT).await
+}
+
+async fn amqp_connect_bounded(url: &str, name: &str, limit: Duration) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await
+    match tokio::time::timeout(limit, Connection::connect(url, props)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the broker did not complete the AMQP handshake within {limit:?}"),
+        )
+        .into()),
+    }
 }
 
 /// The first AMQP connection of a process, waiting up to `wait` for the broker.
 pub async fn amqp_connect_within(url: &str, name: &str, wait: Duration) -> Result<Connection, Unreachable> {
     within("RabbitMQ", url, wait, || amqp_connect(url, name)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener that accepts connections and never speaks: the attempt ends with an error.
+    #[tokio::test]
+    async fn a_broker_that_never_answers_the_handshake_is_an_error_not_a_hang() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                sockets.push(socket);
+            }
+        });
+        let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+        let started = Instant::now();
+        let err = amqp_connect_bounded(&url, "t", Duration::from_millis(300))
+            .await
+            .expect_err("no handshake, no connection");
+        assert!(err.to_string().contains("did not complete the AMQP handshake"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        held.abort();
+    }
 }

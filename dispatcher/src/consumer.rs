@@ -200,7 +200,7 @@ async fn session(
     for acker in [events_acker, retry_acker] {
         let _ = tokio::time::timeout(Duration::from_secs(2), acker).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "shutdown".into())).await;
+    startup::amqp_close(&conn, "shutdown").await;
     Ok(())
 }
 

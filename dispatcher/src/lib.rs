@@ -52,11 +52,8 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     tracing::info!(%ops_addr, "metrics and health endpoints listening");
 
     let common = &config.common;
-    startup::amqp_connect_within(&common.amqp_url, "laabam-dispatcher", common.connect_timeout)
-        .await?
-        .close(200, "reachability checked".into())
-        .await
-        .ok();
+    let reachable = startup::amqp_connect_within(&common.amqp_url, "laabam-dispatcher", common.connect_timeout).await?;
+    startup::amqp_close(&reachable, "reachability checked").await;
     let store = Store::connect(&StoreConfig::from(common), common.connect_timeout).await?;
     store.warn_about_unsafe_settings().await;
     readiness.set_redis(true);

@@ -33,9 +33,6 @@ async fn open_channel(conn: &Connection, layout: topology::Layout) -> Result<Cha
     Ok(channel)
 }
 
-/// How long closing a failed connection may take before it is abandoned.
-const CLOSE_LIMIT: Duration = Duration::from_secs(2);
-
 /// Runs rounds until `shutdown`, reconnecting to the broker whenever it fails.
 pub async fn run(
     store: Store,
@@ -68,9 +65,7 @@ pub async fn run(
         backoff.reset();
         rounds(&store, &channel, config, &readiness, &shutdown).await;
         readiness.set_broker(false);
-        // Bounded: after the broker closed the connection itself (a node shutting down), a close
-        // can wait for an answer that never comes, and the scheduler would never reconnect.
-        let _ = tokio::time::timeout(CLOSE_LIMIT, connection.close(200, "closing".into())).await;
+        startup::amqp_close(&connection, "reconnecting").await;
     }
 }
 

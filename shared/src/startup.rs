@@ -110,6 +110,17 @@ async fn amqp_connect_bounded(url: &str, name: &str, limit: Duration) -> Result<
     }
 }
 
+/// How long closing an AMQP connection may take before it is abandoned.
+pub const AMQP_CLOSE_LIMIT: Duration = Duration::from_secs(2);
+
+/// Closes a connection, giving up after [`AMQP_CLOSE_LIMIT`]. After the broker closed the
+/// connection itself (a node shutting down), lapin's close can wait for an answer that never
+/// comes; a reconnect loop or a shutdown waiting on it would then never go on. Errors are
+/// dropped: the connection is being abandoned either way.
+pub async fn amqp_close(connection: &Connection, reason: &str) {
+    let _ = tokio::time::timeout(AMQP_CLOSE_LIMIT, connection.close(200, reason.into())).await;
+}
+
 /// The first AMQP connection of a process, waiting up to `wait` for the broker.
 pub async fn amqp_connect_within(url: &str, name: &str, wait: Duration) -> Result<Connection, Unreachable> {
     within("RabbitMQ", url, wait, || amqp_connect(url, name)).await

@@ -41,7 +41,7 @@ impl SealingKey {
         if bytes.len() != 32 {
             return Err(SealError::BadKey);
         }
-        let id = Sha256::digest(&bytes)[..4].iter().map(|b| format!("{b:02x}")).collect();
+        let id = hex::encode(&Sha256::digest(&bytes)[..4]);
         Ok(SealingKey {
             id,
             cipher: ChaCha20Poly1305::new(Key::from_slice(&bytes)),

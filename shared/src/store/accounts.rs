@@ -51,10 +51,7 @@ pub enum Idempotency {
 }
 
 fn sha256_hex(s: &str) -> String {
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(s.as_bytes()))
 }
 
 const IN_PROGRESS: &str = "\u{0}in-progress";

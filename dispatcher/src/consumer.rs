@@ -15,7 +15,7 @@ use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -102,6 +102,85 @@ async fn session(
     shutdown: &CancellationToken,
     backoff: &mut Backoff,
 ) -> Result<(), SessionError> {
+    let mut opened =
+        startup::amqp_within(startup::AMQP_SETUP_LIMIT, "open the consumer session", open(settings)).await?;
+    let (events_acks, events_acker) = Acks::start(opened.events_channel.clone());
+    let (retry_acks, retry_acker) = Acks::start(opened.retry_channel.clone());
+    let mut events = futures_util::stream::select_all(opened.event_consumers);
+    readiness.set_broker(true);
+    METRICS.consuming.set(1);
+    backoff.reset();
+    tracing::info!("consuming events and retry jobs");
+
+    loop {
+        let slot = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the slot semaphore is never closed"),
+        };
+        let (source, next) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            next = opened.retries.next() => (Source::Retries, next),
+            next = events.next() => (Source::Events, next),
+        };
+        let delivery = match next {
+            None => return Err(SessionError::ConsumerEnded),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(d)) => d,
+        };
+        let pipeline = pipeline.clone();
+        let dead_channel = opened.dead_channel.clone();
+        let acks = match source {
+            Source::Events => events_acks.clone(),
+            Source::Retries => retry_acks.clone(),
+        };
+        tracker.spawn(async move {
+            handle(&pipeline, &dead_channel, &acks, source, delivery, slot).await;
+        });
+    }
+
+    // Shutdown: stop deliveries, let in-flight work finish (or its leases hand it back), close.
+    METRICS.consuming.set(0);
+    for consumer_tag in &opened.events_tags {
+        let _ = opened
+            .events_channel
+            .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+    }
+    let _ = opened
+        .retry_channel
+        .basic_cancel(opened.retries_tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    tracker.close();
+    if tokio::time::timeout(settings.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace elapsed with attempts in flight; their leases will retry them");
+    }
+    // Every message handled so far is settled: send the last acknowledgements before closing.
+    drop((events_acks, retry_acks));
+    for acker in [events_acker, retry_acker] {
+        let _ = tokio::time::timeout(Duration::from_secs(2), acker).await;
+    }
+    startup::amqp_close(&opened.conn, "shutdown").await;
+    Ok(())
+}
+
+/// A consumer session's connection, channels and consumers, ready to run.
+struct Opened {
+    conn: Connection,
+    events_channel: Channel,
+    retry_channel: Channel,
+    dead_channel: Channel,
+    events_tags: Vec<String>,
+    event_consumers: Vec<Consumer>,
+    retries_tag: String,
+    retries: Consumer,
+}
+
+async fn open(settings: &ConsumerSettings) -> Result<Opened, lapin::Error> {
     let conn = startup::amqp_connect(&settings.amqp_url, "laabam-dispatcher").await?;
     let setup = conn.create_channel().await?;
     topology::declare(&setup, settings.layout).await?;
@@ -114,8 +193,6 @@ async fn session(
     // Dead letters are confirmed before the original is acknowledged, so none is lost.
     let dead_channel = conn.create_channel().await?;
     dead_channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    let (events_acks, events_acker) = Acks::start(events_channel.clone());
-    let (retry_acks, retry_acker) = Acks::start(retry_channel.clone());
 
     let tag = |what: &str| format!("laabam-dispatcher-{}-{what}-{}", std::process::id(), ulid::Ulid::new());
     let retries_tag = tag("retries");
@@ -136,8 +213,7 @@ async fn session(
         );
         events_tags.push(consumer_tag);
     }
-    let mut events = futures_util::stream::select_all(event_consumers);
-    let mut retries = retry_channel
+    let retries = retry_channel
         .basic_consume(
             topology::RETRY_QUEUE.into(),
             retries_tag.as_str().into(),
@@ -145,63 +221,16 @@ async fn session(
             FieldTable::default(),
         )
         .await?;
-    readiness.set_broker(true);
-    METRICS.consuming.set(1);
-    backoff.reset();
-    tracing::info!("consuming events and retry jobs");
-
-    loop {
-        let slot = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => slot.expect("the slot semaphore is never closed"),
-        };
-        let (source, next) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            next = retries.next() => (Source::Retries, next),
-            next = events.next() => (Source::Events, next),
-        };
-        let delivery = match next {
-            None => return Err(SessionError::ConsumerEnded),
-            Some(Err(e)) => return Err(e.into()),
-            Some(Ok(d)) => d,
-        };
-        let pipeline = pipeline.clone();
-        let dead_channel = dead_channel.clone();
-        let acks = match source {
-            Source::Events => events_acks.clone(),
-            Source::Retries => retry_acks.clone(),
-        };
-        tracker.spawn(async move {
-            handle(&pipeline, &dead_channel, &acks, source, delivery, slot).await;
-        });
-    }
-
-    // Shutdown: stop deliveries, let in-flight work finish (or its leases hand it back), close.
-    METRICS.consuming.set(0);
-    for consumer_tag in &events_tags {
-        let _ = events_channel
-            .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
-            .await;
-    }
-    let _ = retry_channel
-        .basic_cancel(retries_tag.as_str().into(), BasicCancelOptions::default())
-        .await;
-    tracker.close();
-    if tokio::time::timeout(settings.shutdown_grace, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown grace elapsed with attempts in flight; their leases will retry them");
-    }
-    // Every message handled so far is settled: send the last acknowledgements before closing.
-    drop((events_acks, retry_acks));
-    for acker in [events_acker, retry_acker] {
-        let _ = tokio::time::timeout(Duration::from_secs(2), acker).await;
-    }
-    startup::amqp_close(&conn, "shutdown").await;
-    Ok(())
+    Ok(Opened {
+        conn,
+        events_channel,
+        retry_channel,
+        dead_channel,
+        events_tags,
+        event_consumers,
+        retries_tag,
+        retries,
+    })
 }
 
 fn provenance(delivery: &Delivery) -> Provenance {
@@ -291,8 +320,8 @@ async fn dead_letter(
             &delivery.data,
             properties,
         )
-        .await?
         .await?;
+    let confirm = startup::amqp_within(startup::AMQP_CONFIRM_LIMIT, "confirm the dead letter", confirm).await?;
     if confirm.is_ack() {
         Ok(())
     } else {

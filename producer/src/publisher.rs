@@ -55,11 +55,14 @@ fn properties(envelope: &Envelope, target: Option<&EndpointId>) -> BasicProperti
 }
 
 async fn open(url: &str, name: &str, layout: topology::Layout) -> Result<(Connection, Channel), lapin::Error> {
-    let conn = startup::amqp_connect(url, name).await?;
-    let channel = conn.create_channel().await?;
-    topology::declare(&channel, layout).await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok((conn, channel))
+    startup::amqp_within(startup::AMQP_SETUP_LIMIT, "open the publishing channel", async {
+        let conn = startup::amqp_connect(url, name).await?;
+        let channel = conn.create_channel().await?;
+        topology::declare(&channel, layout).await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok((conn, channel))
+    })
+    .await
 }
 
 impl Publisher {
@@ -122,8 +125,8 @@ impl Publisher {
                     &envelope.to_json(),
                     properties(envelope, target),
                 )
-                .await?
                 .await?;
+            let confirm = startup::amqp_within(startup::AMQP_CONFIRM_LIMIT, "confirm the event", confirm).await?;
             if confirm.is_ack() {
                 Ok(())
             } else {

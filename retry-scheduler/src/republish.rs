@@ -1,5 +1,7 @@
 //! Claim due jobs, publish them with publisher confirms, and only then release the claims.
-//! A failure anywhere leaves the claims to expire and be reclaimed: nothing is lost.
+//! A failed publish hands its claims back for the next round on a new channel; any other
+//! failure (the scheduler dies, Redis is down) leaves them to expire and be reclaimed: nothing
+//! is lost either way.
 
 use crate::config::SchedulerConfig;
 use crate::metrics::METRICS;
@@ -49,7 +51,13 @@ pub async fn run(
             None => startup::amqp_connect(&config.common.amqp_url, "laabam-retry-scheduler").await,
         };
         let channel = match connection {
-            Ok(c) => open_channel(&c, config.common.layout()).await.map(|ch| (c, ch)),
+            Ok(c) => startup::amqp_within(
+                startup::AMQP_SETUP_LIMIT,
+                "open the publishing channel",
+                open_channel(&c, config.common.layout()),
+            )
+            .await
+            .map(|ch| (c, ch)),
             Err(e) => Err(e),
         };
         let (connection, channel) = match channel {
@@ -79,6 +87,13 @@ async fn rounds(
 ) {
     let shards = store.keys().retry_shards();
     while !shutdown.is_cancelled() {
+        // A broker that closed the connection (a restart, a cut) is noticed here, not at the
+        // next publish: readiness tells the truth and the channel is reopened before it is
+        // needed.
+        if !channel.status().connected() {
+            tracing::warn!("the broker closed the publishing channel; reconnecting");
+            return;
+        }
         let mut busy = false;
         let mut earliest: Option<i64> = None;
         for shard in 0..shards {
@@ -97,7 +112,7 @@ async fn rounds(
                     tracing::warn!(shard, error = %e, "Redis unavailable; claims stay leased and will be retried");
                 }
                 Err(e) => {
-                    tracing::warn!(shard, error = %e, "publishing failed; the claimed jobs will be reclaimed");
+                    tracing::warn!(shard, error = %e, "publishing failed; the claimed jobs go out again on a new channel");
                     return;
                 }
             }
@@ -134,14 +149,30 @@ async fn round(store: &Store, channel: &Channel, shard: u16, config: &SchedulerC
         tracing::info!(
             shard,
             reclaimed = claimed.reclaimed,
-            "reclaimed jobs whose claim lease expired"
+            "reclaimed jobs whose claim expired or was handed back"
         );
     }
+    if let Err(e) = publish(channel, &claimed.jobs).await {
+        // Handed back, the claims are taken again by the next round on a new channel instead of
+        // waiting out their lease; should Redis fail too, the lease still brings them back.
+        if let Err(store_error) = store.hand_back_claimed(shard, &claimed.jobs).await {
+            tracing::warn!(shard, error = %store_error, "could not hand claims back; they return when their lease expires");
+        }
+        return Err(e);
+    }
+    store.release_claimed(shard, &claimed.jobs).await?;
+    METRICS.republished.inc_by(claimed.jobs.len() as u64);
+    tracing::debug!(shard, jobs = claimed.jobs.len(), "retry jobs re-queued");
+    Ok(claimed.jobs.len())
+}
+
+/// Publishes encoded jobs and waits until the broker has confirmed every one.
+async fn publish(channel: &Channel, jobs: &[String]) -> Result<(), RoundError> {
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(ShortString::from("application/json"));
-    let mut confirms = Vec::with_capacity(claimed.jobs.len());
-    for job in &claimed.jobs {
+    let mut confirms = Vec::with_capacity(jobs.len());
+    for job in jobs {
         confirms.push(
             channel
                 .basic_publish(
@@ -154,12 +185,14 @@ async fn round(store: &Store, channel: &Channel, shard: u16, config: &SchedulerC
                 .await?,
         );
     }
-    let confirmations = try_join_all(confirms).await?;
+    let confirmations = startup::amqp_within(
+        startup::AMQP_CONFIRM_LIMIT,
+        "confirm the retry jobs",
+        try_join_all(confirms),
+    )
+    .await?;
     if confirmations.iter().any(|c| !c.is_ack()) {
         return Err(RoundError::Nacked);
     }
-    store.release_claimed(shard, &claimed.jobs).await?;
-    METRICS.republished.inc_by(claimed.jobs.len() as u64);
-    tracing::debug!(shard, jobs = claimed.jobs.len(), "retry jobs re-queued");
-    Ok(claimed.jobs.len())
+    Ok(())
 }

@@ -100,11 +100,32 @@ pub async fn amqp_connect(url: &str, name: &str) -> Result<Connection, lapin::Er
 
 async fn amqp_connect_bounded(url: &str, name: &str, limit: Duration) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(limit, Connection::connect(url, props)).await {
-        Ok(connected) => connected,
+    amqp_within(limit, "complete the AMQP handshake", Connection::connect(url, props)).await
+}
+
+/// How long opening a session on a fresh connection (channels, topology, QoS, consumers,
+/// confirms) may take. Each step waits for the broker's answer with no limit of its own; a node
+/// that is still recovering its queues can leave one unanswered, and a process would then sit
+/// connected and silent, neither consuming nor reconnecting.
+pub const AMQP_SETUP_LIMIT: Duration = Duration::from_secs(30);
+
+/// How long the broker may take to confirm what was published. A publish never confirmed counts
+/// as failed: the caller keeps (or reports) what it published and may send it again, which is
+/// the at-least-once contract, rather than holding it and its caller forever.
+pub const AMQP_CONFIRM_LIMIT: Duration = Duration::from_secs(30);
+
+/// Runs a broker exchange, turning a broker that does not answer within `limit` into an
+/// error, so the caller's reconnect loop goes on instead of waiting forever.
+pub async fn amqp_within<T>(
+    limit: Duration,
+    what: &str,
+    exchange: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, lapin::Error> {
+    match tokio::time::timeout(limit, exchange).await {
+        Ok(answered) => answered,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!("the broker did not complete the AMQP handshake within {limit:?}"),
+            format!("the broker did not {what} within {limit:?}"),
         )
         .into()),
     }

@@ -128,6 +128,12 @@ impl Receiver {
         Self::start(|_, _| Reply::Status(200)).await
     }
 
+    /// Answers `first` to each event's first attempt and 200 to its retries, so every delivery
+    /// passes through the retry scheduler once.
+    pub async fn failing_first_attempts(first: Reply) -> Self {
+        Self::start(move |_, nth| if nth == 0 { first } else { Reply::Status(200) }).await
+    }
+
     pub async fn start(script: impl Fn(&Captured, usize) -> Reply + Send + Sync + 'static) -> Self {
         Self::serve(Arc::new(script), None, 0).await
     }

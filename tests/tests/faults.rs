@@ -1,9 +1,12 @@
 //! Poison messages are dead-lettered with a reason and the stream goes on; a dispatcher killed
 //! mid-burst loses nothing that the broker confirmed.
 
+use laabam_producer::Publisher;
 use laabam_shared::clock::now_ms;
+use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::envelope::Envelope;
-use laabam_shared::ids::AccountId;
+use laabam_shared::ids::{AccountId, DeliveryId};
+use laabam_shared::store::Store;
 use laabam_shared::topology;
 use laabam_tests::env::publish_all;
 use laabam_tests::report::fault_row;
@@ -123,6 +126,17 @@ async fn a_dispatcher_killed_mid_burst_loses_no_confirmed_event() {
     }
 }
 
+/// Publishes `e` until the broker confirms it; returns how many tries it reported unconfirmed.
+async fn publish_through_a_cut(publisher: &Publisher, e: &Envelope) -> usize {
+    let mut unconfirmed = 0;
+    while publisher.publish(e).await.is_err() {
+        unconfirmed += 1;
+        assert!(unconfirmed < 50, "the publisher never reconnected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    unconfirmed
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_cut_by_the_broker_are_reestablished_by_every_process() {
     let mut env = TestEnv::new().await;
@@ -139,12 +153,7 @@ async fn connections_cut_by_the_broker_are_reestablished_by_every_process() {
 
     // The publisher reports what the broker did not confirm, then reconnects by itself.
     let after = event("acct_c", 2);
-    let mut unconfirmed = 0;
-    while publisher.publish(&after).await.is_err() {
-        unconfirmed += 1;
-        assert!(unconfirmed < 50, "the publisher never reconnected");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let unconfirmed = publish_through_a_cut(&publisher, &after).await;
     println!("publishes reported unconfirmed during the cut: {unconfirmed}");
     wait_until(
         "the dispatcher reconnected and delivered",
@@ -162,31 +171,62 @@ async fn connections_cut_by_the_broker_are_reestablished_by_every_process() {
     assert_eq!(lost, 0);
 }
 
+/// The scheduler has nothing to publish when the broker cuts its connection, so only a scheduler
+/// that notices the cut reopens its channel before the next retry comes due; one that finds out
+/// by a failed publish must not leave the claims it took to wait out their lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_claimed_by_a_scheduler_that_died_is_reclaimed_and_delivered() {
+async fn a_retry_due_after_a_broker_cut_goes_out_without_waiting_for_a_claim_lease() {
     let mut env = TestEnv::new().await;
-    let rx = Receiver::start(|_, nth| {
-        if nth == 0 {
-            Reply::Status(500)
-        } else {
-            Reply::Status(200)
-        }
+    let rx = Receiver::failing_first_attempts(Reply::Status(500)).await;
+    env.endpoint("acct_c", &rx.url, None).await;
+    env.start_dispatcher(&[]);
+    // A claim lease far beyond the wait below: a claim left to expire fails the test.
+    env.start_scheduler(&["--claim-lease", "10m"]);
+    let publisher = env.publisher().await;
+    let retried = |e: &Envelope| rx.per_event().get(e.id.as_str()) == Some(&2);
+    // One retry before the cut: the scheduler is connected and publishing.
+    let before = event("acct_c", 1);
+    publisher.publish(&before).await.unwrap();
+    wait_until("a retry before the cut", Duration::from_secs(20), || async {
+        retried(&before)
     })
     .await;
-    let ep = env.endpoint("acct_r", &rx.url, None).await;
+
+    env.cut_connections().await;
+    let after = event("acct_c", 2);
+    publish_through_a_cut(&publisher, &after).await;
+    wait_until("a retry after the cut", Duration::from_secs(30), || async {
+        retried(&after)
+    })
+    .await;
+    assert_eq!(env.store().await.retry_backlog().await.unwrap(), 0);
+}
+
+/// Starts a dispatcher (no scheduler) and publishes one event whose first attempt fails: its
+/// retry job then waits in the due set for whoever claims it.
+async fn one_due_retry(env: &mut TestEnv, rx: &Receiver, account: &str) -> (Store, DeliveryId) {
+    let ep = env.endpoint(account, &rx.url, None).await;
     env.start_dispatcher(&[]);
     let store = env.store().await;
-    let e = event("acct_r", 1);
+    let e = event(account, 1);
     env.publisher().await.publish(&e).await.unwrap();
-    let delivery = laabam_shared::ids::DeliveryId::for_pair(&e.id, &ep.id);
+    let delivery = DeliveryId::for_pair(&e.id, &ep.id);
     wait_until("first attempt failed", Duration::from_secs(20), || async {
         store
             .delivery(&delivery)
             .await
             .unwrap()
-            .is_some_and(|d| d.status == laabam_shared::delivery::DeliveryStatus::Retrying)
+            .is_some_and(|d| d.status == DeliveryStatus::Retrying)
     })
     .await;
+    (store, delivery)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_claimed_by_a_scheduler_that_died_is_reclaimed_and_delivered() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::failing_first_attempts(Reply::Status(500)).await;
+    let (store, delivery) = one_due_retry(&mut env, &rx, "acct_r").await;
 
     // A scheduler claims the due job, then dies before publishing it.
     let now = now_ms();
@@ -199,10 +239,38 @@ async fn a_job_claimed_by_a_scheduler_that_died_is_reclaimed_and_delivered() {
             .delivery(&delivery)
             .await
             .unwrap()
-            .is_some_and(|d| d.status == laabam_shared::delivery::DeliveryStatus::Succeeded)
+            .is_some_and(|d| d.status == DeliveryStatus::Succeeded)
     })
     .await;
     assert_eq!(rx.count(), 2);
+    assert_eq!(store.retry_backlog().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_handed_back_are_claimed_again_at_once_and_released_ones_never() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::start(|_, _| Reply::Status(500)).await;
+    let (store, _) = one_due_retry(&mut env, &rx, "acct_h").await;
+
+    let now = now_ms();
+    let far = now + 600_000;
+    let claimed = store.claim_due(0, now + 60_000, far, 10).await.unwrap();
+    assert_eq!(claimed.jobs.len(), 1);
+    assert!(
+        store.claim_due(0, now + 60_000, far, 10).await.unwrap().jobs.is_empty(),
+        "leased"
+    );
+
+    store.hand_back_claimed(0, &claimed.jobs).await.unwrap();
+    let again = store.claim_due(0, now + 60_000, far, 10).await.unwrap();
+    assert_eq!((again.jobs, again.reclaimed), (claimed.jobs.clone(), 1));
+
+    store.release_claimed(0, &claimed.jobs).await.unwrap();
+    store.hand_back_claimed(0, &claimed.jobs).await.unwrap();
+    assert!(
+        store.claim_due(0, now + 60_000, far, 10).await.unwrap().jobs.is_empty(),
+        "released stays released"
+    );
     assert_eq!(store.retry_backlog().await.unwrap(), 0);
 }
 
@@ -248,15 +316,7 @@ async fn sigterm_drains_in_flight_attempts_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_scheduler_killed_mid_stream_loses_no_retry() {
     let mut env = TestEnv::new().await;
-    // Every event fails its first attempt, so every delivery passes through the scheduler.
-    let rx = Receiver::start(|_, nth| {
-        if nth == 0 {
-            Reply::Status(503)
-        } else {
-            Reply::Status(200)
-        }
-    })
-    .await;
+    let rx = Receiver::failing_first_attempts(Reply::Status(503)).await;
     env.endpoint("acct_s", &rx.url, None).await;
     env.start_dispatcher(&[]);
     let flags = env.scheduler_flags(&["--claim-lease", "1s"]);

@@ -194,14 +194,7 @@ async fn gone_disables_the_endpoint_and_stops_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured() {
     let mut env = TestEnv::new().await;
-    let rx = Receiver::start(|_, nth| {
-        if nth == 0 {
-            Reply::RetryAfter(429, 1)
-        } else {
-            Reply::Status(200)
-        }
-    })
-    .await;
+    let rx = Receiver::failing_first_attempts(Reply::RetryAfter(429, 1)).await;
     let ep = env.endpoint("acct_a", &rx.url, None).await;
     env.start_dispatcher(&["--retry-max-delay", "5s"]);
     env.start_scheduler(&[]);

@@ -3,7 +3,8 @@
 //! A claim moves a job from `due` to `claimed` with a lease. If the scheduler dies before it
 //! releases, the lease expires and any scheduler claims the job again, unless a dispatcher has
 //! since taken it (it is back in `due` under the dispatcher's lease), in which case the stale
-//! claim is dropped.
+//! claim is dropped. A scheduler whose publish failed hands its claims back, which ends their
+//! lease at once.
 
 use super::{Store, StoreError};
 use redis::{AsyncCommands, Script};
@@ -89,6 +90,22 @@ impl Store {
         if !jobs.is_empty() {
             self.conn()
                 .zrem::<_, _, ()>(self.keys.retry_claimed(shard), jobs)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the claim on jobs the broker did not take, so the next claim takes them again at
+    /// once instead of after the claim lease. A job a dispatcher has taken since is dropped by
+    /// that claim as usual; one released already is not claimed again.
+    pub async fn hand_back_claimed(&self, shard: u16, jobs: &[String]) -> Result<(), StoreError> {
+        if !jobs.is_empty() {
+            let expired: Vec<(i64, &String)> = jobs.iter().map(|job| (0, job)).collect();
+            redis::cmd("ZADD")
+                .arg(self.keys.retry_claimed(shard))
+                .arg("XX")
+                .arg(&expired)
+                .exec_async(&mut self.conn())
                 .await?;
         }
         Ok(())

@@ -11,7 +11,12 @@ where
     Fut: Future<Output = bool>,
 {
     let deadline = Instant::now() + limit;
-    while !condition().await {
+    // Each check is bounded by what is left of the limit too: a check that never returns (a
+    // connect to a broker that never answers) must fail the test, not hang it.
+    while !tokio::time::timeout_at(deadline, condition())
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for {what} (a check never returned)"))
+    {
         assert!(
             Instant::now() < deadline,
             "timed out after {limit:?} waiting for {what}"
@@ -34,4 +39,15 @@ pub async fn wait_finished(
     })
     .await;
     store.delivery(id).await.unwrap().expect("finished deliveries exist")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    #[should_panic(expected = "a check never returned")]
+    async fn a_check_that_never_returns_fails_the_wait_instead_of_hanging_it() {
+        wait_until("nothing", Duration::from_millis(50), std::future::pending::<bool>).await;
+    }
 }

@@ -504,17 +504,16 @@ impl OwnRabbit {
             .spawn()
             .expect("rabbitmq-server starts");
         self.children.lock().unwrap().push(child);
-        let port = self.port;
+        let url = self.url();
+        // Each probe is bounded: lapin's own connect can hang on a node that is still booting,
+        // and an unbounded probe hung this test (and CI) with the node up and no connection.
         wait_until(
             "the RabbitMQ node accepts connections",
             Duration::from_secs(90),
-            || async move {
-                lapin::Connection::connect(
-                    &format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
-                    lapin::ConnectionProperties::default(),
-                )
-                .await
-                .is_ok()
+            || async {
+                laabam_shared::startup::amqp_connect(&url, "laabam-test-probe")
+                    .await
+                    .is_ok()
             },
         )
         .await;

@@ -5,7 +5,7 @@ use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::EndpointId;
 use laabam_shared::startup::{self, Unreachable};
 use laabam_shared::topology;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use std::time::Duration;
@@ -55,14 +55,9 @@ fn properties(envelope: &Envelope, target: Option<&EndpointId>) -> BasicProperti
 }
 
 async fn open(url: &str, name: &str, layout: topology::Layout) -> Result<(Connection, Channel), lapin::Error> {
-    startup::amqp_within(startup::AMQP_SETUP_LIMIT, "open the publishing channel", async {
-        let conn = startup::amqp_connect(url, name).await?;
-        let channel = conn.create_channel().await?;
-        topology::declare(&channel, layout).await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok((conn, channel))
-    })
-    .await
+    let conn = startup::amqp_connect(url, name).await?;
+    let channel = topology::publishing_channel(&conn, layout).await?;
+    Ok((conn, channel))
 }
 
 impl Publisher {

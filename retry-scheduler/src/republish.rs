@@ -11,7 +11,7 @@ use laabam_shared::ops::Readiness;
 use laabam_shared::startup::{self, Backoff};
 use laabam_shared::store::Store;
 use laabam_shared::topology;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
 use std::sync::Arc;
@@ -26,13 +26,6 @@ enum RoundError {
     Nacked,
     #[error("{0}")]
     Store(#[from] laabam_shared::store::StoreError),
-}
-
-async fn open_channel(conn: &Connection, layout: topology::Layout) -> Result<Channel, lapin::Error> {
-    let channel = conn.create_channel().await?;
-    topology::declare(&channel, layout).await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok(channel)
 }
 
 /// Runs rounds until `shutdown`, reconnecting to the broker whenever it fails.
@@ -51,13 +44,9 @@ pub async fn run(
             None => startup::amqp_connect(&config.common.amqp_url, "laabam-retry-scheduler").await,
         };
         let channel = match connection {
-            Ok(c) => startup::amqp_within(
-                startup::AMQP_SETUP_LIMIT,
-                "open the publishing channel",
-                open_channel(&c, config.common.layout()),
-            )
-            .await
-            .map(|ch| (c, ch)),
+            Ok(c) => topology::publishing_channel(&c, config.common.layout())
+                .await
+                .map(|ch| (c, ch)),
             Err(e) => Err(e),
         };
         let (connection, channel) = match channel {

@@ -11,9 +11,12 @@
 //! dispatcher ─▶ laabam.dead (fanout) ─▶ laabam.dead       (poison messages, with a reason header)
 //! ```
 
-use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use crate::startup;
+use lapin::options::{
+    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 /// The publishers' whole contract: routing key = event type, body = envelope JSON.
 pub const EVENTS_EXCHANGE: &str = "laabam.events";
@@ -83,6 +86,20 @@ fn durable_queue() -> QueueDeclareOptions {
         durable: true,
         ..Default::default()
     }
+}
+
+/// A channel in confirm mode on the declared topology: what every publisher (the producer's
+/// publisher, the retry scheduler) opens on a fresh connection. Bounded by
+/// [`startup::AMQP_SETUP_LIMIT`], so a broker that leaves a step unanswered is an error for the
+/// caller's reconnect loop, not a silent wait.
+pub async fn publishing_channel(conn: &Connection, layout: Layout) -> Result<Channel, lapin::Error> {
+    startup::amqp_within(startup::AMQP_SETUP_LIMIT, "open the publishing channel", async {
+        let channel = conn.create_channel().await?;
+        declare(&channel, layout).await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(channel)
+    })
+    .await
 }
 
 /// Declares every exchange, queue and binding.

@@ -36,7 +36,8 @@ pub struct DispatcherConfig {
     #[arg(long, env = "LAABAM_ENDPOINT_CONCURRENCY", default_value_t = 16)]
     pub endpoint_concurrency: u32,
     /// How long a delivery waits for one of its endpoint's request slots before it is deferred
-    /// to the retry set; a burst to a healthy endpoint queues here instead.
+    /// to the retry set; a burst to a healthy endpoint queues here instead. Stretched (up to
+    /// eight times) while every endpoint's requests are slow alike, as on a saturated machine.
     #[arg(long, env = "LAABAM_SLOT_WAIT", default_value = "250ms", value_parser = parse_duration)]
     pub slot_wait: Duration,
     /// How long a delivery deferred by an endpoint's concurrency limit waits (jittered ×1–2).

@@ -3,11 +3,18 @@
 //! expected to be short: a healthy endpoint frees a slot within milliseconds, so a burst queues
 //! here instead of making a round trip through the retry set, scheduler and broker. It waits
 //! only if a slot is typically held (a moving average, or, while every slot is held, at least as
-//! long as none has been released) for less than the slot wait, and the number waiting times
-//! that, over the limit, is less too; otherwise, as for a slow endpoint,
-//! the delivery is deferred to the retry set at once, so a slow endpoint never holds the broker
-//! messages and in-flight slots healthy endpoints need. Over the rate limit, deliveries are
-//! deferred too. Both limits are per dispatcher process.
+//! long as none has been released) for less than the wait budget, and the number waiting times
+//! that, over the limit, is less too; otherwise, as for a slow endpoint, the delivery is
+//! deferred to the retry set at once, so a slow endpoint never holds the broker messages and
+//! in-flight slots healthy endpoints need. Over the rate limit, deliveries are deferred too.
+//! Both limits are per dispatcher process.
+//!
+//! The wait budget is the slot wait, stretched while the whole process holds its slots longer:
+//! on a saturated machine every request waits for the CPU, so every endpoint looks slow alike.
+//! Deferring then helps no endpoint and adds a round trip through Redis, the scheduler and the
+//! broker to each deferred delivery, which slows the process further; waiting is backpressure
+//! to the broker instead. Slow means slow next to the process's typical request, so a slow
+//! endpoint among healthy ones is still deferred at once.
 
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::ids::EndpointId;
@@ -20,8 +27,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Debug)]
 pub struct EndpointLimits {
     default_limit: u32,
-    /// How long a delivery waits for a free slot before it is deferred.
+    /// How long a delivery waits for a free slot before it is deferred, unless the whole
+    /// process is slow (see [`EndpointLimits::wait_budget_ms`]).
     slot_wait: Duration,
+    /// How long any endpoint's slot is held, across the process: the measure of "slow".
+    typical: Arc<HeldTime>,
     slots: Mutex<HashMap<EndpointId, Arc<Slots>>>,
     rates: Mutex<HashMap<EndpointId, TokenBucket>>,
 }
@@ -69,6 +79,8 @@ struct Slots {
     progress_ms: AtomicU64,
     /// Deliveries this process deferred that have not come back yet.
     deferred: AtomicUsize,
+    /// The process-wide hold time, which every release feeds as well.
+    typical: Arc<HeldTime>,
 }
 
 /// The origin of [`Slots::progress_ms`].
@@ -104,13 +116,15 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.slots.held.observe(self.taken.elapsed().as_secs_f64() * 1000.0);
+        let ms = self.taken.elapsed().as_secs_f64() * 1000.0;
+        self.slots.held.observe(ms);
+        self.slots.typical.observe(ms);
         self.slots.progress_ms.store(since_epoch_ms(), Ordering::Relaxed);
     }
 }
 
 impl Slots {
-    fn new(limit: u32) -> Self {
+    fn new(limit: u32, typical: Arc<HeldTime>) -> Self {
         Slots {
             limit,
             semaphore: Arc::new(Semaphore::new(limit as usize)),
@@ -118,6 +132,7 @@ impl Slots {
             held: HeldTime::default(),
             progress_ms: AtomicU64::new(0),
             deferred: AtomicUsize::new(0),
+            typical,
         }
     }
 
@@ -151,6 +166,13 @@ impl Drop for Waiting<'_> {
 /// The longest a deferral is stretched for an endpoint's backlog.
 pub const MAX_BACKLOG: Duration = Duration::from_secs(300);
 
+/// A delivery may wait this many of the process's typical slot holds for a slot...
+const TYPICAL_HOLDS: f64 = 4.0;
+
+/// ...but never more than this many slot waits: a process whose every endpoint is slow still
+/// defers rather than let one endpoint's queue hold the broker messages others need.
+const MAX_STRETCH: f64 = 8.0;
+
 /// Idle entries are dropped when the map grows past this, so it stays bounded.
 const PRUNE_ABOVE: usize = 10_000;
 
@@ -159,9 +181,17 @@ impl EndpointLimits {
         EndpointLimits {
             default_limit: default_limit.max(1),
             slot_wait,
+            typical: Arc::default(),
             slots: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How long a delivery may wait for a slot: the slot wait, or a few of the process's
+    /// typical slot holds when that is longer (a saturated machine), up to a cap.
+    fn wait_budget_ms(&self) -> f64 {
+        let floor = self.slot_wait.as_secs_f64() * 1000.0;
+        (TYPICAL_HOLDS * self.typical.ms()).clamp(floor, floor * MAX_STRETCH)
     }
 
     /// Takes a token of the endpoint's rate limit, if it has one.
@@ -184,7 +214,7 @@ impl EndpointLimits {
     }
 
     /// A slot for one request to `endpoint`, waiting for one to free up when that should take
-    /// less than the slot wait; `None` means defer: no slot soon enough, or at the rate limit.
+    /// less than the wait budget; `None` means defer: no slot soon enough, or at the rate limit.
     pub async fn acquire(&self, endpoint: &Endpoint) -> Option<Slot> {
         let slots = self.slots_of(endpoint);
         let permit = match slots.semaphore.clone().try_acquire_owned() {
@@ -198,16 +228,17 @@ impl EndpointLimits {
             Err(_) => {
                 let ahead = slots.waiting.fetch_add(1, Ordering::Relaxed) + 1;
                 let _waiting = Waiting(&slots.waiting);
-                // Wait only for an endpoint that usually answers within the slot wait (until a
+                // Wait only for an endpoint that usually answers within the budget (until a
                 // slot has been released once, nothing says so), and only when the queue ahead
                 // should clear in time: an event's other deliveries wait with it.
-                let wait_ms = self.slot_wait.as_secs_f64() * 1000.0;
+                let budget_ms = self.wait_budget_ms();
                 let held_ms = slots.held_ms();
                 let expected_ms = ahead as f64 * held_ms / slots.limit as f64;
-                if slots.held.ms() == 0.0 || held_ms > wait_ms || expected_ms > wait_ms {
+                if slots.held.ms() == 0.0 || held_ms > budget_ms || expected_ms > budget_ms {
                     return None;
                 }
-                tokio::time::timeout(self.slot_wait, slots.semaphore.clone().acquire_owned())
+                let budget = Duration::from_secs_f64(budget_ms / 1000.0);
+                tokio::time::timeout(budget, slots.semaphore.clone().acquire_owned())
                     .await
                     .ok()?
                     .ok()?
@@ -256,10 +287,10 @@ impl EndpointLimits {
         }
         let entry = slots
             .entry(endpoint.id.clone())
-            .or_insert_with(|| Arc::new(Slots::new(limit)));
+            .or_insert_with(|| Arc::new(Slots::new(limit, self.typical.clone())));
         if entry.limit != limit {
             // The owner changed the limit: start afresh; old permits drain away.
-            *entry = Arc::new(Slots::new(limit));
+            *entry = Arc::new(Slots::new(limit, self.typical.clone()));
         }
         entry.clone()
     }
@@ -341,17 +372,56 @@ mod tests {
         assert!(waiter.await.unwrap());
     }
 
+    /// Holds one slot of `ep` for `ms`.
+    async fn hold(limits: &EndpointLimits, ep: &Endpoint, ms: u64) {
+        let slot = limits.acquire(ep).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        drop(slot);
+    }
+
     #[tokio::test]
     async fn a_slow_endpoint_is_deferred_at_once_instead_of_waited_for() {
         let limits = EndpointLimits::new(1, Duration::from_millis(100));
-        let ep = endpoint(None);
-        let slow = limits.acquire(&ep).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        drop(slow);
+        let (ep, healthy) = (endpoint(None), endpoint(None));
+        hold(&limits, &ep, 300).await;
+        for _ in 0..10 {
+            hold(&limits, &healthy, 0).await;
+        }
         let _busy = limits.acquire(&ep).await.unwrap();
         assert!(
             time_to_defer(&limits, &ep).await < Duration::from_millis(100),
-            "deferred at once, not after the wait"
+            "slow next to the healthy endpoint: deferred at once, not after the wait"
+        );
+    }
+
+    #[tokio::test]
+    async fn when_every_request_is_slow_alike_a_busy_endpoint_is_waited_for() {
+        // A saturated machine: every hold is long, the endpoint is no slower than the rest.
+        let limits = Arc::new(EndpointLimits::new(1, Duration::from_millis(50)));
+        let ep = endpoint(None);
+        hold(&limits, &ep, 100).await;
+        let busy = limits.acquire(&ep).await.unwrap();
+        let waiter = tokio::spawn({
+            let (limits, ep) = (limits.clone(), ep.clone());
+            async move { limits.acquire(&ep).await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        drop(busy);
+        assert!(
+            waiter.await.unwrap(),
+            "held 100 ms like every request: waited past the 50 ms slot wait, not deferred"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_process_slow_everywhere_still_defers_past_the_stretched_wait() {
+        let limits = EndpointLimits::new(1, Duration::from_millis(10));
+        let ep = endpoint(None);
+        hold(&limits, &ep, 200).await;
+        let _busy = limits.acquire(&ep).await.unwrap();
+        assert!(
+            time_to_defer(&limits, &ep).await < Duration::from_millis(50),
+            "a 200 ms hold is past 8 slot waits whatever the process does: deferred at once"
         );
     }
 

@@ -357,19 +357,25 @@ mod tests {
         assert!(limits.acquire(&ep).await.is_some());
     }
 
+    /// Whether a delivery arriving while `busy` holds `ep`'s only slot gets that slot when
+    /// `busy` is released `after` it arrived.
+    async fn waiter_gets_the_slot(limits: &Arc<EndpointLimits>, ep: &Endpoint, busy: Slot, after: u64) -> bool {
+        let waiter = tokio::spawn({
+            let (limits, ep) = (limits.clone(), ep.clone());
+            async move { limits.acquire(&ep).await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_millis(after)).await;
+        drop(busy);
+        waiter.await.unwrap()
+    }
+
     #[tokio::test]
     async fn a_waiter_gets_the_slot_a_finished_request_frees() {
         let limits = Arc::new(EndpointLimits::new(1, Duration::from_secs(5)));
         let ep = endpoint(None);
         drop(limits.acquire(&ep).await.unwrap());
         let first = limits.acquire(&ep).await.unwrap();
-        let waiter = tokio::spawn({
-            let (limits, ep) = (limits.clone(), ep.clone());
-            async move { limits.acquire(&ep).await.is_some() }
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        drop(first);
-        assert!(waiter.await.unwrap());
+        assert!(waiter_gets_the_slot(&limits, &ep, first, 20).await);
     }
 
     /// Holds one slot of `ep` for `ms`.
@@ -401,14 +407,8 @@ mod tests {
         let ep = endpoint(None);
         hold(&limits, &ep, 100).await;
         let busy = limits.acquire(&ep).await.unwrap();
-        let waiter = tokio::spawn({
-            let (limits, ep) = (limits.clone(), ep.clone());
-            async move { limits.acquire(&ep).await.is_some() }
-        });
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        drop(busy);
         assert!(
-            waiter.await.unwrap(),
+            waiter_gets_the_slot(&limits, &ep, busy, 150).await,
             "held 100 ms like every request: waited past the 50 ms slot wait, not deferred"
         );
     }

@@ -16,6 +16,7 @@
 //! to the broker instead. Slow means slow next to the process's typical request, so a slow
 //! endpoint among healthy ones is still deferred at once.
 
+use crate::metrics::METRICS;
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::ids::EndpointId;
 use std::collections::HashMap;
@@ -27,11 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Debug)]
 pub struct EndpointLimits {
     default_limit: u32,
-    /// How long a delivery waits for a free slot before it is deferred, unless the whole
-    /// process is slow (see [`EndpointLimits::wait_budget_ms`]).
-    slot_wait: Duration,
-    /// How long any endpoint's slot is held, across the process: the measure of "slow".
-    typical: Arc<HeldTime>,
+    budget: Arc<WaitBudget>,
     slots: Mutex<HashMap<EndpointId, Arc<Slots>>>,
     rates: Mutex<HashMap<EndpointId, TokenBucket>>,
 }
@@ -79,8 +76,8 @@ struct Slots {
     progress_ms: AtomicU64,
     /// Deliveries this process deferred that have not come back yet.
     deferred: AtomicUsize,
-    /// The process-wide hold time, which every release feeds as well.
-    typical: Arc<HeldTime>,
+    /// The process-wide budget, which every release feeds as well.
+    budget: Arc<WaitBudget>,
 }
 
 /// The origin of [`Slots::progress_ms`].
@@ -118,13 +115,13 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let ms = self.taken.elapsed().as_secs_f64() * 1000.0;
         self.slots.held.observe(ms);
-        self.slots.typical.observe(ms);
+        self.slots.budget.observe(ms);
         self.slots.progress_ms.store(since_epoch_ms(), Ordering::Relaxed);
     }
 }
 
 impl Slots {
-    fn new(limit: u32, typical: Arc<HeldTime>) -> Self {
+    fn new(limit: u32, budget: Arc<WaitBudget>) -> Self {
         Slots {
             limit,
             semaphore: Arc::new(Semaphore::new(limit as usize)),
@@ -132,7 +129,7 @@ impl Slots {
             held: HeldTime::default(),
             progress_ms: AtomicU64::new(0),
             deferred: AtomicUsize::new(0),
-            typical,
+            budget,
         }
     }
 
@@ -173,6 +170,37 @@ const TYPICAL_HOLDS: f64 = 4.0;
 /// defers rather than let one endpoint's queue hold the broker messages others need.
 const MAX_STRETCH: f64 = 8.0;
 
+/// How long a delivery may wait for a busy endpoint's slot: the slot wait, or a few of the
+/// process's typical slot holds when that is longer (a saturated machine), up to a cap.
+/// Exported as a gauge, so an operator sees why deliveries are waited for or deferred.
+#[derive(Debug)]
+struct WaitBudget {
+    /// The slot wait, in ms: the budget's floor.
+    floor_ms: f64,
+    /// How long any endpoint's slot is held, across the process: the measure of "slow".
+    typical: HeldTime,
+}
+
+impl WaitBudget {
+    fn new(slot_wait: Duration) -> Self {
+        let budget = WaitBudget {
+            floor_ms: slot_wait.as_secs_f64() * 1000.0,
+            typical: HeldTime::default(),
+        };
+        METRICS.slot_wait_budget.set(budget.ms() / 1000.0);
+        budget
+    }
+
+    fn ms(&self) -> f64 {
+        (TYPICAL_HOLDS * self.typical.ms()).clamp(self.floor_ms, self.floor_ms * MAX_STRETCH)
+    }
+
+    fn observe(&self, held_ms: f64) {
+        self.typical.observe(held_ms);
+        METRICS.slot_wait_budget.set(self.ms() / 1000.0);
+    }
+}
+
 /// Idle entries are dropped when the map grows past this, so it stays bounded.
 const PRUNE_ABOVE: usize = 10_000;
 
@@ -180,18 +208,10 @@ impl EndpointLimits {
     pub fn new(default_limit: u32, slot_wait: Duration) -> Self {
         EndpointLimits {
             default_limit: default_limit.max(1),
-            slot_wait,
-            typical: Arc::default(),
+            budget: Arc::new(WaitBudget::new(slot_wait)),
             slots: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
         }
-    }
-
-    /// How long a delivery may wait for a slot: the slot wait, or a few of the process's
-    /// typical slot holds when that is longer (a saturated machine), up to a cap.
-    fn wait_budget_ms(&self) -> f64 {
-        let floor = self.slot_wait.as_secs_f64() * 1000.0;
-        (TYPICAL_HOLDS * self.typical.ms()).clamp(floor, floor * MAX_STRETCH)
     }
 
     /// Takes a token of the endpoint's rate limit, if it has one.
@@ -231,7 +251,7 @@ impl EndpointLimits {
                 // Wait only for an endpoint that usually answers within the budget (until a
                 // slot has been released once, nothing says so), and only when the queue ahead
                 // should clear in time: an event's other deliveries wait with it.
-                let budget_ms = self.wait_budget_ms();
+                let budget_ms = self.budget.ms();
                 let held_ms = slots.held_ms();
                 let expected_ms = ahead as f64 * held_ms / slots.limit as f64;
                 if slots.held.ms() == 0.0 || held_ms > budget_ms || expected_ms > budget_ms {
@@ -287,10 +307,10 @@ impl EndpointLimits {
         }
         let entry = slots
             .entry(endpoint.id.clone())
-            .or_insert_with(|| Arc::new(Slots::new(limit, self.typical.clone())));
+            .or_insert_with(|| Arc::new(Slots::new(limit, self.budget.clone())));
         if entry.limit != limit {
             // The owner changed the limit: start afresh; old permits drain away.
-            *entry = Arc::new(Slots::new(limit, self.typical.clone()));
+            *entry = Arc::new(Slots::new(limit, self.budget.clone()));
         }
         entry.clone()
     }

@@ -3,8 +3,8 @@
 use laabam_shared::delivery::Outcome;
 use laabam_shared::envelope::EnvelopeError;
 use prometheus::{
-    Histogram, HistogramVec, IntCounterVec, IntGauge, register_histogram, register_histogram_vec,
-    register_int_counter_vec, register_int_gauge,
+    Gauge, Histogram, HistogramVec, IntCounterVec, IntGauge, register_gauge, register_histogram,
+    register_histogram_vec, register_int_counter_vec, register_int_gauge,
 };
 use std::sync::{LazyLock, OnceLock};
 
@@ -67,6 +67,7 @@ pub struct Metrics {
     pub completed: IntCounterVec,
     pub dead_letters: IntCounterVec,
     pub in_flight: IntGauge,
+    pub slot_wait_budget: Gauge,
     pub consuming: IntGauge,
     pub endpoints_disabled: IntCounterVec,
     pub retries_scheduled: IntCounterVec,
@@ -77,7 +78,8 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
 ];
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    Metrics {
     events_consumed: register_int_counter_vec!(
         "laabam_dispatcher_events_consumed_total",
         "Events taken from the event queue",
@@ -133,10 +135,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     )
     .unwrap(),
     in_flight: register_int_gauge!("laabam_dispatcher_in_flight_attempts", "Attempts in flight").unwrap(),
+    slot_wait_budget: register_gauge!(
+        "laabam_dispatcher_slot_wait_budget_seconds",
+        "How long a delivery may wait for a busy endpoint's slot before it is deferred: the slot wait, stretched while every request is slow"
+    )
+    .unwrap(),
     publish_to_delivered_seconds: register_histogram!(
         "laabam_dispatcher_publish_to_delivered_seconds",
         "From the event's timestamp to a successful attempt",
         LATENCY_BUCKETS.to_vec()
     )
     .unwrap(),
+}
 });

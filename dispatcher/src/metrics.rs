@@ -78,8 +78,7 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
 ];
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    Metrics {
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     events_consumed: register_int_counter_vec!(
         "laabam_dispatcher_events_consumed_total",
         "Events taken from the event queue",
@@ -137,7 +136,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     in_flight: register_int_gauge!("laabam_dispatcher_in_flight_attempts", "Attempts in flight").unwrap(),
     slot_wait_budget: register_gauge!(
         "laabam_dispatcher_slot_wait_budget_seconds",
-        "How long a delivery may wait for a busy endpoint's slot before it is deferred: the slot wait, stretched while every request is slow"
+        "How long a delivery may wait for a busy endpoint's slot: the slot wait, longer while every request is slow"
     )
     .unwrap(),
     publish_to_delivered_seconds: register_histogram!(
@@ -146,5 +145,4 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         LATENCY_BUCKETS.to_vec()
     )
     .unwrap(),
-}
 });

@@ -93,6 +93,17 @@ async fn headers_rate_limits_and_bounded_history_apply() {
         .filter(|k| !k.ends_with(":att"))
         .collect();
     assert_eq!(states.len(), 5, "older finished deliveries were deleted: {states:?}");
+    // The indexes an event writes to expire with the retention, though their upkeep is not
+    // done on every write.
+    let keys = store.keys();
+    for index in [
+        keys.account_events(&account),
+        keys.account_deliveries(&account),
+        keys.endpoint_deliveries(&ep.id),
+    ] {
+        let ttl: i64 = redis::cmd("TTL").arg(&index).query(&mut conn).unwrap();
+        assert!(ttl > 3000, "{index} expires with the retention: TTL {ttl}");
+    }
 
     // What one delivery costs in Redis: its state, its attempt log, and its share of the event.
     let usage = |key: &str, conn: &mut redis::Connection| -> u64 {

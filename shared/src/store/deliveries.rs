@@ -54,6 +54,8 @@ end
 /// '1' created / '0' already known per delivery}. When this copy is the first, none of its
 /// deliveries can exist (they are only ever created here, with the event, and a redelivery
 /// extends both), so only a repeated copy pays for the `HSETNX` that tells known from new.
+/// The account's indexes and each endpoint's history are trimmed and their lifetimes renewed
+/// only when a flag asks for it (see `upkeep`).
 /// KEYS: endpoints version, event, account's events, account's deliveries, then three per
 /// delivery (state, retry shard, endpoint history).
 static INGEST: LazyLock<Script> = LazyLock::new(|| {
@@ -65,15 +67,16 @@ local out = {'ok', ''}
 local first = redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ttl)
 if first then
   redis.call('ZADD', KEYS[3], now, ARGV[5])
-  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[6]) - 1)
-  redis.call('EXPIRE', KEYS[3], ttl)
 else
   out[2] = redis.call('GET', KEYS[2])
 end
-local created = 0
+if ARGV[8] == '1' then
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[6]) - 1)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
 for i = 0, (#KEYS - 4) / 3 - 1 do
   local dk, due, idx = KEYS[5 + i * 3], KEYS[6 + i * 3], KEYS[7 + i * 3]
-  local a = 8 + i * 9
+  local a = 10 + i * 10
   if not first and redis.call('HSETNX', dk, 'event', ARGV[a + 2]) == 0 then
     out[#out + 1] = '0'
   else
@@ -85,13 +88,12 @@ for i = 0, (#KEYS - 4) / 3 - 1 do
     redis.call('EXPIRE', dk, ttl)
     redis.call('ZADD', due, ARGV[a + 7], ARGV[a])
     redis.call('ZADD', idx, now, ARGV[a + 1])
-    redis.call('EXPIRE', idx, ttl)
     redis.call('ZADD', KEYS[4], now, ARGV[a + 1])
-    created = created + 1
     out[#out + 1] = '1'
   end
+  if ARGV[a + 9] == '1' then redis.call('EXPIRE', idx, ttl) end
 end
-if created > 0 then
+if ARGV[9] == '1' then
   redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -keep * 10 - 1)
   redis.call('EXPIRE', KEYS[4], ttl)
 end
@@ -349,23 +351,32 @@ impl Store {
         now_ms: i64,
     ) -> Result<Ingest, StoreError> {
         let acct = &envelope.account_id;
+        let events_index = self.keys.account_events(acct);
+        let deliveries_index = self.keys.account_deliveries(acct);
+        let histories: Vec<String> = begins
+            .iter()
+            .map(|b| self.keys.endpoint_deliveries(&b.job.endpoint))
+            .collect();
+        let flag = |key: &str| if self.upkeep.due(key) { "1" } else { "" };
         let mut inv = INGEST.prepare_invoke();
         inv.key(self.keys.endpoints_version(acct))
             .key(self.keys.event(acct, &envelope.id))
-            .key(self.keys.account_events(acct))
-            .key(self.keys.account_deliveries(acct))
+            .key(&events_index)
+            .key(&deliveries_index)
             .arg(endpoints_version)
             .arg(body)
             .arg(self.retention_secs())
             .arg(now_ms)
             .arg(envelope.id.as_str())
             .arg(EVENTS_PER_ACCOUNT)
-            .arg(self.history_per_endpoint);
-        for b in begins {
+            .arg(self.history_per_endpoint)
+            .arg(flag(&events_index))
+            .arg(flag(&deliveries_index));
+        for (b, history) in begins.iter().zip(&histories) {
             let job = &b.job;
             inv.key(self.keys.delivery(&job.delivery))
                 .key(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
-                .key(self.keys.endpoint_deliveries(&job.endpoint));
+                .key(history);
             let status = if b.lease.is_some() {
                 DeliveryStatus::Pending
             } else {
@@ -379,10 +390,18 @@ impl Store {
                 .arg(&b.event_type)
                 .arg(status.as_str())
                 .arg(b.due_ms)
-                .arg(b.lease.as_deref().unwrap_or(""));
+                .arg(b.lease.as_deref().unwrap_or(""))
+                .arg(flag(history));
         }
-        let reply: Vec<Vec<u8>> = inv.invoke_async(&mut self.conn()).await?;
-        let mut reply = reply.into_iter();
+        let reply: Result<Vec<Vec<u8>>, _> = inv.invoke_async(&mut self.conn()).await;
+        let begun = matches!(&reply, Ok(r) if r.first().is_some_and(|s| s == b"ok"));
+        if !begun {
+            // Nothing was written, or maybe not: the next write to these keys does their upkeep.
+            for key in [&events_index, &deliveries_index].into_iter().chain(&histories) {
+                self.upkeep.forget(key);
+            }
+        }
+        let mut reply = reply?.into_iter();
         if reply.next().as_deref() != Some(b"ok".as_slice()) {
             return Ok(Ingest::Stale);
         }

@@ -30,6 +30,7 @@ mod endpoints;
 mod keys;
 mod retry_set;
 mod stats;
+mod upkeep;
 
 pub use accounts::{API_KEY_PREFIX, Account, ApiKeyInfo, Idempotency};
 pub use deliveries::{AttemptTiming, Begin, Cursor, DeliveryFilter, Ingest, Page, Record, Recorded, Redelivery, Taken};
@@ -63,6 +64,8 @@ pub struct Store {
     history_per_endpoint: u32,
     /// Seals endpoint secrets on the way into Redis and opens them on the way out.
     sealer: Arc<SecretSealer>,
+    /// When writes to the bounded indexes also trim them and renew their lifetime.
+    upkeep: Arc<upkeep::Upkeep>,
 }
 
 impl std::fmt::Debug for Store {
@@ -125,6 +128,7 @@ impl Store {
                 SecretSealer::new(config.secret_key.as_deref(), config.secret_key_previous.as_deref())
                     .expect("sealing keys are validated when configuration is parsed"),
             ),
+            upkeep: Arc::new(upkeep::Upkeep::new(config.retention)),
         })
     }
 

@@ -7,6 +7,7 @@
 //! the entry. Only the holder of the current token may change the state, so a late record from
 //! an expired lease can add its attempt to the log but cannot undo a newer outcome.
 
+use super::script_call::ScriptCall;
 use super::stats;
 use super::{Store, StoreError};
 use crate::delivery::{AttemptRecord, DeliveryState, DeliveryStatus, RetryJob};
@@ -358,12 +359,17 @@ impl Store {
             .map(|b| self.keys.endpoint_deliveries(&b.job.endpoint))
             .collect();
         let flag = |key: &str| if self.upkeep.due(key) { "1" } else { "" };
-        let mut inv = INGEST.prepare_invoke();
-        inv.key(self.keys.endpoints_version(acct))
+        let mut call = ScriptCall::new(&INGEST, 4 + 3 * begins.len());
+        call.key(self.keys.endpoints_version(acct))
             .key(self.keys.event(acct, &envelope.id))
             .key(&events_index)
-            .key(&deliveries_index)
-            .arg(endpoints_version)
+            .key(&deliveries_index);
+        for (b, history) in begins.iter().zip(&histories) {
+            call.key(self.keys.delivery(&b.job.delivery))
+                .key(self.keys.retry_due(self.keys.shard_of(&b.job.delivery)))
+                .key(history);
+        }
+        call.arg(endpoints_version)
             .arg(body)
             .arg(self.retention_secs())
             .arg(now_ms)
@@ -374,15 +380,12 @@ impl Store {
             .arg(flag(&deliveries_index));
         for (b, history) in begins.iter().zip(&histories) {
             let job = &b.job;
-            inv.key(self.keys.delivery(&job.delivery))
-                .key(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
-                .key(history);
             let status = if b.lease.is_some() {
                 DeliveryStatus::Pending
             } else {
                 DeliveryStatus::Retrying
             };
-            inv.arg(job.encode())
+            call.arg(job.encode())
                 .arg(job.delivery.as_str())
                 .arg(job.event.as_str())
                 .arg(job.endpoint.as_str())
@@ -393,7 +396,7 @@ impl Store {
                 .arg(b.lease.as_deref().unwrap_or(""))
                 .arg(flag(history));
         }
-        let reply: Result<Vec<Vec<u8>>, _> = inv.invoke_async(&mut self.conn()).await;
+        let reply: Result<Vec<Vec<u8>>, _> = call.invoke(&mut self.conn()).await;
         let begun = matches!(&reply, Ok(r) if r.first().is_some_and(|s| s == b"ok"));
         if !begun {
             // Nothing was written, or maybe not: the next write to these keys does their upkeep.
@@ -415,7 +418,7 @@ impl Store {
     /// Takes a retry job under a new lease lasting until `lease_until_ms`.
     pub async fn take(&self, job: &RetryJob, lease: &str, lease_until_ms: i64) -> Result<Taken, StoreError> {
         let eps_key = self.keys.account_endpoints(&job.account);
-        let reply: Vec<Vec<u8>> = TAKE
+        let reply: Vec<Vec<u8>> = ScriptCall::new(&TAKE, 4)
             .key(self.keys.delivery(&job.delivery))
             .key(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
             .key(self.keys.event(&job.account, &job.event))
@@ -424,7 +427,7 @@ impl Store {
             .arg(lease_until_ms)
             .arg(lease)
             .arg(job.endpoint.as_str())
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await?;
         let text = |i: usize| {
             reply
@@ -462,7 +465,7 @@ impl Store {
         let opt = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
         let timing = r.timing;
         let at = timing.map_or(0, |t| t.at_ms);
-        let (applied, failing): (i64, String) = RECORD
+        let (applied, failing): (i64, String) = ScriptCall::new(&RECORD, 7)
             .key(self.keys.delivery(&job.delivery))
             .key(self.keys.attempts(&job.delivery))
             .key(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
@@ -496,7 +499,7 @@ impl Store {
             .arg(stats::HOUR_TTL_SECS)
             .arg(self.history_per_endpoint)
             .arg(self.keys.prefix())
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await?;
         Ok(Recorded {
             applied: applied == 1,
@@ -512,7 +515,7 @@ impl Store {
             endpoint: state.endpoint_id.clone(),
             account: state.account_id.clone(),
         };
-        let answer: String = REDELIVER
+        let answer: String = ScriptCall::new(&REDELIVER, 4)
             .key(self.keys.delivery(&state.id))
             .key(self.keys.retry_due(self.keys.shard_of(&state.id)))
             .key(self.keys.attempts(&state.id))
@@ -520,7 +523,7 @@ impl Store {
             .arg(job.encode())
             .arg(now_ms)
             .arg(self.retention_secs())
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await?;
         Ok(match answer.as_str() {
             "queued" => Redelivery::Queued,

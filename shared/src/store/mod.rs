@@ -29,6 +29,7 @@ mod deliveries;
 mod endpoints;
 mod keys;
 mod retry_set;
+mod script_call;
 mod stats;
 mod upkeep;
 

@@ -6,6 +6,7 @@
 //! claim is dropped. A scheduler whose publish failed hands its claims back, which ends their
 //! lease at once.
 
+use super::script_call::ScriptCall;
 use super::{Store, StoreError};
 use redis::{AsyncCommands, Script};
 use std::sync::LazyLock;
@@ -60,13 +61,13 @@ impl Store {
         lease_until_ms: i64,
         limit: usize,
     ) -> Result<Claimed, StoreError> {
-        let reply: Vec<redis::Value> = CLAIM
+        let reply: Vec<redis::Value> = ScriptCall::new(&CLAIM, 2)
             .key(self.keys.retry_due(shard))
             .key(self.keys.retry_claimed(shard))
             .arg(now_ms)
             .arg(lease_until_ms)
             .arg(limit)
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await?;
         let mut reply = reply.into_iter();
         let mut int = || match reply.next() {

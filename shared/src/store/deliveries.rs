@@ -396,18 +396,18 @@ impl Store {
                 .arg(b.lease.as_deref().unwrap_or(""))
                 .arg(flag(history));
         }
-        let reply: Result<Vec<Vec<u8>>, _> = call.invoke(&mut self.conn()).await;
-        let begun = matches!(&reply, Ok(r) if r.first().is_some_and(|s| s == b"ok"));
-        if !begun {
-            // Nothing was written, or maybe not: the next write to these keys does their upkeep.
-            for key in [&events_index, &deliveries_index].into_iter().chain(&histories) {
-                self.upkeep.forget(key);
+        let reply = match call.invoke::<Vec<Vec<u8>>>(&mut self.conn()).await {
+            Ok(reply) if reply.first().is_some_and(|s| s == b"ok") => reply,
+            stale_or_failed => {
+                // Nothing was written, or maybe not: the next write to these keys does their upkeep.
+                for key in [&events_index, &deliveries_index].into_iter().chain(&histories) {
+                    self.upkeep.forget(key);
+                }
+                stale_or_failed?;
+                return Ok(Ingest::Stale);
             }
-        }
-        let mut reply = reply?.into_iter();
-        if reply.next().as_deref() != Some(b"ok".as_slice()) {
-            return Ok(Ingest::Stale);
-        }
+        };
+        let mut reply = reply.into_iter().skip(1);
         let stored = reply.next().filter(|b| !b.is_empty());
         Ok(Ingest::Begun {
             body: stored.unwrap_or_else(|| body.to_vec()),

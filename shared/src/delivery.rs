@@ -92,6 +92,10 @@ impl Outcome {
         }
     }
 
+    pub fn parse(s: &str) -> Option<Self> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
     pub fn is_success(self) -> bool {
         self == Outcome::Success
     }
@@ -113,6 +117,48 @@ pub struct AttemptRecord {
     /// The first bytes of the response body (lossy UTF-8).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub response_excerpt: Option<String>,
+}
+
+impl AttemptRecord {
+    /// The record as stored in its delivery's hash. An attempt with neither error nor excerpt
+    /// (every success) takes the short form `attempt at_ms outcome status duration_ms`, which
+    /// stays under Redis' compact-hash value limit (64 bytes) where JSON would not, so a
+    /// delivered hash keeps its listpack encoding; anything else is JSON.
+    pub fn to_stored(&self) -> String {
+        if self.error.is_some() || self.response_excerpt.is_some() {
+            return serde_json::to_string(self).expect("attempts serialize");
+        }
+        let status = self.status_code.map_or_else(|| "-".to_owned(), |c| c.to_string());
+        format!(
+            "{} {} {} {status} {}",
+            self.attempt,
+            self.at_ms,
+            self.outcome.as_str(),
+            self.duration_ms
+        )
+    }
+
+    /// Reads either stored form; `None` when the text is neither.
+    pub fn from_stored(text: &str) -> Option<Self> {
+        if text.starts_with('{') {
+            return serde_json::from_str(text).ok();
+        }
+        let mut parts = text.split(' ');
+        let mut next = || parts.next();
+        let record = AttemptRecord {
+            attempt: next()?.parse().ok()?,
+            at_ms: next()?.parse().ok()?,
+            outcome: Outcome::parse(next()?)?,
+            status_code: match next()? {
+                "-" => None,
+                code => Some(code.parse().ok()?),
+            },
+            duration_ms: next()?.parse().ok()?,
+            error: None,
+            response_excerpt: None,
+        };
+        next().is_none().then_some(record)
+    }
 }
 
 /// A delivery's state as stored in its Redis hash.
@@ -146,6 +192,23 @@ pub mod field {
     pub const FIRST_ATTEMPT: &str = "first_attempt";
     pub const NEXT_ATTEMPT: &str = "next_attempt";
     pub const REASON: &str = "reason";
+    /// How many attempts the hash has logged, late records from expired leases included.
+    pub const LOGGED: &str = "logged";
+    /// Attempt `n` of the log is field `att:n` (see [`super::AttemptRecord::to_stored`]).
+    pub const ATTEMPT_PREFIX: &str = "att:";
+    /// The fields that make up [`super::DeliveryState`], read without the attempt log.
+    pub const STATE: [&str; 10] = [
+        EVENT,
+        ENDPOINT,
+        ACCOUNT,
+        TYPE,
+        STATUS,
+        ATTEMPTS,
+        CREATED,
+        FIRST_ATTEMPT,
+        NEXT_ATTEMPT,
+        REASON,
+    ];
 }
 
 impl DeliveryState {
@@ -224,5 +287,53 @@ mod tests {
         assert_eq!(job.encode(), job.encode());
         assert_eq!(RetryJob::decode(job.encode().as_bytes()).unwrap(), job);
         assert!(RetryJob::decode(b"[1,2]").is_err());
+    }
+
+    fn attempt(outcome: Outcome, status_code: Option<u16>) -> AttemptRecord {
+        AttemptRecord {
+            attempt: 4_000_000_000,
+            at_ms: 9_999_999_999_999,
+            outcome,
+            status_code,
+            duration_ms: 30_000,
+            error: None,
+            response_excerpt: None,
+        }
+    }
+
+    #[test]
+    fn every_bare_attempt_is_stored_short_enough_for_a_compact_hash() {
+        for outcome in Outcome::ALL {
+            for code in [None, Some(599)] {
+                let a = attempt(outcome, code);
+                let stored = a.to_stored();
+                assert!(!stored.starts_with('{') && stored.len() <= 64, "{stored}");
+                assert_eq!(AttemptRecord::from_stored(&stored), Some(a));
+            }
+        }
+    }
+
+    #[test]
+    fn attempts_with_an_error_or_excerpt_are_stored_as_json_and_read_back() {
+        let mut a = attempt(Outcome::Http5xx, Some(503));
+        a.error = Some("upstream said \"no\" twice".into());
+        a.response_excerpt = Some("{\"busy\": true}".into());
+        let stored = a.to_stored();
+        assert!(stored.starts_with('{'));
+        assert_eq!(AttemptRecord::from_stored(&stored), Some(a));
+    }
+
+    #[test]
+    fn damaged_attempt_text_is_refused() {
+        for text in [
+            "",
+            "1 2 success 200",
+            "1 2 success 200 3 4",
+            "1 2 sucess 200 3",
+            "x 2 success 200 3",
+            "{",
+        ] {
+            assert_eq!(AttemptRecord::from_stored(text), None, "{text:?}");
+        }
     }
 }

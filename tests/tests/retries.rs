@@ -2,11 +2,11 @@
 //! endpoint's outcome is its own.
 
 use laabam_shared::clock::now_ms;
-use laabam_shared::delivery::{DeliveryStatus, Outcome, RetryJob};
+use laabam_shared::delivery::{AttemptRecord, DeliveryStatus, Outcome, RetryJob};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
-use laabam_shared::store::{Record, Store};
+use laabam_shared::store::{AttemptTiming, Record, Store};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
 use serde_json::value::RawValue;
 use std::time::Duration;
@@ -81,7 +81,8 @@ async fn a_500_then_a_timeout_then_200_arrives_on_attempt_three_with_the_same_id
 }
 
 /// A record from a lease that is no longer current (an attempt that outlived its lease, or no
-/// lease at all) adds nothing to the state: the finished delivery keeps its outcome.
+/// lease at all) adds nothing to the state: the finished delivery keeps its outcome. Its
+/// attempt is still logged, beside the one that counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_without_the_current_lease_cannot_undo_the_outcome() {
     let mut env = TestEnv::new().await;
@@ -117,11 +118,80 @@ async fn a_record_without_the_current_lease_cannot_undo_the_outcome() {
             .unwrap();
         assert!(!recorded.applied, "lease {lease:?} was taken as current");
     }
+    let late = AttemptRecord {
+        attempt: 1,
+        at_ms: now_ms(),
+        outcome: Outcome::Timeout,
+        status_code: None,
+        duration_ms: 30_000,
+        error: Some("no complete response within 30s".into()),
+        response_excerpt: None,
+    };
+    let late_record = |job| Record {
+        job,
+        lease: "00000000deadbeef",
+        attempt: Some(&late),
+        status: DeliveryStatus::Retrying,
+        attempts: 1,
+        first_attempt_ms: Some(late.at_ms),
+        next_attempt_ms: Some(now_ms() + 60_000),
+        reason: None,
+        timing: Some(AttemptTiming {
+            outcome: late.outcome.as_str(),
+            duration_ms: late.duration_ms,
+            status_code: None,
+            at_ms: late.at_ms,
+        }),
+    };
+    assert!(!store.record(&late_record(&job)).await.unwrap().applied);
+
     let state = store.delivery(&job.delivery).await.unwrap().unwrap();
     assert_eq!(state.status, DeliveryStatus::Succeeded);
     assert_eq!(state.attempts, 1);
     assert_eq!(state.reason, None);
     assert_eq!(state.next_attempt_ms, None);
+    let log = store.attempts(&job.delivery).await.unwrap();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[0].outcome, Outcome::Success);
+    assert_eq!(log[1], late);
+
+    // Attempts logged before the log moved into the state hash are read first; the newest
+    // 100 are kept.
+    let mut conn = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let legacy = serde_json::to_string(&AttemptRecord {
+        outcome: Outcome::Http5xx,
+        status_code: Some(500),
+        ..late.clone()
+    })
+    .unwrap();
+    let legacy_key = store.keys().legacy_attempts(&job.delivery);
+    redis::cmd("RPUSH")
+        .arg(&legacy_key)
+        .arg(legacy)
+        .exec(&mut conn)
+        .unwrap();
+    let log = store.attempts(&job.delivery).await.unwrap();
+    let outcomes: Vec<_> = log.iter().map(|a| a.outcome).collect();
+    assert_eq!(outcomes, [Outcome::Http5xx, Outcome::Success, Outcome::Timeout]);
+    redis::cmd("DEL").arg(&legacy_key).exec(&mut conn).unwrap();
+    for _ in 0..100 {
+        store.record(&late_record(&job)).await.unwrap();
+    }
+    let log = store.attempts(&job.delivery).await.unwrap();
+    assert_eq!(log.len(), 100);
+    assert!(log.iter().all(|a| *a == late), "the oldest two were dropped");
+
+    // A late attempt for a delivery that no longer exists does not bring it back.
+    let gone = RetryJob {
+        delivery: DeliveryId::for_pair(&invoice_paid(99).id, &ep.id),
+        ..job.clone()
+    };
+    assert!(!store.record(&late_record(&gone)).await.unwrap().applied);
+    assert!(store.delivery(&gone.delivery).await.unwrap().is_none());
+    assert!(store.attempts(&gone.delivery).await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

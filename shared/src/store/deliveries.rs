@@ -10,7 +10,7 @@
 use super::script_call::ScriptCall;
 use super::stats;
 use super::{Store, StoreError};
-use crate::delivery::{AttemptRecord, DeliveryState, DeliveryStatus, RetryJob};
+use crate::delivery::{AttemptRecord, DeliveryState, DeliveryStatus, RetryJob, field};
 use crate::endpoint::Endpoint;
 use crate::envelope::Envelope;
 use crate::ids::{AccountId, DeliveryId, EndpointId, EventId};
@@ -36,7 +36,6 @@ local function trim_history(idx, keep, prefix)
     local st = redis.call('HGET', old_key, 'status')
     if st ~= 'pending' and st ~= 'retrying' then
       keys[#keys + 1] = old_key
-      keys[#keys + 1] = old_key .. ':att'
       members[#members + 1] = old
       if #members == excess then break end
     end
@@ -123,55 +122,67 @@ return {'go', redis.call('HGET', KEYS[1], 'attempts') or '0',
     )
 });
 
-/// Appends the attempt (if any) with its statistics and the endpoint's health, and, when the
+/// Logs the attempt (if any) with its statistics and the endpoint's health, and, when the
 /// lease is still ours, moves the state on. Returns {applied, failing_since}.
-/// KEYS: state, attempts, retry shard, endpoint health, 5-minute stats, hourly stats, the
-/// endpoint's history.
+/// The attempt joins the state hash as field `att:<n>`, numbered in the order logged, so a
+/// delivery is one key and its record one write; a late record from an expired lease still
+/// gets its own entry. The newest 100 are kept.
+/// KEYS: state, retry shard, endpoint health, 5-minute stats, hourly stats, the endpoint's
+/// history.
 static RECORD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{TRIM_HISTORY}
 local failing = ''
+local held = redis.call('HMGET', KEYS[1], 'lease', 'logged')
+-- A released lease is stored empty, so an empty token never holds it.
+local ours = ARGV[1] ~= '' and held[1] == ARGV[1]
+local set = {{}}
 if ARGV[2] ~= '' then
-  -- The log lives as long as the state: from the first attempt (a redelivery extends both).
-  local logged = redis.call('RPUSH', KEYS[2], ARGV[2])
-  if logged == 1 then redis.call('EXPIRE', KEYS[2], ARGV[9]) end
-  if logged > 100 then redis.call('LTRIM', KEYS[2], -100, -1) end
-  for i, ttl in ipairs({{ARGV[15], ARGV[16]}}) do
+  local n = tonumber(held[2] or 0) + 1
+  set = {{'att:' .. n, ARGV[2], 'logged', n}}
+  if n > 100 then redis.call('HDEL', KEYS[1], 'att:' .. (n - 100)) end
+  for i, ttl in ipairs({{ARGV[14], ARGV[15]}}) do
     -- A bucket's first count of a field sets its lifetime; later ones need not.
-    if redis.call('HINCRBY', KEYS[4 + i], ARGV[10] .. '|' .. ARGV[11], 1) == 1 then
-      redis.call('EXPIRE', KEYS[4 + i], ttl)
+    if redis.call('HINCRBY', KEYS[3 + i], ARGV[9] .. '|' .. ARGV[10], 1) == 1 then
+      redis.call('EXPIRE', KEYS[3 + i], ttl)
     end
   end
   -- One write of the endpoint's health; an empty failing_since means not failing.
-  local health = {{'last_at', ARGV[12], 'last_outcome', ARGV[10], 'last_status', ARGV[14],
-    'last_delivery', ARGV[13]}}
-  if ARGV[10] == 'success' then
-    health[#health + 1] = 'last_success'; health[#health + 1] = ARGV[12]
+  local health = {{'last_at', ARGV[11], 'last_outcome', ARGV[9], 'last_status', ARGV[13],
+    'last_delivery', ARGV[12]}}
+  if ARGV[9] == 'success' then
+    health[#health + 1] = 'last_success'; health[#health + 1] = ARGV[11]
     health[#health + 1] = 'failing_since'; health[#health + 1] = ''
   else
-    failing = redis.call('HGET', KEYS[4], 'failing_since') or ''
+    failing = redis.call('HGET', KEYS[3], 'failing_since') or ''
     if failing == '' then
-      failing = ARGV[12]
+      failing = ARGV[11]
       health[#health + 1] = 'failing_since'; health[#health + 1] = failing
     end
   end
-  redis.call('HSET', KEYS[4], unpack(health))
+  redis.call('HSET', KEYS[3], unpack(health))
 end
--- A released lease is stored empty, so an empty token never holds it.
-if ARGV[1] == '' or redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return {{0, failing}} end
+if not ours then
+  -- Only the attempt, and only into a delivery that still exists (a write would recreate an
+  -- expired one without a lifetime).
+  if #set > 0 and redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], unpack(set)) end
+  return {{0, failing}}
+end
 -- The state keeps the lifetime it got when the delivery began (retention from creation).
--- One write: the lease is released and an absent next attempt cleared by empty values (read
--- back as none), which costs less than a separate HDEL.
-local set = {{'status', ARGV[3], 'attempts', ARGV[4], 'lease', '', 'next_attempt', ARGV[6]}}
+-- One write: the attempt, the lease released and an absent next attempt cleared by empty
+-- values (read back as none), which costs less than a separate HDEL.
+for _, kv in ipairs({{'status', ARGV[3], 'attempts', ARGV[4], 'lease', '', 'next_attempt', ARGV[6]}}) do
+  set[#set + 1] = kv
+end
 if ARGV[5] ~= '' then set[#set + 1] = 'first_attempt'; set[#set + 1] = ARGV[5] end
 if ARGV[7] ~= '' then set[#set + 1] = 'reason'; set[#set + 1] = ARGV[7] end
 if ARGV[6] ~= '' then
-  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[8])
+  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[8])
 else
-  redis.call('ZREM', KEYS[3], ARGV[8])
+  redis.call('ZREM', KEYS[2], ARGV[8])
 end
 redis.call('HSET', KEYS[1], unpack(set))
-if ARGV[3] == 'succeeded' or ARGV[3] == 'failed' then trim_history(KEYS[7], tonumber(ARGV[17]), ARGV[18]) end
+if ARGV[3] == 'succeeded' or ARGV[3] == 'failed' then trim_history(KEYS[6], tonumber(ARGV[16]), ARGV[17]) end
 return {{1, failing}}
 "
     ))
@@ -179,21 +190,20 @@ return {{1, failing}}
 
 /// An owner's redelivery: a finished delivery starts a new cycle of attempts now; a waiting one
 /// is brought forward; one in flight is left alone. A new cycle extends the event's body with
-/// the state and the attempt log, so a redelivery near the end of retention still has its
-/// payload when its retries come due; a delivery whose body already expired cannot be sent.
-/// KEYS: state, retry shard, attempts, event.
+/// the state (its attempt log included), so a redelivery near the end of retention still has
+/// its payload when its retries come due; a delivery whose body already expired cannot be sent.
+/// KEYS: state, retry shard, event.
 static REDELIVER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'gone' end
 if st == 'pending' then return 'in_flight' end
-if redis.call('EXPIRE', KEYS[4], ARGV[3]) == 0 then return 'expired' end
+if redis.call('EXPIRE', KEYS[3], ARGV[3]) == 0 then return 'expired' end
 if st ~= 'retrying' then
   redis.call('HSET', KEYS[1], 'status', 'retrying', 'cycle_start', redis.call('HGET', KEYS[1], 'attempts'))
   redis.call('HDEL', KEYS[1], 'first_attempt', 'reason')
   redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('EXPIRE', KEYS[3], ARGV[3])
 end
 redis.call('HSET', KEYS[1], 'next_attempt', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
@@ -339,6 +349,16 @@ fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
+/// A state from the values of [`field::STATE`], in order.
+fn state_from_fields(id: &DeliveryId, values: Vec<Option<String>>) -> Option<DeliveryState> {
+    let h: HashMap<String, String> = field::STATE
+        .iter()
+        .zip(values)
+        .filter_map(|(name, value)| Some(((*name).to_owned(), value?)))
+        .collect();
+    DeliveryState::from_hash(id.clone(), &h)
+}
+
 impl Store {
     /// One round trip: stores the event (first copy wins) and begins its deliveries, provided the
     /// account's endpoints are still at `endpoints_version` (the version `begins` were chosen
@@ -458,16 +478,12 @@ impl Store {
     /// Applies a record under its lease, and counts its attempt in the endpoint's statistics.
     pub async fn record(&self, r: &Record<'_>) -> Result<Recorded, StoreError> {
         let job = r.job;
-        let attempt_json = r
-            .attempt
-            .map(|a| serde_json::to_string(a).expect("attempts serialize"))
-            .unwrap_or_default();
+        let attempt = r.attempt.map(AttemptRecord::to_stored).unwrap_or_default();
         let opt = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
         let timing = r.timing;
         let at = timing.map_or(0, |t| t.at_ms);
-        let (applied, failing): (i64, String) = ScriptCall::new(&RECORD, 7)
+        let (applied, failing): (i64, String) = ScriptCall::new(&RECORD, 6)
             .key(self.keys.delivery(&job.delivery))
-            .key(self.keys.attempts(&job.delivery))
             .key(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
             .key(self.keys.endpoint_health(&job.endpoint))
             .key(
@@ -477,14 +493,13 @@ impl Store {
             .key(self.keys.endpoint_stats(&job.endpoint, "1h", at / stats::HOUR_MS))
             .key(self.keys.endpoint_deliveries(&job.endpoint))
             .arg(r.lease)
-            .arg(attempt_json)
+            .arg(attempt)
             .arg(r.status.as_str())
             .arg(r.attempts)
             .arg(opt(r.first_attempt_ms))
             .arg(opt(r.next_attempt_ms))
             .arg(r.reason.unwrap_or(""))
             .arg(job.encode())
-            .arg(self.retention_secs())
             .arg(timing.map_or("", |t| t.outcome))
             .arg(timing.map(|t| stats::latency_index(t.duration_ms)).unwrap_or_default())
             .arg(at)
@@ -515,10 +530,9 @@ impl Store {
             endpoint: state.endpoint_id.clone(),
             account: state.account_id.clone(),
         };
-        let answer: String = ScriptCall::new(&REDELIVER, 4)
+        let answer: String = ScriptCall::new(&REDELIVER, 3)
             .key(self.keys.delivery(&state.id))
             .key(self.keys.retry_due(self.keys.shard_of(&state.id)))
-            .key(self.keys.attempts(&state.id))
             .key(self.keys.event(&state.account_id, &state.event_id))
             .arg(job.encode())
             .arg(now_ms)
@@ -692,41 +706,56 @@ impl Store {
     }
 
     pub async fn delivery(&self, id: &DeliveryId) -> Result<Option<DeliveryState>, StoreError> {
-        let h: HashMap<String, String> = self.conn().hgetall(self.keys.delivery(id)).await?;
-        if h.is_empty() {
+        let values: Vec<Option<String>> = self.conn().hmget(self.keys.delivery(id), &field::STATE[..]).await?;
+        if values.iter().all(Option::is_none) {
             return Ok(None);
         }
-        DeliveryState::from_hash(id.clone(), &h)
+        state_from_fields(id, values)
             .map(Some)
-            .ok_or_else(|| StoreError::Corrupt {
-                key: self.keys.delivery(id),
-                problem: "missing or invalid fields".into(),
-            })
+            .ok_or_else(|| corrupt(&self.keys.delivery(id), "missing or invalid fields"))
     }
 
-    /// The states of several deliveries in one round trip; `None` where one is absent.
+    /// The states of several deliveries in one round trip; `None` where one is absent. Only the
+    /// state's fields are read, never the attempt log beside them.
     pub async fn deliveries(&self, ids: &[DeliveryId]) -> Result<Vec<Option<DeliveryState>>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         for id in ids {
-            pipe.hgetall(self.keys.delivery(id));
+            pipe.hmget(self.keys.delivery(id), &field::STATE[..]);
         }
-        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut self.conn()).await?;
+        let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut self.conn()).await?;
         Ok(ids
             .iter()
-            .zip(hashes)
-            .map(|(id, h)| DeliveryState::from_hash(id.clone(), &h))
+            .zip(rows)
+            .map(|(id, values)| state_from_fields(id, values))
             .collect())
     }
 
-    /// Every recorded attempt (the newest 100), oldest first.
+    /// Every recorded attempt (the newest 100), oldest first. Deliveries begun before attempts
+    /// moved into the state hash kept them in a list of their own, which is read first until
+    /// it expires with them.
     pub async fn attempts(&self, id: &DeliveryId) -> Result<Vec<AttemptRecord>, StoreError> {
-        let key = self.keys.attempts(id);
-        let raw: Vec<String> = self.conn().lrange(&key, 0, -1).await?;
-        raw.iter()
-            .map(|j| serde_json::from_str(j).map_err(|e| corrupt(&key, e)))
+        let key = self.keys.delivery(id);
+        let (listed, hash): (Vec<String>, HashMap<String, String>) = redis::pipe()
+            .lrange(self.keys.legacy_attempts(id), 0, -1)
+            .hgetall(&key)
+            .query_async(&mut self.conn())
+            .await?;
+        let mut logged: Vec<(u32, &str)> = hash
+            .iter()
+            .filter_map(|(name, value)| {
+                let n = name.strip_prefix(field::ATTEMPT_PREFIX)?.parse().ok()?;
+                Some((n, value.as_str()))
+            })
+            .collect();
+        logged.sort_unstable_by_key(|(n, _)| *n);
+        listed
+            .iter()
+            .map(String::as_str)
+            .chain(logged.into_iter().map(|(_, text)| text))
+            .map(|text| AttemptRecord::from_stored(text).ok_or_else(|| corrupt(&key, "unreadable attempt record")))
             .collect()
     }
 }

@@ -85,7 +85,8 @@ impl Keys {
         format!("{}dlv:{delivery}", self.prefix)
     }
 
-    pub fn attempts(&self, delivery: &DeliveryId) -> String {
+    /// Where attempts were logged before they moved into the state hash; read until it expires.
+    pub fn legacy_attempts(&self, delivery: &DeliveryId) -> String {
         format!("{}dlv:{delivery}:att", self.prefix)
     }
 

@@ -19,8 +19,8 @@
 //! | `ep:{E}:health` | hash | last delivery, last success, failing since |
 //! | `ep:{E}:st:5m:{n}` / `ep:{E}:st:1h:{n}` | hash | attempts by outcome and latency bucket (2 h / 8 d) |
 //! | `evt:{A}:{id}` | string | the event body as delivered (first copy wins) |
-//! | `dlv:{D}` | hash | delivery state (see [`crate::delivery::field`]); every value short, so Redis keeps it compact (listpack) |
-//! | `dlv:{D}:att` | list | attempt records, oldest first (newest 100) |
+//! | `dlv:{D}` | hash | delivery state (see [`crate::delivery::field`]) and its attempt log, `att:1`, `att:2`, … (newest 100); a delivered one's values are all short, so Redis keeps it compact (listpack) |
+//! | `dlv:{D}:att` | list | attempt records of deliveries begun before the log moved into `dlv:{D}`; expire with them |
 //! | `retry:{n}:due` | sorted set | retry jobs and in-flight leases by due time |
 //! | `retry:{n}:claimed` | sorted set | jobs a scheduler is publishing, by lease expiry |
 

@@ -428,7 +428,7 @@ impl Pipeline {
         METRICS.in_flight.inc();
         let result = self
             .sender
-            .post(task.endpoint.url.as_str(), &headers, task.body.clone())
+            .post(task.endpoint.url.as_str(), headers, task.body.clone())
             .await;
         METRICS.in_flight.dec();
 

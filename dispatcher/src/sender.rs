@@ -112,7 +112,12 @@ impl Sender {
 
     /// POSTs `body` to `url` with our headers plus `extra`. Never fails: every problem is an
     /// outcome.
-    pub async fn post(&self, url: &str, extra: &[(HeaderName, HeaderValue)], body: Bytes) -> SendResult {
+    pub async fn post(
+        &self,
+        url: &str,
+        extra: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
+        body: Bytes,
+    ) -> SendResult {
         let started = Instant::now();
         let fail = |outcome: Outcome, error: String| SendResult {
             outcome,
@@ -125,16 +130,23 @@ impl Sender {
         if let Err(refused) = check_url(url, &self.policy) {
             return fail(Outcome::ConnectError, refused);
         }
-        let mut builder = http::Request::post(url)
-            .header(CONTENT_TYPE, "application/json")
-            .header(USER_AGENT, concat!("Laabam-Webhooks/", env!("CARGO_PKG_VERSION")));
-        for (name, value) in extra {
-            builder = builder.header(name, value);
-        }
-        let request = match builder.body(Full::new(body)) {
-            Ok(r) => r,
+        let uri = match url.parse::<http::Uri>() {
+            Ok(uri) => uri,
             Err(e) => return fail(Outcome::ConnectError, format!("invalid request: {e}")),
         };
+        // Built in place: `http::request::Builder` moves the whole request head per header.
+        let mut request = http::Request::new(Full::new(body));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("Laabam-Webhooks/", env!("CARGO_PKG_VERSION"))),
+        );
+        for (name, value) in extra {
+            headers.append(name, value);
+        }
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| classify(&e))?;
             let status = response.status().as_u16();

@@ -1,6 +1,11 @@
 //! Two dispatchers and two schedulers deliver a burst with injected failures: nothing lost,
 //! and every (event, endpoint) pair gets exactly the attempts its failures call for.
 
+use laabam_shared::clock::now_ms;
+use laabam_shared::delivery::DeliveryStatus;
+use laabam_shared::endpoint::{Endpoint, NewEndpoint};
+use laabam_shared::ids::AccountId;
+use laabam_shared::store::DeliveryFilter;
 use laabam_tests::env::{publish_all, sample_events};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
 use std::time::Duration;
@@ -71,4 +76,49 @@ async fn two_dispatchers_and_two_schedulers_lose_nothing_and_attempt_exactly_as_
         0,
         "nothing left to retry"
     );
+}
+
+/// One event to 4,100 endpoints: one arrival script (12,304 keys) begins every delivery, more
+/// than the in-flight bound attempts at once, and each is made once and listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_to_four_thousand_endpoints_reaches_each_once_and_lists_every_delivery() {
+    const WIDE: usize = 4_100;
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::ok().await;
+    let store = env.store().await;
+    let account = AccountId::parse("acct_wide").unwrap();
+    for _ in 0..WIDE {
+        let ep = Endpoint::create(
+            account.clone(),
+            NewEndpoint {
+                url: rx.url.clone(),
+                ..Default::default()
+            },
+            now_ms(),
+        )
+        .unwrap();
+        store.create_endpoint(&ep).await.unwrap();
+    }
+    env.start_dispatcher(&[]);
+    let events = sample_events("acct_wide", 1);
+    publish_all(&env.publisher().await, &events).await;
+
+    wait_until("every endpoint's delivery", Duration::from_secs(60), || async {
+        rx.count() >= WIDE
+    })
+    .await;
+    let listed = || async {
+        store
+            .list_deliveries(&account, &DeliveryFilter::default(), None, WIDE + 1)
+            .await
+            .unwrap()
+            .items
+    };
+    wait_until("every delivery recorded", Duration::from_secs(30), || async {
+        listed().await.iter().all(|d| d.status == DeliveryStatus::Succeeded)
+    })
+    .await;
+    assert_eq!(rx.count(), WIDE, "one request per endpoint");
+    assert_eq!(listed().await.len(), WIDE);
+    assert_eq!(store.retry_backlog().await.unwrap(), 0, "no lease left behind");
 }

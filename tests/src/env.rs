@@ -171,16 +171,7 @@ impl TestEnv {
 
     /// Registers an endpoint directly in the store.
     pub async fn endpoint(&self, account: &str, url: &str, events: Option<&[&str]>) -> Endpoint {
-        let ep = Endpoint::create(
-            AccountId::parse(account).unwrap(),
-            NewEndpoint {
-                url: url.to_owned(),
-                events: events.map(|e| e.iter().map(|s| s.to_string()).collect()),
-                ..Default::default()
-            },
-            now_ms(),
-        )
-        .expect("valid endpoint");
+        let ep = new_endpoint(account, url, events);
         self.store().await.create_endpoint(&ep).await.expect("stored");
         ep
     }
@@ -422,6 +413,21 @@ pub async fn publish_all(publisher: &Publisher, events: &[laabam_shared::envelop
         let results = futures_util::future::join_all(chunk.iter().map(|e| publisher.publish(e))).await;
         assert!(results.iter().all(Result::is_ok), "every publish confirmed");
     }
+}
+
+/// An endpoint of `account` delivering to `url` (every event type when `events` is `None`),
+/// not stored yet: for tests that store it themselves (many at once, or in a sealed store).
+pub fn new_endpoint(account: &str, url: &str, events: Option<&[&str]>) -> Endpoint {
+    Endpoint::create(
+        AccountId::parse(account).expect("a valid account id"),
+        NewEndpoint {
+            url: url.to_owned(),
+            events: events.map(|e| e.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        },
+        now_ms(),
+    )
+    .expect("valid endpoint")
 }
 
 /// A free TCP port on loopback (for processes that must be told their port in advance).

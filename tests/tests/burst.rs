@@ -1,12 +1,10 @@
 //! Two dispatchers and two schedulers deliver a burst with injected failures: nothing lost,
 //! and every (event, endpoint) pair gets exactly the attempts its failures call for.
 
-use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::DeliveryStatus;
-use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::ids::AccountId;
 use laabam_shared::store::DeliveryFilter;
-use laabam_tests::env::{publish_all, sample_events};
+use laabam_tests::env::{new_endpoint, publish_all, sample_events};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
 use std::time::Duration;
 
@@ -88,15 +86,7 @@ async fn a_fan_out_to_four_thousand_endpoints_reaches_each_once_and_lists_every_
     let store = env.store().await;
     let account = AccountId::parse("acct_wide").unwrap();
     for _ in 0..WIDE {
-        let ep = Endpoint::create(
-            account.clone(),
-            NewEndpoint {
-                url: rx.url.clone(),
-                ..Default::default()
-            },
-            now_ms(),
-        )
-        .unwrap();
+        let ep = new_endpoint(account.as_str(), &rx.url, None);
         store.create_endpoint(&ep).await.unwrap();
     }
     env.start_dispatcher(&[]);

@@ -3,9 +3,9 @@
 
 use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::{DeliveryStatus, Outcome};
-use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
+use laabam_tests::env::new_endpoint;
 use laabam_tests::{ApiClient, Receiver, TestEnv, wait_finished, wait_until};
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -110,15 +110,7 @@ async fn deliver_to(
 ) {
     // Stored directly, as a record written before the guard existed would be: only the
     // connect-time check stands between it and the address.
-    let ep = Endpoint::create(
-        AccountId::parse("acct_sec").unwrap(),
-        NewEndpoint {
-            url: url.to_owned(),
-            ..Default::default()
-        },
-        now_ms(),
-    )
-    .unwrap();
+    let ep = new_endpoint("acct_sec", url, None);
     let store = env.store().await;
     store.create_endpoint(&ep).await.unwrap();
     env.start_dispatcher(flags);
@@ -230,15 +222,7 @@ async fn signing_secrets_are_sealed_at_rest_and_survive_a_key_rotation() {
     let (old_key, new_key) = (SecretSealer::generate_key(), SecretSealer::generate_key());
     let rx = Receiver::ok().await;
     let sealed_store = env.store_sealed(Some(&old_key), None).await;
-    let ep = Endpoint::create(
-        AccountId::parse("acct_sealed").unwrap(),
-        NewEndpoint {
-            url: rx.url.clone(),
-            ..Default::default()
-        },
-        now_ms(),
-    )
-    .unwrap();
+    let ep = new_endpoint("acct_sealed", &rx.url, None);
     sealed_store.create_endpoint(&ep).await.unwrap();
     let (redis_url, key, field) = (
         env.redis_url.clone(),

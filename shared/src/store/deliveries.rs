@@ -136,10 +136,9 @@ local failing = ''
 local held = redis.call('HMGET', KEYS[1], 'lease', 'logged')
 -- A released lease is stored empty, so an empty token never holds it.
 local ours = ARGV[1] ~= '' and held[1] == ARGV[1]
-local set = {{}}
+local n
 if ARGV[2] ~= '' then
-  local n = tonumber(held[2] or 0) + 1
-  set = {{'att:' .. n, ARGV[2], 'logged', n}}
+  n = tonumber(held[2] or 0) + 1
   if n > 100 then redis.call('HDEL', KEYS[1], 'att:' .. (n - 100)) end
   for i, ttl in ipairs({{ARGV[14], ARGV[15]}}) do
     -- A bucket's first count of a field sets its lifetime; later ones need not.
@@ -165,14 +164,18 @@ end
 if not ours then
   -- Only the attempt, and only into a delivery that still exists (a write would recreate an
   -- expired one without a lifetime).
-  if #set > 0 and redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], unpack(set)) end
+  if n and redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('HSET', KEYS[1], 'att:' .. n, ARGV[2], 'logged', n)
+  end
   return {{0, failing}}
 end
 -- The state keeps the lifetime it got when the delivery began (retention from creation).
 -- One write: the attempt, the lease released and an absent next attempt cleared by empty
 -- values (read back as none), which costs less than a separate HDEL.
-for _, kv in ipairs({{'status', ARGV[3], 'attempts', ARGV[4], 'lease', '', 'next_attempt', ARGV[6]}}) do
-  set[#set + 1] = kv
+local set = {{'status', ARGV[3], 'attempts', ARGV[4], 'lease', '', 'next_attempt', ARGV[6]}}
+if n then
+  set[#set + 1] = 'att:' .. n; set[#set + 1] = ARGV[2]
+  set[#set + 1] = 'logged'; set[#set + 1] = n
 end
 if ARGV[5] ~= '' then set[#set + 1] = 'first_attempt'; set[#set + 1] = ARGV[5] end
 if ARGV[7] ~= '' then set[#set + 1] = 'reason'; set[#set + 1] = ARGV[7] end

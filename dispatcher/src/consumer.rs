@@ -291,7 +291,7 @@ async fn handle(
         }
     }
     drop(slot);
-    futures_util::future::join_all(attempts.into_iter().map(|task| pipeline.run_attempt(task))).await;
+    pipeline.run_attempts(attempts).await;
 }
 
 /// Republishes the original body and properties to the dead-letter exchange with the reason.

@@ -46,13 +46,20 @@ impl InFlight {
     }
 
     /// Waits for `n` attempts' room at once (never part of it, so two wide events cannot each
-    /// hold half and wait for the rest); past the capacity, the extra attempts go unbounded.
+    /// hold half and wait for the rest). An event wider than the capacity takes all of it, and
+    /// its attempts take turns on that room (see [`Pipeline::run_attempts`]).
     async fn acquire(&self, n: usize) -> Option<OwnedSemaphorePermit> {
         let n = n.min(self.capacity);
         if n == 0 {
             return None;
         }
         self.semaphore.clone().acquire_many_owned(n as u32).await.ok()
+    }
+
+    /// How many attempts of the same event run before the one at `rank` can start: its lease
+    /// must last through their turns as well as its own.
+    fn turns_before(&self, rank: usize) -> i64 {
+        (rank / self.capacity) as i64
     }
 }
 
@@ -80,21 +87,33 @@ pub enum Disposition {
 pub struct Handled {
     pub disposition: Disposition,
     /// Attempts to run after the message is acknowledged.
-    pub attempts: Vec<AttemptTask>,
+    pub attempts: Attempts,
 }
 
 impl Handled {
     fn only(disposition: Disposition) -> Self {
         Handled {
             disposition,
-            attempts: Vec::new(),
+            attempts: Attempts {
+                tasks: Vec::new(),
+                room: None,
+            },
         }
     }
 }
 
+/// One message's attempts and the share of the process's in-flight bound they run in.
+#[derive(Debug)]
+pub struct Attempts {
+    tasks: Vec<AttemptTask>,
+    /// One permit per attempt that may run at once; fewer than the attempts only for an event
+    /// wider than the whole bound.
+    room: Option<OwnedSemaphorePermit>,
+}
+
 /// One attempt, holding its lease and its endpoint slot.
 #[derive(Debug)]
-pub struct AttemptTask {
+struct AttemptTask {
     job: RetryJob,
     event_type: String,
     endpoint: Arc<Endpoint>,
@@ -107,8 +126,6 @@ pub struct AttemptTask {
     published_ms: Option<i64>,
     lease: String,
     _slot: Slot,
-    /// Its share of the process's attempts in flight.
-    _in_flight: Option<OwnedSemaphorePermit>,
 }
 
 /// Everything the dispatcher's message handling needs.
@@ -118,8 +135,9 @@ pub struct Pipeline {
     /// Each account's endpoints, cached and checked against Redis by version.
     pub directory: Directory,
     /// Attempts in flight in this process (`LAABAM_MAX_IN_FLIGHT`). An event takes one per
-    /// recipient before its deliveries begin, so a wide fan-out waits here (holding its broker
-    /// message) instead of oversubscribing endpoints and deferring through the retry set.
+    /// recipient before its deliveries begin (all of it, past the bound, for its attempts to
+    /// take turns on), so a wide fan-out waits here (holding its broker message) instead of
+    /// oversubscribing endpoints and deferring through the retry set.
     pub in_flight: InFlight,
     pub sender: Sender,
     pub limits: EndpointLimits,
@@ -158,8 +176,9 @@ fn published_ms(body: &[u8]) -> Option<i64> {
 }
 
 impl Pipeline {
-    fn lease_until(&self, now: i64) -> i64 {
-        now + self.lease.as_millis() as i64
+    /// When the lease of an attempt that waits `turns` attempts' time before it starts ends.
+    fn lease_until(&self, now: i64, turns: i64) -> i64 {
+        now + (turns + 1) * self.lease.as_millis() as i64
     }
 
     /// When a deferred delivery to `endpoint` comes back: after the defer delay (jittered ×1–2)
@@ -197,15 +216,20 @@ impl Pipeline {
         // Endpoints changing between our read and the write is rare; a few tries settle it.
         for _ in 0..MAX_STALE_TRIES {
             let recipients: Vec<&Arc<Endpoint>> = endpoints.recipients(&envelope.event_type, target).collect();
-            let mut in_flight = self.in_flight.acquire(recipients.len()).await;
+            let room = self.in_flight.acquire(recipients.len()).await;
             let slots = futures_util::future::join_all(recipients.iter().map(|ep| self.limits.acquire(ep))).await;
             let now = now_ms();
+            let mut rank = 0;
             let begins: Vec<Begin> = recipients
                 .iter()
                 .zip(&slots)
                 .map(|(endpoint, slot)| {
                     let (due_ms, lease) = match slot {
-                        Some(_) => (self.lease_until(now), Some(new_lease())),
+                        Some(_) => {
+                            let turns = self.in_flight.turns_before(rank);
+                            rank += 1;
+                            (self.lease_until(now, turns), Some(new_lease()))
+                        }
                         None => (self.deferred_until(now, endpoint), None),
                     };
                     Begin {
@@ -239,14 +263,14 @@ impl Pipeline {
             };
             let published = published_ms(&body);
             let body = Bytes::from(body);
-            let mut attempts = Vec::new();
+            let mut tasks = Vec::new();
             for (((begin, slot), endpoint), created) in begins.into_iter().zip(slots).zip(recipients).zip(created) {
                 if !created {
                     tracing::debug!(delivery_id = %begin.job.delivery, "delivery already known; skipped");
                     continue;
                 }
                 match (slot, begin.lease) {
-                    (Some(slot), Some(lease)) => attempts.push(AttemptTask {
+                    (Some(slot), Some(lease)) => tasks.push(AttemptTask {
                         job: begin.job,
                         event_type: begin.event_type,
                         endpoint: endpoint.clone(),
@@ -257,7 +281,6 @@ impl Pipeline {
                         published_ms: published,
                         lease,
                         _slot: slot,
-                        _in_flight: in_flight.as_mut().and_then(|p| p.split(1)),
                     }),
                     _ => {
                         self.limits.deferred(endpoint);
@@ -266,10 +289,10 @@ impl Pipeline {
                     }
                 }
             }
-            tracing::debug!(deliveries = attempts.len(), "event fanned out");
+            tracing::debug!(deliveries = tasks.len(), "event fanned out");
             return Handled {
                 disposition: Disposition::Ack,
-                attempts,
+                attempts: Attempts { tasks, room },
             };
         }
         Handled::only(Disposition::Requeue(
@@ -295,7 +318,7 @@ impl Pipeline {
     async fn resume(&self, job: RetryJob) -> Handled {
         let lease = new_lease();
         let now = now_ms();
-        let taken = match self.store.take(&job, &lease, self.lease_until(now)).await {
+        let taken = match self.store.take(&job, &lease, self.lease_until(now, 0)).await {
             Ok(t) => t,
             Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
         };
@@ -346,7 +369,7 @@ impl Pipeline {
             return fail(&why).await;
         }
         self.limits.returned(&endpoint);
-        let in_flight = self.in_flight.acquire(1).await;
+        let room = self.in_flight.acquire(1).await;
         let Some(slot) = self.limits.acquire(&endpoint).await else {
             METRICS.deferred.with_label_values(&[&event_type]).inc();
             self.record(Record {
@@ -367,24 +390,48 @@ impl Pipeline {
         let published_ms = published_ms(&body);
         Handled {
             disposition: Disposition::Ack,
-            attempts: vec![AttemptTask {
-                job: job.clone(),
-                event_type,
-                endpoint,
-                body: Bytes::from(body),
-                attempts_before: attempts,
-                cycle_start,
-                first_attempt_ms,
-                published_ms,
-                lease,
-                _slot: slot,
-                _in_flight: in_flight,
-            }],
+            attempts: Attempts {
+                tasks: vec![AttemptTask {
+                    job: job.clone(),
+                    event_type,
+                    endpoint,
+                    body: Bytes::from(body),
+                    attempts_before: attempts,
+                    cycle_start,
+                    first_attempt_ms,
+                    published_ms,
+                    lease,
+                    _slot: slot,
+                }],
+                room,
+            },
         }
     }
 
+    /// Runs a message's attempts, as many at once as its room holds: each permit is a turn that
+    /// takes the next waiting attempt when its own finishes, so a fan-out wider than the
+    /// in-flight bound stays within it (a connection storm is what the bound exists to stop).
+    pub async fn run_attempts(&self, attempts: Attempts) {
+        let Attempts { tasks, mut room } = attempts;
+        let turns = room.as_ref().map_or(tasks.len(), |r| r.num_permits()).min(tasks.len());
+        let queue = std::sync::Mutex::new(tasks.into_iter());
+        let next = || queue.lock().expect("attempt queue lock").next();
+        let turns: Vec<_> = (0..turns)
+            .map(|_| {
+                let permit = room.as_mut().and_then(|r| r.split(1));
+                async move {
+                    let _permit = permit;
+                    while let Some(task) = next() {
+                        self.run_attempt(task).await;
+                    }
+                }
+            })
+            .collect();
+        futures_util::future::join_all(turns).await;
+    }
+
     /// Signs and sends one attempt, then records it and decides what follows.
-    pub async fn run_attempt(&self, task: AttemptTask) {
+    async fn run_attempt(&self, task: AttemptTask) {
         let span = tracing::info_span!(
             "attempt",
             event_id = %task.job.event,
@@ -571,7 +618,7 @@ impl Pipeline {
                 handled => break handled,
             }
         };
-        futures_util::future::join_all(handled.attempts.into_iter().map(|t| Box::pin(self.run_attempt(t)))).await;
+        Box::pin(self.run_attempts(handled.attempts)).await;
     }
 
     /// Writes a record, retrying while Redis is unreachable for as long as the lease lasts;

@@ -76,24 +76,29 @@ async fn two_dispatchers_and_two_schedulers_lose_nothing_and_attempt_exactly_as_
     );
 }
 
-/// One event to 4,100 endpoints: one arrival script (12,304 keys) begins every delivery, more
-/// than the in-flight bound attempts at once, and each is made once and listed.
+/// One event to 4,100 endpoints: one arrival script (12,304 keys) begins every delivery, and
+/// the attempts take turns on the in-flight bound instead of opening 4,100 requests at once.
+/// Their leases last through the turns ahead of them, so the scheduler re-queues none of the
+/// waiting ones: each endpoint gets exactly one request, and every delivery is listed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fan_out_to_four_thousand_endpoints_reaches_each_once_and_lists_every_delivery() {
+async fn a_fan_out_wider_than_the_in_flight_bound_stays_within_it_and_reaches_each_once() {
     const WIDE: usize = 4_100;
+    const BOUND: usize = 64;
     let mut env = TestEnv::new().await;
-    let rx = Receiver::ok().await;
+    // Held long enough that the turns (WIDE / BOUND of them) outlast one lease (3 s in tests).
+    let rx = Receiver::start(|_, _| Reply::After(Duration::from_millis(100), 200)).await;
     let store = env.store().await;
     let account = AccountId::parse("acct_wide").unwrap();
     for _ in 0..WIDE {
         let ep = new_endpoint(account.as_str(), &rx.url, None);
         store.create_endpoint(&ep).await.unwrap();
     }
-    env.start_dispatcher(&[]);
+    env.start_dispatcher(&["--max-in-flight", &BOUND.to_string()]);
+    env.start_scheduler(&[]);
     let events = sample_events("acct_wide", 1);
     publish_all(&env.publisher().await, &events).await;
 
-    wait_until("every endpoint's delivery", Duration::from_secs(60), || async {
+    wait_until("every endpoint's delivery", Duration::from_secs(90), || async {
         rx.count() >= WIDE
     })
     .await;
@@ -108,6 +113,11 @@ async fn a_fan_out_to_four_thousand_endpoints_reaches_each_once_and_lists_every_
         listed().await.iter().all(|d| d.status == DeliveryStatus::Succeeded)
     })
     .await;
+    assert!(
+        rx.peak_concurrency() <= BOUND,
+        "{} requests at once, over the bound of {BOUND}",
+        rx.peak_concurrency()
+    );
     assert_eq!(rx.count(), WIDE, "one request per endpoint");
     assert_eq!(listed().await.len(), WIDE);
     assert_eq!(store.retry_backlog().await.unwrap(), 0, "no lease left behind");

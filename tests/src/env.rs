@@ -150,15 +150,28 @@ impl TestEnv {
     /// A store that seals endpoint secrets with `key` (and opens with `previous` too).
     pub async fn store_sealed(&self, key: Option<&str>, previous: Option<&str>) -> Store {
         let config = StoreConfig {
+            secret_key: key.map(str::to_owned),
+            secret_key_previous: previous.map(str::to_owned),
+            ..self.store_config()
+        };
+        Self::connect_store(&config).await
+    }
+
+    /// The configuration of [`TestEnv::store`], for a test that changes a setting.
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
             url: self.redis_url.clone(),
             prefix: self.prefix.clone(),
             retry_shards: 1,
             retention: Duration::from_secs(3600),
             history_per_endpoint: 10_000,
-            secret_key: key.map(str::to_owned),
-            secret_key_previous: previous.map(str::to_owned),
-        };
-        Store::connect(&config, Duration::from_secs(10))
+            secret_key: None,
+            secret_key_previous: None,
+        }
+    }
+
+    pub async fn connect_store(config: &StoreConfig) -> Store {
+        Store::connect(config, Duration::from_secs(10))
             .await
             .expect("Redis reachable")
     }

@@ -4,11 +4,13 @@
 //! - [`env`]: a test's own namespace — a RabbitMQ vhost and a Redis key prefix, removed on drop —
 //!   and the components (in-process or as real binaries) running in it.
 //! - [`api`]: a JSON client for the HTTP API.
+//! - [`deliveries`]: deliveries begun and recorded straight through the store.
 //! - [`receiver`]: HTTP and HTTPS receivers that record every request and answer as told.
 //! - [`report`]: the fault table (fault, confirmed, delivered, lost, duplicates).
 //! - [`wait`]: waiting on conditions instead of sleeping.
 
 pub mod api;
+pub mod deliveries;
 pub mod env;
 pub mod receiver;
 pub mod report;

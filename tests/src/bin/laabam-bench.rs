@@ -577,6 +577,85 @@ async fn retry_backlog(n: usize, spread: Duration) -> Run {
     }
 }
 
+/// The Redis side of deliveries alone, through the store's own calls: `n` deliveries begun
+/// (events of `width` endpoints each) and then recorded as successes, 256 calls in flight. It
+/// prints the CPU each call costs Redis and this process (the client), without the broker,
+/// receiver and dispatcher sharing the cores, so a change to a script shows in microseconds
+/// where the whole-system runs cannot tell it from noise.
+async fn redis_calls(n: usize, width: usize) -> Run {
+    use laabam_tests::deliveries::{Success, leased_begins};
+    const IN_FLIGHT: usize = 256;
+    let env = TestEnv::new().await;
+    let store = env.store().await;
+    let account = AccountId::parse("acct_bench").unwrap();
+    for _ in 0..width {
+        let ep = laabam_tests::env::new_endpoint(account.as_str(), "http://127.0.0.1:9/", None);
+        store.create_endpoint(&ep).await.unwrap();
+    }
+    let endpoints = store.account_endpoints(&account).await.unwrap();
+    let now = now_ms();
+    let arrivals: Vec<_> = events(n / width)
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let begins = leased_begins(&e, &endpoints.endpoints, i * width, now + 30_000);
+            let json = e.to_json();
+            (e, json, begins)
+        })
+        .collect();
+    let deliveries = arrivals.len() * width;
+    let started = Instant::now();
+    let meter = Meter::start(&[]);
+    futures_util::stream::iter(&arrivals)
+        .map(|(e, json, begins)| store.ingest(e, json, endpoints.version, begins, now))
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|r| async move {
+            r.unwrap();
+        })
+        .await;
+    let (ingest_cpu, ingest_bytes) = meter.stop(&[]);
+    let success = Success::at(now);
+    let meter = Meter::start(&[]);
+    futures_util::stream::iter(arrivals.iter().flat_map(|(_, _, begins)| begins))
+        .map(|b| {
+            let (store, record) = (&store, success.record(b));
+            async move { store.record(&record).await }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|r| async move {
+            assert!(r.unwrap().applied, "the lease is the one begun");
+        })
+        .await;
+    let (record_cpu, record_bytes) = meter.stop(&[]);
+    let seconds = started.elapsed().as_secs_f64();
+    let micros = |cpu: &[(String, f64, u64)], who: &str, per: usize| {
+        cpu.iter().find(|c| c.0 == who).map_or(0.0, |c| c.1) * 1e6 / per as f64
+    };
+    let client = "bench (rx+pub)";
+    let per_delivery = |cpu: &[(String, f64, u64)]| (micros(cpu, "redis", deliveries), micros(cpu, client, deliveries));
+    let (ingest_redis, ingest_client) = per_delivery(&ingest_cpu);
+    let (record_redis, record_client) = per_delivery(&record_cpu);
+    println!(
+        "  per delivery ({width} per event): begin {ingest_redis:.1} µs of Redis CPU, {ingest_client:.1} µs of client CPU; \
+record {record_redis:.1} µs of Redis, {record_client:.1} µs of client"
+    );
+    let cpu = ingest_cpu
+        .iter()
+        .zip(&record_cpu)
+        .map(|(a, b)| (a.0.replace(" (rx+pub)", " (client)"), a.1 + b.1, 0))
+        .collect();
+    Run {
+        scenario: format!("redis-calls ({width} per event)"),
+        deliveries,
+        seconds,
+        lat: Vec::new(),
+        cpu,
+        redis_bytes: ingest_bytes + record_bytes,
+        extra: json!({ "width": width, "redis_us_per_delivery": { "begin": ingest_redis, "record": record_redis },
+            "client_us_per_delivery": { "begin": ingest_client, "record": record_client } }),
+    }
+}
+
 async fn scrape(port: u16) -> String {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let Ok(response) = client
@@ -722,6 +801,7 @@ enum Job {
     Pipeline(Setup),
     NoisyNeighbour(usize),
     RetryBacklog(usize, Duration),
+    RedisCalls(usize, usize),
 }
 
 impl Job {
@@ -731,6 +811,7 @@ impl Job {
             Job::Pipeline(setup) => setup.name.clone(),
             Job::NoisyNeighbour(_) => "noisy-neighbour".into(),
             Job::RetryBacklog(..) => "retry-backlog".into(),
+            Job::RedisCalls(_, width) => format!("redis-calls ({width} per event)"),
         }
     }
 
@@ -740,6 +821,7 @@ impl Job {
             Job::Pipeline(setup) => pipeline(setup).await,
             Job::NoisyNeighbour(burst) => noisy_neighbour(*burst).await,
             Job::RetryBacklog(n, spread) => retry_backlog(*n, *spread).await,
+            Job::RedisCalls(n, width) => redis_calls(*n, *width).await,
         }
     }
 }
@@ -752,7 +834,7 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-const USAGE: &str = "usage: laabam-bench <baseline|throughput|fanout|latency|failing|slow-endpoint|retry-backlog|noisy-neighbour|all>... \
+const USAGE: &str = "usage: laabam-bench <baseline|throughput|fanout|latency|failing|slow-endpoint|retry-backlog|noisy-neighbour|redis-calls|all>... \
 [--events N] [--rate R] [--queues Q] [--runs K]  (several scenarios run interleaved, round by round)";
 
 #[tokio::main]
@@ -803,6 +885,10 @@ async fn main() {
     }
     if wanted("retry-backlog") {
         jobs.push(Job::RetryBacklog(1_000_000, Duration::from_secs(100)));
+    }
+    if wanted("redis-calls") {
+        jobs.push(Job::RedisCalls(n / 2, 1));
+        jobs.push(Job::RedisCalls(n / 2, 10));
     }
     let mut reports: Vec<Vec<Value>> = jobs.iter().map(|_| Vec::new()).collect();
     for _ in 0..runs {

@@ -7,6 +7,8 @@ use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
 use laabam_shared::store::DeliveryFilter;
+use laabam_shared::store::{AccountEndpoints, Begin, Store};
+use laabam_tests::deliveries::{Success, leased_begins};
 use laabam_tests::{Receiver, TestEnv, wait_until};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
@@ -132,4 +134,89 @@ async fn headers_rate_limits_and_bounded_history_apply() {
         "Redis memory: {per_delivery} bytes per delivery (state + attempt log), {per_event} bytes per stored event"
     );
     assert!(per_delivery < 2048, "a delivery costs {per_delivery} bytes");
+}
+
+/// A history held over its bound by unfinished deliveries (a backlog behind a slow endpoint)
+/// keeps them, and the finishes behind them do not look at them again until the history has
+/// grown by another batch; once it has, the finished ones are trimmed back to the bound.
+#[tokio::test]
+async fn a_history_held_up_by_unfinished_deliveries_is_not_rescanned_on_every_finish() {
+    const KEEP: u32 = 128; // trimmed past 130, in batches of 3 (KEEP / 64 + 1)
+    let env = TestEnv::new().await;
+    let store = TestEnv::connect_store(&laabam_shared::store::StoreConfig {
+        history_per_endpoint: KEEP,
+        ..env.store_config()
+    })
+    .await;
+    let account = AccountId::parse("acct_trim").unwrap();
+    let ep = laabam_tests::env::new_endpoint(account.as_str(), "http://127.0.0.1:9/", None);
+    store.create_endpoint(&ep).await.unwrap();
+    let endpoints = store.account_endpoints(&account).await.unwrap();
+    let now = now_ms();
+    let begin = |n: usize, first: usize| begin_events(&store, &endpoints, now, first..first + n);
+    let success = Success::at(now);
+    let mut conn = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let history = store.keys().endpoint_deliveries(&ep.id);
+    let health = store.keys().endpoint_health(&ep.id);
+
+    // The oldest 50 stay unfinished while the 100 after them finish.
+    let backlog = begin(150, 0).await;
+    finish(&store, &success, &backlog[50..]).await;
+    let len: usize = redis::AsyncCommands::zcard(&mut conn, &history).await.unwrap();
+    assert_eq!(len, 150, "the oldest entries are unfinished: none can go");
+    let trim_at: Option<usize> = redis::AsyncCommands::hget(&mut conn, &health, "trim_at").await.unwrap();
+    assert_eq!(
+        trim_at,
+        Some(152),
+        "the first scan found nothing to delete; the next waits for another batch"
+    );
+
+    // The backlog finishes; once the history grows past that point, it is trimmed to the bound.
+    finish(&store, &success, &backlog[..50]).await;
+    let more = begin(20, 150).await;
+    finish(&store, &success, &more).await;
+    let len: usize = redis::AsyncCommands::zcard(&mut conn, &history).await.unwrap();
+    assert!(
+        (KEEP as usize..=KEEP as usize + 2).contains(&len),
+        "trimmed back to {KEEP} newest: {len}"
+    );
+    let newest: Vec<String> = redis::AsyncCommands::zrange(&mut conn, &history, -20, -1)
+        .await
+        .unwrap();
+    let expected: Vec<String> = more.iter().map(|b| b.job.delivery.as_str().to_owned()).collect();
+    assert_eq!(newest, expected, "the newest deliveries are the ones kept");
+}
+
+/// Begins one delivery for each of the events numbered `numbers`, one by one, as they arrive.
+async fn begin_events(
+    store: &Store,
+    endpoints: &AccountEndpoints,
+    now: i64,
+    numbers: std::ops::Range<usize>,
+) -> Vec<Begin> {
+    let account = &endpoints.endpoints[0].account_id;
+    let mut begins = Vec::new();
+    for i in numbers {
+        let data = RawValue::from_string(format!(r#"{{"payment_id":"p{i}","reason":"r"}}"#)).unwrap();
+        let at = now + i as i64;
+        let event = Envelope::new("payment.failed", account.clone(), data, None, at).unwrap();
+        let these = leased_begins(&event, &endpoints.endpoints, i, now + 30_000);
+        store
+            .ingest(&event, &event.to_json(), endpoints.version, &these, at)
+            .await
+            .unwrap();
+        begins.extend(these);
+    }
+    begins
+}
+
+/// Records each delivery's success under its lease, one by one.
+async fn finish(store: &Store, success: &Success, begins: &[Begin]) {
+    for begin in begins {
+        assert!(store.record(&success.record(begin)).await.unwrap().applied);
+    }
 }

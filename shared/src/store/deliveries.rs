@@ -94,11 +94,12 @@ for i = 0, (#KEYS - 4) / 3 - 1 do
   if not first and redis.call('HSETNX', dk, 'event', ARGV[a + 2]) == 0 then
     out[#out + 1] = '0'
   else
-    local fields = {'event', ARGV[a + 2], 'endpoint', ARGV[a + 3], 'account', ARGV[a + 4], 'type', ARGV[a + 5],
-      'status', ARGV[a + 6], 'attempts', 0, 'cycle_start', 0, 'created', now}
-    if ARGV[a + 8] ~= '' then fields[#fields + 1] = 'lease'; fields[#fields + 1] = ARGV[a + 8] end
-    if ARGV[a + 6] == 'retrying' then fields[#fields + 1] = 'next_attempt'; fields[#fields + 1] = ARGV[a + 7] end
-    redis.call('HSET', dk, unpack(fields))
+    -- Under a lease (pending), or deferred (retrying) until its next attempt; no table built.
+    local last, value = 'lease', ARGV[a + 8]
+    if value == '' then last, value = 'next_attempt', ARGV[a + 7] end
+    redis.call('HSET', dk, 'event', ARGV[a + 2], 'endpoint', ARGV[a + 3], 'account', ARGV[a + 4],
+      'type', ARGV[a + 5], 'status', ARGV[a + 6], 'attempts', '0', 'cycle_start', '0', 'created', now,
+      last, value)
     redis.call('EXPIRE', dk, ttl)
     redis.call('ZADD', due, ARGV[a + 7], ARGV[a])
     redis.call('ZADD', idx, now, ARGV[a + 1])

@@ -63,6 +63,33 @@ impl InFlight {
     }
 }
 
+/// Runs `tasks`, as many at once as `room` holds permits (all at once without one): each
+/// permit is a turn that takes the next waiting task when its own ends, and is released when
+/// none is left. Permits beyond the tasks go back before any runs.
+async fn take_turns<T, Fut>(tasks: Vec<T>, mut room: Option<OwnedSemaphorePermit>, run: impl Fn(T) -> Fut)
+where
+    Fut: std::future::Future<Output = ()>,
+{
+    let turns = room.as_ref().map_or(tasks.len(), |r| r.num_permits()).min(tasks.len());
+    let queue = std::sync::Mutex::new(tasks.into_iter());
+    let next = || queue.lock().expect("task queue lock").next();
+    let run = &run;
+    let turns: Vec<_> = (0..turns)
+        .map(|_| {
+            let permit = room.as_mut().and_then(|r| r.split(1));
+            async move {
+                let _permit = permit;
+                while let Some(task) = next() {
+                    run(task).await;
+                }
+            }
+        })
+        .collect();
+    // Room for deliveries that were deferred or already known is not held while others run.
+    drop(room);
+    futures_util::future::join_all(turns).await;
+}
+
 /// How often a fan-out re-reads endpoints that changed under it before handing the message back.
 const MAX_STALE_TRIES: usize = 5;
 
@@ -408,26 +435,10 @@ impl Pipeline {
         }
     }
 
-    /// Runs a message's attempts, as many at once as its room holds: each permit is a turn that
-    /// takes the next waiting attempt when its own finishes, so a fan-out wider than the
-    /// in-flight bound stays within it (a connection storm is what the bound exists to stop).
+    /// Runs a message's attempts within its room (see [`take_turns`]), so a fan-out wider than
+    /// the in-flight bound stays within it: a connection storm is what the bound exists to stop.
     pub async fn run_attempts(&self, attempts: Attempts) {
-        let Attempts { tasks, mut room } = attempts;
-        let turns = room.as_ref().map_or(tasks.len(), |r| r.num_permits()).min(tasks.len());
-        let queue = std::sync::Mutex::new(tasks.into_iter());
-        let next = || queue.lock().expect("attempt queue lock").next();
-        let turns: Vec<_> = (0..turns)
-            .map(|_| {
-                let permit = room.as_mut().and_then(|r| r.split(1));
-                async move {
-                    let _permit = permit;
-                    while let Some(task) = next() {
-                        self.run_attempt(task).await;
-                    }
-                }
-            })
-            .collect();
-        futures_util::future::join_all(turns).await;
+        take_turns(attempts.tasks, attempts.room, |task| self.run_attempt(task)).await
     }
 
     /// Signs and sends one attempt, then records it and decides what follows.
@@ -643,5 +654,50 @@ impl Pipeline {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    #[tokio::test]
+    async fn tasks_past_the_room_take_turns_and_each_runs_once() {
+        let semaphore = Arc::new(Semaphore::new(8));
+        let room = semaphore.clone().acquire_many_owned(3).await.unwrap();
+        let (running, peak) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let ran = std::sync::Mutex::new(Vec::new());
+        take_turns((0..20).collect(), Some(room), |task: usize| {
+            let (running, peak, ran) = (&running, &peak, &ran);
+            async move {
+                peak.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                running.fetch_sub(1, SeqCst);
+                ran.lock().unwrap().push(task);
+            }
+        })
+        .await;
+        assert_eq!(peak.load(SeqCst), 3, "never more at once than the room");
+        let mut ran = ran.into_inner().unwrap();
+        ran.sort();
+        assert_eq!(ran, (0..20).collect::<Vec<_>>(), "each task once");
+        assert_eq!(semaphore.available_permits(), 8, "the room is given back");
+    }
+
+    #[tokio::test]
+    async fn room_beyond_the_tasks_goes_back_before_they_run() {
+        let semaphore = Arc::new(Semaphore::new(8));
+        let room = semaphore.clone().acquire_many_owned(5).await.unwrap();
+        let free_while_running = AtomicUsize::new(0);
+        take_turns(vec![()], Some(room), |()| async {
+            free_while_running.store(semaphore.available_permits(), SeqCst);
+        })
+        .await;
+        assert_eq!(
+            free_while_running.load(SeqCst),
+            7,
+            "only the one task's permit is held while it runs"
+        );
     }
 }

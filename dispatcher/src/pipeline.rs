@@ -121,16 +121,13 @@ impl Handled {
     fn only(disposition: Disposition) -> Self {
         Handled {
             disposition,
-            attempts: Attempts {
-                tasks: Vec::new(),
-                room: None,
-            },
+            attempts: Attempts::default(),
         }
     }
 }
 
 /// One message's attempts and the share of the process's in-flight bound they run in.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Attempts {
     tasks: Vec<AttemptTask>,
     /// One permit per attempt that may run at once; fewer than the attempts only for an event

@@ -170,6 +170,8 @@ impl TestEnv {
         }
     }
 
+    /// A store with a changed configuration (see [`TestEnv::store_config`]); panics if Redis
+    /// cannot be reached, which no test can go on without.
     pub async fn connect_store(config: &StoreConfig) -> Store {
         Store::connect(config, Duration::from_secs(10))
             .await

@@ -631,11 +631,11 @@ async fn redis_calls(n: usize, width: usize) -> Run {
         .await;
     let (record_cpu, record_bytes) = meter.stop(&[]);
     let seconds = started.elapsed().as_secs_f64();
-    let micros = |cpu: &[(String, f64, u64)], who: &str, per: usize| {
-        cpu.iter().find(|c| c.0 == who).map_or(0.0, |c| c.1) * 1e6 / per as f64
+    let micros = |cpu: &[(String, f64, u64)], who: &str| {
+        cpu.iter().find(|c| c.0 == who).map_or(0.0, |c| c.1) * 1e6 / deliveries as f64
     };
-    let client = "bench (rx+pub)";
-    let per_delivery = |cpu: &[(String, f64, u64)]| (micros(cpu, "redis", deliveries), micros(cpu, client, deliveries));
+    // The bench process is the store's client here.
+    let per_delivery = |cpu: &[(String, f64, u64)]| (micros(cpu, "redis"), micros(cpu, "bench (rx+pub)"));
     let (ingest_redis, ingest_client) = per_delivery(&ingest_cpu);
     let (record_redis, record_client) = per_delivery(&record_cpu);
     println!(

@@ -4,8 +4,9 @@
 use laabam_shared::delivery::{AttemptRecord, DeliveryStatus, Outcome, RetryJob};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::envelope::Envelope;
-use laabam_shared::ids::DeliveryId;
-use laabam_shared::store::{AttemptTiming, Begin, Record};
+use laabam_shared::ids::{AccountId, DeliveryId};
+use laabam_shared::store::{AccountEndpoints, AttemptTiming, Begin, Record, Store};
+use serde_json::value::RawValue;
 use std::sync::Arc;
 
 /// One delivery of `event` to each endpoint, each under its own lease (numbered from `first`),
@@ -26,6 +27,46 @@ pub fn leased_begins(event: &Envelope, endpoints: &[Arc<Endpoint>], first: usize
             lease: Some(format!("{:016x}", first + k)),
         })
         .collect()
+}
+
+/// `n` endpoints of `account`, subscribed to every event, at an address nothing listens on (the
+/// store's calls never send anything), and the account's endpoints as a dispatcher sees them.
+pub async fn quiet_endpoints(store: &Store, account: &AccountId, n: usize) -> AccountEndpoints {
+    for _ in 0..n {
+        let ep = crate::env::new_endpoint(account.as_str(), "http://127.0.0.1:9/", None);
+        store.create_endpoint(&ep).await.unwrap();
+    }
+    store.account_endpoints(account).await.unwrap()
+}
+
+/// Begins, one event at a time as they would arrive, a `payment.failed` event numbered `i` at
+/// `now + i` ms for each `i` of `numbers`, with one leased delivery to each of the account's
+/// endpoints.
+pub async fn begin_events(
+    store: &Store,
+    endpoints: &AccountEndpoints,
+    now: i64,
+    numbers: std::ops::Range<usize>,
+) -> Vec<Begin> {
+    let account = &endpoints.endpoints[0].account_id;
+    let mut begins = Vec::new();
+    for i in numbers {
+        let data = RawValue::from_string(format!(r#"{{"payment_id":"p{i}","reason":"r"}}"#)).unwrap();
+        let at = now + i as i64;
+        let event = Envelope::new("payment.failed", account.clone(), data, None, at).unwrap();
+        let these = leased_begins(
+            &event,
+            &endpoints.endpoints,
+            i * endpoints.endpoints.len(),
+            now + 30_000,
+        );
+        store
+            .ingest(&event, &event.to_json(), endpoints.version, &these, at)
+            .await
+            .unwrap();
+        begins.extend(these);
+    }
+    begins
 }
 
 /// A first attempt answered `200` in 3 ms, recorded as a dispatcher records it.

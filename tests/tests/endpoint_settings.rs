@@ -7,8 +7,8 @@ use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
 use laabam_shared::store::DeliveryFilter;
-use laabam_shared::store::{AccountEndpoints, Begin, Store};
-use laabam_tests::deliveries::{Success, leased_begins};
+use laabam_shared::store::{Begin, Store};
+use laabam_tests::deliveries::{Success, begin_events, quiet_endpoints};
 use laabam_tests::{Receiver, TestEnv, wait_until};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
@@ -149,9 +149,8 @@ async fn a_history_held_up_by_unfinished_deliveries_is_not_rescanned_on_every_fi
     })
     .await;
     let account = AccountId::parse("acct_trim").unwrap();
-    let ep = laabam_tests::env::new_endpoint(account.as_str(), "http://127.0.0.1:9/", None);
-    store.create_endpoint(&ep).await.unwrap();
-    let endpoints = store.account_endpoints(&account).await.unwrap();
+    let endpoints = quiet_endpoints(&store, &account, 1).await;
+    let ep = endpoints.endpoints[0].clone();
     let now = now_ms();
     let begin = |n: usize, first: usize| begin_events(&store, &endpoints, now, first..first + n);
     let success = Success::at(now);
@@ -189,29 +188,6 @@ async fn a_history_held_up_by_unfinished_deliveries_is_not_rescanned_on_every_fi
         .unwrap();
     let expected: Vec<String> = more.iter().map(|b| b.job.delivery.as_str().to_owned()).collect();
     assert_eq!(newest, expected, "the newest deliveries are the ones kept");
-}
-
-/// Begins one delivery for each of the events numbered `numbers`, one by one, as they arrive.
-async fn begin_events(
-    store: &Store,
-    endpoints: &AccountEndpoints,
-    now: i64,
-    numbers: std::ops::Range<usize>,
-) -> Vec<Begin> {
-    let account = &endpoints.endpoints[0].account_id;
-    let mut begins = Vec::new();
-    for i in numbers {
-        let data = RawValue::from_string(format!(r#"{{"payment_id":"p{i}","reason":"r"}}"#)).unwrap();
-        let at = now + i as i64;
-        let event = Envelope::new("payment.failed", account.clone(), data, None, at).unwrap();
-        let these = leased_begins(&event, &endpoints.endpoints, i, now + 30_000);
-        store
-            .ingest(&event, &event.to_json(), endpoints.version, &these, at)
-            .await
-            .unwrap();
-        begins.extend(these);
-    }
-    begins
 }
 
 /// Records each delivery's success under its lease, one by one.

@@ -1,9 +1,12 @@
-//! Running it: readiness follows dependencies, work survives a Redis restart, and the logs are
-//! structured and free of secrets.
+//! Running it: readiness follows dependencies, work (and records waiting to be written) survives
+//! a Redis restart, and the logs are structured and free of secrets.
 
+use futures_util::future::join_all;
 use laabam_shared::clock::now_ms;
+use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
+use laabam_tests::deliveries::{Success, begin_events, quiet_endpoints};
 use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use serde_json::value::RawValue;
 use std::path::PathBuf;
@@ -204,6 +207,47 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
         assert!(!text.contains(forbidden), "logs contain {forbidden:?}");
     }
     let _ = std::fs::remove_file(&log);
+}
+
+/// Records made while Redis is down each get an error to retry (none waits forever behind the
+/// others sent with it), and once Redis is back each goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_made_while_redis_is_down_each_fail_and_go_through_once_it_is_back() {
+    let mut redis = OwnRedis::start();
+    let mut env = TestEnv::new().await;
+    env.redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    let store = env.store().await;
+    let account = AccountId::parse("acct_down").unwrap();
+    let endpoints = quiet_endpoints(&store, &account, 2).await;
+    let now = now_ms();
+    let begins = begin_events(&store, &endpoints, now, 0..20).await;
+    let success = Success::at(now);
+    let records: Vec<_> = begins.iter().map(|b| success.record(b)).collect();
+
+    redis.stop();
+    let answers = tokio::time::timeout(
+        Duration::from_secs(60),
+        join_all(records.iter().map(|r| store.record(r))),
+    )
+    .await
+    .expect("every record is answered while Redis is down");
+    for (i, answer) in answers.iter().enumerate() {
+        assert!(answer.is_err(), "record {i} went through without Redis: {answer:?}");
+    }
+
+    redis.restart();
+    wait_until("Redis is back", Duration::from_secs(30), || store.ping()).await;
+    let answers = join_all(records.iter().map(|r| store.record(r))).await;
+    for (i, (begin, answer)) in begins.iter().zip(answers).enumerate() {
+        assert!(answer.unwrap().applied, "record {i}");
+        let state = store.delivery(&begin.job.delivery).await.unwrap().unwrap();
+        assert_eq!(state.status, DeliveryStatus::Succeeded, "delivery {i}");
+        assert_eq!(
+            store.attempts(&begin.job.delivery).await.unwrap().len(),
+            1,
+            "delivery {i}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

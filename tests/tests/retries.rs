@@ -1,12 +1,14 @@
 //! Failed attempts are retried by backoff until they succeed or the policy gives up; each
 //! endpoint's outcome is its own.
 
+use futures_util::future::join_all;
 use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::{AttemptRecord, DeliveryStatus, Outcome, RetryJob};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
 use laabam_shared::store::{AttemptTiming, Record, Store};
+use laabam_tests::deliveries::{Success, begin_events, quiet_endpoints};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
 use serde_json::value::RawValue;
 use std::time::Duration;
@@ -192,6 +194,54 @@ async fn a_record_without_the_current_lease_cannot_undo_the_outcome() {
     assert!(!store.record(&late_record(&gone)).await.unwrap().applied);
     assert!(store.delivery(&gone.delivery).await.unwrap().is_none());
     assert!(store.attempts(&gone.delivery).await.unwrap().is_empty());
+}
+
+/// Records made at the same moment reach Redis together (one script call carries every record
+/// waiting), and each caller gets its own answer: here every third carries a stale lease, so
+/// only the others move their delivery on, while every attempt is logged and counted once.
+#[tokio::test]
+async fn records_made_together_each_get_their_own_answer() {
+    let env = TestEnv::new().await;
+    let store = env.store().await;
+    let account = AccountId::parse("acct_together").unwrap();
+    let endpoints = quiet_endpoints(&store, &account, 4).await;
+    let now = now_ms();
+    let begins = begin_events(&store, &endpoints, now, 0..60).await;
+    let success = Success::at(now);
+    let stale = |i: usize| i.is_multiple_of(3);
+    let records: Vec<Record> = begins
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Record {
+            lease: if stale(i) {
+                "00000000deadbeef"
+            } else {
+                b.lease.as_deref().unwrap()
+            },
+            ..success.record(b)
+        })
+        .collect();
+    let answers = join_all(records.iter().map(|r| store.record(r))).await;
+
+    for (i, (begin, answer)) in begins.iter().zip(answers).enumerate() {
+        assert_eq!(answer.unwrap().applied, !stale(i), "record {i}");
+        let state = store.delivery(&begin.job.delivery).await.unwrap().unwrap();
+        let expected = if stale(i) {
+            DeliveryStatus::Pending
+        } else {
+            DeliveryStatus::Succeeded
+        };
+        assert_eq!(state.status, expected, "delivery {i}");
+        assert_eq!(
+            store.attempts(&begin.job.delivery).await.unwrap().len(),
+            1,
+            "delivery {i}"
+        );
+    }
+    for ep in &endpoints.endpoints {
+        let day = store.endpoint_day(&ep.id, now).await.unwrap();
+        assert_eq!(day.attempts, 60, "each of the endpoint's attempts counted once");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

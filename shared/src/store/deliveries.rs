@@ -7,6 +7,7 @@
 //! the entry. Only the holder of the current token may change the state, so a late record from
 //! an expired lease can add its attempt to the log but cannot undo a newer outcome.
 
+use super::record_batch::PreparedRecord;
 use super::script_call::ScriptCall;
 use super::stats;
 use super::{Store, StoreError};
@@ -137,71 +138,79 @@ return {'go', redis.call('HGET', KEYS[1], 'attempts') or '0',
     )
 });
 
-/// Logs the attempt (if any) with its statistics and the endpoint's health, and, when the
-/// lease is still ours, moves the state on. Returns {applied, failing_since}.
+/// Records a batch of attempts' outcomes (see `record_batch`), each in turn as if alone: logs
+/// the attempt (if any) with its statistics and the endpoint's health, and, when the lease is
+/// still ours, moves the state on. Returns {applied, failing_since} per record.
 /// The attempt joins the state hash as field `att:<n>`, numbered in the order logged, so a
 /// delivery is one key and its record one write; a late record from an expired lease still
 /// gets its own entry. The newest 100 are kept.
-/// KEYS: state, retry shard, endpoint health, 5-minute stats, hourly stats, the endpoint's
-/// history.
-static RECORD: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS, six per record: state, retry shard, endpoint health, 5-minute stats, hourly stats, the
+/// endpoint's history. ARGV, seventeen per record, in the order `Store::record` gives them.
+pub(super) static RECORD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{TRIM_HISTORY}
-local failing = ''
-local held = redis.call('HMGET', KEYS[1], 'lease', 'logged')
--- A released lease is stored empty, so an empty token never holds it.
-local ours = ARGV[1] ~= '' and held[1] == ARGV[1]
-local n
-if ARGV[2] ~= '' then
-  n = tonumber(held[2] or 0) + 1
-  if n > 100 then redis.call('HDEL', KEYS[1], 'att:' .. (n - 100)) end
-  for i, ttl in ipairs({{ARGV[14], ARGV[15]}}) do
-    -- A bucket's first count of a field sets its lifetime; later ones need not.
-    if redis.call('HINCRBY', KEYS[3 + i], ARGV[9] .. '|' .. ARGV[10], 1) == 1 then
-      redis.call('EXPIRE', KEYS[3 + i], ttl)
+local function record(k, a)
+  local state, due, health, idx = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 6]
+  local lease, attempt, status, attempts, first, next_at, reason, job, outcome, latency, at,
+    delivery, code, ttl_5m, ttl_1h, keep, prefix = unpack(ARGV, a + 1, a + 17)
+  local failing = ''
+  local held = redis.call('HMGET', state, 'lease', 'logged')
+  -- A released lease is stored empty, so an empty token never holds it.
+  local ours = lease ~= '' and held[1] == lease
+  local n
+  if attempt ~= '' then
+    n = tonumber(held[2] or 0) + 1
+    if n > 100 then redis.call('HDEL', state, 'att:' .. (n - 100)) end
+    for i, ttl in ipairs({{ttl_5m, ttl_1h}}) do
+      -- A bucket's first count of a field sets its lifetime; later ones need not.
+      if redis.call('HINCRBY', KEYS[k + 3 + i], outcome .. '|' .. latency, 1) == 1 then
+        redis.call('EXPIRE', KEYS[k + 3 + i], ttl)
+      end
     end
+    -- One write of the endpoint's health; an empty failing_since means not failing.
+    local h = {{'last_at', at, 'last_outcome', outcome, 'last_status', code, 'last_delivery', delivery}}
+    if outcome == 'success' then
+      h[#h + 1] = 'last_success'; h[#h + 1] = at
+      h[#h + 1] = 'failing_since'; h[#h + 1] = ''
+    else
+      failing = redis.call('HGET', health, 'failing_since') or ''
+      if failing == '' then
+        failing = at
+        h[#h + 1] = 'failing_since'; h[#h + 1] = failing
+      end
+    end
+    redis.call('HSET', health, unpack(h))
   end
-  -- One write of the endpoint's health; an empty failing_since means not failing.
-  local health = {{'last_at', ARGV[11], 'last_outcome', ARGV[9], 'last_status', ARGV[13],
-    'last_delivery', ARGV[12]}}
-  if ARGV[9] == 'success' then
-    health[#health + 1] = 'last_success'; health[#health + 1] = ARGV[11]
-    health[#health + 1] = 'failing_since'; health[#health + 1] = ''
+  if not ours then
+    -- Only the attempt, and only into a delivery that still exists (a write would recreate an
+    -- expired one without a lifetime).
+    if n and redis.call('EXISTS', state) == 1 then
+      redis.call('HSET', state, 'att:' .. n, attempt, 'logged', n)
+    end
+    return {{0, failing}}
+  end
+  -- The state keeps the lifetime it got when the delivery began (retention from creation).
+  -- One write: the attempt, the lease released and an absent next attempt cleared by empty
+  -- values (read back as none), which costs less than a separate HDEL.
+  local set = {{'status', status, 'attempts', attempts, 'lease', '', 'next_attempt', next_at}}
+  if n then
+    set[#set + 1] = 'att:' .. n; set[#set + 1] = attempt
+    set[#set + 1] = 'logged'; set[#set + 1] = n
+  end
+  if first ~= '' then set[#set + 1] = 'first_attempt'; set[#set + 1] = first end
+  if reason ~= '' then set[#set + 1] = 'reason'; set[#set + 1] = reason end
+  if next_at ~= '' then
+    redis.call('ZADD', due, next_at, job)
   else
-    failing = redis.call('HGET', KEYS[3], 'failing_since') or ''
-    if failing == '' then
-      failing = ARGV[11]
-      health[#health + 1] = 'failing_since'; health[#health + 1] = failing
-    end
+    redis.call('ZREM', due, job)
   end
-  redis.call('HSET', KEYS[3], unpack(health))
+  redis.call('HSET', state, unpack(set))
+  if status == 'succeeded' or status == 'failed' then trim_history(idx, tonumber(keep), prefix, health) end
+  return {{1, failing}}
 end
-if not ours then
-  -- Only the attempt, and only into a delivery that still exists (a write would recreate an
-  -- expired one without a lifetime).
-  if n and redis.call('EXISTS', KEYS[1]) == 1 then
-    redis.call('HSET', KEYS[1], 'att:' .. n, ARGV[2], 'logged', n)
-  end
-  return {{0, failing}}
-end
--- The state keeps the lifetime it got when the delivery began (retention from creation).
--- One write: the attempt, the lease released and an absent next attempt cleared by empty
--- values (read back as none), which costs less than a separate HDEL.
-local set = {{'status', ARGV[3], 'attempts', ARGV[4], 'lease', '', 'next_attempt', ARGV[6]}}
-if n then
-  set[#set + 1] = 'att:' .. n; set[#set + 1] = ARGV[2]
-  set[#set + 1] = 'logged'; set[#set + 1] = n
-end
-if ARGV[5] ~= '' then set[#set + 1] = 'first_attempt'; set[#set + 1] = ARGV[5] end
-if ARGV[7] ~= '' then set[#set + 1] = 'reason'; set[#set + 1] = ARGV[7] end
-if ARGV[6] ~= '' then
-  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[8])
-else
-  redis.call('ZREM', KEYS[2], ARGV[8])
-end
-redis.call('HSET', KEYS[1], unpack(set))
-if ARGV[3] == 'succeeded' or ARGV[3] == 'failed' then trim_history(KEYS[6], tonumber(ARGV[16]), ARGV[17], KEYS[3]) end
-return {{1, failing}}
+local out = {{}}
+for r = 0, #KEYS / 6 - 1 do out[r + 1] = record(r * 6, r * 17) end
+return out
 "
     ))
 });
@@ -493,24 +502,16 @@ impl Store {
         })
     }
 
-    /// Applies a record under its lease, and counts its attempt in the endpoint's statistics.
+    /// Applies a record under its lease, and counts its attempt in the endpoint's statistics;
+    /// written together with the other records waiting at the time (see `record_batch`).
     pub async fn record(&self, r: &Record<'_>) -> Result<Recorded, StoreError> {
         let job = r.job;
         let attempt = r.attempt.map(AttemptRecord::to_stored).unwrap_or_default();
         let opt = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
         let timing = r.timing;
         let at = timing.map_or(0, |t| t.at_ms);
-        let (applied, failing): (i64, String) = ScriptCall::new(&RECORD, 6)
-            .key(self.keys.delivery(&job.delivery))
-            .key(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
-            .key(self.keys.endpoint_health(&job.endpoint))
-            .key(
-                self.keys
-                    .endpoint_stats(&job.endpoint, "5m", at / stats::FIVE_MINUTES_MS),
-            )
-            .key(self.keys.endpoint_stats(&job.endpoint, "1h", at / stats::HOUR_MS))
-            .key(self.keys.endpoint_deliveries(&job.endpoint))
-            .arg(r.lease)
+        let mut args = redis::Cmd::new();
+        args.arg(r.lease)
             .arg(attempt)
             .arg(r.status.as_str())
             .arg(r.attempts)
@@ -531,9 +532,17 @@ impl Store {
             .arg(stats::FIVE_MINUTE_TTL_SECS)
             .arg(stats::HOUR_TTL_SECS)
             .arg(self.history_per_endpoint)
-            .arg(self.keys.prefix())
-            .invoke(&mut self.conn())
-            .await?;
+            .arg(self.keys.prefix());
+        let keys = [
+            self.keys.delivery(&job.delivery),
+            self.keys.retry_due(self.keys.shard_of(&job.delivery)),
+            self.keys.endpoint_health(&job.endpoint),
+            self.keys
+                .endpoint_stats(&job.endpoint, "5m", at / stats::FIVE_MINUTES_MS),
+            self.keys.endpoint_stats(&job.endpoint, "1h", at / stats::HOUR_MS),
+            self.keys.endpoint_deliveries(&job.endpoint),
+        ];
+        let (applied, failing) = self.records.write(PreparedRecord { keys, args }).await?;
         Ok(Recorded {
             applied: applied == 1,
             failing_since_ms: failing.parse().ok(),

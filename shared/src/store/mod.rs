@@ -2,7 +2,7 @@
 //!
 //! Every multi-key change is one Lua script, so each step of a delivery's life is atomic and
 //! costs one round trip: an event's storage and the start of all its deliveries together, then
-//! one record per attempt. Key layout (all below `LAABAM_REDIS_PREFIX`):
+//! one record per attempt (the records waiting at the same moment share one call). Key layout (all below `LAABAM_REDIS_PREFIX`):
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -28,6 +28,7 @@ mod accounts;
 mod deliveries;
 mod endpoints;
 mod keys;
+mod record_batch;
 mod retry_set;
 mod script_call;
 mod stats;
@@ -67,6 +68,8 @@ pub struct Store {
     sealer: Arc<SecretSealer>,
     /// When writes to the bounded indexes also trim them and renew their lifetime.
     upkeep: Arc<upkeep::Upkeep>,
+    /// Attempts' records, queued to go to Redis in batches.
+    records: record_batch::RecordWriter,
 }
 
 impl std::fmt::Debug for Store {
@@ -121,6 +124,7 @@ impl Store {
         })
         .await?;
         Ok(Store {
+            records: record_batch::RecordWriter::start(conn.clone()),
             conn,
             keys: Keys::new(&config.prefix, config.retry_shards),
             retention: config.retention,

@@ -583,16 +583,12 @@ async fn retry_backlog(n: usize, spread: Duration) -> Run {
 /// receiver and dispatcher sharing the cores, so a change to a script shows in microseconds
 /// where the whole-system runs cannot tell it from noise.
 async fn redis_calls(n: usize, width: usize) -> Run {
-    use laabam_tests::deliveries::{Success, leased_begins};
+    use laabam_tests::deliveries::{Success, leased_begins, quiet_endpoints};
     const IN_FLIGHT: usize = 256;
     let env = TestEnv::new().await;
     let store = env.store().await;
     let account = AccountId::parse("acct_bench").unwrap();
-    for _ in 0..width {
-        let ep = laabam_tests::env::new_endpoint(account.as_str(), "http://127.0.0.1:9/", None);
-        store.create_endpoint(&ep).await.unwrap();
-    }
-    let endpoints = store.account_endpoints(&account).await.unwrap();
+    let endpoints = quiet_endpoints(&store, &account, width).await;
     let now = now_ms();
     // Arrival times as at 10,000 deliveries/s: sorted-set entries sharing a score are ordered
     // by comparing their members, so one time for all would cost Redis far more than real use.

@@ -49,6 +49,7 @@ pub fn initialize() {
     for reason in ["gone", "failing"] {
         m.endpoints_disabled.with_label_values(&[reason]);
     }
+    LazyLock::force(&laabam_shared::store::RECORDS_PER_CALL);
 }
 
 /// Counts an attempt against its endpoint, when per-endpoint metrics are on.

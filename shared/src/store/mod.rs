@@ -38,6 +38,7 @@ pub use accounts::{API_KEY_PREFIX, Account, ApiKeyInfo, Idempotency};
 pub use deliveries::{AttemptTiming, Begin, Cursor, DeliveryFilter, Ingest, Page, Record, Recorded, Redelivery, Taken};
 pub use endpoints::AccountEndpoints;
 pub use keys::Keys;
+pub use record_batch::RECORDS_PER_CALL;
 pub use retry_set::Claimed;
 pub use stats::{EndpointHealth, EndpointStats, LastDelivery, SeriesPoint, WindowStats};
 

@@ -22,12 +22,25 @@
 
 use super::deliveries::RECORD;
 use super::script_call::ScriptCall;
+use prometheus::{Histogram, register_histogram};
 use redis::aio::ConnectionManager;
 use redis::{Arg, Cmd, ErrorKind, RedisError};
+use std::sync::LazyLock;
 use tokio::sync::{mpsc, oneshot};
 
 /// Records per call at most: a call of 16 keeps Redis busy for about a quarter of a millisecond.
 const MAX_BATCH: usize = 16;
+/// Records per call, so an operator sees the bound coming: calls that are mostly full mean
+/// records wait behind Redis's round trip, and another dispatcher process would take them.
+/// Only processes that record attempts (dispatchers) touch it, so only they export it.
+pub static RECORDS_PER_CALL: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "laabam_dispatcher_records_per_redis_call",
+        "Attempt records written per Redis call (at most 16)",
+        vec![1.0, 2.0, 4.0, 8.0, 15.0, 16.0]
+    )
+    .expect("registered once")
+});
 /// Keys per record, as the script reads them.
 const KEYS_PER_RECORD: usize = 6;
 
@@ -70,6 +83,7 @@ impl RecordWriter {
 async fn write_batches(mut waiting: mpsc::UnboundedReceiver<Waiting>, mut conn: ConnectionManager) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while waiting.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        RECORDS_PER_CALL.observe(batch.len() as f64);
         let mut call = ScriptCall::new(&RECORD, batch.len() * KEYS_PER_RECORD);
         for w in &batch {
             for key in &w.record.keys {

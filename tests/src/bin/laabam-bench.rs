@@ -644,7 +644,7 @@ record {record_redis:.1} µs of Redis, {record_client:.1} µs of client"
         .map(|(a, b)| (a.0.replace(" (rx+pub)", " (client)"), a.1 + b.1, 0))
         .collect();
     Run {
-        scenario: format!("redis-calls ({width} per event)"),
+        scenario: redis_calls_name(width),
         deliveries,
         seconds,
         lat: Vec::new(),
@@ -653,6 +653,10 @@ record {record_redis:.1} µs of Redis, {record_client:.1} µs of client"
         extra: json!({ "width": width, "redis_us_per_delivery": { "begin": ingest_redis, "record": record_redis },
             "client_us_per_delivery": { "begin": ingest_client, "record": record_client } }),
     }
+}
+
+fn redis_calls_name(width: usize) -> String {
+    format!("redis-calls ({width} per event)")
 }
 
 async fn scrape(port: u16) -> String {
@@ -810,7 +814,7 @@ impl Job {
             Job::Pipeline(setup) => setup.name.clone(),
             Job::NoisyNeighbour(_) => "noisy-neighbour".into(),
             Job::RetryBacklog(..) => "retry-backlog".into(),
-            Job::RedisCalls(_, width) => format!("redis-calls ({width} per event)"),
+            Job::RedisCalls(_, width) => redis_calls_name(*width),
         }
     }
 

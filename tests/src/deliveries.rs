@@ -73,7 +73,6 @@ pub async fn begin_events(
 #[derive(Debug)]
 pub struct Success {
     attempt: AttemptRecord,
-    at_ms: i64,
 }
 
 impl Success {
@@ -88,27 +87,37 @@ impl Success {
                 error: None,
                 response_excerpt: None,
             },
-            at_ms,
         }
     }
 
     /// The record that finishes `begin`'s delivery under its lease.
     pub fn record<'a>(&'a self, begin: &'a Begin) -> Record<'a> {
-        Record {
-            job: &begin.job,
-            lease: begin.lease.as_deref().expect("a leased begin"),
-            attempt: Some(&self.attempt),
-            status: DeliveryStatus::Succeeded,
-            attempts: 1,
-            first_attempt_ms: Some(self.at_ms),
-            next_attempt_ms: None,
-            reason: None,
-            timing: Some(AttemptTiming {
-                outcome: Outcome::Success.as_str(),
-                duration_ms: 3,
-                status_code: Some(200),
-                at_ms: self.at_ms,
-            }),
-        }
+        first_attempt(begin, &self.attempt, DeliveryStatus::Succeeded, None)
+    }
+}
+
+/// The record of `begin`'s first attempt under its lease, with the attempt's timing as a
+/// dispatcher gives it; `next_attempt_ms` when it is to be retried.
+pub fn first_attempt<'a>(
+    begin: &'a Begin,
+    attempt: &'a AttemptRecord,
+    status: DeliveryStatus,
+    next_attempt_ms: Option<i64>,
+) -> Record<'a> {
+    Record {
+        job: &begin.job,
+        lease: begin.lease.as_deref().expect("a leased begin"),
+        attempt: Some(attempt),
+        status,
+        attempts: 1,
+        first_attempt_ms: Some(attempt.at_ms),
+        next_attempt_ms,
+        reason: None,
+        timing: Some(AttemptTiming {
+            outcome: attempt.outcome.as_str(),
+            duration_ms: attempt.duration_ms,
+            status_code: attempt.status_code,
+            at_ms: attempt.at_ms,
+        }),
     }
 }

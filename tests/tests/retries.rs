@@ -8,7 +8,7 @@ use laabam_shared::endpoint::Endpoint;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
 use laabam_shared::store::{AttemptTiming, Record, Store};
-use laabam_tests::deliveries::{Success, begin_events, quiet_endpoints};
+use laabam_tests::deliveries::{Success, begin_events, first_attempt, quiet_endpoints};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
 use serde_json::value::RawValue;
 use std::time::Duration;
@@ -241,6 +241,105 @@ async fn records_made_together_each_get_their_own_answer() {
     for ep in &endpoints.endpoints {
         let day = store.endpoint_day(&ep.id, now).await.unwrap();
         assert_eq!(day.attempts, 60, "each of the endpoint's attempts counted once");
+    }
+}
+
+/// Records of one endpoint that share a call write its statistics and health once, after them
+/// all; what they leave and what each caller hears must be what one record at a time gives.
+/// Records made at once reach Redis in the order made, so a model applying them one by one
+/// tells what each must hear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_one_endpoint_made_together_leave_its_health_as_one_at_a_time_would() {
+    let env = TestEnv::new().await;
+    let store = env.store().await;
+    let account = AccountId::parse("acct_one_endpoint").unwrap();
+    let endpoints = quiet_endpoints(&store, &account, 1).await;
+    let endpoint = &endpoints.endpoints[0].id;
+    let now = now_ms();
+    // Failures (F) in streaks, broken by successes (S), each attempt at its own time.
+    let pattern = b"FFSFFFSSFFFFFSFSFFSSSFFFFFFSFF";
+    let begins = begin_events(&store, &endpoints, now, 0..pattern.len()).await;
+    let attempts: Vec<AttemptRecord> = pattern
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| {
+            let (outcome, code) = if *kind == b'S' {
+                (Outcome::Success, 200)
+            } else {
+                (Outcome::Http5xx, 503)
+            };
+            AttemptRecord {
+                attempt: 1,
+                at_ms: now + i as i64,
+                outcome,
+                status_code: Some(code),
+                duration_ms: 40,
+                error: None,
+                response_excerpt: None,
+            }
+        })
+        .collect();
+    let records: Vec<Record> = begins
+        .iter()
+        .zip(&attempts)
+        .map(|(b, a)| match a.outcome {
+            Outcome::Success => first_attempt(b, a, DeliveryStatus::Succeeded, None),
+            _ => first_attempt(b, a, DeliveryStatus::Retrying, Some(now + 60_000)),
+        })
+        .collect();
+    let answers = join_all(records.iter().map(|r| store.record(r))).await;
+
+    let mut streak = None;
+    for (i, (attempt, answer)) in attempts.iter().zip(answers).enumerate() {
+        streak = match attempt.outcome {
+            Outcome::Success => None,
+            _ => streak.or(Some(attempt.at_ms)),
+        };
+        assert_eq!(answer.unwrap().failing_since_ms, streak, "record {i}");
+    }
+    let health = store.endpoint_health(endpoint).await.unwrap();
+    assert_eq!(health.failing_since_ms, streak);
+    let last = attempts.last().unwrap();
+    let shown = health.last_delivery.expect("a last delivery");
+    assert_eq!(
+        (
+            shown.delivery_id.as_str(),
+            shown.at_ms,
+            shown.outcome.as_str(),
+            shown.status_code
+        ),
+        (
+            begins.last().unwrap().job.delivery.as_str(),
+            last.at_ms,
+            last.outcome.as_str(),
+            last.status_code
+        ),
+        "the last delivery's fields all come from the last record"
+    );
+    let last_success = attempts.iter().rev().find(|a| a.outcome.is_success());
+    assert_eq!(health.last_success_ms, last_success.map(|a| a.at_ms));
+
+    // Every attempt counted once by its outcome, in buckets that expire.
+    let day = store.endpoint_day(endpoint, now + 100).await.unwrap();
+    let successes = pattern.iter().filter(|k| **k == b'S').count() as u64;
+    assert_eq!(day.attempts, pattern.len() as u64);
+    assert_eq!(day.counts.get(Outcome::Success.as_str()), Some(&successes));
+    assert_eq!(
+        day.counts.get(Outcome::Http5xx.as_str()),
+        Some(&(pattern.len() as u64 - successes))
+    );
+    let keys = store.keys();
+    let mut conn = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for bucket in [
+        keys.endpoint_stats(endpoint, "5m", now / 300_000),
+        keys.endpoint_stats(endpoint, "1h", now / 3_600_000),
+    ] {
+        let ttl: i64 = redis::cmd("TTL").arg(&bucket).query_async(&mut conn).await.unwrap();
+        assert!(ttl > 3600, "{bucket} expires: TTL {ttl}");
     }
 }
 

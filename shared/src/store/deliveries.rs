@@ -144,11 +144,31 @@ return {'go', redis.call('HGET', KEYS[1], 'attempts') or '0',
 /// The attempt joins the state hash as field `att:<n>`, numbered in the order logged, so a
 /// delivery is one key and its record one write; a late record from an expired lease still
 /// gets its own entry. The newest 100 are kept.
+/// What records of one endpoint share is written once per call, after them all: the
+/// statistics' counts summed per field, and the health's fields as the last record left them (a
+/// failure reads `failing_since` from what the call gathered before asking Redis). Only the script's end state is ever seen, so this is what the records one
+/// at a time would leave, at about 3–4 µs of Redis less per record that shares an endpoint with
+/// one before it in the call: in `fanout` a full call of 16 carries about eight such.
 /// KEYS, six per record: state, retry shard, endpoint health, 5-minute stats, hourly stats, the
 /// endpoint's history. ARGV, seventeen per record, in the order `Store::record` gives them.
 pub(super) static RECORD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{TRIM_HISTORY}
+-- Gathered across the call's records in flat tables (a table per endpoint would cost Lua more
+-- than the writes it saves): counts per (bucket, field); per health key the last record's
+-- arguments, its latest success and its failing_since.
+local counted, count_key, count_field, count_ttl, count_n = {{}}, {{}}, {{}}, {{}}, {{}}
+local health_keys, last_of, success_of, failing_of = {{}}, {{}}, {{}}, {{}}
+local function count(key, field, ttl)
+  local id = key .. '\n' .. field
+  local i = counted[id]
+  if i then
+    count_n[i] = count_n[i] + 1
+  else
+    i = #count_key + 1
+    counted[id], count_key[i], count_field[i], count_ttl[i], count_n[i] = i, key, field, ttl, 1
+  end
+end
 local function record(k, a)
   local state, due, health, idx = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 6]
   local lease, attempt, status, attempts, first, next_at, reason, job, outcome, latency, at,
@@ -161,25 +181,18 @@ local function record(k, a)
   if attempt ~= '' then
     n = tonumber(held[2] or 0) + 1
     if n > 100 then redis.call('HDEL', state, 'att:' .. (n - 100)) end
-    for i, ttl in ipairs({{ttl_5m, ttl_1h}}) do
-      -- A bucket's first count of a field sets its lifetime; later ones need not.
-      if redis.call('HINCRBY', KEYS[k + 3 + i], outcome .. '|' .. latency, 1) == 1 then
-        redis.call('EXPIRE', KEYS[k + 3 + i], ttl)
-      end
-    end
-    -- One write of the endpoint's health; an empty failing_since means not failing.
-    local h = {{'last_at', at, 'last_outcome', outcome, 'last_status', code, 'last_delivery', delivery}}
+    count(KEYS[k + 4], outcome .. '|' .. latency, ttl_5m)
+    count(KEYS[k + 5], outcome .. '|' .. latency, ttl_1h)
+    -- The endpoint's health as this record leaves it; an empty failing_since means not failing.
+    if not last_of[health] then health_keys[#health_keys + 1] = health end
+    last_of[health] = a
     if outcome == 'success' then
-      h[#h + 1] = 'last_success'; h[#h + 1] = at
-      h[#h + 1] = 'failing_since'; h[#h + 1] = ''
+      success_of[health], failing_of[health] = at, ''
     else
-      failing = redis.call('HGET', health, 'failing_since') or ''
-      if failing == '' then
-        failing = at
-        h[#h + 1] = 'failing_since'; h[#h + 1] = failing
-      end
+      failing = failing_of[health] or redis.call('HGET', health, 'failing_since') or ''
+      if failing == '' then failing = at end
+      failing_of[health] = failing
     end
-    redis.call('HSET', health, unpack(h))
   end
   if not ours then
     -- Only the attempt, and only into a delivery that still exists (a write would recreate an
@@ -210,6 +223,19 @@ local function record(k, a)
 end
 local out = {{}}
 for r = 0, #KEYS / 6 - 1 do out[r + 1] = record(r * 6, r * 17) end
+for i, key in ipairs(count_key) do
+  -- A bucket's first count of a field sets its lifetime; later ones need not.
+  if redis.call('HINCRBY', key, count_field[i], count_n[i]) == count_n[i] then
+    redis.call('EXPIRE', key, count_ttl[i])
+  end
+end
+for _, health in ipairs(health_keys) do
+  local a = last_of[health]
+  local set = {{'last_at', ARGV[a + 11], 'last_outcome', ARGV[a + 9], 'last_status', ARGV[a + 13],
+    'last_delivery', ARGV[a + 12], 'failing_since', failing_of[health]}}
+  if success_of[health] then set[#set + 1] = 'last_success'; set[#set + 1] = success_of[health] end
+  redis.call('HSET', health, unpack(set))
+end
 return out
 "
     ))

@@ -15,7 +15,8 @@
 //! dispatcher processes. The queue needs no bound of its own: each record's caller waits for
 //! its answer, so it holds at most the attempts in flight.
 //!
-//! The script applies the records in the order they came, each exactly as it would alone.
+//! The script applies the records in the order they came, each exactly as it would alone;
+//! what records of one endpoint share (statistics, health) it writes once per call.
 //! When a call fails, every record in it gets the error, as each would have alone: its caller
 //! retries, and a record that did reach Redis before the reply was lost finds its lease already
 //! released, so its retry only logs the attempt again.

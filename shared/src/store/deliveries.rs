@@ -10,7 +10,7 @@
 use super::record_batch::PreparedRecord;
 use super::script_call::ScriptCall;
 use super::stats;
-use super::{Store, StoreError};
+use super::{Keys, Store, StoreError};
 use crate::delivery::{AttemptRecord, DeliveryState, DeliveryStatus, RetryJob, field};
 use crate::endpoint::Endpoint;
 use crate::envelope::Envelope;
@@ -152,13 +152,15 @@ return {'go', redis.call('HGET', KEYS[1], 'attempts') or '0',
 /// record fell by about a fifth (`laabam-bench redis-calls`, one endpoint per event); with ten
 /// endpoints sharing a call it did not measurably change.
 /// KEYS, six per record: state, retry shard, endpoint health, 5-minute stats, hourly stats, the
-/// endpoint's history. ARGV, seventeen per record, in the order `Store::record` gives them.
+/// endpoint's history. ARGV: the store's four (`record_call_args`) once per call, then thirteen
+/// per record, in the order `Store::record` gives them.
 pub(super) static RECORD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{TRIM_HISTORY}
 -- Gathered across the call's records in flat tables, so gathering allocates little in Lua:
 -- counts per (bucket, field); per health key the last record's arguments, its latest success
 -- and its failing_since.
+local ttl_5m, ttl_1h, keep, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local counted, count_key, count_field, count_ttl, count_n = {{}}, {{}}, {{}}, {{}}, {{}}
 local health_keys, last_of, success_of, failing_of = {{}}, {{}}, {{}}, {{}}
 local function count(key, field, ttl)
@@ -174,7 +176,7 @@ end
 local function record(k, a)
   local state, due, health, idx = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 6]
   local lease, attempt, status, attempts, first, next_at, reason, job, outcome, latency, at,
-    delivery, code, ttl_5m, ttl_1h, keep, prefix = unpack(ARGV, a + 1, a + 17)
+    delivery, code = unpack(ARGV, a + 1, a + 13)
   local failing = ''
   local held = redis.call('HMGET', state, 'lease', 'logged')
   -- A released lease is stored empty, so an empty token never holds it.
@@ -220,11 +222,11 @@ local function record(k, a)
     redis.call('ZREM', due, job)
   end
   redis.call('HSET', state, unpack(set))
-  if status == 'succeeded' or status == 'failed' then trim_history(idx, tonumber(keep), prefix, health) end
+  if status == 'succeeded' or status == 'failed' then trim_history(idx, keep, prefix, health) end
   return {{1, failing}}
 end
 local out = {{}}
-for r = 0, #KEYS / 6 - 1 do out[r + 1] = record(r * 6, r * 17) end
+for r = 0, #KEYS / 6 - 1 do out[r + 1] = record(r * 6, 4 + r * 13) end
 for i, key in ipairs(count_key) do
   -- A bucket's first count of a field sets its lifetime; later ones need not.
   if redis.call('HINCRBY', key, count_field[i], count_n[i]) == count_n[i] then
@@ -242,6 +244,17 @@ return out
 "
     ))
 });
+
+/// The record script's arguments that are the same for every record of a store: the statistics
+/// buckets' lifetimes, the history kept per endpoint and the key prefix. They go once per call.
+pub(super) fn record_call_args(keys: &Keys, history_per_endpoint: u32) -> redis::Cmd {
+    let mut args = redis::Cmd::new();
+    args.arg(stats::FIVE_MINUTE_TTL_SECS)
+        .arg(stats::HOUR_TTL_SECS)
+        .arg(history_per_endpoint)
+        .arg(keys.prefix());
+    args
+}
 
 /// An owner's redelivery: a finished delivery starts a new cycle of attempts now; a waiting one
 /// is brought forward; one in flight is left alone. A new cycle extends the event's body with
@@ -556,11 +569,7 @@ impl Store {
                     .and_then(|t| t.status_code)
                     .map(|c| c.to_string())
                     .unwrap_or_default(),
-            )
-            .arg(stats::FIVE_MINUTE_TTL_SECS)
-            .arg(stats::HOUR_TTL_SECS)
-            .arg(self.history_per_endpoint)
-            .arg(self.keys.prefix());
+            );
         let keys = [
             self.keys.delivery(&job.delivery),
             self.keys.retry_due(self.keys.shard_of(&job.delivery)),

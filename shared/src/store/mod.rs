@@ -2,7 +2,8 @@
 //!
 //! Every multi-key change is one Lua script, so each step of a delivery's life is atomic and
 //! costs one round trip: an event's storage and the start of all its deliveries together, then
-//! one record per attempt (the records waiting at the same moment share one call). Key layout (all below `LAABAM_REDIS_PREFIX`):
+//! one record per attempt (the records waiting at the same moment share one call). Key layout
+//! (all below `LAABAM_REDIS_PREFIX`):
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -124,12 +125,17 @@ impl Store {
             Ok::<_, redis::RedisError>(conn)
         })
         .await?;
+        let keys = Keys::new(&config.prefix, config.retry_shards);
+        let history_per_endpoint = config.history_per_endpoint.max(1);
         Ok(Store {
-            records: record_batch::RecordWriter::start(conn.clone()),
+            records: record_batch::RecordWriter::start(
+                conn.clone(),
+                deliveries::record_call_args(&keys, history_per_endpoint),
+            ),
             conn,
-            keys: Keys::new(&config.prefix, config.retry_shards),
+            keys,
             retention: config.retention,
-            history_per_endpoint: config.history_per_endpoint.max(1),
+            history_per_endpoint,
             sealer: Arc::new(
                 SecretSealer::new(config.secret_key.as_deref(), config.secret_key_previous.as_deref())
                     .expect("sealing keys are validated when configuration is parsed"),

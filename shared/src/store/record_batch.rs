@@ -66,10 +66,10 @@ pub(super) struct RecordWriter {
 }
 
 impl RecordWriter {
-    /// Starts the writer on the current Tokio runtime.
-    pub(super) fn start(conn: ConnectionManager) -> Self {
+    /// Starts the writer on the current Tokio runtime; `call_args` lead every call's arguments.
+    pub(super) fn start(conn: ConnectionManager, call_args: Cmd) -> Self {
         let (queue, waiting) = mpsc::unbounded_channel();
-        tokio::spawn(write_batches(waiting, conn));
+        tokio::spawn(write_batches(waiting, conn, call_args));
         RecordWriter { queue }
     }
 
@@ -81,7 +81,16 @@ impl RecordWriter {
     }
 }
 
-async fn write_batches(mut waiting: mpsc::UnboundedReceiver<Waiting>, mut conn: ConnectionManager) {
+/// Copies `args`, built as a command's arguments, into `call`.
+fn append(call: &mut ScriptCall<'_>, args: &Cmd) {
+    for arg in args.args_iter() {
+        if let Arg::Simple(bytes) = arg {
+            call.arg(bytes);
+        }
+    }
+}
+
+async fn write_batches(mut waiting: mpsc::UnboundedReceiver<Waiting>, mut conn: ConnectionManager, call_args: Cmd) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while waiting.recv_many(&mut batch, MAX_BATCH).await > 0 {
         RECORDS_PER_CALL.observe(batch.len() as f64);
@@ -91,12 +100,9 @@ async fn write_batches(mut waiting: mpsc::UnboundedReceiver<Waiting>, mut conn: 
                 call.key(key);
             }
         }
+        append(&mut call, &call_args);
         for w in &batch {
-            for arg in w.record.args.args_iter() {
-                if let Arg::Simple(bytes) = arg {
-                    call.arg(bytes);
-                }
-            }
+            append(&mut call, &w.record.args);
         }
         match call.invoke::<Vec<Answer>>(&mut conn).await {
             Ok(answers) if answers.len() == batch.len() => {

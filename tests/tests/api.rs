@@ -122,10 +122,16 @@ async fn an_account_manages_endpoints_publishes_and_inspects_every_delivery() {
     for req in healthy.requests() {
         assert!(req.verifies(&healthy_secret));
     }
-    let succeeded = alice
-        .get(&format!("/v1/deliveries?endpoint_id={healthy_id}&status=succeeded"))
-        .await;
-    assert_eq!(succeeded.json["data"].as_array().unwrap().len(), 4);
+    // A delivery is recorded after its response, so the last may still be in flight.
+    let succeeded_path = format!("/v1/deliveries?endpoint_id={healthy_id}&status=succeeded");
+    let succeeded_listing = || alice.get(&succeeded_path);
+    let listed = |r: &laabam_tests::api::Answer| r.json["data"].as_array().map_or(0, Vec::len);
+    wait_until("every healthy delivery recorded as succeeded", WAIT, || async {
+        listed(&succeeded_listing().await) >= 4
+    })
+    .await;
+    let succeeded = succeeded_listing().await;
+    assert_eq!(listed(&succeeded), 4);
 
     // The failing endpoint's attempts and success rate.
     let paid_id = &event_ids[1];

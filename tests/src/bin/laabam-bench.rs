@@ -1,11 +1,12 @@
 //! `laabam-bench <scenario>...`: measures the whole system on the real RabbitMQ and Redis.
 //!
-//! Scenarios: see `USAGE`; `baseline` is a bare pipeline (consume, sign, POST, ack; no records,
+//! Scenarios: see `--help`; `baseline` is a bare pipeline (consume, sign, POST, ack; no records,
 //! the machine's practical limit), `throughput` (N events, one endpoint), `fanout` (N events, ten
 //! endpoints), `latency` (a fixed rate, publish to receive percentiles), `all`.
 //! Prints a table and writes JSON to target/bench/. Run with `--release`.
 
 use bytes::Bytes;
+use clap::{Parser, ValueEnum};
 use futures_util::StreamExt;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
@@ -522,16 +523,12 @@ async fn retry_backlog(n: usize, spread: Duration) -> Run {
     drop(store);
     let bytes = redis_memory() as i64 - before as i64;
     let job_and_event: i64 = {
-        let members: Vec<String> = redis::AsyncCommands::zrange(&mut conn, keys.retry_due(0), 0, 0)
-            .await
-            .unwrap();
         let job: i64 = redis::cmd("MEMORY")
             .arg("USAGE")
             .arg(keys.retry_due(0))
             .query_async(&mut conn)
             .await
             .unwrap();
-        let _ = members;
         job / n as i64 + (body.len() as i64 + 80) / per_event as i64
     };
     println!(
@@ -829,67 +826,97 @@ impl Job {
     }
 }
 
-fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+/// Measures the whole system on the real RabbitMQ and Redis; several scenarios in one call run
+/// interleaved (one run of each, then the next round), so scenarios compared with each other see
+/// the same state of this noisy machine.
+#[derive(Parser)]
+struct Cli {
+    /// Scenarios to run (`all` for every one)
+    #[arg(value_enum, default_value = "all")]
+    scenarios: Vec<Scenario>,
+    /// Events per run (a scenario with ten endpoints per event publishes a tenth of them)
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Events per second in `latency`
+    #[arg(long, default_value_t = 3000.0)]
+    rate: f64,
+    /// Queues the event stream is spread over in `throughput`
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    queues: u16,
+    /// Runs of each scenario; the summary gives their medians
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
 }
 
-const USAGE: &str = "usage: laabam-bench <baseline|throughput|fanout|latency|failing|slow-endpoint|retry-backlog|noisy-neighbour|redis-calls|all>... \
-[--events N] [--rate R] [--queues Q] [--runs K]  (several scenarios run interleaved, round by round)";
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Baseline,
+    Throughput,
+    Fanout,
+    Latency,
+    Failing,
+    SlowEndpoint,
+    RetryBacklog,
+    NoisyNeighbour,
+    RedisCalls,
+    All,
+}
+
+impl Scenario {
+    fn name(self) -> String {
+        self.to_possible_value()
+            .expect("no scenario is skipped")
+            .get_name()
+            .to_owned()
+    }
+}
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    // Several scenarios in one call run interleaved (one run of each, then the next round), so
-    // scenarios compared with each other see the same state of this noisy machine.
-    let mut scenarios: Vec<String> = args.iter().take_while(|a| !a.starts_with("--")).cloned().collect();
-    if scenarios.is_empty() {
-        scenarios.push("all".into());
-    }
-    let n: usize = arg(&args, "--events", 200_000);
-    let rate: f64 = arg(&args, "--rate", 3000.0);
-    let queues: u16 = arg(&args, "--queues", 1);
-    let runs: usize = arg(&args, "--runs", 1);
-    let wanted = |s: &str| scenarios.iter().any(|x| x == s || x == "all");
+    let Cli {
+        scenarios,
+        events: n,
+        rate,
+        queues,
+        runs,
+    } = Cli::parse();
+    let wanted = |s: Scenario| scenarios.iter().any(|&x| x == s || x == Scenario::All);
     let mut jobs = Vec::new();
-    if wanted("baseline") {
+    if wanted(Scenario::Baseline) {
         jobs.push(Job::Baseline(n));
     }
-    if wanted("throughput") {
+    if wanted(Scenario::Throughput) {
         let plural = if queues > 1 { "s" } else { "" };
         let mut setup = Setup::new(&format!("throughput ({queues} queue{plural})"), n, 1);
         setup.queues = queues;
         jobs.push(Job::Pipeline(setup));
     }
-    if wanted("fanout") {
+    if wanted(Scenario::Fanout) {
         jobs.push(Job::Pipeline(Setup::new("fanout", n / 10, 10)));
     }
-    if wanted("latency") {
+    if wanted(Scenario::Latency) {
         let mut setup = Setup::new(&format!("latency at {rate:.0}/s"), (rate * 30.0) as usize, 1);
         setup.rate = Some(rate);
         jobs.push(Job::Pipeline(setup));
     }
-    if wanted("failing") {
+    if wanted(Scenario::Failing) {
         let mut setup = Setup::new("failing (10% fail once)", n / 10, 1);
         setup.failing = true;
         jobs.push(Job::Pipeline(setup));
     }
-    if wanted("slow-endpoint") {
+    if wanted(Scenario::SlowEndpoint) {
         jobs.push(Job::Pipeline(Setup::new("ten healthy endpoints", n / 10, 10)));
         let mut slow = Setup::new("ten healthy endpoints and a 5 s one", n / 10, 10);
         slow.slow = true;
         jobs.push(Job::Pipeline(slow));
     }
-    if wanted("noisy-neighbour") {
+    if wanted(Scenario::NoisyNeighbour) {
         jobs.push(Job::NoisyNeighbour(n / 2));
     }
-    if wanted("retry-backlog") {
+    if wanted(Scenario::RetryBacklog) {
         jobs.push(Job::RetryBacklog(1_000_000, Duration::from_secs(100)));
     }
-    if wanted("redis-calls") {
+    if wanted(Scenario::RedisCalls) {
         jobs.push(Job::RedisCalls(n / 2, 1));
         jobs.push(Job::RedisCalls(n / 2, 10));
     }
@@ -905,10 +932,6 @@ async fn main() {
         .map(|(job, reports)| summary(&job.name(), reports))
         .collect();
     let all: Vec<Value> = reports.into_iter().flatten().collect();
-    if all.is_empty() {
-        eprintln!("{USAGE}");
-        std::process::exit(2);
-    }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&dir);
     let suffix = if queues > 1 {
@@ -916,7 +939,8 @@ async fn main() {
     } else {
         String::new()
     };
-    let path = dir.join(format!("{}{suffix}.json", scenarios.join("+")));
+    let names: Vec<String> = scenarios.iter().map(|s| s.name()).collect();
+    let path = dir.join(format!("{}{suffix}.json", names.join("+")));
     let out = json!({ "summaries": summaries, "runs": all });
     std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("\nwrote {}", path.display());

@@ -50,6 +50,7 @@ pub fn initialize() {
         m.endpoints_disabled.with_label_values(&[reason]);
     }
     LazyLock::force(&laabam_shared::store::RECORDS_PER_CALL);
+    LazyLock::force(&laabam_shared::store::ARRIVALS_PER_CALL);
 }
 
 /// Counts an attempt against its endpoint, when per-endpoint metrics are on.

@@ -1,11 +1,16 @@
 //! Events published through our library and through a plain AMQP client reach exactly the
-//! subscribed endpoints, unchanged and signed.
+//! subscribed endpoints, unchanged and signed; events arriving together are each stored and
+//! begun as alone.
 
+use futures_util::future::join_all;
 use laabam_shared::catalog::CATALOG;
 use laabam_shared::clock::now_ms;
+use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
+use laabam_shared::store::{ARRIVALS_PER_CALL, Begin, DeliveryFilter, Ingest};
+use laabam_tests::deliveries::{leased_begins, quiet_endpoints};
 use laabam_tests::receiver::Captured;
 use laabam_tests::{Receiver, TestEnv, wait_until};
 use lapin::BasicProperties;
@@ -263,4 +268,106 @@ async fn endpoint_changes_reach_a_running_dispatcher_on_the_next_event() {
     );
     assert!(!got(&second, 3), "the deleted endpoint got nothing after its deletion");
     assert!(!got(&second, 0), "the second endpoint did not exist yet");
+}
+
+/// Events that arrive at the same moment share script calls (every arrival waiting when the
+/// previous call returns goes in the next), and each must be stored and begun as it would be
+/// alone: events of two accounts with three and two endpoints, one with nobody to deliver to,
+/// one whose endpoints changed since they were read (nothing written for it), and a second copy
+/// of an earlier event (its deliveries known, the first copy's body answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arriving_together_are_each_stored_and_begun_as_alone() {
+    let env = TestEnv::new().await;
+    let store = env.store().await;
+    let now = now_ms();
+    let three = quiet_endpoints(&store, &AccountId::parse("acct_three").unwrap(), 3).await;
+    let two = quiet_endpoints(&store, &AccountId::parse("acct_two").unwrap(), 2).await;
+    let (stale, nobody, copy, copied) = (17, 22, 39, 3);
+    let events: Vec<Envelope> = (0..40)
+        .map(|i| {
+            let account = if i % 2 == 0 { &three } else { &two }.endpoints[0].account_id.clone();
+            let data = format!(r#"{{"invoice_id":"inv_{i}","payment_id":"pay_{i}","amount":{i}}}"#);
+            let data = RawValue::from_string(data).unwrap();
+            Envelope::new("invoice.paid", account, data, None, now + i as i64).unwrap()
+        })
+        .collect();
+    let arrivals: Vec<(&Envelope, Vec<u8>, u64, Vec<Begin>)> = (0..40)
+        .map(|i| {
+            let endpoints = if i % 2 == 0 { &three } else { &two };
+            let event = if i == copy { &events[copied] } else { &events[i] };
+            let body = if i == copy {
+                b"a second copy".to_vec()
+            } else {
+                event.to_json()
+            };
+            let version = endpoints.version + u64::from(i == stale);
+            let begins = if i == nobody {
+                Vec::new()
+            } else {
+                leased_begins(event, &endpoints.endpoints, i * 3, now + 30_000)
+            };
+            (event, body, version, begins)
+        })
+        .collect();
+    let (calls_before, sent_before) = (ARRIVALS_PER_CALL.get_sample_count(), ARRIVALS_PER_CALL.get_sample_sum());
+    let answers = join_all(
+        arrivals
+            .iter()
+            .map(|(event, body, version, begins)| store.ingest(event, body, *version, begins, now)),
+    )
+    .await;
+    let calls = ARRIVALS_PER_CALL.get_sample_count() - calls_before;
+    let sent = ARRIVALS_PER_CALL.get_sample_sum() - sent_before;
+    assert!(
+        sent >= 40.0 && (calls as f64) < sent,
+        "{sent} arrivals went in {calls} calls"
+    );
+
+    for (i, ((event, body, _, begins), answer)) in arrivals.iter().zip(answers).enumerate() {
+        let stored = store.event_body(&event.account_id, &event.id).await.unwrap();
+        let states = join_all(begins.iter().map(|b| store.delivery(&b.job.delivery))).await;
+        match answer.unwrap() {
+            Ingest::Stale => {
+                assert_eq!(i, stale, "only the arrival with a changed version is stale");
+                assert_eq!(stored, None, "nothing stored for the stale arrival");
+                assert!(states.iter().all(|s| s.as_ref().unwrap().is_none()), "nor begun");
+            }
+            Ingest::Begun {
+                body: answered,
+                created,
+            } if i == copy => {
+                assert_eq!(answered, events[copied].to_json(), "the first copy's body answers");
+                assert_eq!(created, vec![false; begins.len()], "its deliveries are known");
+            }
+            Ingest::Begun {
+                body: answered,
+                created,
+            } => {
+                assert_ne!(i, stale, "arrival {i}");
+                assert_eq!(&answered, body, "arrival {i}");
+                assert_eq!(stored.as_ref(), Some(body), "arrival {i}");
+                assert_eq!(created, vec![true; begins.len()], "arrival {i}");
+                for (begin, state) in begins.iter().zip(states) {
+                    let state = state
+                        .unwrap()
+                        .unwrap_or_else(|| panic!("arrival {i}: a delivery begun"));
+                    assert_eq!(state.status, DeliveryStatus::Pending, "arrival {i}");
+                    assert_eq!(
+                        (&state.event_id, &state.endpoint_id),
+                        (&event.id, &begin.job.endpoint),
+                        "arrival {i}"
+                    );
+                }
+            }
+        }
+    }
+    // Each account's listings hold its own events and deliveries, and nothing of the stale one.
+    for (endpoints, events_listed, deliveries_listed) in [(&three, 20, 19 * 3), (&two, 18, 18 * 2)] {
+        let account = &endpoints.endpoints[0].account_id;
+        let listed = store.list_events(account, None, 100).await.unwrap();
+        assert_eq!(listed.items.len(), events_listed, "{account}'s events");
+        let filter = DeliveryFilter::default();
+        let listed = store.list_deliveries(account, &filter, None, 100).await.unwrap();
+        assert_eq!(listed.items.len(), deliveries_listed, "{account}'s deliveries");
+    }
 }

@@ -299,11 +299,15 @@ async fn dashboards_and_alerts_evaluate_to_what_the_traffic_implies() {
             .await
             < 1.0
     );
-    // Records leave in batches of one to sixteen.
-    let per_call = prometheus
-        .value("sum(rate(laabam_dispatcher_records_per_redis_call_sum[1m])) / sum(rate(laabam_dispatcher_records_per_redis_call_count[1m]))")
-        .await;
-    assert!((1.0..=16.0).contains(&per_call), "records per Redis call {per_call}");
+    // Records and arrivals leave in batches of one to sixteen.
+    for items in ["records", "arrivals"] {
+        let per_call = prometheus
+            .value(&format!(
+                "sum(rate(laabam_dispatcher_{items}_per_redis_call_sum[1m])) / sum(rate(laabam_dispatcher_{items}_per_redis_call_count[1m]))"
+            ))
+            .await;
+        assert!((1.0..=16.0).contains(&per_call), "{items} per Redis call {per_call}");
+    }
     assert_eq!(
         prometheus
             .query("process_resident_memory_bytes{job=~\"laabam-.*\"}")

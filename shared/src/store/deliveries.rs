@@ -7,7 +7,7 @@
 //! the entry. Only the holder of the current token may change the state, so a late record from
 //! an expired lease can add its attempt to the log but cannot undo a newer outcome.
 
-use super::record_batch::PreparedRecord;
+use super::batch_writer::Prepared;
 use super::script_call::ScriptCall;
 use super::stats;
 use super::{Keys, Store, StoreError};
@@ -62,61 +62,86 @@ local function trim_history(idx, keep, prefix, health)
 end
 ";
 
-/// An event's arrival in one round trip: if the account's endpoints are still at the version
-/// the dispatcher cached, stores the event (first copy wins) and creates each of its deliveries
-/// that does not exist yet, under a lease or deferred. Returns {'stale'} when the endpoints
-/// changed (nothing written), else {'ok', stored body or '' when this copy was stored, then
-/// '1' created / '0' already known per delivery}. When this copy is the first, none of its
-/// deliveries can exist (they are only ever created here, with the event, and a redelivery
-/// extends both), so only a repeated copy pays for the `HSETNX` that tells known from new.
-/// The account's indexes and each endpoint's history are trimmed and their lifetimes renewed
-/// only when a flag asks for it (see `upkeep`).
-/// KEYS: endpoints version, event, account's events, account's deliveries, then three per
-/// delivery (state, retry shard, endpoint history).
-static INGEST: LazyLock<Script> = LazyLock::new(|| {
+/// Events' arrivals, each as if alone (see `batch_writer` for how they share a call): if the
+/// account's endpoints are still at the version the dispatcher cached, stores the event (first
+/// copy wins) and creates each of its deliveries that does not exist yet, under a lease or
+/// deferred. Answers per event {'stale'} when the endpoints changed (nothing written for it),
+/// else {'ok', stored body or '' when this copy was stored, then '1' created / '0' already
+/// known per delivery}. When this copy is the first, none of its deliveries can exist (they are
+/// only ever created here, with the event, and a redelivery extends both), so only a repeated
+/// copy pays for the `HSETNX` that tells known from new. The account's indexes and each
+/// endpoint's history are trimmed and their lifetimes renewed only when a flag asks for it (see
+/// `upkeep`).
+/// KEYS per event: endpoints version, event, account's events, account's deliveries, then three
+/// per delivery (state, retry shard, endpoint history). ARGV: the store's three
+/// (`arrival_call_args`) once per call, then per event its number of deliveries, six values and
+/// ten per delivery, in the order `Store::ingest` gives them.
+pub(super) static INGEST: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return {'stale'} end
-local now, ttl, keep = ARGV[4], ARGV[3], tonumber(ARGV[7])
-local out = {'ok', ''}
-local first = redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ttl)
-if first then
-  redis.call('ZADD', KEYS[3], now, ARGV[5])
-else
-  out[2] = redis.call('GET', KEYS[2])
-end
-if ARGV[8] == '1' then
-  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[6]) - 1)
-  redis.call('EXPIRE', KEYS[3], ttl)
-end
-for i = 0, (#KEYS - 4) / 3 - 1 do
-  local dk, due, idx = KEYS[5 + i * 3], KEYS[6 + i * 3], KEYS[7 + i * 3]
-  local a = 10 + i * 10
-  if not first and redis.call('HSETNX', dk, 'event', ARGV[a + 2]) == 0 then
-    out[#out + 1] = '0'
+local ttl, events_kept, keep = ARGV[1], ARGV[2], tonumber(ARGV[3])
+-- The event whose keys follow KEYS[k] and whose arguments follow its count of deliveries at ARGV[c].
+local function arrive(k, c, deliveries)
+  if (redis.call('GET', KEYS[k + 1]) or '0') ~= ARGV[c + 1] then return {'stale'} end
+  local now = ARGV[c + 3]
+  local out = {'ok', ''}
+  local first = redis.call('SET', KEYS[k + 2], ARGV[c + 2], 'NX', 'EX', ttl)
+  if first then
+    redis.call('ZADD', KEYS[k + 3], now, ARGV[c + 4])
   else
-    -- Under a lease (pending), or deferred (retrying) until its next attempt; no table built.
-    local last, value = 'lease', ARGV[a + 8]
-    if value == '' then last, value = 'next_attempt', ARGV[a + 7] end
-    redis.call('HSET', dk, 'event', ARGV[a + 2], 'endpoint', ARGV[a + 3], 'account', ARGV[a + 4],
-      'type', ARGV[a + 5], 'status', ARGV[a + 6], 'attempts', '0', 'cycle_start', '0', 'created', now,
-      last, value)
-    redis.call('EXPIRE', dk, ttl)
-    redis.call('ZADD', due, ARGV[a + 7], ARGV[a])
-    redis.call('ZADD', idx, now, ARGV[a + 1])
-    redis.call('ZADD', KEYS[4], now, ARGV[a + 1])
-    out[#out + 1] = '1'
+    out[2] = redis.call('GET', KEYS[k + 2])
   end
-  if ARGV[a + 9] == '1' then redis.call('EXPIRE', idx, ttl) end
+  if ARGV[c + 5] == '1' then
+    redis.call('ZREMRANGEBYRANK', KEYS[k + 3], 0, -tonumber(events_kept) - 1)
+    redis.call('EXPIRE', KEYS[k + 3], ttl)
+  end
+  for i = 0, deliveries - 1 do
+    local dk, due, idx = KEYS[k + 5 + i * 3], KEYS[k + 6 + i * 3], KEYS[k + 7 + i * 3]
+    local a = c + 7 + i * 10
+    if not first and redis.call('HSETNX', dk, 'event', ARGV[a + 2]) == 0 then
+      out[#out + 1] = '0'
+    else
+      -- Under a lease (pending), or deferred (retrying) until its next attempt; no table built.
+      local last, value = 'lease', ARGV[a + 8]
+      if value == '' then last, value = 'next_attempt', ARGV[a + 7] end
+      redis.call('HSET', dk, 'event', ARGV[a + 2], 'endpoint', ARGV[a + 3], 'account', ARGV[a + 4],
+        'type', ARGV[a + 5], 'status', ARGV[a + 6], 'attempts', '0', 'cycle_start', '0', 'created', now,
+        last, value)
+      redis.call('EXPIRE', dk, ttl)
+      redis.call('ZADD', due, ARGV[a + 7], ARGV[a])
+      redis.call('ZADD', idx, now, ARGV[a + 1])
+      redis.call('ZADD', KEYS[k + 4], now, ARGV[a + 1])
+      out[#out + 1] = '1'
+    end
+    if ARGV[a + 9] == '1' then redis.call('EXPIRE', idx, ttl) end
+  end
+  if ARGV[c + 6] == '1' then
+    redis.call('ZREMRANGEBYRANK', KEYS[k + 4], 0, -keep * 10 - 1)
+    redis.call('EXPIRE', KEYS[k + 4], ttl)
+  end
+  return out
 end
-if ARGV[9] == '1' then
-  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -keep * 10 - 1)
-  redis.call('EXPIRE', KEYS[4], ttl)
+local out, k, c = {}, 0, 4
+while c <= #ARGV do
+  local deliveries = tonumber(ARGV[c])
+  out[#out + 1] = arrive(k, c, deliveries)
+  k = k + 4 + deliveries * 3
+  c = c + 7 + deliveries * 10
 end
 return out
 ",
     )
 });
+
+/// The arrival script's arguments that are the same for every event of a store: the retention,
+/// the events kept per account and the history kept per endpoint. They go once per call.
+pub(super) fn arrival_call_args(retention_secs: u64, history_per_endpoint: u32) -> redis::Cmd {
+    let mut args = redis::Cmd::new();
+    args.arg(retention_secs)
+        .arg(EVENTS_PER_ACCOUNT)
+        .arg(history_per_endpoint);
+    args
+}
 
 /// Takes a retry job if it is still the delivery's current one: the delivery is unfinished and
 /// not queued again (a duplicate job finds the lease of the first taker in the retry set).
@@ -138,7 +163,7 @@ return {'go', redis.call('HGET', KEYS[1], 'attempts') or '0',
     )
 });
 
-/// Records a batch of attempts' outcomes (see `record_batch`), each in turn as if alone: logs
+/// Records a batch of attempts' outcomes (see `batch_writer`), each in turn as if alone: logs
 /// the attempt (if any) with its statistics and the endpoint's health, and, when the lease is
 /// still ours, moves the state on. Returns {applied, failing_since} per record.
 /// The attempt joins the state hash as field `att:<n>`, numbered in the order logged, so a
@@ -447,23 +472,22 @@ impl Store {
             .map(|b| self.keys.endpoint_deliveries(&b.job.endpoint))
             .collect();
         let flag = |key: &str| if self.upkeep.due(key) { "1" } else { "" };
-        let mut call = ScriptCall::new(&INGEST, 4 + 3 * begins.len());
-        call.key(self.keys.endpoints_version(acct))
-            .key(self.keys.event(acct, &envelope.id))
-            .key(&events_index)
-            .key(&deliveries_index);
+        let mut keys = redis::Cmd::new();
+        keys.arg(self.keys.endpoints_version(acct))
+            .arg(self.keys.event(acct, &envelope.id))
+            .arg(&events_index)
+            .arg(&deliveries_index);
         for (b, history) in begins.iter().zip(&histories) {
-            call.key(self.keys.delivery(&b.job.delivery))
-                .key(self.keys.retry_due(self.keys.shard_of(&b.job.delivery)))
-                .key(history);
+            keys.arg(self.keys.delivery(&b.job.delivery))
+                .arg(self.keys.retry_due(self.keys.shard_of(&b.job.delivery)))
+                .arg(history);
         }
-        call.arg(endpoints_version)
+        let mut args = redis::Cmd::new();
+        args.arg(begins.len())
+            .arg(endpoints_version)
             .arg(body)
-            .arg(self.retention_secs())
             .arg(now_ms)
             .arg(envelope.id.as_str())
-            .arg(EVENTS_PER_ACCOUNT)
-            .arg(self.history_per_endpoint)
             .arg(flag(&events_index))
             .arg(flag(&deliveries_index));
         for (b, history) in begins.iter().zip(&histories) {
@@ -473,7 +497,7 @@ impl Store {
             } else {
                 DeliveryStatus::Retrying
             };
-            call.arg(job.encode())
+            args.arg(job.encode())
                 .arg(job.delivery.as_str())
                 .arg(job.event.as_str())
                 .arg(job.endpoint.as_str())
@@ -484,7 +508,7 @@ impl Store {
                 .arg(b.lease.as_deref().unwrap_or(""))
                 .arg(flag(history));
         }
-        let reply = match call.invoke::<Vec<Vec<u8>>>(&mut self.conn()).await {
+        let reply = match self.arrivals.write(Prepared { keys, args }).await {
             Ok(reply) if reply.first().is_some_and(|s| s == b"ok") => reply,
             stale_or_failed => {
                 // Nothing was written, or maybe not: the next write to these keys does their upkeep.
@@ -544,7 +568,7 @@ impl Store {
     }
 
     /// Applies a record under its lease, and counts its attempt in the endpoint's statistics;
-    /// written together with the other records waiting at the time (see `record_batch`).
+    /// written together with the other records waiting at the time (see `batch_writer`).
     pub async fn record(&self, r: &Record<'_>) -> Result<Recorded, StoreError> {
         let job = r.job;
         let attempt = r.attempt.map(AttemptRecord::to_stored).unwrap_or_default();
@@ -570,16 +594,17 @@ impl Store {
                     .map(|c| c.to_string())
                     .unwrap_or_default(),
             );
-        let keys = [
-            self.keys.delivery(&job.delivery),
-            self.keys.retry_due(self.keys.shard_of(&job.delivery)),
-            self.keys.endpoint_health(&job.endpoint),
-            self.keys
-                .endpoint_stats(&job.endpoint, "5m", at / stats::FIVE_MINUTES_MS),
-            self.keys.endpoint_stats(&job.endpoint, "1h", at / stats::HOUR_MS),
-            self.keys.endpoint_deliveries(&job.endpoint),
-        ];
-        let (applied, failing) = self.records.write(PreparedRecord { keys, args }).await?;
+        let mut keys = redis::Cmd::new();
+        keys.arg(self.keys.delivery(&job.delivery))
+            .arg(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
+            .arg(self.keys.endpoint_health(&job.endpoint))
+            .arg(
+                self.keys
+                    .endpoint_stats(&job.endpoint, "5m", at / stats::FIVE_MINUTES_MS),
+            )
+            .arg(self.keys.endpoint_stats(&job.endpoint, "1h", at / stats::HOUR_MS))
+            .arg(self.keys.endpoint_deliveries(&job.endpoint));
+        let (applied, failing) = self.records.write(Prepared { keys, args }).await?;
         Ok(Recorded {
             applied: applied == 1,
             failing_since_ms: failing.parse().ok(),

@@ -2,8 +2,8 @@
 //!
 //! Every multi-key change is one Lua script, so each step of a delivery's life is atomic and
 //! costs one round trip: an event's storage and the start of all its deliveries together, then
-//! one record per attempt (the records waiting at the same moment share one call). Key layout
-//! (all below `LAABAM_REDIS_PREFIX`):
+//! one record per attempt. Arrivals, and records, waiting at the same moment share one call
+//! (see `batch_writer`). Key layout (all below `LAABAM_REDIS_PREFIX`):
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -26,25 +26,26 @@
 //! | `retry:{n}:claimed` | sorted set | jobs a scheduler is publishing, by lease expiry |
 
 mod accounts;
+mod batch_writer;
 mod deliveries;
 mod endpoints;
 mod keys;
-mod record_batch;
 mod retry_set;
 mod script_call;
 mod stats;
 mod upkeep;
 
 pub use accounts::{API_KEY_PREFIX, Account, ApiKeyInfo, Idempotency};
+pub use batch_writer::{ARRIVALS_PER_CALL, RECORDS_PER_CALL};
 pub use deliveries::{AttemptTiming, Begin, Cursor, DeliveryFilter, Ingest, Page, Record, Recorded, Redelivery, Taken};
 pub use endpoints::AccountEndpoints;
 pub use keys::Keys;
-pub use record_batch::RECORDS_PER_CALL;
 pub use retry_set::Claimed;
 pub use stats::{EndpointHealth, EndpointStats, LastDelivery, SeriesPoint, WindowStats};
 
 use crate::sealing::SecretSealer;
 use crate::startup::{self, Unreachable};
+use batch_writer::{BatchWriter, Batched};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,14 +65,13 @@ pub struct Store {
     conn: ConnectionManager,
     keys: Keys,
     retention: Duration,
-    /// Finished deliveries kept per endpoint beyond which the oldest are deleted.
-    history_per_endpoint: u32,
     /// Seals endpoint secrets on the way into Redis and opens them on the way out.
     sealer: Arc<SecretSealer>,
     /// When writes to the bounded indexes also trim them and renew their lifetime.
     upkeep: Arc<upkeep::Upkeep>,
-    /// Attempts' records, queued to go to Redis in batches.
-    records: record_batch::RecordWriter,
+    /// Events' arrivals and attempts' records, queued to go to Redis in batches.
+    arrivals: BatchWriter<Vec<Vec<u8>>>,
+    records: BatchWriter<(i64, String)>,
 }
 
 impl std::fmt::Debug for Store {
@@ -128,14 +128,25 @@ impl Store {
         let keys = Keys::new(&config.prefix, config.retry_shards);
         let history_per_endpoint = config.history_per_endpoint.max(1);
         Ok(Store {
-            records: record_batch::RecordWriter::start(
+            arrivals: BatchWriter::start(
                 conn.clone(),
-                deliveries::record_call_args(&keys, history_per_endpoint),
+                Batched {
+                    script: &deliveries::INGEST,
+                    call_args: deliveries::arrival_call_args(retention_secs(config.retention), history_per_endpoint),
+                    per_call: &ARRIVALS_PER_CALL,
+                },
+            ),
+            records: BatchWriter::start(
+                conn.clone(),
+                Batched {
+                    script: &deliveries::RECORD,
+                    call_args: deliveries::record_call_args(&keys, history_per_endpoint),
+                    per_call: &RECORDS_PER_CALL,
+                },
             ),
             conn,
             keys,
             retention: config.retention,
-            history_per_endpoint,
             sealer: Arc::new(
                 SecretSealer::new(config.secret_key.as_deref(), config.secret_key_previous.as_deref())
                     .expect("sealing keys are validated when configuration is parsed"),
@@ -154,7 +165,7 @@ impl Store {
     }
 
     fn retention_secs(&self) -> u64 {
-        self.retention.as_secs().max(1)
+        retention_secs(self.retention)
     }
 
     /// Answers whether Redis responds now (readiness probes).
@@ -193,4 +204,9 @@ impl Store {
             );
         }
     }
+}
+
+/// Lifetimes in whole seconds, at least one: Redis refuses an `EXPIRE` of zero.
+fn retention_secs(retention: Duration) -> u64 {
+    retention.as_secs().max(1)
 }

@@ -453,9 +453,9 @@ fn state_from_fields(id: &DeliveryId, values: Vec<Option<String>>) -> Option<Del
 }
 
 impl Store {
-    /// One round trip: stores the event (first copy wins) and begins its deliveries, provided the
-    /// account's endpoints are still at `endpoints_version` (the version `begins` were chosen
-    /// from).
+    /// One round trip, shared with the arrivals waiting at the same moment: stores the event
+    /// (first copy wins) and begins its deliveries, provided the account's endpoints are still at
+    /// `endpoints_version` (the version `begins` were chosen from).
     pub async fn ingest(
         &self,
         envelope: &Envelope,

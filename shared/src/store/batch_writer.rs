@@ -140,13 +140,7 @@ async fn write_batches<A: FromRedisValue>(
     let mut held = None;
     while let Some(keys) = next_call(&mut batch, &mut held, &mut waiting).await {
         batched.per_call.observe(batch.len() as f64);
-        let mut call = ScriptCall::new(batched.script, keys);
-        for key in batch.iter().flat_map(|w| values(&w.item.keys)) {
-            call.key(key);
-        }
-        for arg in values(&batched.call_args).chain(batch.iter().flat_map(|w| values(&w.item.args))) {
-            call.arg(arg);
-        }
+        let call = call_of(&batched, &batch, keys);
         match call.invoke::<Vec<A>>(&mut conn).await {
             Ok(answers) if answers.len() == batch.len() => {
                 for (w, answer) in batch.drain(..).zip(answers) {
@@ -164,6 +158,26 @@ async fn write_batches<A: FromRedisValue>(
             Err(e) => fail_all(&mut batch, &e),
         }
     }
+}
+
+/// The call that carries `batch`, whose items have `keys` keys in all: the leading arguments,
+/// then every item's keys, then every item's arguments, in buffers sized for them beforehand.
+fn call_of<'a, A>(batched: &'a Batched, batch: &[Waiting<A>], keys: usize) -> ScriptCall<'a> {
+    let items = || batch.iter().flat_map(|w| [&w.item.keys, &w.item.args]);
+    let args = items().chain([&batched.call_args]).map(|c| c.args_iter().len()).sum();
+    let bytes = items()
+        .chain([&batched.call_args])
+        .flat_map(values)
+        .map(<[u8]>::len)
+        .sum();
+    let mut call = ScriptCall::with_capacity(batched.script, keys, args, bytes);
+    for key in batch.iter().flat_map(|w| values(&w.item.keys)) {
+        call.key(key);
+    }
+    for arg in values(&batched.call_args).chain(batch.iter().flat_map(|w| values(&w.item.args))) {
+        call.arg(arg);
+    }
+    call
 }
 
 /// Waits for an item, then fills `batch` for the next call with the items already waiting,
@@ -227,6 +241,37 @@ mod tests {
             calls.push(call);
         }
         calls
+    }
+
+    #[test]
+    fn a_call_is_built_in_buffers_sized_for_it() {
+        static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new("return {}"));
+        let item = |keys: usize, args: &[&str]| {
+            let (answer, _) = oneshot::channel::<Result<(), RedisError>>();
+            let mut item = Prepared {
+                keys: Cmd::new(),
+                args: Cmd::new(),
+            };
+            for k in 0..keys {
+                item.keys.arg(format!("key:{k}"));
+            }
+            for arg in args {
+                item.args.arg(*arg);
+            }
+            Waiting { item, answer }
+        };
+        let mut call_args = Cmd::new();
+        call_args.arg(86_400).arg("laabam:");
+        let batched = Batched {
+            script: &SCRIPT,
+            call_args,
+            per_call: &RECORDS_PER_CALL,
+        };
+        for sizes in [vec![3], vec![3, 3, 4], vec![1000, 2]] {
+            let batch: Vec<_> = sizes.iter().map(|&n| item(n, &["a body", "", "17"])).collect();
+            let call = call_of(&batched, &batch, sizes.iter().sum());
+            assert!(call.fills_its_buffers(), "items of {sizes:?} keys");
+        }
     }
 
     #[tokio::test]

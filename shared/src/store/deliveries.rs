@@ -435,6 +435,10 @@ pub struct Page<T> {
 /// How many events each account's listing keeps.
 const EVENTS_PER_ACCOUNT: u32 = 10_000;
 
+/// Room for one key when a script's keys are sized up front (a prefix and two ids fit); a
+/// longer key only regrows the buffer once.
+const KEY_BYTES: usize = 112;
+
 fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt {
         key: key.to_owned(),
@@ -472,7 +476,8 @@ impl Store {
             .map(|b| self.keys.endpoint_deliveries(&b.job.endpoint))
             .collect();
         let flag = |key: &str| if self.upkeep.due(key) { "1" } else { "" };
-        let mut keys = redis::Cmd::new();
+        // Sized for the keys and arguments below, so that building them never regrows a buffer.
+        let mut keys = redis::Cmd::with_capacity(4 + 3 * begins.len(), KEY_BYTES * (4 + 3 * begins.len()));
         keys.arg(self.keys.endpoints_version(acct))
             .arg(self.keys.event(acct, &envelope.id))
             .arg(&events_index)
@@ -482,7 +487,7 @@ impl Store {
                 .arg(self.keys.retry_due(self.keys.shard_of(&b.job.delivery)))
                 .arg(history);
         }
-        let mut args = redis::Cmd::new();
+        let mut args = redis::Cmd::with_capacity(7 + 10 * begins.len(), body.len() + 64 + 400 * begins.len());
         args.arg(begins.len())
             .arg(endpoints_version)
             .arg(body)
@@ -575,14 +580,15 @@ impl Store {
         let opt = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
         let timing = r.timing;
         let at = timing.map_or(0, |t| t.at_ms);
-        let mut args = redis::Cmd::new();
+        let reason = r.reason.unwrap_or("");
+        let mut args = redis::Cmd::with_capacity(13, attempt.len() + reason.len() + 320);
         args.arg(r.lease)
             .arg(attempt)
             .arg(r.status.as_str())
             .arg(r.attempts)
             .arg(opt(r.first_attempt_ms))
             .arg(opt(r.next_attempt_ms))
-            .arg(r.reason.unwrap_or(""))
+            .arg(reason)
             .arg(job.encode())
             .arg(timing.map_or("", |t| t.outcome))
             .arg(timing.map(|t| stats::latency_index(t.duration_ms)).unwrap_or_default())
@@ -594,7 +600,7 @@ impl Store {
                     .map(|c| c.to_string())
                     .unwrap_or_default(),
             );
-        let mut keys = redis::Cmd::new();
+        let mut keys = redis::Cmd::with_capacity(6, 6 * KEY_BYTES);
         keys.arg(self.keys.delivery(&job.delivery))
             .arg(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
             .arg(self.keys.endpoint_health(&job.endpoint))

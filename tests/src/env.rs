@@ -361,7 +361,10 @@ impl TestEnv {
         let conn = laabam_shared::startup::amqp_connect(&self.amqp_url, "laabam-test")
             .await
             .expect("connect");
-        laabam_shared::topology::declare(&conn.create_channel().await.expect("channel"), Default::default())
+        // Bound, not a temporary: a channel dropped just before its connection closes has its
+        // own close overtaken by the connection's, which lapin logs as a connection error.
+        let channel = conn.create_channel().await.expect("channel");
+        laabam_shared::topology::declare(&channel, Default::default())
             .await
             .expect("declare");
         let _ = conn.close(200, "done".into()).await;

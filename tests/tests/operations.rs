@@ -209,6 +209,53 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     let _ = std::fs::remove_file(&log);
 }
 
+/// At the default level a success writes no line (every attempt is in the delivery's log
+/// already), while an attempt that failed is logged with its ids; a log that is not a terminal
+/// gets no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_default_level_only_attempts_that_failed_are_logged_and_without_colour_codes() {
+    let mut env = TestEnv::new().await;
+    let events = laabam_tests::env::sample_events("acct_quiet", 5);
+    let failing = events[0].id.to_string();
+    let rx = Receiver::start(move |req, nth| {
+        if nth == 0 && req.header("webhook-id") == failing {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    env.endpoint("acct_quiet", &rx.url, None).await;
+    let log = std::env::temp_dir().join(format!("laabam-dispatcher-{}.log", ulid::Ulid::new()));
+    let flags = env.dispatcher_flags(&[]);
+    env.spawn_binary_with("laabam-dispatcher", &flags, &[("RUST_LOG", "info")], Some(&log));
+    env.start_scheduler(&[]);
+    laabam_tests::env::publish_all(&env.publisher().await, &events).await;
+    wait_until(
+        "every event delivered, one of them on its retry",
+        Duration::from_secs(30),
+        || async { rx.count() == 6 },
+    )
+    .await;
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains('\u{1b}'), "no escape codes in a file: {text}");
+    let finished: Vec<&str> = text.lines().filter(|l| l.contains("attempt finished")).collect();
+    assert_eq!(finished.len(), 1, "only the failed attempt is logged: {text}");
+    let line = finished[0];
+    for expected in [
+        events[0].id.as_str(),
+        "delivery_id=dlv_",
+        "endpoint_id=ep_",
+        "attempt=1",
+        "status_code=500",
+        "next=\"retrying\"",
+    ] {
+        assert!(line.contains(expected), "{expected} in {line}");
+    }
+    let _ = std::fs::remove_file(&log);
+}
+
 /// Records made while Redis is down each get an error to retry (none waits forever behind the
 /// others sent with it), and once Redis is back each goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -556,8 +556,8 @@ impl Pipeline {
             DeliveryStatus::Pending => {}
         }
         // A success is a debug line: every attempt is in the delivery's log in Redis already,
-        // and at the default level a line per success cost the dispatcher a fifth more CPU in
-        // `fanout` (and a busy system gigabytes of logs a day). What did not succeed is what an
+        // and at the default level a line per success cost the dispatcher about a tenth more
+        // CPU in `fanout` (and a busy system gigabytes of logs a day). What did not succeed is what an
         // operator looks for: a retry at info, a delivery given up at warn.
         macro_rules! finished {
             ($level:expr) => {

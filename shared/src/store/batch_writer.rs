@@ -160,16 +160,20 @@ async fn write_batches<A: FromRedisValue>(
     }
 }
 
-/// The call that carries `batch`, whose items have `keys` keys in all: the leading arguments,
-/// then every item's keys, then every item's arguments, in buffers sized for them beforehand.
+/// The call that carries `batch`, whose items have `keys` keys in all: every item's keys, then
+/// the arguments every call leads with, then every item's arguments, in buffers sized for them
+/// beforehand.
 fn call_of<'a, A>(batched: &'a Batched, batch: &[Waiting<A>], keys: usize) -> ScriptCall<'a> {
-    let items = || batch.iter().flat_map(|w| [&w.item.keys, &w.item.args]);
-    let args = items().chain([&batched.call_args]).map(|c| c.args_iter().len()).sum();
-    let bytes = items()
-        .chain([&batched.call_args])
-        .flat_map(values)
-        .map(<[u8]>::len)
-        .sum();
+    let parts = batch
+        .iter()
+        .flat_map(|w| [&w.item.keys, &w.item.args])
+        .chain([&batched.call_args]);
+    let (args, bytes) = parts.fold((0, 0), |(args, bytes), part| {
+        (
+            args + part.args_iter().len(),
+            bytes + values(part).map(<[u8]>::len).sum::<usize>(),
+        )
+    });
     let mut call = ScriptCall::with_capacity(batched.script, keys, args, bytes);
     for key in batch.iter().flat_map(|w| values(&w.item.keys)) {
         call.key(key);

@@ -477,7 +477,8 @@ impl Store {
             .collect();
         let flag = |key: &str| if self.upkeep.due(key) { "1" } else { "" };
         // Sized for the keys and arguments below, so that building them never regrows a buffer.
-        let mut keys = redis::Cmd::with_capacity(4 + 3 * begins.len(), KEY_BYTES * (4 + 3 * begins.len()));
+        let key_count = 4 + 3 * begins.len();
+        let mut keys = redis::Cmd::with_capacity(key_count, KEY_BYTES * key_count);
         keys.arg(self.keys.endpoints_version(acct))
             .arg(self.keys.event(acct, &envelope.id))
             .arg(&events_index)

@@ -1,4 +1,5 @@
-//! Claim due jobs, publish them with publisher confirms, and only then release the claims.
+//! Claim due jobs, publish them with publisher confirms, and only then release the claims;
+//! the next batch is claimed and sent while the broker confirms the one before.
 //! A failed publish hands its claims back for the next round on a new channel; any other
 //! failure (the scheduler dies, Redis is down) leaves them to expire and be reclaimed: nothing
 //! is lost either way.
@@ -9,23 +10,23 @@ use futures_util::future::try_join_all;
 use laabam_shared::clock::now_ms;
 use laabam_shared::ops::Readiness;
 use laabam_shared::startup::{self, Backoff};
-use laabam_shared::store::Store;
+use laabam_shared::store::{Store, StoreError};
 use laabam_shared::topology;
+use lapin::PublisherConfirm;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
-enum RoundError {
+enum PublishError {
     #[error("RabbitMQ: {0}")]
     Broker(#[from] lapin::Error),
     #[error("RabbitMQ refused a retry job (negative confirm)")]
     Nacked,
-    #[error("{0}")]
-    Store(#[from] laabam_shared::store::StoreError),
 }
 
 /// Runs rounds until `shutdown`, reconnecting to the broker whenever it fails.
@@ -66,13 +67,42 @@ pub async fn run(
     }
 }
 
-/// Rounds over every shard on one channel; returns when the channel fails or on shutdown.
+/// How many published batches may wait for their confirms while the next batch is claimed and
+/// sent. Rounds that each waited for their own confirms left the scheduler idle while the
+/// broker persisted a batch, and the broker idle while the scheduler claimed and encoded the
+/// next: on two shared cores that capped re-queues near 10,000/s.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// A batch sent to the broker whose claims are released once every job is confirmed.
+struct Sent {
+    shard: u16,
+    jobs: Vec<String>,
+    confirms: Vec<PublisherConfirm>,
+}
+
+/// Rounds over every shard on one channel; returns when the channel fails or on shutdown,
+/// after settling every batch already sent (released if confirmed, handed back if not).
 async fn rounds(
     store: &Store,
     channel: &Channel,
     config: &SchedulerConfig,
     readiness: &Readiness,
     shutdown: &CancellationToken,
+) {
+    let mut in_flight = VecDeque::with_capacity(BATCHES_IN_FLIGHT);
+    rounds_until_failure(store, channel, config, readiness, shutdown, &mut in_flight).await;
+    while let Some(sent) = in_flight.pop_front() {
+        let _ = settle(store, sent, readiness).await;
+    }
+}
+
+async fn rounds_until_failure(
+    store: &Store,
+    channel: &Channel,
+    config: &SchedulerConfig,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+    in_flight: &mut VecDeque<Sent>,
 ) {
     let shards = store.keys().retry_shards();
     while !shutdown.is_cancelled() {
@@ -86,24 +116,38 @@ async fn rounds(
         let mut busy = false;
         let mut earliest: Option<i64> = None;
         for shard in 0..shards {
-            match round(store, channel, shard, config).await {
-                Ok(claimed) => {
+            let jobs = match claim(store, shard, config).await {
+                Ok(jobs) => {
                     readiness.set_redis(true);
-                    busy |= claimed >= config.batch;
-                    if claimed < config.batch
-                        && let Ok(Some(due)) = store.next_due_ms(shard).await
-                    {
-                        earliest = Some(earliest.map_or(due, |e: i64| e.min(due)));
-                    }
-                }
-                Err(RoundError::Store(e)) => {
-                    readiness.set_redis(false);
-                    tracing::warn!(shard, error = %e, "Redis unavailable; claims stay leased and will be retried");
+                    jobs
                 }
                 Err(e) => {
-                    tracing::warn!(shard, error = %e, "publishing failed; the claimed jobs go out again on a new channel");
+                    readiness.set_redis(false);
+                    tracing::warn!(shard, error = %e, "Redis unavailable; claims stay leased and will be retried");
+                    continue;
+                }
+            };
+            busy |= jobs.len() >= config.batch;
+            if jobs.len() < config.batch
+                && let Ok(Some(due)) = store.next_due_ms(shard).await
+            {
+                earliest = Some(earliest.map_or(due, |e: i64| e.min(due)));
+            }
+            if jobs.is_empty() {
+                continue;
+            }
+            match send(channel, &jobs).await {
+                Ok(confirms) => in_flight.push_back(Sent { shard, jobs, confirms }),
+                Err(e) => {
+                    hand_back(store, shard, &jobs, &e).await;
                     return;
                 }
+            }
+            if in_flight.len() >= BATCHES_IN_FLIGHT
+                && let Some(oldest) = in_flight.pop_front()
+                && settle(store, oldest, readiness).await.is_err()
+            {
+                return;
             }
         }
         if let Ok(backlog) = store.retry_backlog().await {
@@ -111,6 +155,12 @@ async fn rounds(
         }
         if busy {
             continue;
+        }
+        // Nothing more is due yet: what was sent is settled before the pause, not after it.
+        while let Some(sent) = in_flight.pop_front() {
+            if settle(store, sent, readiness).await.is_err() {
+                return;
+            }
         }
         let poll = config.poll.as_millis() as i64;
         let wait_ms = earliest.map_or(poll, |due| (due - now_ms()).clamp(1, poll));
@@ -121,15 +171,12 @@ async fn rounds(
     }
 }
 
-/// One claim–publish–release round on one shard; returns how many jobs it moved.
-async fn round(store: &Store, channel: &Channel, shard: u16, config: &SchedulerConfig) -> Result<usize, RoundError> {
+/// Claims up to a batch of due jobs on one shard.
+async fn claim(store: &Store, shard: u16, config: &SchedulerConfig) -> Result<Vec<String>, StoreError> {
     let now = now_ms();
     let claimed = store
         .claim_due(shard, now, now + config.claim_lease.as_millis() as i64, config.batch)
         .await?;
-    if claimed.jobs.is_empty() {
-        return Ok(0);
-    }
     if let Some(due) = claimed.earliest_due_ms {
         METRICS.due_lag_seconds.observe((now - due).max(0) as f64 / 1000.0);
     }
@@ -141,22 +188,11 @@ async fn round(store: &Store, channel: &Channel, shard: u16, config: &SchedulerC
             "reclaimed jobs whose claim expired or was handed back"
         );
     }
-    if let Err(e) = publish(channel, &claimed.jobs).await {
-        // Handed back, the claims are taken again by the next round on a new channel instead of
-        // waiting out their lease; should Redis fail too, the lease still brings them back.
-        if let Err(store_error) = store.hand_back_claimed(shard, &claimed.jobs).await {
-            tracing::warn!(shard, error = %store_error, "could not hand claims back; they return when their lease expires");
-        }
-        return Err(e);
-    }
-    store.release_claimed(shard, &claimed.jobs).await?;
-    METRICS.republished.inc_by(claimed.jobs.len() as u64);
-    tracing::debug!(shard, jobs = claimed.jobs.len(), "retry jobs re-queued");
-    Ok(claimed.jobs.len())
+    Ok(claimed.jobs)
 }
 
-/// Publishes encoded jobs and waits until the broker has confirmed every one.
-async fn publish(channel: &Channel, jobs: &[String]) -> Result<(), RoundError> {
+/// Publishes encoded jobs; the confirms are awaited by `settle`.
+async fn send(channel: &Channel, jobs: &[String]) -> Result<Vec<PublisherConfirm>, PublishError> {
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(ShortString::from("application/json"));
@@ -174,6 +210,31 @@ async fn publish(channel: &Channel, jobs: &[String]) -> Result<(), RoundError> {
                 .await?,
         );
     }
+    Ok(confirms)
+}
+
+/// Waits until the broker has confirmed a sent batch, then releases its claims. A batch the
+/// broker did not confirm is handed back and the error ends the rounds on this channel.
+async fn settle(store: &Store, sent: Sent, readiness: &Readiness) -> Result<(), PublishError> {
+    let Sent { shard, jobs, confirms } = sent;
+    if let Err(e) = confirmed(confirms).await {
+        hand_back(store, shard, &jobs, &e).await;
+        return Err(e);
+    }
+    match store.release_claimed(shard, &jobs).await {
+        Ok(()) => {
+            METRICS.republished.inc_by(jobs.len() as u64);
+            tracing::debug!(shard, jobs = jobs.len(), "retry jobs re-queued");
+        }
+        Err(e) => {
+            readiness.set_redis(false);
+            tracing::warn!(shard, error = %e, "Redis unavailable; claims stay leased and will be retried");
+        }
+    }
+    Ok(())
+}
+
+async fn confirmed(confirms: Vec<PublisherConfirm>) -> Result<(), PublishError> {
     let confirmations = startup::amqp_within(
         startup::AMQP_CONFIRM_LIMIT,
         "confirm the retry jobs",
@@ -181,7 +242,17 @@ async fn publish(channel: &Channel, jobs: &[String]) -> Result<(), RoundError> {
     )
     .await?;
     if confirmations.iter().any(|c| !c.is_ack()) {
-        return Err(RoundError::Nacked);
+        return Err(PublishError::Nacked);
     }
     Ok(())
+}
+
+/// Hands back the claims of a batch that did not go out: the next round on a new channel takes
+/// them again instead of waiting out their lease; should Redis fail too, the lease still
+/// brings them back.
+async fn hand_back(store: &Store, shard: u16, jobs: &[String], why: &PublishError) {
+    tracing::warn!(shard, error = %why, "publishing failed; the claimed jobs go out again on a new channel");
+    if let Err(store_error) = store.hand_back_claimed(shard, jobs).await {
+        tracing::warn!(shard, error = %store_error, "could not hand claims back; they return when their lease expires");
+    }
 }

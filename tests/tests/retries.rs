@@ -487,3 +487,58 @@ async fn private_targets_are_refused_unless_allowed() {
     }
     assert_eq!(rx.count(), 0, "nothing reached the loopback receiver");
 }
+
+/// The scheduler sends a batch while the one before waits for its confirms: every due job still
+/// reaches the retry queue exactly once, and every claim is released, the last batch's too,
+/// once nothing more is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_re_queues_every_due_job_once_with_batches_in_flight() {
+    let mut env = TestEnv::new().await;
+    let store = env.store().await;
+    let account = AccountId::parse("acct_q").unwrap();
+    let endpoint = laabam_shared::ids::EndpointId::generate();
+    let jobs: Vec<String> = (0..40)
+        .map(|_| {
+            let event = laabam_shared::ids::EventId::generate();
+            RetryJob {
+                delivery: DeliveryId::for_pair(&event, &endpoint),
+                event,
+                endpoint: endpoint.clone(),
+                account: account.clone(),
+            }
+            .encode()
+        })
+        .collect();
+    let mut conn = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let due: Vec<(i64, &String)> = jobs.iter().map(|job| (now_ms() - 1_000, job)).collect();
+    let _: () = redis::AsyncCommands::zadd_multiple(&mut conn, store.keys().retry_due(0), &due)
+        .await
+        .unwrap();
+    // Batches of 3 over 40 jobs: many rounds with a batch in flight, and a last partial one.
+    // A claim lease far beyond the wait: a claim left unreleased fails the test.
+    env.start_scheduler(&["--batch", "3", "--claim-lease", "10m"]);
+    let keys = store.keys();
+    wait_until("every job claimed and every claim released", WAIT, || async {
+        let mut conn = conn.clone();
+        let (due, claimed): (u64, u64) = redis::pipe()
+            .zcard(keys.retry_due(0))
+            .zcard(keys.retry_claimed(0))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        due + claimed == 0
+    })
+    .await;
+    let mut queued = Vec::new();
+    while let Some(message) = env.get_message(laabam_shared::topology::RETRY_QUEUE).await {
+        queued.push(String::from_utf8(message.delivery.data).unwrap());
+    }
+    queued.sort();
+    let mut expected = jobs.clone();
+    expected.sort();
+    assert_eq!(queued, expected, "each job queued once");
+}

@@ -102,11 +102,11 @@ async fn session(
     shutdown: &CancellationToken,
     backoff: &mut Backoff,
 ) -> Result<(), SessionError> {
-    let mut opened =
-        startup::amqp_within(startup::AMQP_SETUP_LIMIT, "open the consumer session", open(settings)).await?;
+    let opened = startup::amqp_within(startup::AMQP_SETUP_LIMIT, "open the consumer session", open(settings)).await?;
     let (events_acks, events_acker) = Acks::start(opened.events_channel.clone());
     let (retry_acks, retry_acker) = Acks::start(opened.retry_channel.clone());
     let mut events = futures_util::stream::select_all(opened.event_consumers);
+    let mut retries = futures_util::stream::select_all(opened.retry_consumers);
     readiness.set_broker(true);
     METRICS.consuming.set(1);
     backoff.reset();
@@ -121,7 +121,7 @@ async fn session(
         let (source, next) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            next = opened.retries.next() => (Source::Retries, next),
+            next = retries.next() => (Source::Retries, next),
             next = events.next() => (Source::Events, next),
         };
         let delivery = match next {
@@ -142,16 +142,16 @@ async fn session(
 
     // Shutdown: stop deliveries, let in-flight work finish (or its leases hand it back), close.
     METRICS.consuming.set(0);
-    for consumer_tag in &opened.events_tags {
-        let _ = opened
-            .events_channel
-            .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
-            .await;
+    for (channel, tags) in [
+        (&opened.events_channel, &opened.events_tags),
+        (&opened.retry_channel, &opened.retry_tags),
+    ] {
+        for consumer_tag in tags {
+            let _ = channel
+                .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        }
     }
-    let _ = opened
-        .retry_channel
-        .basic_cancel(opened.retries_tag.as_str().into(), BasicCancelOptions::default())
-        .await;
     tracker.close();
     if tokio::time::timeout(settings.shutdown_grace, tracker.wait())
         .await
@@ -176,8 +176,8 @@ struct Opened {
     dead_channel: Channel,
     events_tags: Vec<String>,
     event_consumers: Vec<Consumer>,
-    retries_tag: String,
-    retries: Consumer,
+    retry_tags: Vec<String>,
+    retry_consumers: Vec<Consumer>,
 }
 
 async fn open(settings: &ConsumerSettings) -> Result<Opened, lapin::Error> {
@@ -194,33 +194,11 @@ async fn open(settings: &ConsumerSettings) -> Result<Opened, lapin::Error> {
     let dead_channel = conn.create_channel().await?;
     dead_channel.confirm_select(ConfirmSelectOptions::default()).await?;
 
-    let tag = |what: &str| format!("laabam-dispatcher-{}-{what}-{}", std::process::id(), ulid::Ulid::new());
-    let retries_tag = tag("retries");
-    // Every event queue on one channel, so one prefetch window bounds them all.
-    let mut events_tags = Vec::new();
-    let mut event_consumers = Vec::new();
-    for queue in settings.layout.dispatch_queues() {
-        let consumer_tag = tag(&queue);
-        event_consumers.push(
-            events_channel
-                .basic_consume(
-                    queue.as_str().into(),
-                    consumer_tag.as_str().into(),
-                    consume_options(),
-                    FieldTable::default(),
-                )
-                .await?,
-        );
-        events_tags.push(consumer_tag);
-    }
-    let retries = retry_channel
-        .basic_consume(
-            topology::RETRY_QUEUE.into(),
-            retries_tag.as_str().into(),
-            consume_options(),
-            FieldTable::default(),
-        )
-        .await?;
+    // RabbitMQ applies prefetch to each consumer; the slots bound what is in flight across
+    // all of them.
+    let (events_tags, event_consumers) = consume_all(&events_channel, settings.layout.dispatch_queues()).await?;
+    let retry_queues = settings.layout.retry_queues().into_iter().map(|(queue, _)| queue);
+    let (retry_tags, retry_consumers) = consume_all(&retry_channel, retry_queues).await?;
     Ok(Opened {
         conn,
         events_channel,
@@ -228,9 +206,34 @@ async fn open(settings: &ConsumerSettings) -> Result<Opened, lapin::Error> {
         dead_channel,
         events_tags,
         event_consumers,
-        retries_tag,
-        retries,
+        retry_tags,
+        retry_consumers,
     })
+}
+
+/// Consumes each queue on `channel`; returns the consumer tags (to cancel at shutdown) and the
+/// consumers.
+async fn consume_all(
+    channel: &Channel,
+    queues: impl IntoIterator<Item = String>,
+) -> Result<(Vec<String>, Vec<Consumer>), lapin::Error> {
+    let mut tags = Vec::new();
+    let mut consumers = Vec::new();
+    for queue in queues {
+        let tag = format!("laabam-dispatcher-{}-{queue}-{}", std::process::id(), ulid::Ulid::new());
+        consumers.push(
+            channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    tag.as_str().into(),
+                    consume_options(),
+                    FieldTable::default(),
+                )
+                .await?,
+        );
+        tags.push(tag);
+    }
+    Ok((tags, consumers))
 }
 
 fn provenance(delivery: &Delivery) -> Provenance {

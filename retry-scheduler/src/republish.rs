@@ -17,6 +17,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
 use std::collections::VecDeque;
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -105,6 +106,7 @@ async fn rounds_until_failure(
     in_flight: &mut VecDeque<Sent>,
 ) {
     let shards = store.keys().retry_shards();
+    let routing_keys = config.common.layout().retry_routing_keys();
     while !shutdown.is_cancelled() {
         // A broker that closed the connection (a restart, a cut) is noticed here, not at the
         // next publish: readiness tells the truth and the channel is reopened before it is
@@ -136,7 +138,7 @@ async fn rounds_until_failure(
             if jobs.is_empty() {
                 continue;
             }
-            match send(channel, &jobs).await {
+            match send(channel, &routing_keys, &jobs).await {
                 Ok(confirms) => in_flight.push_back(Sent { shard, jobs, confirms }),
                 Err(e) => {
                     hand_back(store, shard, &jobs, &e).await;
@@ -191,18 +193,25 @@ async fn claim(store: &Store, shard: u16, config: &SchedulerConfig) -> Result<Ve
     Ok(claimed.jobs)
 }
 
-/// Publishes encoded jobs; the confirms are awaited by `settle`.
-async fn send(channel: &Channel, jobs: &[String]) -> Result<Vec<PublisherConfirm>, PublishError> {
+/// Publishes encoded jobs, each to the retry queue its hash picks; the confirms are awaited by
+/// `settle`.
+async fn send(
+    channel: &Channel,
+    routing_keys: &[String],
+    jobs: &[String],
+) -> Result<Vec<PublisherConfirm>, PublishError> {
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(ShortString::from("application/json"));
     let mut confirms = Vec::with_capacity(jobs.len());
+    let hasher = BuildHasherDefault::<DefaultHasher>::default();
     for job in jobs {
+        let key = &routing_keys[hasher.hash_one(job) as usize % routing_keys.len()];
         confirms.push(
             channel
                 .basic_publish(
                     topology::RETRY_EXCHANGE.into(),
-                    topology::RETRY_ROUTING_KEY.into(),
+                    key.as_str().into(),
                     BasicPublishOptions::default(),
                     job.as_bytes(),
                     properties.clone(),

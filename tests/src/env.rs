@@ -332,6 +332,18 @@ impl TestEnv {
     /// Publishes the way a publisher that knows nothing of our library does (the README's AMQP
     /// contract only), with confirms.
     pub async fn plain_publish(&self, routing_key: &str, body: &[u8], props: lapin::BasicProperties) {
+        self.plain_publish_to(laabam_shared::topology::EVENTS_EXCHANGE, routing_key, body, props)
+            .await;
+    }
+
+    /// Like [`Self::plain_publish`], to any exchange of this vhost.
+    pub async fn plain_publish_to(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: lapin::BasicProperties,
+    ) {
         let conn = laabam_shared::startup::amqp_connect(&self.amqp_url, "plain-publisher")
             .await
             .expect("connect");
@@ -342,7 +354,7 @@ impl TestEnv {
             .expect("confirms");
         let confirm = channel
             .basic_publish(
-                laabam_shared::topology::EVENTS_EXCHANGE.into(),
+                exchange.into(),
                 routing_key.into(),
                 lapin::options::BasicPublishOptions::default(),
                 body,

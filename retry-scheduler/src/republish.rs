@@ -71,7 +71,7 @@ pub async fn run(
 /// How many published batches may wait for their confirms while the next batch is claimed and
 /// sent. Rounds that each waited for their own confirms left the scheduler idle while the
 /// broker persisted a batch, and the broker idle while the scheduler claimed and encoded the
-/// next: on two shared cores that capped re-queues near 10,000/s.
+/// next: on two shared cores they stopped at 11,000–12,600 re-queues/s with 25,000/s due.
 const BATCHES_IN_FLIGHT: usize = 2;
 
 /// A batch sent to the broker whose claims are released once every job is confirmed.

@@ -197,8 +197,7 @@ async fn open(settings: &ConsumerSettings) -> Result<Opened, lapin::Error> {
     // RabbitMQ applies prefetch to each consumer; the slots bound what is in flight across
     // all of them.
     let (events_tags, event_consumers) = consume_all(&events_channel, settings.layout.dispatch_queues()).await?;
-    let retry_queues = settings.layout.retry_queues().into_iter().map(|(queue, _)| queue);
-    let (retry_tags, retry_consumers) = consume_all(&retry_channel, retry_queues).await?;
+    let (retry_tags, retry_consumers) = consume_all(&retry_channel, settings.layout.retry_queues()).await?;
     Ok(Opened {
         conn,
         events_channel,

@@ -253,7 +253,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 exchanges.push(topology::DISPATCH_SHARDS_EXCHANGE);
             }
             let mut queues = layout.dispatch_queues();
-            queues.extend(layout.retry_queues().into_iter().map(|(queue, _)| queue));
+            queues.extend(layout.retry_queues());
             queues.extend([topology::UNROUTABLE_QUEUE, topology::DEAD_QUEUE].map(String::from));
             print(&json!({ "exchanges": exchanges, "queues": queues }));
         }

@@ -85,13 +85,18 @@ impl Layout {
         }
     }
 
-    /// The queues dispatchers consume retry jobs from, each with the key that routes to it.
-    pub fn retry_queues(&self) -> Vec<(String, String)> {
-        let mut queues = vec![(RETRY_QUEUE.to_owned(), RETRY_ROUTING_KEY.to_owned())];
+    /// The queues dispatchers consume retry jobs from.
+    pub fn retry_queues(&self) -> Vec<String> {
+        self.retry_bindings().into_iter().map(|(queue, _)| queue).collect()
+    }
+
+    /// Each retry queue with the key that routes to it.
+    fn retry_bindings(&self) -> Vec<(String, String)> {
+        let mut bindings = vec![(RETRY_QUEUE.to_owned(), RETRY_ROUTING_KEY.to_owned())];
         if self.sharded() {
-            queues.extend(self.shards_of(RETRY_QUEUE).into_iter().zip(self.retry_routing_keys()));
+            bindings.extend(self.shards_of(RETRY_QUEUE).into_iter().zip(self.retry_routing_keys()));
         }
-        queues
+        bindings
     }
 
     fn shards_of(&self, name: &str) -> Vec<String> {
@@ -149,7 +154,7 @@ pub async fn declare(channel: &Channel, layout: Layout) -> Result<(), lapin::Err
         (UNROUTABLE_QUEUE.to_owned(), UNROUTABLE_EXCHANGE, String::new()),
         (DEAD_QUEUE.to_owned(), DEAD_EXCHANGE, String::new()),
     ];
-    for (queue, key) in layout.retry_queues() {
+    for (queue, key) in layout.retry_bindings() {
         bindings.push((queue, RETRY_EXCHANGE, key));
     }
     for (queue, exchange, key) in bindings {

@@ -112,12 +112,7 @@ async fn retry_jobs_spread_over_sharded_retry_queues_and_none_queued_before_is_s
     store.release_claimed(0, &before_switch).await.unwrap();
 
     env.start_scheduler(&sharded);
-    let shards: Vec<String> = layout
-        .retry_queues()
-        .into_iter()
-        .skip(1)
-        .map(|(queue, _)| queue)
-        .collect();
+    let shards: Vec<String> = layout.retry_queues().into_iter().skip(1).collect();
     let depths = || async {
         let mut depths = Vec::new();
         for queue in &shards {

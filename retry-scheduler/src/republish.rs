@@ -12,10 +12,9 @@ use laabam_shared::ops::Readiness;
 use laabam_shared::startup::{self, Backoff};
 use laabam_shared::store::{Store, StoreError};
 use laabam_shared::topology;
-use lapin::PublisherConfirm;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
@@ -28,6 +27,8 @@ enum PublishError {
     Broker(#[from] lapin::Error),
     #[error("RabbitMQ refused a retry job (negative confirm)")]
     Nacked,
+    #[error("RabbitMQ had no queue bound for a retry job and returned it")]
+    Returned,
 }
 
 /// Runs rounds until `shutdown`, reconnecting to the broker whenever it fails.
@@ -212,7 +213,14 @@ async fn send(
                 .basic_publish(
                     topology::RETRY_EXCHANGE.into(),
                     key.as_str().into(),
-                    BasicPublishOptions::default(),
+                    // Mandatory: the broker confirms a message it could route nowhere, so
+                    // only a return tells that a retry queue is missing (deleted by hand, or
+                    // of a layout not declared yet); the job is then handed back and goes out
+                    // again once a new channel has declared the topology.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
                     job.as_bytes(),
                     properties.clone(),
                 )
@@ -250,8 +258,12 @@ async fn confirmed(confirms: Vec<PublisherConfirm>) -> Result<(), PublishError> 
         try_join_all(confirms),
     )
     .await?;
-    if confirmations.iter().any(|c| !c.is_ack()) {
-        return Err(PublishError::Nacked);
+    for confirmation in confirmations {
+        match confirmation {
+            Confirmation::Ack(None) => {}
+            Confirmation::Ack(Some(_)) => return Err(PublishError::Returned),
+            _ => return Err(PublishError::Nacked),
+        }
     }
     Ok(())
 }

@@ -495,20 +495,7 @@ async fn private_targets_are_refused_unless_allowed() {
 async fn the_scheduler_re_queues_every_due_job_once_with_batches_in_flight() {
     let mut env = TestEnv::new().await;
     let store = env.store().await;
-    let account = AccountId::parse("acct_q").unwrap();
-    let endpoint = laabam_shared::ids::EndpointId::generate();
-    let jobs: Vec<String> = (0..40)
-        .map(|_| {
-            let event = laabam_shared::ids::EventId::generate();
-            RetryJob {
-                delivery: DeliveryId::for_pair(&event, &endpoint),
-                event,
-                endpoint: endpoint.clone(),
-                account: account.clone(),
-            }
-            .encode()
-        })
-        .collect();
+    let jobs = encoded_jobs(40);
     let mut conn = redis::Client::open(env.redis_url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -541,4 +528,97 @@ async fn the_scheduler_re_queues_every_due_job_once_with_batches_in_flight() {
     let mut expected = jobs.clone();
     expected.sort();
     assert_eq!(queued, expected, "each job queued once");
+}
+
+/// A retry queue that disappears under a running scheduler (deleted by hand, or a layout not
+/// declared yet) loses no job: the broker returns what it cannot route, the scheduler hands
+/// those claims back and sends them again once a new channel has declared the topology.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_job_the_broker_cannot_route_is_queued_once_the_topology_is_declared_again() {
+    let mut env = TestEnv::new().await;
+    let store = env.store().await;
+    env.start_scheduler(&["--claim-lease", "10m"]);
+    let conn = laabam_shared::startup::amqp_connect(&env.amqp_url, "retries-test")
+        .await
+        .unwrap();
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    wait_until("the scheduler declared the topology", WAIT, || async {
+        let probe = conn.create_channel().await.unwrap();
+        let declared = probe
+            .queue_declare(
+                laabam_shared::topology::RETRY_QUEUE.into(),
+                passive,
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        if declared {
+            let _ = probe.close(200, "probed".into()).await;
+        }
+        declared
+    })
+    .await;
+    conn.create_channel()
+        .await
+        .unwrap()
+        .queue_delete(
+            laabam_shared::topology::RETRY_QUEUE.into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+
+    let jobs = encoded_jobs(10);
+    let mut redis = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let due: Vec<(i64, &String)> = jobs.iter().map(|job| (now_ms() - 1_000, job)).collect();
+    let _: () = redis::AsyncCommands::zadd_multiple(&mut redis, store.keys().retry_due(0), &due)
+        .await
+        .unwrap();
+    let keys = store.keys();
+    wait_until("every claim released", WAIT, || async {
+        let mut redis = redis.clone();
+        let (due, claimed): (u64, u64) = redis::pipe()
+            .zcard(keys.retry_due(0))
+            .zcard(keys.retry_claimed(0))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        due + claimed == 0
+    })
+    .await;
+    env.declare_topology().await;
+    let mut queued = Vec::new();
+    while let Some(message) = env.get_message(laabam_shared::topology::RETRY_QUEUE).await {
+        queued.push(String::from_utf8(message.delivery.data).unwrap());
+    }
+    queued.sort();
+    let mut expected = jobs;
+    expected.sort();
+    assert_eq!(queued, expected, "each job queued once");
+}
+
+/// Retry jobs of one endpoint, encoded as the scheduler queues them.
+fn encoded_jobs(n: usize) -> Vec<String> {
+    let account = AccountId::parse("acct_q").unwrap();
+    let endpoint = laabam_shared::ids::EndpointId::generate();
+    (0..n)
+        .map(|_| {
+            let event = laabam_shared::ids::EventId::generate();
+            RetryJob {
+                delivery: DeliveryId::for_pair(&event, &endpoint),
+                event,
+                endpoint: endpoint.clone(),
+                account: account.clone(),
+            }
+            .encode()
+        })
+        .collect()
 }

@@ -54,7 +54,8 @@ enum Command {
     /// Manage endpoints directly in Redis.
     #[command(subcommand)]
     Endpoint(EndpointCommand),
-    /// Declare every exchange and queue (for operators, and publishers that start first).
+    /// Declare every exchange and queue (for operators, and publishers that start first), and
+    /// retire the queues a former layout of more dispatch queues left behind.
     Topology,
     /// Make a key for LAABAM_SECRET_KEY.
     #[command(subcommand)]
@@ -243,6 +244,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let layout = common.layout();
             topology::declare(&conn.create_channel().await?, layout).await?;
             eprintln!("topology declared");
+            let retired = topology::retire_former_shards(&conn, layout).await?;
+            for r in &retired {
+                eprintln!("retired {}: {} messages moved back", r.queue, r.moved);
+            }
             let mut exchanges = vec![
                 topology::EVENTS_EXCHANGE,
                 topology::UNROUTABLE_EXCHANGE,
@@ -255,7 +260,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut queues = layout.dispatch_queues();
             queues.extend(layout.retry_queues());
             queues.extend([topology::UNROUTABLE_QUEUE, topology::DEAD_QUEUE].map(String::from));
-            print(&json!({ "exchanges": exchanges, "queues": queues }));
+            startup::amqp_close(&conn, "done").await;
+            print(&json!({ "exchanges": exchanges, "queues": queues, "retired": retired }));
         }
     }
     Ok(())

@@ -44,7 +44,7 @@ pub struct CommonArgs {
     pub retry_shards: u16,
     /// Event queues: 1, or N > 1 spread by a consistent hash of each event's id (needs the
     /// broker's `rabbitmq_consistent_hash_exchange` plugin). Every process must agree.
-    #[arg(long, env = "LAABAM_DISPATCH_QUEUES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, env = "LAABAM_DISPATCH_QUEUES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=crate::topology::MAX_DISPATCH_QUEUES as i64))]
     pub dispatch_queues: u16,
     /// How long events, deliveries and attempts are kept in Redis.
     #[arg(long, env = "LAABAM_RETENTION", default_value = "7d", value_parser = parse_duration)]

@@ -4,7 +4,10 @@
 //! retry queue per dispatch queue.
 
 use laabam_shared::clock::now_ms;
+use laabam_shared::delivery::RetryJob;
+use laabam_shared::ids::{AccountId, DeliveryId, EndpointId, EventId};
 use laabam_shared::topology::{self, Layout};
+use laabam_tests::env::{binary, publish_all, sample_events};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
 use lapin::BasicProperties;
 use lapin::options::QueueDeclareOptions;
@@ -47,7 +50,7 @@ async fn events_spread_over_sharded_queues_and_each_is_delivered_once() {
     }
 
     let mut depths = Vec::new();
-    for queue in layout.dispatch_queues() {
+    for queue in layout.routed_dispatch_queues() {
         depths.push(queue_depth(&env, &queue).await.expect("the shard queue exists"));
     }
     assert_eq!(
@@ -56,9 +59,10 @@ async fn events_spread_over_sharded_queues_and_each_is_delivered_once() {
         "every event is in exactly one queue: {depths:?}"
     );
     assert!(depths.iter().all(|&d| d > 0), "every queue gets a share: {depths:?}");
-    assert!(
-        queue_depth(&env, topology::DISPATCH_QUEUE).await.is_err(),
-        "the single-queue layout is not declared"
+    assert_eq!(
+        queue_depth(&env, topology::DISPATCH_QUEUE).await.unwrap(),
+        0,
+        "the single layout's queue gets no copies"
     );
 
     env.start_dispatcher(&["--dispatch-queues", "3"]);
@@ -146,4 +150,151 @@ async fn retry_jobs_spread_over_sharded_retry_queues_and_none_queued_before_is_s
     for queue in shards.iter().map(String::as_str).chain([topology::RETRY_QUEUE]) {
         assert_eq!(queue_depth(&env, queue).await.unwrap(), 0, "{queue} drained");
     }
+}
+
+async fn depths(env: &TestEnv, queues: &[String]) -> Vec<u32> {
+    let mut depths = Vec::new();
+    for queue in queues {
+        depths.push(queue_depth(env, queue).await.expect("the queue exists"));
+    }
+    depths
+}
+
+/// `laabam-producer topology` with the given layout; its exit status and JSON.
+fn declare_and_retire(env: &TestEnv, dispatch_queues: u16) -> (bool, serde_json::Value, String) {
+    let out = std::process::Command::new(binary("laabam-producer"))
+        .args(["--amqp-url", &env.amqp_url, "--redis-prefix", &env.prefix])
+        .args(["--dispatch-queues", &dispatch_queues.to_string(), "topology"])
+        .output()
+        .expect("laabam-producer runs");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    (
+        out.status.success(),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// How many messages `laabam-producer topology` reported moving out of `queue`.
+fn moved_out_of(retired: &serde_json::Value, queue: &str) -> u64 {
+    retired["retired"]
+        .as_array()
+        .expect("a list of retired queues")
+        .iter()
+        .filter(|r| r["queue"] == queue)
+        .map(|r| r["moved"].as_u64().expect("a count"))
+        .sum()
+}
+
+/// Changing `LAABAM_DISPATCH_QUEUES` strands nothing and copies nothing. Going from one queue to
+/// three unbinds the single queue (else it would take a copy of every event for good) while
+/// dispatchers drain what it holds; going down to two and then to one, `laabam-producer
+/// topology` moves what the surplus shard queues hold back through the exchanges and deletes
+/// them, refusing while a dispatcher of the former layout still consumes one. Every event
+/// arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_number_of_dispatch_queues_strands_nothing_and_copies_nothing() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::ok().await;
+    env.endpoint("acct_switch", &rx.url, None).await;
+    let url = env.amqp_url.clone();
+    let (one, two, three) = (
+        Layout::default(),
+        Layout { dispatch_queues: 2 },
+        Layout { dispatch_queues: 3 },
+    );
+    let mut sent = 0;
+    let mut publish = async |layout, n| {
+        let publisher = laabam_producer::Publisher::connect(&url, Duration::from_secs(10), layout)
+            .await
+            .expect("RabbitMQ reachable");
+        publish_all(&publisher, &sample_events("acct_switch", n)).await;
+        sent += n;
+    };
+
+    // One queue to three.
+    publish(one, 10).await;
+    publish(three, 30).await;
+    assert_eq!(
+        queue_depth(&env, topology::DISPATCH_QUEUE).await.unwrap(),
+        10,
+        "no copies"
+    );
+    assert_eq!(
+        depths(&env, &three.routed_dispatch_queues()).await.iter().sum::<u32>(),
+        30
+    );
+    // A new endpoint's first burst is partly deferred: a scheduler brings those back.
+    let sharded = ["--dispatch-queues", "3"];
+    let flags = env.dispatcher_flags(&sharded);
+    let dispatcher = env.spawn_binary("laabam-dispatcher", &flags);
+    let flags = env.scheduler_flags(&sharded);
+    let scheduler = env.spawn_binary("laabam-retry-scheduler", &flags);
+    wait_until(
+        "the events of both layouts delivered",
+        Duration::from_secs(30),
+        || async { rx.count() >= 40 },
+    )
+    .await;
+
+    // Three to two, refused while that dispatcher still consumes the third shard.
+    let (ok, _, stderr) = declare_and_retire(&env, 2);
+    assert!(
+        !ok && stderr.contains("laabam.dispatch.2 still has 1 consumer(s)"),
+        "{stderr}"
+    );
+    assert!(env.terminate(dispatcher).await.success());
+    assert!(env.terminate(scheduler).await.success());
+    publish(three, 30).await;
+    let held = depths(&env, &["laabam.dispatch.2".to_owned()]).await[0];
+    assert!(held > 0, "the third shard holds some events");
+    let job = RetryJob {
+        event: EventId::generate(),
+        endpoint: EndpointId::generate(),
+        delivery: DeliveryId::for_pair(&EventId::generate(), &EndpointId::generate()),
+        account: AccountId::parse("acct_switch").unwrap(),
+    }
+    .encode();
+    env.plain_publish_to(
+        topology::RETRY_EXCHANGE,
+        "retry.2",
+        job.as_bytes(),
+        lapin::BasicProperties::default(),
+    )
+    .await;
+    let (ok, retired, stderr) = declare_and_retire(&env, 2);
+    assert!(ok, "{stderr}");
+    assert_eq!(moved_out_of(&retired, "laabam.dispatch.2"), u64::from(held));
+    assert!(moved_out_of(&retired, "laabam.retries.2") >= 1, "{retired}");
+    assert!(queue_depth(&env, "laabam.dispatch.2").await.is_err(), "deleted");
+    assert!(queue_depth(&env, "laabam.retries.2").await.is_err(), "deleted");
+    let mut requeued = Vec::new();
+    while let Some(message) = env.get_message(topology::RETRY_QUEUE).await {
+        requeued.push(message.delivery.data);
+    }
+    assert!(requeued.contains(&job.into_bytes()), "the job moved to the retry queue");
+    publish(two, 20).await;
+    assert_eq!(
+        depths(&env, &two.routed_dispatch_queues()).await.iter().sum::<u32>(),
+        30 + 20,
+        "the moved events and the new ones, all in the two shards left"
+    );
+
+    // Two to one: the single layout routes no more events into the shards.
+    publish(one, 5).await;
+    assert_eq!(queue_depth(&env, topology::DISPATCH_QUEUE).await.unwrap(), 5);
+    let (ok, retired, stderr) = declare_and_retire(&env, 1);
+    assert!(ok, "{stderr}");
+    let moved = moved_out_of(&retired, "laabam.dispatch.0") + moved_out_of(&retired, "laabam.dispatch.1");
+    assert_eq!(moved, 50);
+    assert_eq!(queue_depth(&env, topology::DISPATCH_QUEUE).await.unwrap(), 55);
+    env.start_dispatcher(&[]);
+    env.start_scheduler(&[]);
+    wait_until("every event delivered", Duration::from_secs(30), || async {
+        rx.count() >= sent
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.count(), sent);
+    assert!(rx.per_event().values().all(|&n| n == 1), "each event once");
 }

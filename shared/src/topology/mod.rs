@@ -6,14 +6,24 @@
 //!        or, with LAABAM_DISPATCH_QUEUES=N > 1 (the consistent-hash exchange plugin):
 //!               laabam.events ──#──▶ laabam.dispatch.shards (x-consistent-hash on message_id)
 //!                                      ─▶ laabam.dispatch.0 … laabam.dispatch.N-1 ─▶ dispatchers
+//!               (laabam.dispatch stays, unbound and consumed, for what it held before)
 //!                   └─ alternate-exchange ─▶ laabam.unroutable (fanout) ─▶ laabam.unroutable
 //! scheduler  ─▶ laabam.retries (direct) ─retry─▶ laabam.retries ─▶ dispatchers
+//!                                     └─retry.i─▶ laabam.retries.i (N > 1) ─▶ dispatchers
 //! dispatcher ─▶ laabam.dead (fanout) ─▶ laabam.dead       (poison messages, with a reason header)
 //! ```
+//!
+//! A layout of fewer queues than before leaves shard queues behind; [`retire_former_shards`]
+//! empties them into the current layout.
+
+mod retire;
+
+pub use retire::{MAX_DISPATCH_QUEUES, RetireError, Retired, retire_former_shards};
 
 use crate::startup;
 use lapin::options::{
-    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
@@ -28,6 +38,9 @@ pub const DISPATCH_QUEUE: &str = "laabam.dispatch";
 /// Spreads events over several dispatch queues by a hash of their `message_id` (publishers
 /// keep publishing to `laabam.events`; a message without one goes to one fixed queue).
 pub const DISPATCH_SHARDS_EXCHANGE: &str = "laabam.dispatch.shards";
+/// The routing key of a consistent-hash binding is the queue's weight; every shard weighs the
+/// same.
+const SHARD_WEIGHT: &str = "1";
 /// The exchange type the sharded layout needs (RabbitMQ's bundled plugin
 /// `rabbitmq_consistent_hash_exchange`).
 pub const CONSISTENT_HASH: &str = "x-consistent-hash";
@@ -64,8 +77,16 @@ impl Layout {
         self.dispatch_queues > 1
     }
 
-    /// The queues dispatchers consume events from.
+    /// The queues dispatchers consume events from. The sharded layout keeps the single
+    /// layout's queue, unbound, so events queued there before a switch still reach a dispatcher.
     pub fn dispatch_queues(&self) -> Vec<String> {
+        let mut queues = vec![DISPATCH_QUEUE.to_owned()];
+        queues.extend(self.shards_of(DISPATCH_QUEUE));
+        queues
+    }
+
+    /// The queues events are routed to: the sharded layout's shards, or the single queue.
+    pub fn routed_dispatch_queues(&self) -> Vec<String> {
         if self.sharded() {
             self.shards_of(DISPATCH_QUEUE)
         } else {
@@ -93,15 +114,26 @@ impl Layout {
     /// Each retry queue with the key that routes to it.
     fn retry_bindings(&self) -> Vec<(String, String)> {
         let mut bindings = vec![(RETRY_QUEUE.to_owned(), RETRY_ROUTING_KEY.to_owned())];
-        if self.sharded() {
-            bindings.extend(self.shards_of(RETRY_QUEUE).into_iter().zip(self.retry_routing_keys()));
-        }
+        bindings.extend(
+            self.shards_of(RETRY_QUEUE)
+                .into_iter()
+                .zip(self.shards_of(RETRY_ROUTING_KEY)),
+        );
         bindings
     }
 
-    fn shards_of(&self, name: &str) -> Vec<String> {
-        (0..self.dispatch_queues).map(|i| format!("{name}.{i}")).collect()
+    /// How many shard queues of each kind this layout has: none in the single layout.
+    fn shard_count(&self) -> u16 {
+        if self.sharded() { self.dispatch_queues } else { 0 }
     }
+
+    fn shards_of(&self, name: &str) -> Vec<String> {
+        (0..self.shard_count()).map(|i| shard_name(name, i)).collect()
+    }
+}
+
+fn shard_name(name: &str, index: u16) -> String {
+    format!("{name}.{index}")
 }
 
 fn durable_exchange() -> ExchangeDeclareOptions {
@@ -179,38 +211,54 @@ async fn declare_bound_queue(channel: &Channel, queue: &str, source: &str, key: 
     Ok(())
 }
 
-/// The dispatch queue, or the sharding exchange and its queues.
+/// The dispatch queue, or the sharding exchange and its queues. Whichever layout came before,
+/// the new routes are bound before the old one is removed, so an event published meanwhile is
+/// at worst routed twice (and delivered once more), never unroutable.
 async fn declare_dispatch(channel: &Channel, layout: Layout) -> Result<(), lapin::Error> {
-    let (source, key) = if layout.sharded() {
-        let mut args = FieldTable::default();
-        args.insert("hash-property".into(), AMQPValue::LongString("message_id".into()));
-        channel
-            .exchange_declare(
-                DISPATCH_SHARDS_EXCHANGE.into(),
-                ExchangeKind::Custom(CONSISTENT_HASH.into()),
-                durable_exchange(),
-                args,
-            )
-            .await
-            .inspect_err(|e| {
-                tracing::error!(error = %e, "LAABAM_DISPATCH_QUEUES > 1 needs RabbitMQ's consistent-hash exchange: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange");
-            })?;
-        channel
-            .exchange_bind(
-                DISPATCH_SHARDS_EXCHANGE.into(),
-                EVENTS_EXCHANGE.into(),
-                "#".into(),
-                ExchangeBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        // The routing key of a consistent-hash binding is the queue's weight.
-        (DISPATCH_SHARDS_EXCHANGE, "1")
-    } else {
-        (EVENTS_EXCHANGE, "#")
-    };
-    for queue in layout.dispatch_queues() {
-        declare_bound_queue(channel, &queue, source, key).await?;
+    if !layout.sharded() {
+        declare_bound_queue(channel, DISPATCH_QUEUE, EVENTS_EXCHANGE, "#").await?;
+        // Deleting a missing exchange is no error. The shard queues a sharded layout left
+        // stop receiving events here; `retire` moves what they hold.
+        return channel
+            .exchange_delete(DISPATCH_SHARDS_EXCHANGE.into(), ExchangeDeleteOptions::default())
+            .await;
     }
-    Ok(())
+    let mut args = FieldTable::default();
+    args.insert("hash-property".into(), AMQPValue::LongString("message_id".into()));
+    channel
+        .exchange_declare(
+            DISPATCH_SHARDS_EXCHANGE.into(),
+            ExchangeKind::Custom(CONSISTENT_HASH.into()),
+            durable_exchange(),
+            args,
+        )
+        .await
+        .inspect_err(|e| {
+            tracing::error!(error = %e, "LAABAM_DISPATCH_QUEUES > 1 needs RabbitMQ's consistent-hash exchange: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange");
+        })?;
+    channel
+        .exchange_bind(
+            DISPATCH_SHARDS_EXCHANGE.into(),
+            EVENTS_EXCHANGE.into(),
+            "#".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    for queue in layout.routed_dispatch_queues() {
+        declare_bound_queue(channel, &queue, DISPATCH_SHARDS_EXCHANGE, SHARD_WEIGHT).await?;
+    }
+    // The single layout's queue stays declared and consumed but no longer gets every event:
+    // left bound, it would take a copy of each that nobody acknowledges once drained.
+    channel
+        .queue_declare(DISPATCH_QUEUE.into(), durable_queue(), FieldTable::default())
+        .await?;
+    channel
+        .queue_unbind(
+            DISPATCH_QUEUE.into(),
+            EVENTS_EXCHANGE.into(),
+            "#".into(),
+            FieldTable::default(),
+        )
+        .await
 }

@@ -184,20 +184,13 @@ async fn open(settings: &ConsumerSettings) -> Result<Opened, lapin::Error> {
     let conn = startup::amqp_connect(&settings.amqp_url, "laabam-dispatcher").await?;
     let setup = conn.create_channel().await?;
     topology::declare(&setup, settings.layout).await?;
-    // Prefetch bounds what the broker pushes ahead of processing; it matches the in-flight cap.
-    let prefetch = settings.max_in_flight.clamp(1, u16::MAX as usize) as u16;
-    let events_channel = conn.create_channel().await?;
-    events_channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    let retry_channel = conn.create_channel().await?;
-    retry_channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let (events_channel, events_tags, event_consumers) =
+        consume_all(&conn, settings.layout.dispatch_queues(), settings.max_in_flight).await?;
+    let (retry_channel, retry_tags, retry_consumers) =
+        consume_all(&conn, settings.layout.retry_queues(), settings.max_in_flight).await?;
     // Dead letters are confirmed before the original is acknowledged, so none is lost.
     let dead_channel = conn.create_channel().await?;
     dead_channel.confirm_select(ConfirmSelectOptions::default()).await?;
-
-    // RabbitMQ applies prefetch to each consumer; the slots bound what is in flight across
-    // all of them.
-    let (events_tags, event_consumers) = consume_all(&events_channel, settings.layout.dispatch_queues()).await?;
-    let (retry_tags, retry_consumers) = consume_all(&retry_channel, settings.layout.retry_queues()).await?;
     Ok(Opened {
         conn,
         events_channel,
@@ -210,12 +203,23 @@ async fn open(settings: &ConsumerSettings) -> Result<Opened, lapin::Error> {
     })
 }
 
-/// Consumes each queue on `channel`; returns the consumer tags (to cancel at shutdown) and the
-/// consumers.
+/// Consumes every queue of one kind on a new channel; returns the channel, the consumer tags (to
+/// cancel at shutdown) and the consumers.
+///
+/// Prefetch bounds what the broker pushes ahead of processing, and RabbitMQ applies it to each
+/// consumer (a channel-wide limit is costlier, and quorum queues refuse it), so the in-flight
+/// cap is shared out among the queues: however many queues a layout has, at most about that
+/// many messages of each kind wait unacknowledged in this process. A prefetch of the whole cap
+/// on each of 2N+2 queues would let a sharded dispatcher buffer (2N+2) times as many, up to the
+/// event size limit each.
 async fn consume_all(
-    channel: &Channel,
-    queues: impl IntoIterator<Item = String>,
-) -> Result<(Vec<String>, Vec<Consumer>), lapin::Error> {
+    conn: &Connection,
+    queues: Vec<String>,
+    max_in_flight: usize,
+) -> Result<(Channel, Vec<String>, Vec<Consumer>), lapin::Error> {
+    let channel = conn.create_channel().await?;
+    let prefetch = max_in_flight.div_ceil(queues.len().max(1)).clamp(1, u16::MAX as usize) as u16;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let mut tags = Vec::new();
     let mut consumers = Vec::new();
     for queue in queues {
@@ -232,7 +236,7 @@ async fn consume_all(
         );
         tags.push(tag);
     }
-    Ok((tags, consumers))
+    Ok((channel, tags, consumers))
 }
 
 fn provenance(delivery: &Delivery) -> Provenance {

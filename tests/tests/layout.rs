@@ -298,3 +298,49 @@ async fn changing_the_number_of_dispatch_queues_strands_nothing_and_copies_nothi
     assert_eq!(rx.count(), sent);
     assert!(rx.per_event().values().all(|&n| n == 1), "each event once");
 }
+
+/// Messages the broker has handed to consumers of this test's queues and not yet seen
+/// acknowledged, summed over `queues`.
+async fn unacknowledged(env: &TestEnv, queues: Vec<String>) -> u64 {
+    let vhost = env.name.clone();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(["list_queues", "-q", "-p", &vhost, "name", "messages_unacknowledged"])
+            .output()
+            .expect("rabbitmqctl runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| line.split_once('\t'))
+            .filter(|(name, _)| queues.iter().any(|q| q == name))
+            .map(|(_, count)| count.trim().parse::<u64>().unwrap_or(0))
+            .sum()
+    })
+    .await
+    .unwrap()
+}
+
+/// However many queues a layout has, a dispatcher holds at most about `LAABAM_MAX_IN_FLIGHT`
+/// events unacknowledged: RabbitMQ applies prefetch to each consumer, so the cap is shared out
+/// among the queues instead of granted to each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_dispatcher_buffers_no_more_events_than_its_in_flight_cap() {
+    let mut env = TestEnv::new().await;
+    // Every attempt hangs: once the 8 slots hold attempts, what the broker pushes stays
+    // buffered and unacknowledged.
+    let rx = Receiver::start(|_, _| Reply::After(Duration::from_secs(30), 200)).await;
+    env.endpoint("acct_prefetch", &rx.url, None).await;
+    let layout = Layout { dispatch_queues: 3 };
+    let publisher = laabam_producer::Publisher::connect(&env.amqp_url, Duration::from_secs(10), layout)
+        .await
+        .expect("RabbitMQ reachable");
+    publish_all(&publisher, &sample_events("acct_prefetch", 120)).await;
+    env.start_dispatcher(&["--dispatch-queues", "3", "--max-in-flight", "8"]);
+    wait_until("every slot holds an attempt", Duration::from_secs(30), || async {
+        rx.count() >= 8
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = unacknowledged(&env, layout.dispatch_queues()).await;
+    assert!(held > 0, "the broker pushed ahead");
+    assert!(held <= 8, "{held} events unacknowledged with room for 8 in flight");
+}

@@ -126,7 +126,7 @@ async fn rounds_until_failure(
                 }
                 Err(e) => {
                     readiness.set_redis(false);
-                    tracing::warn!(shard, error = %e, "Redis unavailable; claims stay leased and will be retried");
+                    tracing::warn!(shard, error = %e, "Redis unavailable; nothing is claimed until it is back");
                     continue;
                 }
             };

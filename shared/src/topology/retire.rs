@@ -61,7 +61,7 @@ enum Destination {
 /// Retires the shard queues beyond `layout`'s own, after `layout` has been declared (so its
 /// routes are in place before the old ones go). Safe to run again at any time: it refuses a
 /// queue some process still consumes, and a run that fails part-way leaves every message in
-/// one of the queues (two runs at once may trip over a queue the other just deleted; the
+/// at least one queue (two runs at once may trip over a queue the other just deleted; the
 /// next run finishes the job).
 pub async fn retire_former_shards(conn: &Connection, layout: Layout) -> Result<Vec<Retired>, RetireError> {
     let channel = startup::amqp_within(startup::AMQP_SETUP_LIMIT, "open the retiring channel", async {

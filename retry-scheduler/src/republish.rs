@@ -207,7 +207,10 @@ async fn send(
     let mut confirms = Vec::with_capacity(jobs.len());
     let hasher = BuildHasherDefault::<DefaultHasher>::default();
     for job in jobs {
-        let key = &routing_keys[hasher.hash_one(job) as usize % routing_keys.len()];
+        let key = match routing_keys {
+            [only] => only,
+            keys => &keys[hasher.hash_one(job) as usize % keys.len()],
+        };
         confirms.push(
             channel
                 .basic_publish(

@@ -29,6 +29,15 @@ async fn queue_depth(env: &TestEnv, queue: &str) -> Result<u32, lapin::Error> {
     depth
 }
 
+/// The depth of each of `queues`, which must exist.
+async fn depths(env: &TestEnv, queues: &[String]) -> Vec<u32> {
+    let mut depths = Vec::new();
+    for queue in queues {
+        depths.push(queue_depth(env, queue).await.expect("the queue exists"));
+    }
+    depths
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_spread_over_sharded_queues_and_each_is_delivered_once() {
     let mut env = TestEnv::new().await;
@@ -49,10 +58,7 @@ async fn events_spread_over_sharded_queues_and_each_is_delivered_once() {
             .await;
     }
 
-    let mut depths = Vec::new();
-    for queue in layout.routed_dispatch_queues() {
-        depths.push(queue_depth(&env, &queue).await.expect("the shard queue exists"));
-    }
+    let depths = depths(&env, &layout.routed_dispatch_queues()).await;
     assert_eq!(
         depths.iter().sum::<u32>(),
         65,
@@ -117,18 +123,11 @@ async fn retry_jobs_spread_over_sharded_retry_queues_and_none_queued_before_is_s
 
     env.start_scheduler(&sharded);
     let shards: Vec<String> = layout.retry_queues().into_iter().skip(1).collect();
-    let depths = || async {
-        let mut depths = Vec::new();
-        for queue in &shards {
-            depths.push(queue_depth(&env, queue).await.expect("the retry shard exists"));
-        }
-        depths
-    };
     wait_until("the other 29 jobs queued", Duration::from_secs(30), || async {
-        depths().await.iter().sum::<u32>() == 29
+        depths(&env, &shards).await.iter().sum::<u32>() == 29
     })
     .await;
-    let depths = depths().await;
+    let depths = depths(&env, &shards).await;
     assert_eq!(depths.len(), 3);
     assert!(
         depths.iter().all(|&d| d > 0),
@@ -150,14 +149,6 @@ async fn retry_jobs_spread_over_sharded_retry_queues_and_none_queued_before_is_s
     for queue in shards.iter().map(String::as_str).chain([topology::RETRY_QUEUE]) {
         assert_eq!(queue_depth(&env, queue).await.unwrap(), 0, "{queue} drained");
     }
-}
-
-async fn depths(env: &TestEnv, queues: &[String]) -> Vec<u32> {
-    let mut depths = Vec::new();
-    for queue in queues {
-        depths.push(queue_depth(env, queue).await.expect("the queue exists"));
-    }
-    depths
 }
 
 /// `laabam-producer topology` with the given layout; its exit status and JSON.

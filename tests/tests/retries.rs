@@ -496,38 +496,12 @@ async fn the_scheduler_re_queues_every_due_job_once_with_batches_in_flight() {
     let mut env = TestEnv::new().await;
     let store = env.store().await;
     let jobs = encoded_jobs(40);
-    let mut conn = redis::Client::open(env.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let due: Vec<(i64, &String)> = jobs.iter().map(|job| (now_ms() - 1_000, job)).collect();
-    let _: () = redis::AsyncCommands::zadd_multiple(&mut conn, store.keys().retry_due(0), &due)
-        .await
-        .unwrap();
+    let redis = make_due(&env, &store, &jobs).await;
     // Batches of 3 over 40 jobs: many rounds with a batch in flight, and a last partial one.
     // A claim lease far beyond the wait: a claim left unreleased fails the test.
     env.start_scheduler(&["--batch", "3", "--claim-lease", "10m"]);
-    let keys = store.keys();
-    wait_until("every job claimed and every claim released", WAIT, || async {
-        let mut conn = conn.clone();
-        let (due, claimed): (u64, u64) = redis::pipe()
-            .zcard(keys.retry_due(0))
-            .zcard(keys.retry_claimed(0))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        due + claimed == 0
-    })
-    .await;
-    let mut queued = Vec::new();
-    while let Some(message) = env.get_message(laabam_shared::topology::RETRY_QUEUE).await {
-        queued.push(String::from_utf8(message.delivery.data).unwrap());
-    }
-    queued.sort();
-    let mut expected = jobs.clone();
-    expected.sort();
-    assert_eq!(queued, expected, "each job queued once");
+    wait_until_every_claim_released(&store, &redis).await;
+    assert_queued_once(&env, jobs).await;
 }
 
 /// A retry queue that disappears under a running scheduler (deleted by hand, or a layout not
@@ -573,6 +547,14 @@ async fn a_retry_job_the_broker_cannot_route_is_queued_once_the_topology_is_decl
     let _ = conn.close(200, "done".into()).await;
 
     let jobs = encoded_jobs(10);
+    let redis = make_due(&env, &store, &jobs).await;
+    wait_until_every_claim_released(&store, &redis).await;
+    env.declare_topology().await;
+    assert_queued_once(&env, jobs).await;
+}
+
+/// Puts encoded jobs in the first retry shard, due a second ago; returns the Redis connection.
+async fn make_due(env: &TestEnv, store: &Store, jobs: &[String]) -> redis::aio::MultiplexedConnection {
     let mut redis = redis::Client::open(env.redis_url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -582,8 +564,14 @@ async fn a_retry_job_the_broker_cannot_route_is_queued_once_the_topology_is_decl
     let _: () = redis::AsyncCommands::zadd_multiple(&mut redis, store.keys().retry_due(0), &due)
         .await
         .unwrap();
+    redis
+}
+
+/// Waits until no job is due or claimed in the first retry shard: every job was claimed, sent
+/// and its claim released.
+async fn wait_until_every_claim_released(store: &Store, redis: &redis::aio::MultiplexedConnection) {
     let keys = store.keys();
-    wait_until("every claim released", WAIT, || async {
+    wait_until("every job claimed and every claim released", WAIT, || async {
         let mut redis = redis.clone();
         let (due, claimed): (u64, u64) = redis::pipe()
             .zcard(keys.retry_due(0))
@@ -594,15 +582,17 @@ async fn a_retry_job_the_broker_cannot_route_is_queued_once_the_topology_is_decl
         due + claimed == 0
     })
     .await;
-    env.declare_topology().await;
+}
+
+/// Takes everything in the retry queue and asserts it is `jobs`, each once.
+async fn assert_queued_once(env: &TestEnv, mut jobs: Vec<String>) {
     let mut queued = Vec::new();
     while let Some(message) = env.get_message(laabam_shared::topology::RETRY_QUEUE).await {
         queued.push(String::from_utf8(message.delivery.data).unwrap());
     }
     queued.sort();
-    let mut expected = jobs;
-    expected.sort();
-    assert_eq!(queued, expected, "each job queued once");
+    jobs.sort();
+    assert_eq!(queued, jobs, "each job queued once");
 }
 
 /// Retry jobs of one endpoint, encoded as the scheduler queues them.

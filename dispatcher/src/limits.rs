@@ -6,7 +6,8 @@
 //! long as none has been released) for less than the wait budget, and the number waiting times
 //! that, over the limit, is less too; otherwise, as for a slow endpoint, the delivery is
 //! deferred to the retry set at once, so a slow endpoint never holds the broker messages and
-//! in-flight slots healthy endpoints need. Over the rate limit, deliveries are deferred too.
+//! in-flight slots healthy endpoints need. An endpoint that has not answered yet gets a short
+//! grace for its first answer. Over the rate limit, deliveries are deferred too.
 //! Both limits are per dispatcher process.
 //!
 //! The wait budget is the slot wait, stretched while the whole process holds its slots longer:
@@ -170,6 +171,10 @@ const TYPICAL_HOLDS: f64 = 4.0;
 /// defers rather than let one endpoint's queue hold the broker messages others need.
 const MAX_STRETCH: f64 = 8.0;
 
+/// The share of the wait budget an endpoint none of whose requests has finished yet has for
+/// its first answer (see [`EndpointLimits::wait_for_slot`]).
+const FIRST_ANSWER_GRACE: f64 = 1.0 / 8.0;
+
 /// How long a delivery may wait for a busy endpoint's slot: the slot wait, or a few of the
 /// process's typical slot holds when that is longer (a saturated machine), up to a cap.
 /// Exported as a gauge, so an operator sees why deliveries are waited for or deferred.
@@ -248,20 +253,7 @@ impl EndpointLimits {
             Err(_) => {
                 let ahead = slots.waiting.fetch_add(1, Ordering::Relaxed) + 1;
                 let _waiting = Waiting(&slots.waiting);
-                // Wait only for an endpoint that usually answers within the budget (until a
-                // slot has been released once, nothing says so), and only when the queue ahead
-                // should clear in time: an event's other deliveries wait with it.
-                let budget_ms = self.budget.ms();
-                let held_ms = slots.held_ms();
-                let expected_ms = ahead as f64 * held_ms / slots.limit as f64;
-                if slots.held.ms() == 0.0 || held_ms > budget_ms || expected_ms > budget_ms {
-                    return None;
-                }
-                let budget = Duration::from_secs_f64(budget_ms / 1000.0);
-                tokio::time::timeout(budget, slots.semaphore.clone().acquire_owned())
-                    .await
-                    .ok()?
-                    .ok()?
+                self.wait_for_slot(&slots, ahead).await?
             }
         };
         self.try_rate(endpoint).then(|| Slot {
@@ -269,6 +261,41 @@ impl EndpointLimits {
             taken: Instant::now(),
             slots,
         })
+    }
+
+    /// Waits for one of `slots` with `ahead` deliveries waiting (this one included), or `None`
+    /// to defer. It waits only for an endpoint that answers within the budget, and only when
+    /// the queue ahead should clear in time: an event's other deliveries wait with it, holding
+    /// their own endpoints' slots.
+    ///
+    /// An endpoint none of whose requests has finished yet (new, or this process has just
+    /// started on a backlog, when every endpoint is) has a short grace, an eighth of the
+    /// budget from its first request, to answer; once one has answered it is judged like any
+    /// other, so a healthy endpoint's burst waits milliseconds instead of a deferral's second
+    /// or more. Waiting the whole budget for one that never answers would hold its events'
+    /// other slots that long, and make every endpoint look slow.
+    async fn wait_for_slot(&self, slots: &Slots, ahead: usize) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let budget_ms = self.budget.ms();
+            let held_ms = slots.held_ms();
+            let expected_ms = ahead as f64 * held_ms / slots.limit as f64;
+            let answered = slots.held.ms() > 0.0;
+            let wait_ms = if answered {
+                budget_ms
+            } else {
+                budget_ms * FIRST_ANSWER_GRACE - held_ms
+            };
+            if held_ms > budget_ms || expected_ms > budget_ms || wait_ms <= 0.0 {
+                return None;
+            }
+            let wait = Duration::from_secs_f64(wait_ms / 1000.0);
+            match tokio::time::timeout(wait, slots.semaphore.clone().acquire_owned()).await {
+                Ok(permit) => return permit.ok(),
+                // It answered meanwhile (another delivery took that slot): judge it again.
+                Err(_) if !answered && slots.held.ms() > 0.0 => continue,
+                Err(_) => return None,
+            }
+        }
     }
 
     /// How long the deliveries already deferred for `endpoint` will take to pass through its
@@ -396,6 +423,63 @@ mod tests {
         drop(limits.acquire(&ep).await.unwrap());
         let first = limits.acquire(&ep).await.unwrap();
         assert!(waiter_gets_the_slot(&limits, &ep, first, 20).await);
+    }
+
+    #[tokio::test]
+    async fn a_burst_to_a_new_endpoint_waits_for_its_first_answer() {
+        // A grace of 50 ms for the first answer.
+        let limits = Arc::new(EndpointLimits::new(1, Duration::from_millis(400)));
+        let ep = endpoint(None);
+        let first = limits.acquire(&ep).await.unwrap();
+        assert!(
+            waiter_gets_the_slot(&limits, &ep, first, 20).await,
+            "no request had finished, and the first answered within the grace: waited for"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_endpoint_is_judged_like_any_other_once_it_has_answered() {
+        let limits = Arc::new(EndpointLimits::new(1, Duration::from_millis(400)));
+        let ep = endpoint(None);
+        let first = limits.acquire(&ep).await.unwrap();
+        // The first answers after 10 ms, and the delivery waiting ahead holds the slot for
+        // 60 ms: the second waiter is still waiting when the 50 ms grace ends.
+        let ahead = tokio::spawn({
+            let (limits, ep) = (limits.clone(), ep.clone());
+            async move {
+                let slot = limits.acquire(&ep).await;
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                slot.is_some()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let behind = tokio::spawn({
+            let (limits, ep) = (limits.clone(), ep.clone());
+            async move { limits.acquire(&ep).await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_millis(8)).await;
+        drop(first);
+        assert!(ahead.await.unwrap(), "the first waiter got the released slot");
+        assert!(
+            behind.await.unwrap(),
+            "it answered within the grace, so the second waited on past it"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_endpoint_that_does_not_answer_is_deferred_after_its_grace() {
+        // A grace of 25 ms for the first answer.
+        let limits = EndpointLimits::new(1, Duration::from_millis(200));
+        let ep = endpoint(None);
+        let _stuck = limits.acquire(&ep).await.unwrap();
+        assert!(
+            time_to_defer(&limits, &ep).await >= Duration::from_millis(24),
+            "its first request has just begun: waited for until the grace ran out"
+        );
+        assert!(
+            time_to_defer(&limits, &ep).await < Duration::from_millis(5),
+            "no answer within the grace: deferred at once"
+        );
     }
 
     /// Holds one slot of `ep` for `ms`.

@@ -122,3 +122,27 @@ async fn a_fan_out_wider_than_the_in_flight_bound_stays_within_it_and_reaches_ea
     assert_eq!(listed().await.len(), WIDE);
     assert_eq!(store.retry_backlog().await.unwrap(), 0, "no lease left behind");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_for_an_endpoint_this_dispatcher_has_not_seen_is_waited_for_not_deferred() {
+    const EVENTS: usize = 150;
+    let mut env = TestEnv::new().await;
+    // Slow enough that every one of the endpoint's 16 slots is taken before any is released.
+    let rx = Receiver::start(|_, _| Reply::After(Duration::from_millis(5), 200)).await;
+    env.endpoint("acct_backlog", &rx.url, None).await;
+    publish_all(&env.publisher().await, &sample_events("acct_backlog", EVENTS)).await;
+    // A dispatcher starting on a backlog (a deploy, a restart) knows none of its endpoints, and
+    // no scheduler runs: a delivery deferred to the retry set would never come back. A slot
+    // wait of 2 s gives the first answer a grace of 250 ms, which a loaded machine still meets.
+    env.start_dispatcher(&["--slot-wait", "2s"]);
+    wait_until("the whole backlog delivered", Duration::from_secs(30), || async {
+        rx.count() >= EVENTS
+    })
+    .await;
+    let store = env.store().await;
+    wait_until("every lease released", Duration::from_secs(10), || async {
+        store.retry_backlog().await.unwrap() == 0
+    })
+    .await;
+    assert_eq!(rx.count(), EVENTS, "one request per event");
+}

@@ -358,8 +358,8 @@ async fn a_producer_killed_mid_stream_loses_no_event_it_confirmed() {
     let rx = Receiver::ok().await;
     env.endpoint(account.id.as_str(), &rx.url, None).await;
     env.start_dispatcher(&[]);
-    // On a loaded machine the dispatcher can take the events as a burst, and a burst to a new
-    // endpoint is partly deferred: the scheduler brings those deliveries back.
+    // On a loaded machine part of a burst can wait past the slot wait and be deferred: the
+    // scheduler brings those deliveries back.
     env.start_scheduler(&[]);
     let port = laabam_tests::env::free_port();
     let mut flags = env.connection_flags();

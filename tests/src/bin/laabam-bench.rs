@@ -376,7 +376,13 @@ async fn pipeline(setup: &Setup) -> Run {
     let (cpu, redis_bytes) = meter.stop(&ours);
     print_counters(
         dispatcher_port,
-        &["attempts_total", "deferred_total", "retries_scheduled_total"],
+        &[
+            "attempts_total",
+            "deferred_total",
+            "retries_scheduled_total",
+            "per_redis_call_sum",
+            "per_redis_call_count",
+        ],
     )
     .await;
     print_counters(
@@ -734,8 +740,8 @@ fn histogram_quantile(metrics: &str, name: &str, q: f64) -> String {
         .map_or("?".into(), |(le, _)| le.clone())
 }
 
-/// A process's own counts of what it did (attempts by outcome, deferrals, retries), so a run
-/// shows work beyond one attempt per delivery.
+/// A process's own counts of what it did (attempts by outcome, deferrals, retries, items per
+/// Redis call), so a run shows work beyond one attempt per delivery and how well calls fill.
 async fn print_counters(port: u16, wanted: &[&str]) {
     for line in scrape(port).await.lines() {
         if !line.starts_with('#') && wanted.iter().any(|w| line.contains(w)) && !line.ends_with(" 0") {

@@ -81,6 +81,15 @@ impl TestEnv {
         }
     }
 
+    /// Runs `laabam-producer` with this environment's connections and `args`, to its end.
+    pub fn producer(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary("laabam-producer"))
+            .args(self.connection_flags())
+            .args(args)
+            .output()
+            .expect("laabam-producer runs")
+    }
+
     /// The connection flags every component of this test shares.
     pub fn connection_flags(&self) -> Vec<String> {
         [

@@ -7,21 +7,6 @@ use serde_json::Value;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-fn producer(env: &TestEnv, args: &[&str]) -> Output {
-    Command::new(binary("laabam-producer"))
-        .args([
-            "--amqp-url",
-            &env.amqp_url,
-            "--redis-prefix",
-            &env.prefix,
-            "--connect-timeout",
-            "5s",
-        ])
-        .args(args)
-        .output()
-        .expect("laabam-producer runs")
-}
-
 fn json(out: &Output) -> Value {
     assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout)
@@ -33,7 +18,7 @@ async fn operators_manage_endpoints_and_publish_from_the_shell() {
     let mut env = TestEnv::new().await;
     let rx = Receiver::ok().await;
 
-    let topology = json(&producer(&env, &["topology"]));
+    let topology = json(&env.producer(&["topology"]));
     assert!(
         topology["exchanges"]
             .as_array()
@@ -41,42 +26,36 @@ async fn operators_manage_endpoints_and_publish_from_the_shell() {
             .contains(&Value::from("laabam.events"))
     );
 
-    let created = json(&producer(
-        &env,
-        &[
-            "endpoint",
-            "create",
-            "--account",
-            "acct_cli",
-            "--url",
-            &rx.url,
-            "--events",
-            "invoice.paid,payment.failed",
-        ],
-    ));
+    let created = json(&env.producer(&[
+        "endpoint",
+        "create",
+        "--account",
+        "acct_cli",
+        "--url",
+        &rx.url,
+        "--events",
+        "invoice.paid,payment.failed",
+    ]));
     let id = created["id"].as_str().unwrap().to_owned();
     assert!(id.starts_with("ep_"));
     assert!(created["secret"].as_str().unwrap().starts_with("whsec_"));
     assert_eq!(created["events"], serde_json::json!(["invoice.paid", "payment.failed"]));
 
-    let listed = json(&producer(&env, &["endpoint", "list", "--account", "acct_cli"]));
+    let listed = json(&env.producer(&["endpoint", "list", "--account", "acct_cli"]));
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert_eq!(listed[0]["id"], id.as_str());
     assert!(listed[0].get("secret").is_none(), "lists never show secrets");
 
     env.start_dispatcher(&[]);
-    let published = json(&producer(
-        &env,
-        &[
-            "publish",
-            "--account",
-            "acct_cli",
-            "--type",
-            "invoice.paid",
-            "--data",
-            r#"{"invoice_id":"inv_1","payment_id":"pay_1","amount":50000}"#,
-        ],
-    ));
+    let published = json(&env.producer(&[
+        "publish",
+        "--account",
+        "acct_cli",
+        "--type",
+        "invoice.paid",
+        "--data",
+        r#"{"invoice_id":"inv_1","payment_id":"pay_1","amount":50000}"#,
+    ]));
     let event_id = published["id"].as_str().unwrap().to_owned();
     wait_until("the CLI's event delivered", Duration::from_secs(20), || async {
         rx.count() == 1
@@ -85,10 +64,10 @@ async fn operators_manage_endpoints_and_publish_from_the_shell() {
     assert_eq!(rx.requests()[0].header("webhook-id"), event_id);
     assert_eq!(rx.requests()[0].json()["data"]["amount"], 50000);
 
-    let deleted = json(&producer(&env, &["endpoint", "delete", "--id", &id]));
+    let deleted = json(&env.producer(&["endpoint", "delete", "--id", &id]));
     assert_eq!(deleted["deleted"], true);
     assert_eq!(
-        json(&producer(&env, &["endpoint", "list", "--account", "acct_cli"])),
+        json(&env.producer(&["endpoint", "list", "--account", "acct_cli"])),
         serde_json::json!([])
     );
 }
@@ -144,7 +123,7 @@ async fn bad_input_and_missing_services_get_one_clear_line() {
         ),
     ];
     for (args, expected) in cases {
-        let out = producer(&env, args);
+        let out = env.producer(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} should fail");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
@@ -191,14 +170,14 @@ async fn bad_input_and_missing_services_get_one_clear_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_bootstrap_accounts_and_keys_without_the_api() {
     let mut env = TestEnv::new().await;
-    let account = json(&producer(&env, &["account", "create", "--name", "Acme Billing"]));
+    let account = json(&env.producer(&["account", "create", "--name", "Acme Billing"]));
     let id = account["id"].as_str().unwrap().to_owned();
     assert!(id.starts_with("acct_"));
     assert_eq!(account["name"], "Acme Billing");
-    let key = json(&producer(&env, &["key", "create", "--account", &id]));
+    let key = json(&env.producer(&["key", "create", "--account", &id]));
     let key = key["key"].as_str().unwrap().to_owned();
     assert!(key.starts_with("lbk_"));
-    let out = producer(&env, &["key", "create", "--account", "acct_nobody"]);
+    let out = env.producer(&["key", "create", "--account", "acct_nobody"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no account acct_nobody"));
 
@@ -211,6 +190,6 @@ async fn operators_bootstrap_accounts_and_keys_without_the_api() {
         )
         .await;
     assert_eq!(created.status, 201, "{:?}", created.json);
-    let listed = json(&producer(&env, &["endpoint", "list", "--account", &id]));
+    let listed = json(&env.producer(&["endpoint", "list", "--account", &id]));
     assert_eq!(listed[0]["id"], created.json["id"]);
 }

@@ -7,7 +7,7 @@ use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::RetryJob;
 use laabam_shared::ids::{AccountId, DeliveryId, EndpointId, EventId};
 use laabam_shared::topology::{self, Layout};
-use laabam_tests::env::{binary, publish_all, sample_events};
+use laabam_tests::env::{publish_all, sample_events};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
 use lapin::BasicProperties;
 use lapin::options::QueueDeclareOptions;
@@ -153,11 +153,7 @@ async fn retry_jobs_spread_over_sharded_retry_queues_and_none_queued_before_is_s
 
 /// `laabam-producer topology` with the given layout; its exit status and JSON.
 fn declare_and_retire(env: &TestEnv, dispatch_queues: u16) -> (bool, serde_json::Value, String) {
-    let out = std::process::Command::new(binary("laabam-producer"))
-        .args(["--amqp-url", &env.amqp_url, "--redis-prefix", &env.prefix])
-        .args(["--dispatch-queues", &dispatch_queues.to_string(), "topology"])
-        .output()
-        .expect("laabam-producer runs");
+    let out = env.producer(&["--dispatch-queues", &dispatch_queues.to_string(), "topology"]);
     let json = serde_json::from_slice(&out.stdout).unwrap_or_default();
     (
         out.status.success(),

@@ -87,11 +87,7 @@ impl Layout {
 
     /// The queues events are routed to: the sharded layout's shards, or the single queue.
     pub fn routed_dispatch_queues(&self) -> Vec<String> {
-        if self.sharded() {
-            self.shards_of(DISPATCH_QUEUE)
-        } else {
-            vec![DISPATCH_QUEUE.to_owned()]
-        }
+        self.routed(DISPATCH_QUEUE)
     }
 
     /// The routing keys the scheduler spreads retry jobs over: one retry queue per dispatch
@@ -99,11 +95,7 @@ impl Layout {
     /// (re-queueing into one retry queue stopped at 11,000–13,700 jobs/s on the 2-core
     /// benchmark machine).
     pub fn retry_routing_keys(&self) -> Vec<String> {
-        if self.sharded() {
-            self.shards_of(RETRY_ROUTING_KEY)
-        } else {
-            vec![RETRY_ROUTING_KEY.to_owned()]
-        }
+        self.routed(RETRY_ROUTING_KEY)
     }
 
     /// The queues dispatchers consume retry jobs from.
@@ -125,6 +117,16 @@ impl Layout {
     /// How many shard queues of each kind this layout has: none in the single layout.
     fn shard_count(&self) -> u16 {
         if self.sharded() { self.dispatch_queues } else { 0 }
+    }
+
+    /// What new messages go to: the shards of `name` in the sharded layout, `name` itself in
+    /// the single one.
+    fn routed(&self, name: &str) -> Vec<String> {
+        if self.sharded() {
+            self.shards_of(name)
+        } else {
+            vec![name.to_owned()]
+        }
     }
 
     fn shards_of(&self, name: &str) -> Vec<String> {

@@ -280,18 +280,19 @@ async fn handle(
     match disposition {
         Disposition::Ack => acks.settle(Settle::Ack(tag)),
         Disposition::DeadLetter { reason, detail } => {
-            tracing::warn!(reason, detail = %detail, routing_key = %delivery.routing_key, bytes = delivery.data.len(), "message dead-lettered");
+            let message_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
+            tracing::warn!(reason, detail = %detail, message_id, routing_key = %delivery.routing_key, bytes = delivery.data.len(), "message dead-lettered");
             METRICS.dead_letters.with_label_values(&[reason]).inc();
             match dead_letter(dead_channel, &delivery, reason, &detail).await {
                 Ok(()) => acks.settle(Settle::Ack(tag)),
                 Err(e) => {
-                    tracing::error!(error = %e, "could not dead-letter; handing the message back");
+                    tracing::error!(error = %e, message_id, "could not dead-letter; handing the message back");
                     acks.settle(Settle::Requeue(tag));
                 }
             }
         }
-        Disposition::Requeue(why) => {
-            tracing::warn!(error = %why, "dependency failed; handing the message back");
+        Disposition::Requeue(_) => {
+            // Logged by the pipeline inside the message's span, with its ids.
             tokio::time::sleep(Duration::from_secs(1)).await;
             acks.settle(Settle::Requeue(tag));
         }

@@ -124,6 +124,15 @@ impl Handled {
             attempts: Attempts::default(),
         }
     }
+
+    /// Warns of a message handed back while still inside its span, so the line carries the
+    /// event's (and a retry's delivery's) ids: the consumer that settles it knows only a tag.
+    fn warn_if_requeued(self) -> Self {
+        if let Disposition::Requeue(why) = &self.disposition {
+            tracing::warn!(error = %why, "dependency failed; handing the message back");
+        }
+        self
+    }
 }
 
 /// One message's attempts and the share of the process's in-flight bound they run in.
@@ -228,7 +237,9 @@ impl Pipeline {
         };
         METRICS.events_consumed.with_label_values(&[&envelope.event_type]).inc();
         let span = tracing::info_span!("event", event_id = %envelope.id, event_type = %envelope.event_type);
-        self.fan_out(envelope, target.as_ref()).instrument(span).await
+        async { self.fan_out(envelope, target.as_ref()).await.warn_if_requeued() }
+            .instrument(span)
+            .await
     }
 
     async fn fan_out(&self, envelope: Envelope, target: Option<&EndpointId>) -> Handled {
@@ -336,7 +347,9 @@ impl Pipeline {
             }
         };
         let span = tracing::info_span!("retry", delivery_id = %job.delivery, event_id = %job.event, endpoint_id = %job.endpoint);
-        self.resume(job).instrument(span).await
+        async { self.resume(job).await.warn_if_requeued() }
+            .instrument(span)
+            .await
     }
 
     async fn resume(&self, job: RetryJob) -> Handled {

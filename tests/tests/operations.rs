@@ -188,20 +188,28 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
     assert!(!lines.is_empty());
+    let span_of = |line: &serde_json::Value, name: &str| {
+        line["spans"]
+            .as_array()
+            .and_then(|spans| spans.iter().find(|s| s["name"] == name).cloned())
+    };
     let finished: Vec<&serde_json::Value> = lines.iter().filter(|l| l["message"] == "attempt finished").collect();
     assert!(!finished.is_empty(), "attempts are logged");
-    let attempt_span = finished[0]["spans"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "attempt")
-        .unwrap();
+    let attempt_span = span_of(finished[0], "attempt").unwrap();
     for field in ["event_id", "endpoint_id", "delivery_id", "attempt"] {
         assert!(
             !attempt_span[field].is_null(),
             "attempt logs carry {field}: {attempt_span}"
         );
     }
+    // The event that waited out the outage was handed back under its own id.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "dependency failed; handing the message back"
+                && span_of(l, "event").is_some_and(|s| s["event_id"] == during.id.as_str())),
+        "the handed-back message is logged with its event id"
+    );
     let secret = ep.secret.expose();
     for forbidden in [secret.as_str(), &secret["whsec_".len()..], "v1,", "guest:guest"] {
         assert!(!text.contains(forbidden), "logs contain {forbidden:?}");

@@ -56,6 +56,8 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     startup::amqp_close(&reachable, "reachability checked").await;
     let store = Store::connect(&StoreConfig::from(common), common.connect_timeout).await?;
     store.warn_about_unsafe_settings().await;
+    // Leases and deferrals go to the retry set, so schedulers must claim over this count.
+    store.keep_announcing_retry_shards(shutdown.clone());
     readiness.set_redis(true);
     watch_redis(store.clone(), readiness.clone(), shutdown.clone());
 

@@ -18,7 +18,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -106,9 +106,14 @@ async fn rounds_until_failure(
     shutdown: &CancellationToken,
     in_flight: &mut VecDeque<Sent>,
 ) {
-    let shards = store.keys().retry_shards();
+    let mut shards = store.keys().retry_shards();
+    let mut shards_checked: Option<Instant> = None;
     let routing_keys = config.common.layout().retry_routing_keys();
     while !shutdown.is_cancelled() {
+        if shards_checked.is_none_or(|at| at.elapsed() >= SHARDS_CHECK_EVERY) {
+            shards = shards_to_claim(store, shards).await;
+            shards_checked = Some(Instant::now());
+        }
         // A broker that closed the connection (a restart, a cut) is noticed here, not at the
         // next publish: readiness tells the truth and the channel is reopened before it is
         // needed.
@@ -153,7 +158,7 @@ async fn rounds_until_failure(
                 return;
             }
         }
-        if let Ok(backlog) = store.retry_backlog().await {
+        if let Ok(backlog) = store.retry_backlog_of(shards).await {
             METRICS.backlog.set(backlog as i64);
         }
         if busy {
@@ -171,6 +176,34 @@ async fn rounds_until_failure(
             _ = tokio::time::sleep(Duration::from_millis(wait_ms as u64)) => {}
             _ = shutdown.cancelled() => {}
         }
+    }
+}
+
+/// How often a scheduler looks again at which shard counts are in use.
+const SHARDS_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// The shards to claim from (see `Store::retry_shards_to_claim`), saying when that changes;
+/// `current` stays while Redis cannot tell.
+async fn shards_to_claim(store: &Store, current: u16) -> u16 {
+    let own = store.keys().retry_shards();
+    match store.retry_shards_to_claim(now_ms()).await {
+        Ok(shards) if shards != current && shards > own => {
+            tracing::warn!(
+                own,
+                shards,
+                "processes run, or ran, with more retry shards than this scheduler: claiming from all of them until the extra ones are empty"
+            );
+            shards
+        }
+        Ok(shards) if shards != current => {
+            tracing::info!(
+                shards,
+                "the extra retry shards are drained; claiming from this scheduler's own"
+            );
+            shards
+        }
+        Ok(shards) => shards,
+        Err(_) => current,
     }
 }
 

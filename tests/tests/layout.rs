@@ -1,11 +1,13 @@
 //! The sharded queue layout (`LAABAM_DISPATCH_QUEUES` > 1): publishers keep publishing to
 //! `laabam.events`; the broker spreads events over the dispatch queues by a hash of their
 //! `message_id`, and a dispatcher consumes them all. Retry jobs spread the same way over one
-//! retry queue per dispatch queue.
+//! retry queue per dispatch queue. And the retry set's shards (`LAABAM_RETRY_SHARDS`): a count
+//! changed, even lowered, strands no retry.
 
 use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::RetryJob;
 use laabam_shared::ids::{AccountId, DeliveryId, EndpointId, EventId};
+use laabam_shared::store::StoreConfig;
 use laabam_shared::topology::{self, Layout};
 use laabam_tests::env::{publish_all, sample_events};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
@@ -149,6 +151,94 @@ async fn retry_jobs_spread_over_sharded_retry_queues_and_none_queued_before_is_s
     for queue in shards.iter().map(String::as_str).chain([topology::RETRY_QUEUE]) {
         assert_eq!(queue_depth(&env, queue).await.unwrap(), 0, "{queue} drained");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_the_retry_shard_count_strands_no_retry() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::failing_first_attempts(Reply::Status(500)).await;
+    env.endpoint("acct_rs", &rx.url, None).await;
+    // A dispatcher on four shards and no scheduler: every event's retry waits in one of them.
+    let flags = env.dispatcher_flags(&["--retry-shards", "4"]);
+    let four_shards = env.spawn_binary("laabam-dispatcher", &flags);
+    let events = sample_events("acct_rs", 24);
+    publish_all(&env.publisher().await, &events).await;
+    let four = TestEnv::connect_store(&StoreConfig {
+        retry_shards: 4,
+        ..env.store_config()
+    })
+    .await;
+    wait_until("a retry for every event", Duration::from_secs(30), || async {
+        four.retry_backlog().await.unwrap() == 24
+    })
+    .await;
+    let one = env.store().await;
+    assert!(
+        one.retry_backlog().await.unwrap() < 24,
+        "some retries wait in shards a single-shard process does not use"
+    );
+    assert!(env.terminate(four_shards).await.success());
+
+    // Everything now runs on one shard.
+    env.start_scheduler(&[]);
+    env.start_dispatcher(&[]);
+    wait_until("every event retried", Duration::from_secs(30), || async {
+        let seen = rx.per_event();
+        events.iter().all(|e| seen.get(e.id.as_str()) == Some(&2))
+    })
+    .await;
+    wait_until("every shard empty", Duration::from_secs(10), || async {
+        four.retry_backlog().await.unwrap() == 0
+    })
+    .await;
+    assert!(
+        rx.per_event().values().all(|&n| n == 2),
+        "each event failed once, then arrived once"
+    );
+}
+
+#[tokio::test]
+async fn another_shard_count_is_claimed_over_while_announced_or_holding_jobs() {
+    let env = TestEnv::new().await;
+    let one = env.store().await;
+    let four = TestEnv::connect_store(&StoreConfig {
+        retry_shards: 4,
+        ..env.store_config()
+    })
+    .await;
+    let now = now_ms();
+    assert_eq!(one.retry_shards_to_claim(now).await.unwrap(), 1);
+    four.announce_retry_shards(now).await.unwrap();
+    assert_eq!(one.retry_shards_to_claim(now).await.unwrap(), 4, "announced lately");
+    assert_eq!(
+        four.retry_shards_to_claim(now).await.unwrap(),
+        4,
+        "never fewer than its own"
+    );
+
+    // Long after the announcement, a job left in an extra shard still holds it, claimed or not.
+    let later = now + 3_600_000;
+    let mut redis = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::AsyncCommands::zadd(&mut redis, one.keys().retry_due(3), "job", now)
+        .await
+        .unwrap();
+    assert_eq!(one.retry_shards_to_claim(later).await.unwrap(), 4, "a job waits");
+    let claimed = one.claim_due(3, later, later + 1_000, 10).await.unwrap().jobs;
+    assert_eq!(claimed, ["job"]);
+    assert_eq!(one.retry_shards_to_claim(later).await.unwrap(), 4, "a claim is held");
+    one.release_claimed(3, &claimed).await.unwrap();
+    assert_eq!(one.retry_shards_to_claim(later).await.unwrap(), 1, "drained and lapsed");
+    assert_eq!(
+        one.retry_shards_to_claim(now).await.unwrap(),
+        1,
+        "the lapsed count is forgotten, not only passed over"
+    );
+    four.announce_retry_shards(later).await.unwrap();
+    assert_eq!(one.retry_shards_to_claim(later).await.unwrap(), 4, "announced again");
 }
 
 /// `laabam-producer topology` with the given layout; its exit status and JSON.

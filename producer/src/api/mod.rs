@@ -170,6 +170,8 @@ pub async fn start(
     crate::metrics::initialize();
     let store = Store::connect(&StoreConfig::from(common), common.connect_timeout).await?;
     store.warn_about_unsafe_settings().await;
+    // Redeliveries go to the retry set, so schedulers must claim over this count.
+    store.keep_announcing_retry_shards(shutdown.clone());
     let publisher = Arc::new(Publisher::connect(&common.amqp_url, common.connect_timeout, common.layout()).await?);
     let state = Arc::new(ApiState {
         store,

@@ -111,6 +111,11 @@ impl Keys {
     pub fn retry_claimed(&self, shard: u16) -> String {
         format!("{}retry:{{{shard}}}:claimed", self.prefix)
     }
+
+    /// The shard counts processes run with, scored by when each was last announced.
+    pub fn retry_shard_counts(&self) -> String {
+        format!("{}retry:shard_counts", self.prefix)
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@
 //! | `dlv:{D}:att` | list | attempt records of deliveries begun before the log moved into `dlv:{D}`; expire with them |
 //! | `retry:{n}:due` | sorted set | retry jobs and in-flight leases by due time |
 //! | `retry:{n}:claimed` | sorted set | jobs a scheduler is publishing, by lease expiry |
+//! | `retry:shard_counts` | sorted set | the `LAABAM_RETRY_SHARDS` values processes run with, by when each was last announced |
 
 mod accounts;
 mod batch_writer;
@@ -31,6 +32,7 @@ mod deliveries;
 mod endpoints;
 mod keys;
 mod retry_set;
+mod retry_shards;
 mod script_call;
 mod stats;
 mod upkeep;

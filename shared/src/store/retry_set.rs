@@ -120,8 +120,14 @@ impl Store {
 
     /// Jobs and leases waiting in every shard.
     pub async fn retry_backlog(&self) -> Result<u64, StoreError> {
+        self.retry_backlog_of(self.keys.retry_shards()).await
+    }
+
+    /// Jobs and leases waiting in the first `shards` shards: a scheduler draining another
+    /// count's shards counts theirs too.
+    pub async fn retry_backlog_of(&self, shards: u16) -> Result<u64, StoreError> {
         let mut pipe = redis::pipe();
-        for shard in 0..self.keys.retry_shards() {
+        for shard in 0..shards {
             pipe.zcard(self.keys.retry_due(shard));
         }
         let sizes: Vec<u64> = pipe.query_async(&mut self.conn()).await?;

@@ -1,0 +1,77 @@
+//! Which retry shards may hold jobs. While `LAABAM_RETRY_SHARDS` changes (a rolling switch,
+//! or a count lowered after a peak), some processes write leases, deferrals and redeliveries
+//! to shards that a scheduler's own count does not cover, and whatever lands there would never
+//! come due. So every process announces its count, and a scheduler claims over the largest
+//! count announced lately, or whose extra shards still hold jobs; an old count is forgotten
+//! once its extra shards are empty. Lowering the count drains the shards it leaves.
+
+use super::{Store, StoreError};
+use crate::clock::now_ms;
+use redis::AsyncCommands;
+use std::ops::Range;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How often a running process announces its count again.
+pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(60);
+
+/// How long an announcement keeps its shards claimed over, empty or not: several announcement
+/// periods, so a process that is still running never lets its count lapse.
+const ANNOUNCEMENT_HOLDS_MS: i64 = 5 * 60_000;
+
+impl Store {
+    /// Records that a process runs with this store's shard count, now.
+    pub async fn announce_retry_shards(&self, now_ms: i64) -> Result<(), StoreError> {
+        self.conn()
+            .zadd::<_, _, _, ()>(self.keys.retry_shard_counts(), self.keys.retry_shards(), now_ms)
+            .await?;
+        Ok(())
+    }
+
+    /// Announces this store's shard count now and every [`ANNOUNCE_EVERY`] until `shutdown`.
+    pub fn keep_announcing_retry_shards(&self, shutdown: CancellationToken) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            while !shutdown.is_cancelled() {
+                if let Err(e) = store.announce_retry_shards(now_ms()).await {
+                    tracing::warn!(error = %e, "could not announce the retry shard count; trying again later");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(ANNOUNCE_EVERY) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+        });
+    }
+
+    /// How many shards a scheduler claims from: at least its own count; more while a larger
+    /// count was announced within [`ANNOUNCEMENT_HOLDS_MS`] or its extra shards hold jobs or
+    /// claims. Counts that no longer matter are forgotten here.
+    pub async fn retry_shards_to_claim(&self, now_ms: i64) -> Result<u16, StoreError> {
+        let own = self.keys.retry_shards();
+        let registry = self.keys.retry_shard_counts();
+        let announced: Vec<(u16, i64)> = self.conn().zrange_withscores(&registry, 0, -1).await?;
+        let mut shards = own;
+        for (count, at) in announced {
+            let lapsed = now_ms - at > ANNOUNCEMENT_HOLDS_MS;
+            if count > own && (!lapsed || self.shards_hold_jobs(own..count).await?) {
+                shards = shards.max(count);
+            } else if lapsed {
+                // A process still running with it announces it again within a minute.
+                self.conn().zrem::<_, _, ()>(&registry, count).await?;
+            }
+        }
+        Ok(shards)
+    }
+
+    /// Whether any of `shards` holds a job, a lease or a claim.
+    async fn shards_hold_jobs(&self, shards: Range<u16>) -> Result<bool, StoreError> {
+        let mut pipe = redis::pipe();
+        for shard in shards {
+            pipe.zcard(self.keys.retry_due(shard))
+                .zcard(self.keys.retry_claimed(shard));
+        }
+        let sizes: Vec<u64> = pipe.query_async(&mut self.conn()).await?;
+        Ok(sizes.iter().any(|&n| n > 0))
+    }
+}

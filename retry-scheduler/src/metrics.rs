@@ -8,6 +8,7 @@ pub struct Metrics {
     pub republished: IntCounter,
     pub reclaimed: IntCounter,
     pub backlog: IntGauge,
+    pub retry_shards: IntGauge,
     pub due_lag_seconds: Histogram,
 }
 
@@ -25,6 +26,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     backlog: register_int_gauge!(
         "laabam_scheduler_backlog",
         "Retry jobs and in-flight leases waiting in the retry set"
+    )
+    .unwrap(),
+    retry_shards: register_int_gauge!(
+        "laabam_scheduler_retry_shards",
+        "Retry shards claimed from: the scheduler's own count, or more while another count's shards drain"
     )
     .unwrap(),
     due_lag_seconds: register_histogram!(

@@ -186,7 +186,7 @@ const SHARDS_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// `current` stays while Redis cannot tell.
 async fn shards_to_claim(store: &Store, current: u16) -> u16 {
     let own = store.keys().retry_shards();
-    match store.retry_shards_to_claim(now_ms()).await {
+    let shards = match store.retry_shards_to_claim(now_ms()).await {
         Ok(shards) if shards != current && shards > own => {
             tracing::warn!(
                 own,
@@ -204,7 +204,9 @@ async fn shards_to_claim(store: &Store, current: u16) -> u16 {
         }
         Ok(shards) => shards,
         Err(_) => current,
-    }
+    };
+    METRICS.retry_shards.set(shards.into());
+    shards
 }
 
 /// Claims up to a batch of due jobs on one shard.

@@ -133,3 +133,11 @@ impl ApiClient {
         self.call(Method::DELETE, path, None).await
     }
 }
+
+/// The body of a `GET` as text: `/metrics` and other answers that are not JSON.
+pub async fn plain_text(url: &str) -> String {
+    let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Empty<Bytes>>();
+    let resp = client.get(url.parse().expect("a valid URL")).await.expect("an answer");
+    let body = resp.into_body().collect().await.expect("a body");
+    String::from_utf8(body.to_bytes().to_vec()).expect("UTF-8 text")
+}

@@ -179,9 +179,23 @@ async fn lowering_the_retry_shard_count_strands_no_retry() {
     );
     assert!(env.terminate(four_shards).await.success());
 
-    // Everything now runs on one shard.
-    env.start_scheduler(&[]);
+    // Everything now runs on one shard; the scheduler says it drains four.
+    let metrics_port = laabam_tests::env::free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let flags = env.scheduler_flags(&["--metrics-addr", &metrics_addr]);
+    env.spawn_binary("laabam-retry-scheduler", &flags);
     env.start_dispatcher(&[]);
+    wait_until(
+        "the scheduler claims from four shards",
+        Duration::from_secs(30),
+        || async {
+            tokio::net::TcpStream::connect(&metrics_addr).await.is_ok()
+                && laabam_tests::api::plain_text(&format!("http://{metrics_addr}/metrics"))
+                    .await
+                    .contains("laabam_scheduler_retry_shards 4")
+        },
+    )
+    .await;
     wait_until("every event retried", Duration::from_secs(30), || async {
         let seen = rx.per_event();
         events.iter().all(|e| seen.get(e.id.as_str()) == Some(&2))

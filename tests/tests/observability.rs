@@ -343,7 +343,7 @@ async fn dashboards_and_alerts_evaluate_to_what_the_traffic_implies() {
     // Every metric a dashboard or rule names is exported by some process.
     let mut exported = BTreeSet::new();
     for port in [api_port, dispatcher_port, scheduler_port] {
-        let text = metrics_text(port).await;
+        let text = laabam_tests::api::plain_text(&format!("http://127.0.0.1:{port}/metrics")).await;
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             exported.insert(line.split_whitespace().nth(2).unwrap().to_owned());
         }
@@ -363,17 +363,6 @@ async fn dashboards_and_alerts_evaluate_to_what_the_traffic_implies() {
         "{} metrics referenced by the dashboard and rules, all exported",
         referenced.len()
     );
-}
-
-async fn metrics_text(port: u16) -> String {
-    use http_body_util::BodyExt;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let resp = client
-        .get(format!("http://127.0.0.1:{port}/metrics").parse().unwrap())
-        .await
-        .unwrap();
-    String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
 }
 
 async fn poison(env: &TestEnv) {

@@ -189,7 +189,7 @@ async fn secrets_and_keys_never_appear_in_metrics_or_errors() {
     wait_until("delivered", Duration::from_secs(20), || async { rx.count() == 1 }).await;
 
     // Prometheus text, not JSON: read as plain text.
-    let text = plain_text(&api.base, "/metrics").await;
+    let text = laabam_tests::api::plain_text(&format!("{}/metrics", api.base)).await;
     assert!(text.contains("laabam_dispatcher_attempts_total"));
     for forbidden in ["whsec_", "lbk_", &secret[6..]] {
         assert!(!text.contains(forbidden), "metrics contain {forbidden}");
@@ -205,14 +205,6 @@ async fn secrets_and_keys_never_appear_in_metrics_or_errors() {
         !wrong_admin.json.to_string().contains("not-the-operator-token")
             && !wrong_admin.json.to_string().contains(ADMIN)
     );
-}
-
-async fn plain_text(base: &str, path: &str) -> String {
-    use http_body_util::BodyExt;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let resp = client.get(format!("{base}{path}").parse().unwrap()).await.unwrap();
-    String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

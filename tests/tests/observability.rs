@@ -288,6 +288,11 @@ async fn dashboards_and_alerts_evaluate_to_what_the_traffic_implies() {
             > 3.0
     );
     assert_eq!(prometheus.value("sum(laabam_dispatcher_consuming)").await, 1.0);
+    assert_eq!(
+        prometheus.value("max(laabam_scheduler_retry_shards)").await,
+        1.0,
+        "one shard, as configured"
+    );
     // The 250 ms slot wait, stretched (at most eightfold) only if the machine is saturated.
     let budget = prometheus.value("laabam_dispatcher_slot_wait_budget_seconds").await;
     assert!((0.25..=2.0).contains(&budget), "wait budget {budget} s");

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// How often a running process announces its count again.
-pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(60);
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(60);
 
 /// How long an announcement keeps its shards claimed over, empty or not: several announcement
 /// periods, so a process that is still running never lets its count lapse.
@@ -28,7 +28,7 @@ impl Store {
         Ok(())
     }
 
-    /// Announces this store's shard count now and every [`ANNOUNCE_EVERY`] until `shutdown`.
+    /// Announces this store's shard count now and every minute until `shutdown`.
     pub fn keep_announcing_retry_shards(&self, shutdown: CancellationToken) {
         let store = self.clone();
         tokio::spawn(async move {
@@ -45,7 +45,7 @@ impl Store {
     }
 
     /// How many shards a scheduler claims from: at least its own count; more while a larger
-    /// count was announced within [`ANNOUNCEMENT_HOLDS_MS`] or its extra shards hold jobs or
+    /// count was announced within the last five minutes or its extra shards hold jobs or
     /// claims. Counts that no longer matter are forgotten here.
     pub async fn retry_shards_to_claim(&self, now_ms: i64) -> Result<u16, StoreError> {
         let own = self.keys.retry_shards();

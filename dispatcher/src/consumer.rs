@@ -105,8 +105,20 @@ async fn session(
     let opened = startup::amqp_within(startup::AMQP_SETUP_LIMIT, "open the consumer session", open(settings)).await?;
     let (events_acks, events_acker) = Acks::start(opened.events_channel.clone());
     let (retry_acks, retry_acker) = Acks::start(opened.retry_channel.clone());
-    let mut events = futures_util::stream::select_all(opened.event_consumers);
-    let mut retries = futures_util::stream::select_all(opened.retry_consumers);
+    // Retry jobs and events take turns: neither waits for the other stream to run dry, so
+    // retries coming due by the thousand (an endpoint back after an outage) never hold back new
+    // events, nor the reverse. Each stream ends with a `None` of its own, so the session
+    // notices either kind of consumer ending.
+    let tagged = |source: Source, consumers: Vec<Consumer>| {
+        futures_util::stream::select_all(consumers)
+            .map(Some)
+            .chain(futures_util::stream::iter([None]))
+            .map(move |next| (source, next))
+    };
+    let mut messages = futures_util::stream::select(
+        tagged(Source::Retries, opened.retry_consumers),
+        tagged(Source::Events, opened.event_consumers),
+    );
     readiness.set_broker(true);
     METRICS.consuming.set(1);
     backoff.reset();
@@ -121,8 +133,7 @@ async fn session(
         let (source, next) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            next = retries.next() => (Source::Retries, next),
-            next = events.next() => (Source::Events, next),
+            next = messages.next() => next.expect("each stream yields its closing None before both end"),
         };
         let delivery = match next {
             None => return Err(SessionError::ConsumerEnded),

@@ -9,6 +9,7 @@ use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
 use laabam_shared::store::{AttemptTiming, Record, Store};
 use laabam_tests::deliveries::{Success, begin_events, first_attempt, quiet_endpoints};
+use laabam_tests::env::{publish_all, sample_events};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
 use serde_json::value::RawValue;
 use std::time::Duration;
@@ -611,4 +612,54 @@ fn encoded_jobs(n: usize) -> Vec<String> {
             .encode()
         })
         .collect()
+}
+
+/// A backlog of retries coming due at once (an endpoint back after an outage) shares the
+/// dispatcher with new events: a new event of another account is delivered while most of the
+/// backlog still waits, not after it. Eight message slots and 5 ms a retry make the 600 take
+/// most of a second, so the new event's place among them shows which went first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_due_retries_does_not_hold_back_new_events() {
+    const FLOOD: usize = 600;
+    let mut env = TestEnv::new().await;
+    // Every first attempt fails; every retry is answered after 5 ms.
+    let flooded = Receiver::start(|_, nth| {
+        if nth == 0 {
+            Reply::Status(500)
+        } else {
+            Reply::After(Duration::from_millis(5), 200)
+        }
+    })
+    .await;
+    let fresh = Receiver::ok().await;
+    env.endpoint("acct_flood", &flooded.url, None).await;
+    env.endpoint("acct_fresh", &fresh.url, None).await;
+    env.start_dispatcher(&["--max-in-flight", "8", "--retry-first-delay", "100ms"]);
+    let publisher = env.publisher().await;
+    publish_all(&publisher, &sample_events("acct_flood", FLOOD)).await;
+    wait_until("every first attempt failed", Duration::from_secs(60), || async {
+        flooded.count() >= FLOOD
+    })
+    .await;
+    let store = env.store().await;
+    wait_until("every retry due", Duration::from_secs(30), || async {
+        store.retry_backlog().await.unwrap() >= FLOOD as u64
+    })
+    .await;
+    env.start_scheduler(&[]);
+    wait_until("the retries flowing", Duration::from_secs(30), || async {
+        flooded.count() >= FLOOD + 20
+    })
+    .await;
+    publish_all(&publisher, &sample_events("acct_fresh", 1)).await;
+    wait_until("the new event", Duration::from_secs(60), || async {
+        fresh.count() >= 1
+    })
+    .await;
+    let retried = flooded.count() - FLOOD;
+    eprintln!("retries delivered when the new event arrived: {retried} of {FLOOD}");
+    assert!(
+        retried < FLOOD / 2,
+        "the new event waited for {retried} of {FLOOD} retries"
+    );
 }

@@ -152,12 +152,29 @@ impl Slots {
     }
 }
 
-/// Counts a waiter for as long as it waits, even if its future is dropped.
-struct Waiting<'a>(&'a AtomicUsize);
+/// A delivery's turn at one of its endpoint's slots, given without waiting.
+#[derive(Debug)]
+pub enum Turn {
+    /// A slot, taken now.
+    Now(Slot),
+    /// None free, but one should be within the wait budget: wait for it with
+    /// [`EndpointLimits::wait`], once nothing else is held for the delivery (its event's
+    /// message settled, its other deliveries under way).
+    Queued(Queued),
+}
 
-impl Drop for Waiting<'_> {
+/// A delivery counted among its endpoint's waiting ones until its wait ends, even if it is
+/// dropped before.
+#[derive(Debug)]
+pub struct Queued {
+    slots: Arc<Slots>,
+    /// Deliveries waiting when it joined, itself included.
+    ahead: usize,
+}
+
+impl Drop for Queued {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.slots.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -238,24 +255,36 @@ impl EndpointLimits {
         bucket.try_take(now)
     }
 
-    /// A slot for one request to `endpoint`, waiting for one to free up when that should take
-    /// less than the wait budget; `None` means defer: no slot soon enough, or at the rate limit.
-    pub async fn acquire(&self, endpoint: &Endpoint) -> Option<Slot> {
+    /// A slot for one request to `endpoint` now, or a place among its waiting deliveries when
+    /// one should free up within the wait budget, without waiting; `None` means defer: no slot
+    /// soon enough, or over the rate limit.
+    pub fn take(&self, endpoint: &Endpoint) -> Option<Turn> {
         let slots = self.slots_of(endpoint);
-        let permit = match slots.semaphore.clone().try_acquire_owned() {
+        match slots.semaphore.clone().try_acquire_owned() {
             Ok(permit) => {
                 // The first slot taken starts the clock for an endpoint that never answers.
                 let _ = slots
                     .progress_ms
                     .compare_exchange(0, since_epoch_ms(), Ordering::Relaxed, Ordering::Relaxed);
-                permit
+                self.rated(endpoint, permit, slots).map(Turn::Now)
             }
             Err(_) => {
                 let ahead = slots.waiting.fetch_add(1, Ordering::Relaxed) + 1;
-                let _waiting = Waiting(&slots.waiting);
-                self.wait_for_slot(&slots, ahead).await?
+                let queued = Queued { slots, ahead };
+                self.wait_allowed(&queued.slots, ahead).map(|_| Turn::Queued(queued))
             }
-        };
+        }
+    }
+
+    /// Waits for the slot a [`Turn::Queued`] delivery was promised; `None` means defer after
+    /// all: the endpoint turned out slower than it looked, or is at its rate limit.
+    pub async fn wait(&self, queued: Queued, endpoint: &Endpoint) -> Option<Slot> {
+        let permit = self.wait_for_slot(&queued.slots, queued.ahead).await?;
+        self.rated(endpoint, permit, queued.slots.clone())
+    }
+
+    /// The slot `permit` grants, unless the endpoint is over its rate limit.
+    fn rated(&self, endpoint: &Endpoint, permit: OwnedSemaphorePermit, slots: Arc<Slots>) -> Option<Slot> {
         self.try_rate(endpoint).then(|| Slot {
             _permit: permit,
             taken: Instant::now(),
@@ -265,30 +294,19 @@ impl EndpointLimits {
 
     /// Waits for one of `slots` with `ahead` deliveries waiting (this one included), or `None`
     /// to defer. It waits only for an endpoint that answers within the budget, and only when
-    /// the queue ahead should clear in time: an event's other deliveries wait with it, holding
-    /// their own endpoints' slots.
+    /// the queue ahead should clear in time: each waiting delivery holds its share of the
+    /// process's in-flight room.
     ///
     /// An endpoint none of whose requests has finished yet (new, or this process has just
     /// started on a backlog, when every endpoint is) has a short grace, an eighth of the
     /// budget from its first request, to answer; once one has answered it is judged like any
     /// other, so a healthy endpoint's burst waits milliseconds instead of a deferral's second
-    /// or more. Waiting the whole budget for one that never answers would hold its events'
-    /// other slots that long, and make every endpoint look slow.
+    /// or more. Waiting the whole budget for one that never answers would hold that room for
+    /// its whole backlog that long.
     async fn wait_for_slot(&self, slots: &Slots, ahead: usize) -> Option<OwnedSemaphorePermit> {
         loop {
-            let budget_ms = self.budget.ms();
-            let held_ms = slots.held_ms();
-            let expected_ms = ahead as f64 * held_ms / slots.limit as f64;
             let answered = slots.held.ms() > 0.0;
-            let wait_ms = if answered {
-                budget_ms
-            } else {
-                budget_ms * FIRST_ANSWER_GRACE - held_ms
-            };
-            if held_ms > budget_ms || expected_ms > budget_ms || wait_ms <= 0.0 {
-                return None;
-            }
-            let wait = Duration::from_secs_f64(wait_ms / 1000.0);
+            let wait = self.wait_allowed(slots, ahead)?;
             match tokio::time::timeout(wait, slots.semaphore.clone().acquire_owned()).await {
                 Ok(permit) => return permit.ok(),
                 // It answered meanwhile (another delivery took that slot): judge it again.
@@ -296,6 +314,22 @@ impl EndpointLimits {
                 Err(_) => return None,
             }
         }
+    }
+
+    /// How long a delivery with `ahead` waiting (itself included) may wait for one of `slots`:
+    /// `None` unless the endpoint answers within the budget and the queue ahead should clear in
+    /// time (see [`EndpointLimits::wait_for_slot`]).
+    fn wait_allowed(&self, slots: &Slots, ahead: usize) -> Option<Duration> {
+        let budget_ms = self.budget.ms();
+        let held_ms = slots.held_ms();
+        let expected_ms = ahead as f64 * held_ms / slots.limit as f64;
+        let wait_ms = if slots.held.ms() > 0.0 {
+            budget_ms
+        } else {
+            budget_ms * FIRST_ANSWER_GRACE - held_ms
+        };
+        (held_ms <= budget_ms && expected_ms <= budget_ms && wait_ms > 0.0)
+            .then(|| Duration::from_secs_f64(wait_ms / 1000.0))
     }
 
     /// How long the deliveries already deferred for `endpoint` will take to pass through its
@@ -346,6 +380,17 @@ impl EndpointLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl EndpointLimits {
+        /// A slot now, or after waiting for one, or `None` to defer: a turn taken and waited
+        /// for at once.
+        async fn acquire(&self, endpoint: &Endpoint) -> Option<Slot> {
+            match self.take(endpoint)? {
+                Turn::Now(slot) => Some(slot),
+                Turn::Queued(queued) => self.wait(queued, endpoint).await,
+            }
+        }
+    }
     use laabam_shared::endpoint::NewEndpoint;
     use laabam_shared::ids::AccountId;
     use std::time::Duration;
@@ -599,5 +644,25 @@ mod tests {
         let _only = limits.acquire(&serial).await.unwrap();
         assert!(limits.acquire(&serial).await.is_none());
         assert!(limits.acquire(&endpoint(None)).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_queued_delivery_counts_as_waiting_until_it_gets_its_slot_or_is_dropped() {
+        let limits = EndpointLimits::new(1, WAIT);
+        let ep = endpoint(None);
+        let held = limits.acquire(&ep).await.unwrap();
+        let waiting = || limits.slots_of(&ep).waiting.load(Ordering::Relaxed);
+        let Some(Turn::Queued(first)) = limits.take(&ep) else {
+            panic!("a new endpoint's slot is waited for within its grace");
+        };
+        let Some(Turn::Queued(second)) = limits.take(&ep) else {
+            panic!("still within the grace");
+        };
+        assert_eq!(waiting(), 2, "counted from the moment each was queued, before any wait");
+        drop(second);
+        assert_eq!(waiting(), 1, "a dropped place is given up");
+        drop(held);
+        assert!(limits.wait(first, &ep).await.is_some(), "the released slot");
+        assert_eq!(waiting(), 0);
     }
 }

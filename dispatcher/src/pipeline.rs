@@ -7,7 +7,7 @@
 //! *after*, so an acknowledged message never depends on this process surviving.
 
 use crate::directory::Directory;
-use crate::limits::{EndpointLimits, Slot};
+use crate::limits::{EndpointLimits, Turn};
 use crate::metrics::METRICS;
 use crate::sender::Sender;
 use bytes::Bytes;
@@ -144,7 +144,8 @@ pub struct Attempts {
     room: Option<OwnedSemaphorePermit>,
 }
 
-/// One attempt, holding its lease and its endpoint slot.
+/// One attempt, holding its lease and its endpoint slot (or its place among the deliveries
+/// waiting for one).
 #[derive(Debug)]
 struct AttemptTask {
     job: RetryJob,
@@ -158,7 +159,7 @@ struct AttemptTask {
     /// The event's timestamp (unix ms), read once per event for the publish-to-delivered metric.
     published_ms: Option<i64>,
     lease: String,
-    _slot: Slot,
+    turn: Turn,
 }
 
 /// Everything the dispatcher's message handling needs.
@@ -252,14 +253,17 @@ impl Pipeline {
         for _ in 0..MAX_STALE_TRIES {
             let recipients: Vec<&Arc<Endpoint>> = endpoints.recipients(&envelope.event_type, target).collect();
             let room = self.in_flight.acquire(recipients.len()).await;
-            let slots = futures_util::future::join_all(recipients.iter().map(|ep| self.limits.acquire(ep))).await;
+            // Decided without waiting: a delivery that must wait for its endpoint's slot waits
+            // in its attempt, after the message is settled, so its event's other deliveries go
+            // ahead and hold no slot of theirs idle meanwhile.
+            let turns: Vec<Option<Turn>> = recipients.iter().map(|ep| self.limits.take(ep)).collect();
             let now = now_ms();
             let mut rank = 0;
             let begins: Vec<Begin> = recipients
                 .iter()
-                .zip(&slots)
-                .map(|(endpoint, slot)| {
-                    let (due_ms, lease) = match slot {
+                .zip(&turns)
+                .map(|(endpoint, turn)| {
+                    let (due_ms, lease) = match turn {
                         Some(_) => {
                             let turns = self.in_flight.turns_before(rank);
                             rank += 1;
@@ -299,13 +303,13 @@ impl Pipeline {
             let published = published_ms(&body);
             let body = Bytes::from(body);
             let mut tasks = Vec::new();
-            for (((begin, slot), endpoint), created) in begins.into_iter().zip(slots).zip(recipients).zip(created) {
+            for (((begin, turn), endpoint), created) in begins.into_iter().zip(turns).zip(recipients).zip(created) {
                 if !created {
                     tracing::debug!(delivery_id = %begin.job.delivery, "delivery already known; skipped");
                     continue;
                 }
-                match (slot, begin.lease) {
-                    (Some(slot), Some(lease)) => tasks.push(AttemptTask {
+                match (turn, begin.lease) {
+                    (Some(turn), Some(lease)) => tasks.push(AttemptTask {
                         job: begin.job,
                         event_type: begin.event_type,
                         endpoint: endpoint.clone(),
@@ -315,7 +319,7 @@ impl Pipeline {
                         first_attempt_ms: None,
                         published_ms: published,
                         lease,
-                        _slot: slot,
+                        turn,
                     }),
                     _ => {
                         self.limits.deferred(endpoint);
@@ -407,21 +411,9 @@ impl Pipeline {
         }
         self.limits.returned(&endpoint);
         let room = self.in_flight.acquire(1).await;
-        let Some(slot) = self.limits.acquire(&endpoint).await else {
-            METRICS.deferred.with_label_values(&[&event_type]).inc();
-            self.record(Record {
-                job: &job,
-                lease: &lease,
-                attempt: None,
-                status: DeliveryStatus::Retrying,
-                attempts,
-                first_attempt_ms,
-                next_attempt_ms: Some(self.deferred_until(now, &endpoint)),
-                reason: None,
-                timing: None,
-            })
-            .await;
-            self.limits.deferred(&endpoint);
+        let Some(turn) = self.limits.take(&endpoint) else {
+            self.defer(&job, &lease, &event_type, attempts, first_attempt_ms, &endpoint)
+                .await;
             return Handled::only(Disposition::Ack);
         };
         let published_ms = published_ms(&body);
@@ -438,7 +430,7 @@ impl Pipeline {
                     first_attempt_ms,
                     published_ms,
                     lease,
-                    _slot: slot,
+                    turn,
                 }],
                 room,
             },
@@ -469,6 +461,25 @@ impl Pipeline {
     }
 
     async fn attempt(&self, task: AttemptTask) {
+        let _slot = match task.turn {
+            Turn::Now(slot) => slot,
+            Turn::Queued(queued) => match self.limits.wait(queued, &task.endpoint).await {
+                Some(slot) => slot,
+                None => {
+                    let (attempts, first) = (task.attempts_before, task.first_attempt_ms);
+                    return self
+                        .defer(
+                            &task.job,
+                            &task.lease,
+                            &task.event_type,
+                            attempts,
+                            first,
+                            &task.endpoint,
+                        )
+                        .await;
+                }
+            },
+        };
         let number = task.attempts_before + 1;
         let started_ms = now_ms();
         let timestamp = started_ms / 1000;
@@ -658,6 +669,34 @@ impl Pipeline {
             }
         };
         Box::pin(self.run_attempts(handled.attempts)).await;
+    }
+
+    /// Moves a delivery held under `lease` to the retry set without counting an attempt: its
+    /// endpoint has no slot for it soon enough (see [`EndpointLimits`]).
+    async fn defer(
+        &self,
+        job: &RetryJob,
+        lease: &str,
+        event_type: &str,
+        attempts: u32,
+        first_attempt_ms: Option<i64>,
+        endpoint: &Endpoint,
+    ) {
+        METRICS.deferred.with_label_values(&[event_type]).inc();
+        tracing::debug!(endpoint_id = %endpoint.id, "endpoint at its limit; deferred");
+        self.record(Record {
+            job,
+            lease,
+            attempt: None,
+            status: DeliveryStatus::Retrying,
+            attempts,
+            first_attempt_ms,
+            next_attempt_ms: Some(self.deferred_until(now_ms(), endpoint)),
+            reason: None,
+            timing: None,
+        })
+        .await;
+        self.limits.deferred(endpoint);
     }
 
     /// Writes a record, retrying while Redis is unreachable for as long as the lease lasts;

@@ -5,6 +5,7 @@ use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::Outcome;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
+use laabam_tests::env::{publish_all, sample_events};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_finished, wait_until};
 use serde_json::value::RawValue;
 use std::time::{Duration, Instant};
@@ -217,4 +218,50 @@ async fn slow_endpoints_never_hold_back_healthy_ones_nor_exceed_their_limit() {
         never.count() <= limit && slow.count() <= limit,
         "no more requests than the limit while they hang"
     );
+}
+
+/// An endpoint slow enough to be at its limit but quick enough to be waited for (100 ms, two
+/// slots) shares every event with a fast one: the fast one gets each event at once instead of
+/// at the slow one's pace. A delivery waiting for a slot waits alone, after its event's message
+/// is settled; it used to hold the slots its event took at the other endpoints meanwhile, so
+/// every endpoint of a fan-out went at the pace of its slowest one that was still waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_waited_for_does_not_set_the_pace_of_the_others() {
+    const EVENTS: usize = 40;
+    let mut env = TestEnv::new().await;
+    let waited = Receiver::start(|_, _| Reply::After(Duration::from_millis(100), 200)).await;
+    let fast = Receiver::ok().await;
+    env.endpoint("acct_pace", &waited.url, None).await;
+    env.endpoint("acct_pace", &fast.url, None).await;
+    // Room for 32 events in hand; up to 20 deliveries (1 s of 100 ms holds over two slots) are
+    // waited for before more are deferred.
+    env.start_dispatcher(&[
+        "--max-in-flight",
+        "64",
+        "--endpoint-concurrency",
+        "2",
+        "--slot-wait",
+        "1s",
+    ]);
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+    publish_all(&publisher, &sample_events("acct_pace", EVENTS)).await;
+    wait_until("the fast endpoint has every event", Duration::from_secs(30), || async {
+        fast.per_event().len() == EVENTS
+    })
+    .await;
+    let paced = waited.count();
+    println!("the fast endpoint had all {EVENTS} events when the 100 ms one had had {paced} requests");
+    assert!(
+        paced < EVENTS / 2,
+        "the fast endpoint went at the slow one's pace ({paced} of its requests first)"
+    );
+    wait_until(
+        "the waited-for endpoint has every event",
+        Duration::from_secs(60),
+        || async { waited.per_event().len() == EVENTS },
+    )
+    .await;
+    assert!(waited.peak_concurrency() <= 2, "its limit held");
+    assert_eq!(fast.count(), EVENTS, "each event once at the fast endpoint");
 }

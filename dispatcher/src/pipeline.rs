@@ -321,11 +321,7 @@ impl Pipeline {
                         lease,
                         turn,
                     }),
-                    _ => {
-                        self.limits.deferred(endpoint);
-                        METRICS.deferred.with_label_values(&[&envelope.event_type]).inc();
-                        tracing::debug!(delivery_id = %begin.job.delivery, endpoint_id = %endpoint.id, "endpoint at its limit; deferred");
-                    }
+                    _ => self.count_deferral(endpoint, &envelope.event_type, &begin.job.delivery),
                 }
             }
             tracing::debug!(deliveries = tasks.len(), "event fanned out");
@@ -682,8 +678,6 @@ impl Pipeline {
         first_attempt_ms: Option<i64>,
         endpoint: &Endpoint,
     ) {
-        METRICS.deferred.with_label_values(&[event_type]).inc();
-        tracing::debug!(endpoint_id = %endpoint.id, "endpoint at its limit; deferred");
         self.record(Record {
             job,
             lease,
@@ -696,7 +690,15 @@ impl Pipeline {
             timing: None,
         })
         .await;
+        self.count_deferral(endpoint, event_type, &job.delivery);
+    }
+
+    /// Counts a deferred delivery: in the metric, and in its endpoint's deferred backlog, which
+    /// spreads the next deferrals' due times (see [`Pipeline::deferred_until`]).
+    fn count_deferral(&self, endpoint: &Endpoint, event_type: &str, delivery: &DeliveryId) {
         self.limits.deferred(endpoint);
+        METRICS.deferred.with_label_values(&[event_type]).inc();
+        tracing::debug!(delivery_id = %delivery, endpoint_id = %endpoint.id, "endpoint at its limit; deferred");
     }
 
     /// Writes a record, retrying while Redis is unreachable for as long as the lease lasts;

@@ -304,14 +304,14 @@ async fn dashboards_and_alerts_evaluate_to_what_the_traffic_implies() {
             .await
             < 1.0
     );
-    // Records and arrivals leave in batches of one to sixteen.
+    // Records and arrivals leave in batches of one to sixty-four.
     for items in ["records", "arrivals"] {
         let per_call = prometheus
             .value(&format!(
                 "sum(rate(laabam_dispatcher_{items}_per_redis_call_sum[1m])) / sum(rate(laabam_dispatcher_{items}_per_redis_call_count[1m]))"
             ))
             .await;
-        assert!((1.0..=16.0).contains(&per_call), "{items} per Redis call {per_call}");
+        assert!((1.0..=64.0).contains(&per_call), "{items} per Redis call {per_call}");
     }
     assert_eq!(
         prometheus

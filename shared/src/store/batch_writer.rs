@@ -5,16 +5,19 @@
 //! (7–11 µs of CPU in `laabam-bench redis-calls`), and a busy dispatcher makes thousands a
 //! second. So items queue here and one writer per script sends them together: while its call
 //! is out, the items that arrive wait for it to return and then leave in one call of at most
-//! 16 (and at most [`MAX_KEYS`] keys, so no call holds Redis for long); a lone item goes at
-//! once, waiting for nothing. Measured on records, the client's CPU per record fell from
+//! [`MAX_BATCH`] (and at most [`MAX_KEYS`] keys, so no call holds Redis for long); a lone item
+//! goes at once, waiting for nothing. Measured on records, the client's CPU per record fell from
 //! 6.4–10.7 µs to 3.5–5.9 µs; Redis's hardly moved, its per-call share being small beside the
-//! commands. Two variants measured worse (`fanout` and `throughput`,
-//! interleaved): batches of up to 64 saved no more CPU and raised the dispatcher's peak memory
-//! by 10–15 MiB, and letting full batches overlap up to four calls cost 2–11% more dispatcher
-//! CPU. The price of one call at a time is a bound of 16 items per Redis round trip per
-//! writer: 32,000/s with Redis half a millisecond away, 16,000/s at 1 ms; past that, run more
-//! dispatcher processes. The queue needs no bound of its own: each item's caller waits for its
-//! answer, so it holds at most the items in flight.
+//! commands. Letting full batches overlap up to four calls cost 2–11% more dispatcher CPU.
+//! The price of one call at a time is a bound of [`MAX_BATCH`] items per Redis round trip per
+//! writer, and a round trip is the call's own work in Redis plus wake-ups and the other calls
+//! Redis serves meanwhile. With 16 a call that was the bound: `fanout` (ten records per
+//! event) sent full calls of 16 records once every 0.8 ms and stopped at about 19,000
+//! deliveries/s with a tenth of the two cores idle. With 64 its calls carry four times as many
+//! records for a round trip three times as long (2.6 ms), and it delivered a quarter more;
+//! calls stay mostly full, but with the cores nearly busy a larger bound gains little (see
+//! [`MAX_BATCH`]). Past that, run more dispatcher processes. The queue needs no bound of its
+//! own: each item's caller waits for its answer, so it holds at most the items in flight.
 //!
 //! A batched script applies the items in the order they came, each exactly as it would alone,
 //! and answers one value per item. When a call fails, every item in it gets the error, as each
@@ -29,26 +32,28 @@ use redis::{Arg, Cmd, ErrorKind, FromRedisValue, RedisError, Script};
 use std::sync::LazyLock;
 use tokio::sync::{mpsc, oneshot};
 
-/// Items per call at most: a call of 16 records keeps Redis busy for about a quarter of a
-/// millisecond.
-const MAX_BATCH: usize = 16;
+/// Items per call at most: a call of 64 records keeps Redis busy for about a millisecond, which
+/// every other client of Redis may wait behind. 16 made the writer the limit of a busy
+/// dispatcher (see above); 100 (the key bound's limit for records) gained 3% more in `fanout`
+/// for a longer stall and 10 MiB more of dispatcher memory.
+const MAX_BATCH: usize = 64;
 
 /// Keys per call at most, unless one item alone has more. A script holds Redis while it runs,
 /// so a call's size is its stall for every other client: 16 arrivals of events with a hundred
-/// endpoints each would hold it for about 14 ms. Sixteen arrivals of ten endpoints (544 keys)
+/// endpoints each would hold it for about 14 ms. Seventeen arrivals of ten endpoints (578 keys)
 /// still fit in one call.
 const MAX_KEYS: usize = 600;
 
-/// The buckets of the items-per-call histograms: mostly full calls (15–16) mean items wait
+/// The buckets of the items-per-call histograms: mostly full calls (63–64) mean items wait
 /// behind Redis's round trip, and another dispatcher process would take them.
-const PER_CALL_BUCKETS: [f64; 6] = [1.0, 2.0, 4.0, 8.0, 15.0, 16.0];
+const PER_CALL_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 63.0, 64.0];
 
 /// Attempts' records per call. Only processes that record attempts (dispatchers) touch it, so
 /// only they export it.
 pub static RECORDS_PER_CALL: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "laabam_dispatcher_records_per_redis_call",
-        "Attempt records written per Redis call (at most 16)",
+        "Attempt records written per Redis call (at most 64)",
         PER_CALL_BUCKETS.to_vec()
     )
     .expect("registered once")
@@ -58,7 +63,7 @@ pub static RECORDS_PER_CALL: LazyLock<Histogram> = LazyLock::new(|| {
 pub static ARRIVALS_PER_CALL: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "laabam_dispatcher_arrivals_per_redis_call",
-        "Events stored with their deliveries begun per Redis call (at most 16)",
+        "Events stored with their deliveries begun per Redis call (at most 64)",
         PER_CALL_BUCKETS.to_vec()
     )
     .expect("registered once")
@@ -279,9 +284,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn small_items_leave_sixteen_to_a_call() {
-        let sizes: Vec<usize> = calls(&[6; 40]).await.iter().map(Vec::len).collect();
-        assert_eq!(sizes, [16, 16, 8]);
+    async fn small_items_leave_sixty_four_to_a_call() {
+        let sizes: Vec<usize> = calls(&[6; 150]).await.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [64, 64, 22]);
     }
 
     #[tokio::test]

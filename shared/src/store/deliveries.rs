@@ -71,7 +71,9 @@ end
 /// only ever created here, with the event, and a redelivery extends both), so only a repeated
 /// copy pays for the `HSETNX` that tells known from new. The account's indexes and each
 /// endpoint's history are trimmed and their lifetimes renewed only when a flag asks for it (see
-/// `upkeep`).
+/// `upkeep`). Their entries are added together after the call's last event, one `ZADD` per key:
+/// `laabam-bench redis-calls` measured 1.0 µs less Redis CPU per delivery with one endpoint per
+/// event (median of three pairs, 20.2 → 19.2 µs) and 1.3 µs less with ten (12.7 → 11.4 µs).
 /// KEYS per event: endpoints version, event, account's events, account's deliveries, then three
 /// per delivery (state, retry shard, endpoint history). ARGV: the store's three
 /// (`arrival_call_args`) once per call, then per event its number of deliveries, six values and
@@ -80,6 +82,23 @@ pub(super) static INGEST: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local ttl, events_kept, keep = ARGV[1], ARGV[2], tonumber(ARGV[3])
+-- Index entries are gathered across the call and added with one ZADD per key after every
+-- event, then the upkeep the events asked for, in their order: a call's events mostly share
+-- their account's two indexes, and a command per entry cost more than the entries.
+local index_keys, entries, upkeeps = {}, {}, {}
+local function index(key, score, member)
+  local list = entries[key]
+  if not list then
+    list = {}
+    entries[key] = list
+    index_keys[#index_keys + 1] = key
+  end
+  list[#list + 1] = score
+  list[#list + 1] = member
+end
+local function upkeep(key, keep_newest)
+  upkeeps[#upkeeps + 1] = {key, keep_newest}
+end
 -- The event whose keys follow KEYS[k] and whose arguments follow its count of deliveries at ARGV[c].
 local function arrive(k, c, deliveries)
   if (redis.call('GET', KEYS[k + 1]) or '0') ~= ARGV[c + 1] then return {'stale'} end
@@ -87,14 +106,11 @@ local function arrive(k, c, deliveries)
   local out = {'ok', ''}
   local first = redis.call('SET', KEYS[k + 2], ARGV[c + 2], 'NX', 'EX', ttl)
   if first then
-    redis.call('ZADD', KEYS[k + 3], now, ARGV[c + 4])
+    index(KEYS[k + 3], now, ARGV[c + 4])
   else
     out[2] = redis.call('GET', KEYS[k + 2])
   end
-  if ARGV[c + 5] == '1' then
-    redis.call('ZREMRANGEBYRANK', KEYS[k + 3], 0, -tonumber(events_kept) - 1)
-    redis.call('EXPIRE', KEYS[k + 3], ttl)
-  end
+  if ARGV[c + 5] == '1' then upkeep(KEYS[k + 3], tonumber(events_kept)) end
   for i = 0, deliveries - 1 do
     local dk, due, idx = KEYS[k + 5 + i * 3], KEYS[k + 6 + i * 3], KEYS[k + 7 + i * 3]
     local a = c + 7 + i * 10
@@ -109,16 +125,13 @@ local function arrive(k, c, deliveries)
         last, value)
       redis.call('EXPIRE', dk, ttl)
       redis.call('ZADD', due, ARGV[a + 7], ARGV[a])
-      redis.call('ZADD', idx, now, ARGV[a + 1])
-      redis.call('ZADD', KEYS[k + 4], now, ARGV[a + 1])
+      index(idx, now, ARGV[a + 1])
+      index(KEYS[k + 4], now, ARGV[a + 1])
       out[#out + 1] = '1'
     end
-    if ARGV[a + 9] == '1' then redis.call('EXPIRE', idx, ttl) end
+    if ARGV[a + 9] == '1' then upkeep(idx, nil) end
   end
-  if ARGV[c + 6] == '1' then
-    redis.call('ZREMRANGEBYRANK', KEYS[k + 4], 0, -keep * 10 - 1)
-    redis.call('EXPIRE', KEYS[k + 4], ttl)
-  end
+  if ARGV[c + 6] == '1' then upkeep(KEYS[k + 4], keep * 10) end
   return out
 end
 local out, k, c = {}, 0, 4
@@ -127,6 +140,18 @@ while c <= #ARGV do
   out[#out + 1] = arrive(k, c, deliveries)
   k = k + 4 + deliveries * 3
   c = c + 7 + deliveries * 10
+end
+-- In slices: Lua's unpack takes at most about 8,000 values, and one event of thousands of
+-- endpoints gives its account's index two per delivery.
+for _, key in ipairs(index_keys) do
+  local list = entries[key]
+  for from = 1, #list, 1000 do
+    redis.call('ZADD', key, unpack(list, from, math.min(from + 999, #list)))
+  end
+end
+for _, u in ipairs(upkeeps) do
+  if u[2] then redis.call('ZREMRANGEBYRANK', u[1], 0, -u[2] - 1) end
+  redis.call('EXPIRE', u[1], ttl)
 end
 return out
 ",

@@ -107,10 +107,14 @@ async fn rounds_until_failure(
     in_flight: &mut VecDeque<Sent>,
 ) {
     let mut shards = store.keys().retry_shards();
-    let mut shards_checked: Option<Instant> = None;
+    let (mut shards_checked, mut swept): (Option<Instant>, Option<Instant>) = (None, None);
     let routing_keys = config.common.layout().retry_routing_keys();
     while !shutdown.is_cancelled() {
         if shards_checked.is_none_or(|at| at.elapsed() >= SHARDS_CHECK_EVERY) {
+            if swept.is_none_or(|at| at.elapsed() >= SHARDS_SWEEP_EVERY) {
+                sweep_shards(store, shards).await;
+                swept = Some(Instant::now());
+            }
             shards = shards_to_claim(store, shards).await;
             shards_checked = Some(Instant::now());
         }
@@ -181,6 +185,22 @@ async fn rounds_until_failure(
 
 /// How often a scheduler looks again at which shard counts are in use.
 const SHARDS_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// How often a scheduler sweeps every possible shard for jobs no announced count covers.
+const SHARDS_SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Sweeps the shards past the `current` ones for jobs (see `Store::sweep_retry_shards`); a
+/// count it announces is claimed over from the next look at the counts.
+async fn sweep_shards(store: &Store, current: u16) {
+    match store.sweep_retry_shards(current, now_ms()).await {
+        Ok(Some(shards)) => tracing::warn!(
+            shards,
+            "retry jobs found in shards no announced count covers (a process that could not announce its LAABAM_RETRY_SHARDS stopped): claiming from them until they are empty"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "could not sweep the retry shards; trying again later"),
+    }
+}
 
 /// The shards to claim from (see `Store::retry_shards_to_claim`), saying when that changes;
 /// `current` stays while Redis cannot tell.

@@ -40,7 +40,7 @@ pub struct CommonArgs {
     pub redis_prefix: String,
     /// The retry set is split into this many sorted sets, so Redis Cluster can spread it.
     /// Every dispatcher and scheduler of one installation must agree on it.
-    #[arg(long, env = "LAABAM_RETRY_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, env = "LAABAM_RETRY_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=crate::store::MAX_RETRY_SHARDS as i64))]
     pub retry_shards: u16,
     /// Event queues: 1, or N > 1 spread by a consistent hash of each event's id (needs the
     /// broker's `rabbitmq_consistent_hash_exchange` plugin). Every process must agree.

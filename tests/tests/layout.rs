@@ -155,6 +155,20 @@ async fn retry_jobs_spread_over_sharded_retry_queues_and_none_queued_before_is_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lowering_the_retry_shard_count_strands_no_retry() {
+    retries_left_in_four_shards_drain_on_one(false).await;
+}
+
+/// A process that wrote to shards after its count was forgotten, and stopped before it could
+/// announce it again, leaves retries that no announced count covers; the scheduler's sweep
+/// finds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_in_shards_no_announced_count_covers_are_found_by_the_sweep() {
+    retries_left_in_four_shards_drain_on_one(true).await;
+}
+
+/// Retries wait in four shards; then everything runs on one shard, with the four-shard
+/// process's announcement still there or (`forgotten`) gone.
+async fn retries_left_in_four_shards_drain_on_one(forgotten: bool) {
     let mut env = TestEnv::new().await;
     let rx = Receiver::failing_first_attempts(Reply::Status(500)).await;
     env.endpoint("acct_rs", &rx.url, None).await;
@@ -178,6 +192,16 @@ async fn lowering_the_retry_shard_count_strands_no_retry() {
         "some retries wait in shards a single-shard process does not use"
     );
     assert!(env.terminate(four_shards).await.success());
+    if forgotten {
+        let mut redis = redis::Client::open(env.redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::AsyncCommands::del(&mut redis, one.keys().retry_shard_counts())
+            .await
+            .unwrap();
+    }
 
     // Everything now runs on one shard; the scheduler says it drains four.
     let metrics_port = laabam_tests::env::free_port();
@@ -253,6 +277,47 @@ async fn another_shard_count_is_claimed_over_while_announced_or_holding_jobs() {
     );
     four.announce_retry_shards(later).await.unwrap();
     assert_eq!(one.retry_shards_to_claim(later).await.unwrap(), 4, "announced again");
+}
+
+#[tokio::test]
+async fn a_sweep_announces_a_count_covering_every_shard_that_holds_jobs() {
+    let env = TestEnv::new().await;
+    let one = env.store().await;
+    let now = now_ms();
+    assert_eq!(one.sweep_retry_shards(1, now).await.unwrap(), None, "nothing anywhere");
+    let mut redis = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // A job in shard 6 and a claim in shard 900, neither under any announced count.
+    let _: () = redis::AsyncCommands::zadd(&mut redis, one.keys().retry_due(6), "job", now)
+        .await
+        .unwrap();
+    let _: () = redis::AsyncCommands::zadd(&mut redis, one.keys().retry_claimed(900), "claim", now)
+        .await
+        .unwrap();
+    assert_eq!(one.retry_shards_to_claim(now).await.unwrap(), 1, "no count covers them");
+    assert_eq!(one.sweep_retry_shards(1, now).await.unwrap(), Some(901));
+    assert_eq!(one.retry_shards_to_claim(now).await.unwrap(), 901, "now one does");
+    assert_eq!(
+        one.sweep_retry_shards(901, now).await.unwrap(),
+        None,
+        "nothing past what is claimed"
+    );
+    let _: () = redis::AsyncCommands::del(&mut redis, one.keys().retry_claimed(900))
+        .await
+        .unwrap();
+    assert_eq!(one.sweep_retry_shards(1, now).await.unwrap(), Some(7), "the job alone");
+    let _: () = redis::AsyncCommands::del(&mut redis, one.keys().retry_due(6))
+        .await
+        .unwrap();
+    let later = now + 3_600_000;
+    assert_eq!(
+        one.retry_shards_to_claim(later).await.unwrap(),
+        1,
+        "drained, the swept counts lapse like announced ones"
+    );
 }
 
 /// `laabam-producer topology` with the given layout; its exit status and JSON.

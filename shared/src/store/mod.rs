@@ -43,6 +43,7 @@ pub use deliveries::{AttemptTiming, Begin, Cursor, DeliveryFilter, Ingest, Page,
 pub use endpoints::AccountEndpoints;
 pub use keys::Keys;
 pub use retry_set::Claimed;
+pub use retry_shards::MAX_RETRY_SHARDS;
 pub use stats::{EndpointHealth, EndpointStats, LastDelivery, SeriesPoint, WindowStats};
 
 use crate::sealing::SecretSealer;

@@ -4,6 +4,12 @@
 //! come due. So every process announces its count, and a scheduler claims over the largest
 //! count announced lately, or whose extra shards still hold jobs; an old count is forgotten
 //! once its extra shards are empty. Lowering the count drains the shards it leaves.
+//!
+//! An announcement can still miss a write: a process that writes to an extra shard after its
+//! count was forgotten (it could not reach Redis for the five minutes an announcement holds)
+//! and dies before it announces again leaves a job that no count covers. So schedulers also
+//! sweep every shard a process could run with, now and then, and announce a count that covers
+//! any shard found holding jobs; from there it drains like any other.
 
 use super::{Store, StoreError};
 use crate::clock::now_ms;
@@ -18,6 +24,10 @@ const ANNOUNCE_EVERY: Duration = Duration::from_secs(60);
 /// How long an announcement keeps its shards claimed over, empty or not: several announcement
 /// periods, so a process that is still running never lets its count lapse.
 const ANNOUNCEMENT_HOLDS_MS: i64 = 5 * 60_000;
+
+/// The most retry shards a process may run with (`LAABAM_RETRY_SHARDS`), so the most a sweep
+/// has to look at.
+pub const MAX_RETRY_SHARDS: u16 = 1024;
 
 impl Store {
     /// Records that a process runs with this store's shard count, now.
@@ -64,14 +74,34 @@ impl Store {
         Ok(shards)
     }
 
+    /// Looks at every shard from `from` up to [`MAX_RETRY_SHARDS`] and, if any holds a job, a
+    /// lease or a claim, announces a count that covers it, as of `now_ms`; answers that count.
+    /// One `EXISTS` per shard (about a millisecond of Redis for all of them), so a scheduler
+    /// runs it once a minute, not at every look at the counts.
+    pub async fn sweep_retry_shards(&self, from: u16, now_ms: i64) -> Result<Option<u16>, StoreError> {
+        let Some(highest) = self.highest_shard_holding_jobs(from..MAX_RETRY_SHARDS).await? else {
+            return Ok(None);
+        };
+        let count = highest + 1;
+        self.conn()
+            .zadd::<_, _, _, ()>(self.keys.retry_shard_counts(), count, now_ms)
+            .await?;
+        Ok(Some(count))
+    }
+
     /// Whether any of `shards` holds a job, a lease or a claim.
     async fn shards_hold_jobs(&self, shards: Range<u16>) -> Result<bool, StoreError> {
+        Ok(self.highest_shard_holding_jobs(shards).await?.is_some())
+    }
+
+    /// The highest of `shards` that holds a job, a lease or a claim (an empty set does not
+    /// exist in Redis).
+    async fn highest_shard_holding_jobs(&self, shards: Range<u16>) -> Result<Option<u16>, StoreError> {
         let mut pipe = redis::pipe();
-        for shard in shards {
-            pipe.zcard(self.keys.retry_due(shard))
-                .zcard(self.keys.retry_claimed(shard));
+        for shard in shards.clone() {
+            pipe.exists(&[self.keys.retry_due(shard), self.keys.retry_claimed(shard)]);
         }
-        let sizes: Vec<u64> = pipe.query_async(&mut self.conn()).await?;
-        Ok(sizes.iter().any(|&n| n > 0))
+        let held: Vec<u8> = pipe.query_async(&mut self.conn()).await?;
+        Ok(shards.zip(held).rev().find(|&(_, n)| n > 0).map(|(shard, _)| shard))
     }
 }

@@ -156,6 +156,16 @@ impl TestEnv {
         self.store_sealed(None, None).await
     }
 
+    /// A plain Redis connection, for a test that reads or plants keys the store does not expose
+    /// (keys under [`TestEnv::prefix`] go when the environment is dropped).
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis_url.as_str())
+            .expect("Redis URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis connection")
+    }
+
     /// A store that seals endpoint secrets with `key` (and opens with `previous` too).
     pub async fn store_sealed(&self, key: Option<&str>, previous: Option<&str>) -> Store {
         let config = StoreConfig {

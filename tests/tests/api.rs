@@ -362,11 +362,7 @@ async fn a_redelivery_keeps_its_payload_and_one_whose_payload_expired_is_refused
         &AccountId::parse(&account_id).unwrap(),
         &EventId::parse(&event_id).unwrap(),
     );
-    let mut redis = redis::Client::open(env.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = env.redis().await;
     let ttl = |mut conn: redis::aio::MultiplexedConnection, key: String| async move {
         redis::cmd("TTL").arg(&key).query_async::<i64>(&mut conn).await.unwrap()
     };

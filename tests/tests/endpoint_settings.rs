@@ -153,11 +153,7 @@ async fn a_history_held_up_by_unfinished_deliveries_is_not_rescanned_on_every_fi
     let now = now_ms();
     let begin = |n: usize, first: usize| begin_events(&store, &endpoints, now, first..first + n);
     let success = Success::at(now);
-    let mut conn = redis::Client::open(env.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = env.redis().await;
     let history = store.keys().endpoint_deliveries(&ep.id);
     let health = store.keys().endpoint_health(&ep.id);
 

@@ -193,11 +193,7 @@ async fn retries_left_in_four_shards_drain_on_one(forgotten: bool) {
     );
     assert!(env.terminate(four_shards).await.success());
     if forgotten {
-        let mut redis = redis::Client::open(env.redis_url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut redis = env.redis().await;
         let _: () = redis::AsyncCommands::del(&mut redis, one.keys().retry_shard_counts())
             .await
             .unwrap();
@@ -256,11 +252,7 @@ async fn another_shard_count_is_claimed_over_while_announced_or_holding_jobs() {
 
     // Long after the announcement, a job left in an extra shard still holds it, claimed or not.
     let later = now + 3_600_000;
-    let mut redis = redis::Client::open(env.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = env.redis().await;
     let _: () = redis::AsyncCommands::zadd(&mut redis, one.keys().retry_due(3), "job", now)
         .await
         .unwrap();
@@ -285,11 +277,7 @@ async fn a_sweep_announces_a_count_covering_every_shard_that_holds_jobs() {
     let one = env.store().await;
     let now = now_ms();
     assert_eq!(one.sweep_retry_shards(1, now).await.unwrap(), None, "nothing anywhere");
-    let mut redis = redis::Client::open(env.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = env.redis().await;
     // A job in shard 6 and a claim in shard 900, neither under any announced count.
     let _: () = redis::AsyncCommands::zadd(&mut redis, one.keys().retry_due(6), "job", now)
         .await

@@ -330,11 +330,7 @@ async fn records_of_one_endpoint_made_together_leave_its_health_as_one_at_a_time
         Some(&(pattern.len() as u64 - successes))
     );
     let keys = store.keys();
-    let mut conn = redis::Client::open(env.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = env.redis().await;
     for bucket in [
         keys.endpoint_stats(endpoint, "5m", now / 300_000),
         keys.endpoint_stats(endpoint, "1h", now / 3_600_000),
@@ -556,11 +552,7 @@ async fn a_retry_job_the_broker_cannot_route_is_queued_once_the_topology_is_decl
 
 /// Puts encoded jobs in the first retry shard, due a second ago; returns the Redis connection.
 async fn make_due(env: &TestEnv, store: &Store, jobs: &[String]) -> redis::aio::MultiplexedConnection {
-    let mut redis = redis::Client::open(env.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = env.redis().await;
     let due: Vec<(i64, &String)> = jobs.iter().map(|job| (now_ms() - 1_000, job)).collect();
     let _: () = redis::AsyncCommands::zadd_multiple(&mut redis, store.keys().retry_due(0), &due)
         .await

@@ -32,8 +32,13 @@ pub const MAX_RETRY_SHARDS: u16 = 1024;
 impl Store {
     /// Records that a process runs with this store's shard count, now.
     pub async fn announce_retry_shards(&self, now_ms: i64) -> Result<(), StoreError> {
+        self.announce(self.keys.retry_shards(), now_ms).await
+    }
+
+    /// Records `count` as in use at `now_ms`, so schedulers claim over it while it holds.
+    async fn announce(&self, count: u16, now_ms: i64) -> Result<(), StoreError> {
         self.conn()
-            .zadd::<_, _, _, ()>(self.keys.retry_shard_counts(), self.keys.retry_shards(), now_ms)
+            .zadd::<_, _, _, ()>(self.keys.retry_shard_counts(), count, now_ms)
             .await?;
         Ok(())
     }
@@ -64,7 +69,7 @@ impl Store {
         let mut shards = own;
         for (count, at) in announced {
             let lapsed = now_ms - at > ANNOUNCEMENT_HOLDS_MS;
-            if count > own && (!lapsed || self.shards_hold_jobs(own..count).await?) {
+            if count > own && (!lapsed || self.highest_shard_holding_jobs(own..count).await?.is_some()) {
                 shards = shards.max(count);
             } else if lapsed {
                 // A process still running with it announces it again within a minute.
@@ -83,15 +88,8 @@ impl Store {
             return Ok(None);
         };
         let count = highest + 1;
-        self.conn()
-            .zadd::<_, _, _, ()>(self.keys.retry_shard_counts(), count, now_ms)
-            .await?;
+        self.announce(count, now_ms).await?;
         Ok(Some(count))
-    }
-
-    /// Whether any of `shards` holds a job, a lease or a claim.
-    async fn shards_hold_jobs(&self, shards: Range<u16>) -> Result<bool, StoreError> {
-        Ok(self.highest_shard_holding_jobs(shards).await?.is_some())
     }
 
     /// The highest of `shards` that holds a job, a lease or a claim (an empty set does not

@@ -71,7 +71,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
             config.targets.policy(),
             config.max_in_flight,
         )?,
-        limits: limits::EndpointLimits::new(config.endpoint_concurrency, config.slot_wait),
+        limits: limits::EndpointLimits::new(config.endpoint_concurrency, config.slot_wait, config.max_in_flight / 2),
         policy: config.retry.policy(),
         lease: config.lease(),
         defer_delay: config.defer_delay,

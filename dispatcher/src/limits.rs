@@ -10,6 +10,14 @@
 //! grace for its first answer. Over the rate limit, deliveries are deferred too.
 //! Both limits are per dispatcher process.
 //!
+//! Requests to endpoints judged slow share a bounded *slow room* (half of
+//! `LAABAM_MAX_IN_FLIGHT`): each endpoint's limit bounds its own requests, but many slow
+//! endpoints together could otherwise hold the whole in-flight room, each request until its
+//! timeout, and every event, healthy endpoints' too, would wait for that room. Past the slow
+//! room their deliveries are deferred. A request is judged when it starts, so one that was not
+//! slow then (an endpoint that has just gone down, or has not answered yet) is not counted:
+//! such requests can hold the room once, for one timeout, before their endpoints are known.
+//!
 //! The wait budget is the slot wait, stretched while the whole process holds its slots longer:
 //! on a saturated machine every request waits for the CPU, so every endpoint looks slow alike.
 //! Deferring then helps no endpoint and adds a round trip through Redis, the scheduler and the
@@ -30,6 +38,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub struct EndpointLimits {
     default_limit: u32,
     budget: Arc<WaitBudget>,
+    /// Held by each request to an endpoint that was slow when it started.
+    slow_room: Arc<Semaphore>,
     slots: Mutex<HashMap<EndpointId, Arc<Slots>>>,
     rates: Mutex<HashMap<EndpointId, TokenBucket>>,
 }
@@ -71,7 +81,7 @@ struct Slots {
     semaphore: Arc<Semaphore>,
     waiting: AtomicUsize,
     held: HeldTime,
-    /// When a slot was last released (or first taken), in ms since [`EPOCH`]: while every slot
+    /// When a slot was last released, or taken while none was held, in ms since [`EPOCH`]: while every slot
     /// is held, the time since says each is held at least about that long, long before the
     /// first slow request finishes and the moving average learns it.
     progress_ms: AtomicU64,
@@ -108,6 +118,8 @@ impl HeldTime {
 #[derive(Debug)]
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
+    /// Its share of the slow room, when its endpoint was slow.
+    _slow: Option<OwnedSemaphorePermit>,
     taken: Instant,
     slots: Arc<Slots>,
 }
@@ -227,10 +239,12 @@ impl WaitBudget {
 const PRUNE_ABOVE: usize = 10_000;
 
 impl EndpointLimits {
-    pub fn new(default_limit: u32, slot_wait: Duration) -> Self {
+    /// `slow_room` is how many requests to slow endpoints may be in flight at once.
+    pub fn new(default_limit: u32, slot_wait: Duration, slow_room: usize) -> Self {
         EndpointLimits {
             default_limit: default_limit.max(1),
             budget: Arc::new(WaitBudget::new(slot_wait)),
+            slow_room: Arc::new(Semaphore::new(slow_room.clamp(1, Semaphore::MAX_PERMITS))),
             slots: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
         }
@@ -262,10 +276,13 @@ impl EndpointLimits {
         let slots = self.slots_of(endpoint);
         match slots.semaphore.clone().try_acquire_owned() {
             Ok(permit) => {
-                // The first slot taken starts the clock for an endpoint that never answers.
-                let _ = slots
-                    .progress_ms
-                    .compare_exchange(0, since_epoch_ms(), Ordering::Relaxed, Ordering::Relaxed);
+                // A slot taken while none was held starts the clock: for an endpoint that never
+                // answers, and for one idle since its last release, whose stall is measured
+                // from now, not from that release (else a burst after an idle spell would look
+                // like a stall and be deferred instead of waited for).
+                if slots.semaphore.available_permits() + 1 == slots.limit as usize {
+                    slots.progress_ms.store(since_epoch_ms(), Ordering::Relaxed);
+                }
                 self.rated(endpoint, permit, slots).map(Turn::Now)
             }
             Err(_) => {
@@ -283,10 +300,17 @@ impl EndpointLimits {
         self.rated(endpoint, permit, queued.slots.clone())
     }
 
-    /// The slot `permit` grants, unless the endpoint is over its rate limit.
+    /// The slot `permit` grants, unless the endpoint is over its rate limit, or is slow while
+    /// the slow room is full.
     fn rated(&self, endpoint: &Endpoint, permit: OwnedSemaphorePermit, slots: Arc<Slots>) -> Option<Slot> {
+        let slow = if slots.held_ms() > self.budget.ms() {
+            Some(self.slow_room.clone().try_acquire_owned().ok()?)
+        } else {
+            None
+        };
         self.try_rate(endpoint).then(|| Slot {
             _permit: permit,
+            _slow: slow,
             taken: Instant::now(),
             slots,
         })
@@ -409,6 +433,8 @@ mod tests {
     }
 
     const WAIT: Duration = Duration::from_millis(50);
+    /// A slow room no test of the other limits reaches.
+    const ROOM: usize = 1024;
 
     /// Asserts that `ep` gets no slot, and returns how long the decision took.
     async fn time_to_defer(limits: &EndpointLimits, ep: &Endpoint) -> Duration {
@@ -419,7 +445,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_rate_limit_admits_its_rate_then_refills() {
-        let limits = EndpointLimits::new(100, WAIT);
+        let limits = EndpointLimits::new(100, WAIT, ROOM);
         let mut ep = endpoint(None);
         ep.rate_limit = Some(3);
         let mut admitted = 0;
@@ -436,7 +462,7 @@ mod tests {
 
     #[tokio::test]
     async fn at_most_the_limit_is_handed_out_and_slots_come_back() {
-        let limits = EndpointLimits::new(2, WAIT);
+        let limits = EndpointLimits::new(2, WAIT, ROOM);
         let ep = endpoint(None);
         assert!(limits.acquire(&ep).await.is_some(), "released at once: a fast endpoint");
         let a = limits.acquire(&ep).await.unwrap();
@@ -463,7 +489,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_gets_the_slot_a_finished_request_frees() {
-        let limits = Arc::new(EndpointLimits::new(1, Duration::from_secs(5)));
+        let limits = Arc::new(EndpointLimits::new(1, Duration::from_secs(5), ROOM));
         let ep = endpoint(None);
         drop(limits.acquire(&ep).await.unwrap());
         let first = limits.acquire(&ep).await.unwrap();
@@ -473,7 +499,7 @@ mod tests {
     #[tokio::test]
     async fn a_burst_to_a_new_endpoint_waits_for_its_first_answer() {
         // A grace of 50 ms for the first answer.
-        let limits = Arc::new(EndpointLimits::new(1, Duration::from_millis(400)));
+        let limits = Arc::new(EndpointLimits::new(1, Duration::from_millis(400), ROOM));
         let ep = endpoint(None);
         let first = limits.acquire(&ep).await.unwrap();
         assert!(
@@ -484,7 +510,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_endpoint_is_judged_like_any_other_once_it_has_answered() {
-        let limits = Arc::new(EndpointLimits::new(1, Duration::from_millis(400)));
+        let limits = Arc::new(EndpointLimits::new(1, Duration::from_millis(400), ROOM));
         let ep = endpoint(None);
         let first = limits.acquire(&ep).await.unwrap();
         // The first answers after 10 ms, and the delivery waiting ahead holds the slot for
@@ -514,7 +540,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_endpoint_that_does_not_answer_is_deferred_after_its_grace() {
         // A grace of 25 ms for the first answer.
-        let limits = EndpointLimits::new(1, Duration::from_millis(200));
+        let limits = EndpointLimits::new(1, Duration::from_millis(200), ROOM);
         let ep = endpoint(None);
         let _stuck = limits.acquire(&ep).await.unwrap();
         assert!(
@@ -536,7 +562,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_endpoint_is_deferred_at_once_instead_of_waited_for() {
-        let limits = EndpointLimits::new(1, Duration::from_millis(100));
+        let limits = EndpointLimits::new(1, Duration::from_millis(100), ROOM);
         let (ep, healthy) = (endpoint(None), endpoint(None));
         hold(&limits, &ep, 300).await;
         for _ in 0..10 {
@@ -552,7 +578,7 @@ mod tests {
     #[tokio::test]
     async fn when_every_request_is_slow_alike_a_busy_endpoint_is_waited_for() {
         // A saturated machine: every hold is long, the endpoint is no slower than the rest.
-        let limits = Arc::new(EndpointLimits::new(1, Duration::from_millis(50)));
+        let limits = Arc::new(EndpointLimits::new(1, Duration::from_millis(50), ROOM));
         let ep = endpoint(None);
         hold(&limits, &ep, 100).await;
         let busy = limits.acquire(&ep).await.unwrap();
@@ -564,7 +590,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_process_slow_everywhere_still_defers_past_the_stretched_wait() {
-        let limits = EndpointLimits::new(1, Duration::from_millis(10));
+        let limits = EndpointLimits::new(1, Duration::from_millis(10), ROOM);
         let ep = endpoint(None);
         hold(&limits, &ep, 200).await;
         let _busy = limits.acquire(&ep).await.unwrap();
@@ -576,7 +602,7 @@ mod tests {
 
     #[tokio::test]
     async fn deferrals_to_a_slow_endpoint_are_spread_over_the_time_its_slots_need() {
-        let limits = EndpointLimits::new(2, Duration::from_millis(10));
+        let limits = EndpointLimits::new(2, Duration::from_millis(10), ROOM);
         let ep = endpoint(None);
         let slow = limits.acquire(&ep).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -609,7 +635,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_endpoint_holding_every_slot_is_known_slow_before_it_answers() {
-        let limits = EndpointLimits::new(2, Duration::from_millis(100));
+        let limits = EndpointLimits::new(2, Duration::from_millis(100), ROOM);
         let ep = endpoint(None);
         let _held = [limits.acquire(&ep).await.unwrap(), limits.acquire(&ep).await.unwrap()];
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -624,7 +650,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_fast_endpoint_that_stalls_is_deferred_at_once() {
-        let limits = EndpointLimits::new(1, Duration::from_millis(100));
+        let limits = EndpointLimits::new(1, Duration::from_millis(100), ROOM);
         let ep = endpoint(None);
         let quick = limits.acquire(&ep).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -639,7 +665,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_endpoint_limit_overrides_the_default() {
-        let limits = EndpointLimits::new(8, WAIT);
+        let limits = EndpointLimits::new(8, WAIT, ROOM);
         let serial = endpoint(Some(1));
         let _only = limits.acquire(&serial).await.unwrap();
         assert!(limits.acquire(&serial).await.is_none());
@@ -648,7 +674,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_queued_delivery_counts_as_waiting_until_it_gets_its_slot_or_is_dropped() {
-        let limits = EndpointLimits::new(1, WAIT);
+        let limits = EndpointLimits::new(1, WAIT, ROOM);
         let ep = endpoint(None);
         let held = limits.acquire(&ep).await.unwrap();
         let waiting = || limits.slots_of(&ep).waiting.load(Ordering::Relaxed);
@@ -664,5 +690,50 @@ mod tests {
         drop(held);
         assert!(limits.wait(first, &ep).await.is_some(), "the released slot");
         assert_eq!(waiting(), 0);
+    }
+
+    /// An endpoint that was idle for longer than the budget and then filled its slots in a
+    /// burst is judged by how long its requests take, not by how long ago one last finished.
+    #[tokio::test]
+    async fn a_burst_after_an_idle_spell_is_waited_for() {
+        let limits = Arc::new(EndpointLimits::new(1, Duration::from_millis(100), ROOM));
+        let ep = endpoint(None);
+        let quick = limits.acquire(&ep).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(quick);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let busy = limits.acquire(&ep).await.unwrap();
+        assert!(
+            waiter_gets_the_slot(&limits, &ep, busy, 20).await,
+            "a fast endpoint's burst waits for its slot"
+        );
+    }
+
+    /// Requests to slow endpoints share the slow room: past it a slow endpoint's delivery is
+    /// deferred though a slot of its own is free, a fast endpoint's is not, and a request that
+    /// ends gives its share back.
+    #[tokio::test]
+    async fn slow_endpoints_share_a_bounded_room() {
+        let limits = EndpointLimits::new(4, Duration::from_millis(10), 2);
+        let (a, b, fast) = (endpoint(None), endpoint(None), endpoint(None));
+        for ep in [&a, &b] {
+            let held = limits.acquire(ep).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(held);
+        }
+        // Fast requests bring the process's typical hold, and so the budget, back to 10 ms.
+        for _ in 0..30 {
+            drop(limits.acquire(&fast).await.unwrap());
+        }
+        let now = |ep: &Endpoint| match limits.take(ep) {
+            Some(Turn::Now(slot)) => Some(slot),
+            _ => None,
+        };
+        let first = now(&a).expect("a slow endpoint within the slow room");
+        let _second = now(&b).expect("a second one");
+        assert!(now(&a).is_none(), "the slow room is full: deferred");
+        let _fast = now(&fast).expect("a fast endpoint is not held back");
+        drop(first);
+        assert!(now(&a).is_some(), "a share given back");
     }
 }

@@ -94,7 +94,9 @@ fn every_setting_named_in_deploy_and_the_readme_exists_and_every_setting_is_docu
         "deploy/kubernetes/keda/dispatcher-scaledobject.yaml",
         "deploy/Dockerfile",
         "deploy/README.md",
+        "deploy/CAPACITY.md",
         "README.md",
+        "docs/performance-log.md",
     ] {
         for name in settings_in(&read(file)) {
             assert!(code.contains(&name), "{file} names {name}, which no process reads");

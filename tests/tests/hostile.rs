@@ -2,9 +2,10 @@
 //! timeout, reading a bounded amount, and nothing else is held back.
 
 use laabam_shared::clock::now_ms;
-use laabam_shared::delivery::Outcome;
+use laabam_shared::delivery::{DeliveryStatus, Outcome};
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
+use laabam_shared::store::DeliveryFilter;
 use laabam_tests::env::{publish_all, sample_events};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_finished, wait_until};
 use serde_json::value::RawValue;
@@ -264,4 +265,80 @@ async fn an_endpoint_waited_for_does_not_set_the_pace_of_the_others() {
     .await;
     assert!(waited.peak_concurrency() <= 2, "its limit held");
     assert_eq!(fast.count(), EVENTS, "each event once at the fast endpoint");
+}
+
+/// Many endpoints known to hang, each within its own limit, must not take the whole in-flight
+/// room (`LAABAM_MAX_IN_FLIGHT`) from a healthy endpoint: eight of them with four slots each
+/// could hold 32 requests, twice the room of 16, each until its timeout. Requests to endpoints
+/// judged slow may hold only half of the room; past that their deliveries are deferred. Without
+/// that share the hung endpoints' events filled the room two at a time, and the healthy
+/// account's events, published after them, waited a timeout for every two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_endpoints_together_never_hold_the_room_healthy_ones_need() {
+    const HUNG: usize = 8;
+    const EVENTS: usize = 40;
+    let mut env = TestEnv::new().await;
+    let mut hung = Vec::new();
+    for _ in 0..HUNG {
+        let rx = Receiver::start(|_, _| Reply::After(Duration::from_secs(120), 200)).await;
+        env.endpoint("acct_hung", &rx.url, None).await;
+        hung.push(rx);
+    }
+    let healthy = Receiver::ok().await;
+    env.endpoint("acct_fine", &healthy.url, None).await;
+    // No scheduler: a deferred or failed delivery stays in the retry set, so every request the
+    // hung endpoints get is counted below.
+    env.start_dispatcher(&[
+        "--max-in-flight",
+        "16",
+        "--endpoint-concurrency",
+        "4",
+        "--http-timeout",
+        "5s",
+    ]);
+    let publisher = env.publisher().await;
+    let hung_requests = || hung.iter().map(Receiver::count).sum::<usize>();
+    // One event each first, so the dispatcher learns how long they take: its timeout.
+    publish_all(&publisher, &sample_events("acct_hung", 1)).await;
+    let store = env.store().await;
+    let account = AccountId::parse("acct_hung").unwrap();
+    wait_until("the first requests timed out", Duration::from_secs(30), || async {
+        let page = store
+            .list_deliveries(&account, &DeliveryFilter::default(), None, HUNG + 1)
+            .await
+            .unwrap();
+        page.items.len() == HUNG && page.items.iter().all(|d| d.status == DeliveryStatus::Retrying)
+    })
+    .await;
+    // Healthy traffic meanwhile, as on any dispatcher: the process's typical request is fast.
+    publish_all(&publisher, &sample_events("acct_fine", EVENTS)).await;
+    wait_until(
+        "the healthy endpoint's first events",
+        Duration::from_secs(30),
+        || async { healthy.count() >= EVENTS },
+    )
+    .await;
+    let before = hung_requests();
+    publish_all(&publisher, &sample_events("acct_hung", EVENTS)).await;
+    let started = Instant::now();
+    publish_all(&publisher, &sample_events("acct_fine", EVENTS)).await;
+    wait_until(
+        "the healthy endpoint's later events",
+        Duration::from_secs(60),
+        || async { healthy.count() >= 2 * EVENTS },
+    )
+    .await;
+    let took = started.elapsed();
+    let held = hung_requests() - before;
+    println!(
+        "{EVENTS} events to a healthy endpoint in {took:?} after {EVENTS} to {HUNG} hung ones, which got {held} requests"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the healthy endpoint waited for the hung requests' timeout"
+    );
+    assert!(
+        held <= 8,
+        "the hung endpoints held {held} requests, more than half the room"
+    );
 }

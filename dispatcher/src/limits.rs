@@ -81,9 +81,9 @@ struct Slots {
     semaphore: Arc<Semaphore>,
     waiting: AtomicUsize,
     held: HeldTime,
-    /// When a slot was last released, or taken while none was held, in ms since [`EPOCH`]: while every slot
-    /// is held, the time since says each is held at least about that long, long before the
-    /// first slow request finishes and the moving average learns it.
+    /// When a slot was last released, or taken while none was held, in ms since [`EPOCH`]:
+    /// while every slot is held, the time since says each is held at least about that long,
+    /// long before the first slow request finishes and the moving average learns it.
     progress_ms: AtomicU64,
     /// Deliveries this process deferred that have not come back yet.
     deferred: AtomicUsize,

@@ -119,9 +119,29 @@ impl HeldTime {
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
     /// Its share of the slow room, when its endpoint was slow.
-    _slow: Option<OwnedSemaphorePermit>,
+    _slow: Option<SlowShare>,
     taken: Instant,
     slots: Arc<Slots>,
+}
+
+/// One request's share of the slow room, counted in the gauge while held.
+#[derive(Debug)]
+struct SlowShare {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl SlowShare {
+    fn take(room: &Arc<Semaphore>) -> Option<Self> {
+        let permit = room.clone().try_acquire_owned().ok()?;
+        METRICS.slow_room_in_use.inc();
+        Some(SlowShare { _permit: permit })
+    }
+}
+
+impl Drop for SlowShare {
+    fn drop(&mut self) {
+        METRICS.slow_room_in_use.dec();
+    }
 }
 
 impl Drop for Slot {
@@ -304,7 +324,7 @@ impl EndpointLimits {
     /// the slow room is full.
     fn rated(&self, endpoint: &Endpoint, permit: OwnedSemaphorePermit, slots: Arc<Slots>) -> Option<Slot> {
         let slow = if slots.held_ms() > self.budget.ms() {
-            Some(self.slow_room.clone().try_acquire_owned().ok()?)
+            Some(SlowShare::take(&self.slow_room)?)
         } else {
             None
         };

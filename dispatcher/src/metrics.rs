@@ -69,6 +69,7 @@ pub struct Metrics {
     pub completed: IntCounterVec,
     pub dead_letters: IntCounterVec,
     pub in_flight: IntGauge,
+    pub slow_room_in_use: IntGauge,
     pub slot_wait_budget: Gauge,
     pub consuming: IntGauge,
     pub endpoints_disabled: IntCounterVec,
@@ -80,7 +81,8 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
 ];
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    Metrics {
     events_consumed: register_int_counter_vec!(
         "laabam_dispatcher_events_consumed_total",
         "Events taken from the event queue",
@@ -136,6 +138,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     )
     .unwrap(),
     in_flight: register_int_gauge!("laabam_dispatcher_in_flight_attempts", "Attempts in flight").unwrap(),
+    slow_room_in_use: register_int_gauge!(
+        "laabam_dispatcher_slow_room_in_use",
+        "Requests in flight to endpoints judged slow when they started; at half of the in-flight bound, further ones are deferred"
+    )
+    .unwrap(),
     slot_wait_budget: register_gauge!(
         "laabam_dispatcher_slot_wait_budget_seconds",
         "How long a delivery may wait for a busy endpoint's slot: the slot wait, longer while every request is slow"
@@ -147,4 +154,5 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         LATENCY_BUCKETS.to_vec()
     )
     .unwrap(),
+}
 });

@@ -288,6 +288,7 @@ async fn hung_endpoints_together_never_hold_the_room_healthy_ones_need() {
     env.endpoint("acct_fine", &healthy.url, None).await;
     // No scheduler: a deferred or failed delivery stays in the retry set, so every request the
     // hung endpoints get is counted below.
+    let metrics_addr = format!("127.0.0.1:{}", laabam_tests::env::free_port());
     env.start_dispatcher(&[
         "--max-in-flight",
         "16",
@@ -295,6 +296,8 @@ async fn hung_endpoints_together_never_hold_the_room_healthy_ones_need() {
         "4",
         "--http-timeout",
         "5s",
+        "--metrics-addr",
+        &metrics_addr,
     ]);
     let publisher = env.publisher().await;
     let hung_requests = || hung.iter().map(Receiver::count).sum::<usize>();
@@ -340,5 +343,16 @@ async fn hung_endpoints_together_never_hold_the_room_healthy_ones_need() {
     assert!(
         held <= 8,
         "the hung endpoints held {held} requests, more than half the room"
+    );
+    // The gauge shows the slow room in use (other tests of this process may add to it).
+    let metrics = laabam_tests::api::plain_text(&format!("http://{metrics_addr}/metrics")).await;
+    let in_use: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("laabam_dispatcher_slow_room_in_use "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the slow room gauge");
+    assert!(
+        in_use >= held as f64,
+        "the gauge says {in_use} with {held} requests held"
     );
 }

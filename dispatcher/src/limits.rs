@@ -718,9 +718,7 @@ mod tests {
     async fn a_burst_after_an_idle_spell_is_waited_for() {
         let limits = Arc::new(EndpointLimits::new(1, Duration::from_millis(100), ROOM));
         let ep = endpoint(None);
-        let quick = limits.acquire(&ep).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        drop(quick);
+        hold(&limits, &ep, 5).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let busy = limits.acquire(&ep).await.unwrap();
         assert!(
@@ -737,9 +735,7 @@ mod tests {
         let limits = EndpointLimits::new(4, Duration::from_millis(10), 2);
         let (a, b, fast) = (endpoint(None), endpoint(None), endpoint(None));
         for ep in [&a, &b] {
-            let held = limits.acquire(ep).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            drop(held);
+            hold(&limits, ep, 50).await;
         }
         // Fast requests bring the process's typical hold, and so the budget, back to 10 ms.
         for _ in 0..30 {

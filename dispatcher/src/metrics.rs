@@ -81,8 +81,7 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
 ];
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    Metrics {
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     events_consumed: register_int_counter_vec!(
         "laabam_dispatcher_events_consumed_total",
         "Events taken from the event queue",
@@ -140,7 +139,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     in_flight: register_int_gauge!("laabam_dispatcher_in_flight_attempts", "Attempts in flight").unwrap(),
     slow_room_in_use: register_int_gauge!(
         "laabam_dispatcher_slow_room_in_use",
-        "Requests in flight to endpoints judged slow when they started; at half of the in-flight bound, further ones are deferred"
+        "Requests in flight to endpoints judged slow; past half the in-flight bound, more are deferred"
     )
     .unwrap(),
     slot_wait_budget: register_gauge!(
@@ -154,5 +153,4 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         LATENCY_BUCKETS.to_vec()
     )
     .unwrap(),
-}
 });

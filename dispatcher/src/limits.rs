@@ -14,9 +14,11 @@
 //! `LAABAM_MAX_IN_FLIGHT`): each endpoint's limit bounds its own requests, but many slow
 //! endpoints together could otherwise hold the whole in-flight room, each request until its
 //! timeout, and every event, healthy endpoints' too, would wait for that room. Past the slow
-//! room their deliveries are deferred. A request is judged when it starts, so one that was not
-//! slow then (an endpoint that has just gone down, or has not answered yet) is not counted:
-//! such requests can hold the room once, for one timeout, before their endpoints are known.
+//! room their deliveries are deferred. A request is judged when it starts, and again once it
+//! has run for the wait budget (see [`EndpointLimits::run`]): one that was not slow when it
+//! started (its endpoint has just gone down, or has not answered yet) takes a share then, or,
+//! when the slow room is full, is cut short, recorded as a timed-out attempt and retried. So
+//! endpoints that fail together cannot hold the whole room for a timeout before they are known.
 //!
 //! The wait budget is the slot wait, stretched while the whole process holds its slots longer:
 //! on a saturated machine every request waits for the CPU, so every endpoint looks slow alike.
@@ -38,8 +40,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub struct EndpointLimits {
     default_limit: u32,
     budget: Arc<WaitBudget>,
-    /// Held by each request to an endpoint that was slow when it started.
+    /// Held by each request to an endpoint that was slow when it started, or that turned slow.
     slow_room: Arc<Semaphore>,
+    slow_room_size: usize,
     slots: Mutex<HashMap<EndpointId, Arc<Slots>>>,
     rates: Mutex<HashMap<EndpointId, TokenBucket>>,
 }
@@ -112,16 +115,31 @@ impl HeldTime {
         let new = if old == 0.0 { ms } else { old * 0.8 + ms * 0.2 };
         self.0.store(new.to_bits(), Ordering::Relaxed);
     }
+
+    fn observe_at_least(&self, ms: f64) {
+        self.0.store(self.ms().max(ms).to_bits(), Ordering::Relaxed);
+    }
 }
 
 /// The right to one request to an endpoint; releasing it records how long it was held.
 #[derive(Debug)]
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
-    /// Its share of the slow room, when its endpoint was slow.
-    _slow: Option<SlowShare>,
+    /// Its share of the slow room, when its endpoint was slow or the request turned slow.
+    slow: Option<SlowShare>,
     taken: Instant,
     slots: Arc<Slots>,
+    /// How long its request had run when it was cut short, in ms (see [`EndpointLimits::run`]).
+    cut_after_ms: Option<f64>,
+}
+
+/// A request cut short: it ran past the wait budget while the slow room was full.
+#[derive(Debug, thiserror::Error)]
+#[error("cut short after {} ms: the endpoint turned slow while the slow room ({room} requests) was full", after.as_millis())]
+pub struct CutShort {
+    /// How long it had run.
+    pub after: Duration,
+    room: usize,
 }
 
 /// One request's share of the slow room, counted in the gauge while held.
@@ -146,9 +164,17 @@ impl Drop for SlowShare {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let ms = self.taken.elapsed().as_secs_f64() * 1000.0;
-        self.slots.held.observe(ms);
-        self.slots.budget.observe(ms);
+        if let Some(ran_ms) = self.cut_after_ms {
+            // It would have run longer still: the endpoint is slow from now on, so its next
+            // deliveries are judged by the slow room instead of being cut in turn. The budget
+            // does not learn from it: its length is the budget's own, and counting it would
+            // stretch the budget towards the hanging endpoints it is meant to tell apart.
+            self.slots.held.observe_at_least(ran_ms);
+        } else {
+            let ms = self.taken.elapsed().as_secs_f64() * 1000.0;
+            self.slots.held.observe(ms);
+            self.slots.budget.observe(ms);
+        }
         self.slots.progress_ms.store(since_epoch_ms(), Ordering::Relaxed);
     }
 }
@@ -261,10 +287,12 @@ const PRUNE_ABOVE: usize = 10_000;
 impl EndpointLimits {
     /// `slow_room` is how many requests to slow endpoints may be in flight at once.
     pub fn new(default_limit: u32, slot_wait: Duration, slow_room: usize) -> Self {
+        let slow_room = slow_room.clamp(1, Semaphore::MAX_PERMITS);
         EndpointLimits {
             default_limit: default_limit.max(1),
             budget: Arc::new(WaitBudget::new(slot_wait)),
-            slow_room: Arc::new(Semaphore::new(slow_room.clamp(1, Semaphore::MAX_PERMITS))),
+            slow_room: Arc::new(Semaphore::new(slow_room)),
+            slow_room_size: slow_room,
             slots: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
         }
@@ -330,10 +358,47 @@ impl EndpointLimits {
         };
         self.try_rate(endpoint).then(|| Slot {
             _permit: permit,
-            _slow: slow,
+            slow,
             taken: Instant::now(),
             slots,
+            cut_after_ms: None,
         })
+    }
+
+    /// Runs `request` on `slot`. A request that was not slow when it started is judged again
+    /// once it has run for the wait budget: still running, it is slow, and takes a share of the
+    /// slow room, or, when none is free, is cut short (dropped), so requests to endpoints that
+    /// were healthy a moment ago never hold more of the in-flight room than the slow room
+    /// allows for longer than the budget.
+    pub async fn run<T>(&self, slot: &mut Slot, request: impl Future<Output = T>) -> Result<T, CutShort> {
+        if slot.slow.is_some() {
+            return Ok(request.await);
+        }
+        // From the request's start: a delivery of a wide fan-out may have held its slot for a
+        // while already, waiting for its turn at the in-flight room.
+        let started = Instant::now();
+        let budget = Duration::from_secs_f64(self.budget.ms() / 1000.0);
+        let request = std::pin::pin!(request);
+        let judged = tokio::time::sleep(budget);
+        let request = match futures_util::future::select(request, std::pin::pin!(judged)).await {
+            futures_util::future::Either::Left((done, _)) => return Ok(done),
+            futures_util::future::Either::Right(((), request)) => request,
+        };
+        match SlowShare::take(&self.slow_room) {
+            Some(share) => {
+                slot.slow = Some(share);
+                Ok(request.await)
+            }
+            None => {
+                let after = started.elapsed();
+                slot.cut_after_ms = Some(after.as_secs_f64() * 1000.0);
+                METRICS.cut_short.inc();
+                Err(CutShort {
+                    after,
+                    room: self.slow_room_size,
+                })
+            }
+        }
     }
 
     /// Waits for one of `slots` with `ahead` deliveries waiting (this one included), or `None`
@@ -727,6 +792,14 @@ mod tests {
         );
     }
 
+    /// Requests that end at once, bringing the process's typical hold, and so the budget, back
+    /// to the slot wait.
+    async fn fast_traffic(limits: &EndpointLimits, fast: &Endpoint) {
+        for _ in 0..30 {
+            hold(limits, fast, 0).await;
+        }
+    }
+
     /// Requests to slow endpoints share the slow room: past it a slow endpoint's delivery is
     /// deferred though a slot of its own is free, a fast endpoint's is not, and a request that
     /// ends gives its share back.
@@ -737,10 +810,7 @@ mod tests {
         for ep in [&a, &b] {
             hold(&limits, ep, 50).await;
         }
-        // Fast requests bring the process's typical hold, and so the budget, back to 10 ms.
-        for _ in 0..30 {
-            drop(limits.acquire(&fast).await.unwrap());
-        }
+        fast_traffic(&limits, &fast).await;
         let now = |ep: &Endpoint| match limits.take(ep) {
             Some(Turn::Now(slot)) => Some(slot),
             _ => None,
@@ -751,5 +821,62 @@ mod tests {
         let _fast = now(&fast).expect("a fast endpoint is not held back");
         drop(first);
         assert!(now(&a).is_some(), "a share given back");
+    }
+
+    /// A request to an endpoint not known to be slow is judged again at the budget: it takes a
+    /// share of the slow room, or, with none free, is cut short, and its endpoint is slow from
+    /// then on.
+    #[tokio::test]
+    async fn a_request_that_turns_slow_takes_a_share_or_is_cut_short() {
+        let limits = EndpointLimits::new(4, Duration::from_millis(20), 1);
+        let (a, b, fast) = (endpoint(None), endpoint(None), endpoint(None));
+        fast_traffic(&limits, &b).await;
+        fast_traffic(&limits, &fast).await;
+        let hang = || tokio::time::sleep(Duration::from_secs(5));
+        let mut quick = limits.acquire(&a).await.unwrap();
+        assert!(
+            limits.run(&mut quick, async {}).await.is_ok() && quick.slow.is_none(),
+            "a request done within the budget needs no share"
+        );
+        drop(quick);
+        let mut first = limits.acquire(&a).await.unwrap();
+        let typical = limits.budget.typical.ms();
+        let later = async {
+            // Started once the first has taken the share.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut second = limits.acquire(&b).await.unwrap();
+            limits.run(&mut second, hang()).await
+        };
+        let (ran, cut) = tokio::join!(
+            tokio::time::timeout(Duration::from_millis(300), limits.run(&mut first, hang())),
+            later,
+        );
+        assert!(
+            ran.is_err(),
+            "still running past the budget, on the slow room's one share"
+        );
+        assert!(first.slow.is_some());
+        let cut = cut.expect_err("no share left: cut short");
+        assert_eq!(
+            limits.budget.typical.ms(),
+            typical,
+            "the budget does not learn from a cut"
+        );
+        assert!(
+            cut.after >= Duration::from_millis(20) && cut.after < Duration::from_millis(300),
+            "cut at the budget, after {:?}",
+            cut.after
+        );
+        fast_traffic(&limits, &fast).await;
+        assert!(
+            limits.take(&b).is_none(),
+            "cut: slow now, deferred while the slow room is full"
+        );
+        drop(first);
+        fast_traffic(&limits, &fast).await;
+        assert!(
+            matches!(limits.take(&b), Some(Turn::Now(ref slot)) if slot.slow.is_some()),
+            "with the share back, a slow request on a share"
+        );
     }
 }

@@ -3,8 +3,8 @@
 use laabam_shared::delivery::Outcome;
 use laabam_shared::envelope::EnvelopeError;
 use prometheus::{
-    Gauge, Histogram, HistogramVec, IntCounterVec, IntGauge, register_gauge, register_histogram,
-    register_histogram_vec, register_int_counter_vec, register_int_gauge,
+    Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, register_gauge, register_histogram,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
 };
 use std::sync::{LazyLock, OnceLock};
 
@@ -70,6 +70,7 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     pub in_flight: IntGauge,
     pub slow_room_in_use: IntGauge,
+    pub cut_short: IntCounter,
     pub slot_wait_budget: Gauge,
     pub consuming: IntGauge,
     pub endpoints_disabled: IntCounterVec,
@@ -140,6 +141,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     slow_room_in_use: register_int_gauge!(
         "laabam_dispatcher_slow_room_in_use",
         "Requests in flight to endpoints judged slow; past half the in-flight bound, more are deferred"
+    )
+    .unwrap(),
+    cut_short: register_int_counter!(
+        "laabam_dispatcher_requests_cut_short_total",
+        "Requests that turned slow while the slow room was full, cut short and retried"
     )
     .unwrap(),
     slot_wait_budget: register_gauge!(

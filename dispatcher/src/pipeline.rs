@@ -9,7 +9,7 @@
 use crate::directory::Directory;
 use crate::limits::{EndpointLimits, Turn};
 use crate::metrics::METRICS;
-use crate::sender::Sender;
+use crate::sender::{SendResult, Sender};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use laabam_shared::catalog::ENDPOINT_DISABLED;
@@ -457,7 +457,7 @@ impl Pipeline {
     }
 
     async fn attempt(&self, task: AttemptTask) {
-        let _slot = match task.turn {
+        let mut slot = match task.turn {
             Turn::Now(slot) => slot,
             Turn::Queued(queued) => match self.limits.wait(queued, &task.endpoint).await {
                 Some(slot) => slot,
@@ -505,10 +505,11 @@ impl Pipeline {
         .collect();
 
         METRICS.in_flight.inc();
-        let result = self
-            .sender
-            .post(task.endpoint.url.as_str(), headers, task.body.clone())
-            .await;
+        let request = self.sender.post(task.endpoint.url.as_str(), headers, task.body.clone());
+        let result = match self.limits.run(&mut slot, request).await {
+            Ok(result) => result,
+            Err(cut) => SendResult::failed(Outcome::Timeout, cut.after, cut.to_string()),
+        };
         METRICS.in_flight.dec();
 
         let outcome = result.outcome;

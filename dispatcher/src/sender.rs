@@ -40,6 +40,20 @@ pub struct SendResult {
     pub retry_after: Option<Duration>,
 }
 
+impl SendResult {
+    /// A request that got no response.
+    pub fn failed(outcome: Outcome, duration: Duration, error: String) -> Self {
+        SendResult {
+            outcome,
+            status: None,
+            duration,
+            error: Some(error),
+            excerpt: None,
+            retry_after: None,
+        }
+    }
+}
+
 /// The shared HTTP client of a dispatcher.
 #[derive(Debug, Clone)]
 pub struct Sender {
@@ -119,14 +133,7 @@ impl Sender {
         body: Bytes,
     ) -> SendResult {
         let started = Instant::now();
-        let fail = |outcome: Outcome, error: String| SendResult {
-            outcome,
-            status: None,
-            duration: started.elapsed(),
-            error: Some(error),
-            excerpt: None,
-            retry_after: None,
-        };
+        let fail = |outcome: Outcome, error: String| SendResult::failed(outcome, started.elapsed(), error);
         if let Err(refused) = check_url(url, &self.policy) {
             return fail(Outcome::ConnectError, refused);
         }

@@ -469,7 +469,8 @@ async fn unacknowledged(env: &TestEnv, queues: Vec<String>) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sharded_dispatcher_buffers_no_more_events_than_its_in_flight_cap() {
     let mut env = TestEnv::new().await;
-    // Every attempt hangs: once the 8 slots hold attempts, what the broker pushes stays
+    // Every attempt hangs, and the wait budget outlasts the test, so none is judged slow (cut
+    // short or deferred): once the 8 slots hold attempts, what the broker pushes stays
     // buffered and unacknowledged.
     let rx = Receiver::start(|_, _| Reply::After(Duration::from_secs(30), 200)).await;
     env.endpoint("acct_prefetch", &rx.url, None).await;
@@ -478,7 +479,7 @@ async fn a_sharded_dispatcher_buffers_no_more_events_than_its_in_flight_cap() {
         .await
         .expect("RabbitMQ reachable");
     publish_all(&publisher, &sample_events("acct_prefetch", 120)).await;
-    env.start_dispatcher(&["--dispatch-queues", "3", "--max-in-flight", "8"]);
+    env.start_dispatcher(&["--dispatch-queues", "3", "--max-in-flight", "8", "--slot-wait", "60s"]);
     wait_until("every slot holds an attempt", Duration::from_secs(30), || async {
         rx.count() >= 8
     })

@@ -15,7 +15,7 @@
 //! endpoints together could otherwise hold the whole in-flight room, each request until its
 //! timeout, and every event, healthy endpoints' too, would wait for that room. Past the slow
 //! room their deliveries are deferred. A request is judged when it starts, and again once it
-//! has run for the wait budget (see [`EndpointLimits::run`]): one that was not slow when it
+//! has run for the wait budget (see [`EndpointLimits::checkpoint`]): one that was not slow when it
 //! started (its endpoint has just gone down, or has not answered yet) takes a share then, or,
 //! when the slow room is full, is cut short, recorded as a timed-out attempt and retried. So
 //! endpoints that fail together cannot hold the whole room for a timeout before they are known.
@@ -28,6 +28,7 @@
 //! endpoint among healthy ones is still deferred at once.
 
 use crate::metrics::METRICS;
+use crate::sender::Checkpoint;
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::ids::EndpointId;
 use std::collections::HashMap;
@@ -133,7 +134,8 @@ pub struct Slot {
     cut_after_ms: Option<f64>,
 }
 
-/// A request cut short: it ran past the wait budget while the slow room was full.
+/// A request cut short at its [`Checkpoint`]: it ran past the wait budget while the slow room
+/// was full.
 #[derive(Debug, thiserror::Error)]
 #[error("cut short after {} ms: the endpoint turned slow while the slow room ({room} requests) was full", after.as_millis())]
 pub struct CutShort {
@@ -365,40 +367,39 @@ impl EndpointLimits {
         })
     }
 
-    /// Runs `request` on `slot`. A request that was not slow when it started is judged again
-    /// once it has run for the wait budget: still running, it is slow, and takes a share of the
-    /// slow room, or, when none is free, is cut short (dropped), so requests to endpoints that
-    /// were healthy a moment ago never hold more of the in-flight room than the slow room
-    /// allows for longer than the budget.
-    pub async fn run<T>(&self, slot: &mut Slot, request: impl Future<Output = T>) -> Result<T, CutShort> {
+    /// The point at which a request on `slot` that was not slow when it started is judged
+    /// again: once it has run for the wait budget, still unanswered, it is slow, and takes a
+    /// share of the slow room, or, when none is free, is cut short, so requests to endpoints
+    /// that were healthy a moment ago never hold more of the in-flight room than the slow room
+    /// allows for longer than the budget. `None` for a request already on a share.
+    pub fn checkpoint<'a>(
+        &'a self,
+        slot: &'a mut Slot,
+    ) -> Option<Checkpoint<impl FnOnce() -> Result<(), CutShort> + 'a>> {
         if slot.slow.is_some() {
-            return Ok(request.await);
+            return None;
         }
         // From the request's start: a delivery of a wide fan-out may have held its slot for a
         // while already, waiting for its turn at the in-flight room.
         let started = Instant::now();
-        let budget = Duration::from_secs_f64(self.budget.ms() / 1000.0);
-        let request = std::pin::pin!(request);
-        let judged = tokio::time::sleep(budget);
-        let request = match futures_util::future::select(request, std::pin::pin!(judged)).await {
-            futures_util::future::Either::Left((done, _)) => return Ok(done),
-            futures_util::future::Either::Right(((), request)) => request,
-        };
-        match SlowShare::take(&self.slow_room) {
-            Some(share) => {
-                slot.slow = Some(share);
-                Ok(request.await)
-            }
-            None => {
-                let after = started.elapsed();
-                slot.cut_after_ms = Some(after.as_secs_f64() * 1000.0);
-                METRICS.cut_short.inc();
-                Err(CutShort {
-                    after,
-                    room: self.slow_room_size,
-                })
-            }
-        }
+        Some(Checkpoint {
+            after: Duration::from_secs_f64(self.budget.ms() / 1000.0),
+            go_on: move || match SlowShare::take(&self.slow_room) {
+                Some(share) => {
+                    slot.slow = Some(share);
+                    Ok(())
+                }
+                None => {
+                    let after = started.elapsed();
+                    slot.cut_after_ms = Some(after.as_secs_f64() * 1000.0);
+                    METRICS.cut_short.inc();
+                    Err(CutShort {
+                        after,
+                        room: self.slow_room_size,
+                    })
+                }
+            },
+        })
     }
 
     /// Waits for one of `slots` with `ahead` deliveries waiting (this one included), or `None`
@@ -832,40 +833,24 @@ mod tests {
         let (a, b, fast) = (endpoint(None), endpoint(None), endpoint(None));
         fast_traffic(&limits, &b).await;
         fast_traffic(&limits, &fast).await;
-        let hang = || tokio::time::sleep(Duration::from_secs(5));
-        let mut quick = limits.acquire(&a).await.unwrap();
-        assert!(
-            limits.run(&mut quick, async {}).await.is_ok() && quick.slow.is_none(),
-            "a request done within the budget needs no share"
-        );
-        drop(quick);
+        // Each request below is still unanswered at its checkpoint.
         let mut first = limits.acquire(&a).await.unwrap();
         let typical = limits.budget.typical.ms();
-        let later = async {
-            // Started once the first has taken the share.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let mut second = limits.acquire(&b).await.unwrap();
-            limits.run(&mut second, hang()).await
-        };
-        let (ran, cut) = tokio::join!(
-            tokio::time::timeout(Duration::from_millis(300), limits.run(&mut first, hang())),
-            later,
-        );
-        assert!(
-            ran.is_err(),
-            "still running past the budget, on the slow room's one share"
-        );
+        let Checkpoint { after, go_on } = limits.checkpoint(&mut first).expect("not slow when it started");
+        tokio::time::sleep(after).await;
+        assert!(go_on().is_ok(), "on the slow room's one share");
         assert!(first.slow.is_some());
-        let cut = cut.expect_err("no share left: cut short");
+        assert!(limits.checkpoint(&mut first).is_none(), "on a share: not judged again");
+        let mut second = limits.acquire(&b).await.unwrap();
+        let Checkpoint { after, go_on } = limits.checkpoint(&mut second).unwrap();
+        tokio::time::sleep(after).await;
+        let cut = go_on().expect_err("no share left: cut short");
+        assert!(cut.after >= Duration::from_millis(20), "cut after {:?}", cut.after);
+        drop(second);
         assert_eq!(
             limits.budget.typical.ms(),
             typical,
             "the budget does not learn from a cut"
-        );
-        assert!(
-            cut.after >= Duration::from_millis(20) && cut.after < Duration::from_millis(300),
-            "cut at the budget, after {:?}",
-            cut.after
         );
         fast_traffic(&limits, &fast).await;
         assert!(

@@ -9,7 +9,7 @@
 use crate::directory::Directory;
 use crate::limits::{EndpointLimits, Turn};
 use crate::metrics::METRICS;
-use crate::sender::{SendResult, Sender};
+use crate::sender::Sender;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use laabam_shared::catalog::ENDPOINT_DISABLED;
@@ -505,11 +505,11 @@ impl Pipeline {
         .collect();
 
         METRICS.in_flight.inc();
-        let request = self.sender.post(task.endpoint.url.as_str(), headers, task.body.clone());
-        let result = match self.limits.run(&mut slot, request).await {
-            Ok(result) => result,
-            Err(cut) => SendResult::failed(Outcome::Timeout, cut.after, cut.to_string()),
-        };
+        let checkpoint = self.limits.checkpoint(&mut slot);
+        let result = self
+            .sender
+            .post(task.endpoint.url.as_str(), headers, task.body.clone(), checkpoint)
+            .await;
         METRICS.in_flight.dec();
 
         let outcome = result.outcome;

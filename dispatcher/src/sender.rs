@@ -40,17 +40,19 @@ pub struct SendResult {
     pub retry_after: Option<Duration>,
 }
 
-impl SendResult {
-    /// A request that got no response.
-    pub fn failed(outcome: Outcome, duration: Duration, error: String) -> Self {
-        SendResult {
-            outcome,
-            status: None,
-            duration,
-            error: Some(error),
-            excerpt: None,
-            retry_after: None,
-        }
+/// A point in a request's life at which it is judged again: once it has run for `after`, still
+/// unanswered, `go_on` lets it run on to the timeout (`Ok`) or cuts it short (`Err`, the
+/// reason). It shares the request's timer: a request answered before it costs nothing more.
+pub struct Checkpoint<F> {
+    pub after: Duration,
+    pub go_on: F,
+}
+
+impl<F> std::fmt::Debug for Checkpoint<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("after", &self.after)
+            .finish_non_exhaustive()
     }
 }
 
@@ -124,16 +126,24 @@ impl Sender {
         })
     }
 
-    /// POSTs `body` to `url` with our headers plus `extra`. Never fails: every problem is an
-    /// outcome.
-    pub async fn post(
+    /// POSTs `body` to `url` with our headers plus `extra`, judged again at `checkpoint` if
+    /// there is one. Never fails: every problem is an outcome.
+    pub async fn post<E: std::fmt::Display>(
         &self,
         url: &str,
         extra: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
         body: Bytes,
+        checkpoint: Option<Checkpoint<impl FnOnce() -> Result<(), E>>>,
     ) -> SendResult {
         let started = Instant::now();
-        let fail = |outcome: Outcome, error: String| SendResult::failed(outcome, started.elapsed(), error);
+        let fail = |outcome: Outcome, error: String| SendResult {
+            outcome,
+            status: None,
+            duration: started.elapsed(),
+            error: Some(error),
+            excerpt: None,
+            retry_after: None,
+        };
         if let Err(refused) = check_url(url, &self.policy) {
             return fail(Outcome::ConnectError, refused);
         }
@@ -169,7 +179,20 @@ impl Sender {
             let excerpt = read_capped(response.into_body()).await;
             Ok::<_, (Outcome, String)>((status, retry_after, excerpt))
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
+        let mut exchange = std::pin::pin!(exchange);
+        let answer = match checkpoint {
+            Some(Checkpoint { after, go_on }) if after < self.timeout => {
+                match tokio::time::timeout(after, &mut exchange).await {
+                    Ok(answer) => Ok(answer),
+                    Err(_) => match go_on() {
+                        Ok(()) => tokio::time::timeout(self.timeout - after, exchange).await,
+                        Err(why) => return fail(Outcome::Timeout, why.to_string()),
+                    },
+                }
+            }
+            _ => tokio::time::timeout(self.timeout, exchange).await,
+        };
+        match answer {
             Err(_) => fail(
                 Outcome::Timeout,
                 format!("no complete response within {:?}", self.timeout),

@@ -140,7 +140,7 @@ pub struct Slot {
 #[error("cut short after {} ms: the endpoint turned slow while the slow room ({room} requests) was full", after.as_millis())]
 pub struct CutShort {
     /// How long it had run.
-    pub after: Duration,
+    after: Duration,
     room: usize,
 }
 

@@ -453,3 +453,41 @@ async fn endpoints_that_hang_together_hold_the_room_no_longer_than_the_wait_budg
     assert_eq!(cut.outcome, Outcome::Timeout);
     assert!(cut.duration_ms < 20_000, "cut at the budget, not the timeout");
 }
+
+/// A request that runs past the wait budget while the slow room has a share free takes it and
+/// runs on: answered within the timeout it succeeds at its first attempt, and past it it times
+/// out at the timeout, the checkpoint neither cutting it nor lengthening it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_turns_slow_with_room_to_spare_runs_on_to_its_answer_or_timeout() {
+    let mut env = TestEnv::new().await;
+    let patient = Receiver::start(|_, _| Reply::After(Duration::from_millis(1500), 200)).await;
+    let late = Receiver::start(|_, _| Reply::After(Duration::from_secs(5), 200)).await;
+    let answers = env.endpoint("acct_patient", &patient.url, None).await;
+    let times_out = env.endpoint("acct_late", &late.url, None).await;
+    // No scheduler: the request that timed out stays with its one attempt. Both requests
+    // are judged again at the 1 s budget.
+    env.start_dispatcher(&["--http-timeout", "2s", "--slot-wait", "1s"]);
+    let publisher = env.publisher().await;
+    let (first, second) = (sample_events("acct_patient", 1), sample_events("acct_late", 1));
+    publish_all(&publisher, &first).await;
+    publish_all(&publisher, &second).await;
+    let store = env.store().await;
+    let answered = wait_finished(&store, &DeliveryId::for_pair(&first[0].id, &answers.id)).await;
+    assert_eq!(answered.status, DeliveryStatus::Succeeded);
+    assert_eq!(answered.attempts, 1, "not cut short: one request, answered");
+    let late_id = DeliveryId::for_pair(&second[0].id, &times_out.id);
+    wait_until("the late request's attempt", Duration::from_secs(30), || async {
+        store.delivery(&late_id).await.unwrap().is_some_and(|d| d.attempts == 1)
+    })
+    .await;
+    let attempts = store.attempts(&late_id).await.unwrap();
+    let attempt = attempts.first().expect("its attempt");
+    assert_eq!(attempt.outcome, Outcome::Timeout);
+    assert_eq!(attempt.error.as_deref(), Some("no complete response within 2s"));
+    assert!(
+        (1_990..2_600).contains(&attempt.duration_ms),
+        "timed out at the timeout, not past it: {} ms",
+        attempt.duration_ms
+    );
+    assert_eq!((patient.count(), late.count()), (1, 1));
+}

@@ -15,10 +15,11 @@
 //! endpoints together could otherwise hold the whole in-flight room, each request until its
 //! timeout, and every event, healthy endpoints' too, would wait for that room. Past the slow
 //! room their deliveries are deferred. A request is judged when it starts, and again once it
-//! has run for the wait budget (see [`EndpointLimits::checkpoint`]): one that was not slow when it
-//! started (its endpoint has just gone down, or has not answered yet) takes a share then, or,
-//! when the slow room is full, is cut short, recorded as a timed-out attempt and retried. So
-//! endpoints that fail together cannot hold the whole room for a timeout before they are known.
+//! has run for the wait budget (see [`EndpointLimits::checkpoint`]): one that was not slow
+//! when it started (its endpoint has just gone down, or has not answered yet) takes a share
+//! then, or, when the slow room is full, is cut short, recorded as a timed-out attempt and
+//! retried. So endpoints that fail together cannot hold the whole room for a timeout before
+//! they are known.
 //!
 //! The wait budget is the slot wait, stretched while the whole process holds its slots longer:
 //! on a saturated machine every request waits for the CPU, so every endpoint looks slow alike.
@@ -130,7 +131,7 @@ pub struct Slot {
     slow: Option<SlowShare>,
     taken: Instant,
     slots: Arc<Slots>,
-    /// How long its request had run when it was cut short, in ms (see [`EndpointLimits::run`]).
+    /// How long its request had run when it was cut short, in ms (see [`EndpointLimits::checkpoint`]).
     cut_after_ms: Option<f64>,
 }
 

@@ -12,7 +12,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     // Before the runtime allocates: mimalloc advises its arenas as huge-page memory, so with
     // transparent huge pages on ("madvise" or "always") each 2 MiB region it touched was
-    // resident whole. Off, `fanout` peaked at 51–52 MiB instead of 71–79 (README, Performance).
+    // resident whole. Off, `fanout` peaked at 52–54 MiB instead of 70–80 (README, Performance).
     #[cfg(target_os = "linux")]
     let huge_pages = rustix::thread::disable_transparent_huge_pages(true);
     let config = DispatcherConfig::parse();

@@ -275,7 +275,11 @@ async fn endpoint_changes_reach_a_running_dispatcher_on_the_next_event() {
 /// alone: events of two accounts with three and two endpoints, one with nobody to deliver to,
 /// one whose endpoints changed since they were read (nothing written for it), and a second copy
 /// of an earlier event (its deliveries known, the first copy's body answered).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+///
+/// On one thread, so that "together" is certain: every arrival is queued before the writer first
+/// runs. On two, a loaded machine can let the writer send each arrival before the next is queued
+/// (CI once saw 40 arrivals leave in 40 calls), and the test would measure the scheduler.
+#[tokio::test(flavor = "current_thread")]
 async fn events_arriving_together_are_each_stored_and_begun_as_alone() {
     let env = TestEnv::new().await;
     let store = env.store().await;

@@ -96,20 +96,7 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     );
     env.start_scheduler(&[]);
     let ops = ApiClient::new(&format!("http://127.0.0.1:{metrics_port}"));
-    let ready = |expected: u16| {
-        let ops = ops.clone();
-        async move {
-            tokio::time::timeout(Duration::from_secs(1), ops.get("/readyz"))
-                .await
-                .is_ok_and(|a| a.status == expected)
-        }
-    };
-    wait_until("listening", Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
-            .await
-            .is_ok()
-    })
-    .await;
+    let ready = |expected: u16| answers_readyz(metrics_port, expected);
     wait_until("ready", Duration::from_secs(30), || ready(200)).await;
     assert_eq!(ops.get("/healthz").await.status, 200);
 
@@ -332,7 +319,10 @@ async fn the_producer_and_the_scheduler_stop_cleanly_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dispatcher_runs_without_transparent_huge_pages_and_stops_cleanly() {
     let mut env = TestEnv::new().await;
-    let dispatcher = env.spawn_binary("laabam-dispatcher", &env.dispatcher_flags(&[]));
+    let metrics_port = laabam_tests::env::free_port();
+    let mut flags = env.dispatcher_flags(&[]);
+    flags.extend(["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")]);
+    let dispatcher = env.spawn_binary("laabam-dispatcher", &flags);
     let status = format!("/proc/{dispatcher}/status");
     let huge_pages = || {
         std::fs::read_to_string(&status)
@@ -345,6 +335,21 @@ async fn the_dispatcher_runs_without_transparent_huge_pages_and_stops_cleanly() 
         huge_pages().as_deref() == Some("0")
     })
     .await;
+    // Stopped once it serves, as an operator would stop it: a SIGTERM before `main` has installed
+    // its handlers takes the default action, which is not what this test is about.
+    wait_until("ready", Duration::from_secs(30), || answers_readyz(metrics_port, 200)).await;
     let exit = env.terminate(dispatcher).await;
     assert!(exit.success(), "clean exit: {exit:?}");
+}
+
+/// Whether the process serving operations on `port` listens and answers `/readyz` with `status`
+/// within a second.
+async fn answers_readyz(port: u16, status: u16) -> bool {
+    if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        return false;
+    }
+    let ops = ApiClient::new(&format!("http://127.0.0.1:{port}"));
+    tokio::time::timeout(Duration::from_secs(1), ops.get("/readyz"))
+        .await
+        .is_ok_and(|a| a.status == status)
 }

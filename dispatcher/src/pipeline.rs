@@ -433,8 +433,9 @@ impl Pipeline {
         }
     }
 
-    /// Runs a message's attempts within its room (see [`take_turns`]), so a fan-out wider than
-    /// the in-flight bound stays within it: a connection storm is what the bound exists to stop.
+    /// Runs a message's attempts within its room, each permit a turn that takes the next waiting
+    /// attempt when its own ends, so a fan-out wider than the in-flight bound stays within it: a
+    /// connection storm is what the bound exists to stop.
     ///
     /// Each attempt's future is boxed when its turn starts: unboxed, every turn would carry a
     /// whole attempt's state (the HTTP exchange and the record, kilobytes) and be copied as the

@@ -821,13 +821,21 @@ async fn baseline(n: usize) -> Run {
 }
 
 /// The median of several runs' rate and latency percentiles, as one line and as JSON.
+/// The median of the finite values (the upper one of an even count), NaN if there is none.
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A run report's deliveries per second.
+fn rate(report: &Value) -> f64 {
+    report["deliveries_per_s"].as_f64().unwrap_or(f64::NAN)
+}
+
 fn summary(name: &str, runs: &[Value]) -> Value {
-    let median = |f: &dyn Fn(&Value) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).filter(|x| x.is_finite()).collect();
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
-    let rate = median(&|r| r["deliveries_per_s"].as_f64().unwrap_or(f64::NAN));
+    let median = |f: &dyn Fn(&Value) -> f64| median(runs.iter().map(f));
+    let rate = median(&rate);
     let p50 = median(&|r| r["latency_ms"]["p50"].as_f64().unwrap_or(f64::NAN));
     let p99 = median(&|r| r["latency_ms"]["p99"].as_f64().unwrap_or(f64::NAN));
     let per_cpu = median(&|r| r["deliveries_per_cpu_second"].as_f64().unwrap_or(f64::NAN));
@@ -837,6 +845,35 @@ fn summary(name: &str, runs: &[Value]) -> Value {
     );
     json!({ "scenario": name, "runs": runs.len(), "median_deliveries_per_s": rate,
         "median_latency_ms": { "p50": p50, "p99": p99 }, "median_deliveries_per_cpu_second": per_cpu })
+}
+
+/// Two scenarios a target compares, by deliveries per second: `of` as a share of `against`.
+/// They run interleaved, and this machine's speed drifts between rounds by more than the
+/// margins the targets set, so both readings are printed: each round's pair (runs made at the
+/// same time), and the ratio of the medians (which may pair a fast run with a slow one).
+struct Comparison {
+    label: &'static str,
+    of: usize,
+    against: usize,
+}
+
+impl Comparison {
+    fn report(&self, reports: &[Vec<Value>]) -> Value {
+        let (of, against) = (&reports[self.of], &reports[self.against]);
+        let pairs: Vec<f64> = of.iter().zip(against).map(|(o, a)| rate(o) / rate(a)).collect();
+        let median_pair = median(pairs.iter().copied());
+        let of_medians = median(of.iter().map(rate)) / median(against.iter().map(rate));
+        let percent = |r: f64| format!("{:.1}%", r * 100.0);
+        println!(
+            "\nSUMMARY {}: pairs {}; median pair {}, ratio of the medians {}",
+            self.label,
+            pairs.iter().map(|&r| percent(r)).collect::<Vec<_>>().join(", "),
+            percent(median_pair),
+            percent(of_medians)
+        );
+        json!({ "comparison": self.label, "pairs": pairs, "median_pair": median_pair,
+            "ratio_of_medians": of_medians })
+    }
 }
 
 /// One scenario of the command line.
@@ -931,13 +968,22 @@ async fn main() {
     } = Cli::parse();
     let wanted = |s: Scenario| scenarios.iter().any(|&x| x == s || x == Scenario::All);
     let mut jobs = Vec::new();
-    if wanted(Scenario::Baseline) {
+    let mut comparisons = Vec::new();
+    let baseline = wanted(Scenario::Baseline).then(|| {
         jobs.push(Job::Baseline(n));
-    }
+        jobs.len() - 1
+    });
     if wanted(Scenario::Throughput) {
         let plural = if queues > 1 { "s" } else { "" };
         let mut setup = Setup::new(&format!("throughput ({queues} queue{plural})"), n, 1);
         setup.queues = queues;
+        if let Some(baseline) = baseline {
+            comparisons.push(Comparison {
+                label: "throughput / baseline",
+                of: jobs.len(),
+                against: baseline,
+            });
+        }
         jobs.push(Job::Pipeline(setup));
     }
     if wanted(Scenario::Fanout) {
@@ -961,6 +1007,11 @@ async fn main() {
         );
         let mut slow = Setup::new(&name, n / 10, 10);
         slow.slow = Some(slow_delay);
+        comparisons.push(Comparison {
+            label: "healthy deliveries/s with the slow endpoint / without",
+            of: jobs.len(),
+            against: jobs.len() - 1,
+        });
         jobs.push(Job::Pipeline(slow));
     }
     if wanted(Scenario::NoisyNeighbour) {
@@ -984,6 +1035,7 @@ async fn main() {
         .zip(&reports)
         .map(|(job, reports)| summary(&job.name(), reports))
         .collect();
+    let comparisons: Vec<Value> = comparisons.iter().map(|c| c.report(&reports)).collect();
     let all: Vec<Value> = reports.into_iter().flatten().collect();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&dir);
@@ -994,7 +1046,7 @@ async fn main() {
     };
     let names: Vec<String> = scenarios.iter().map(|s| s.name()).collect();
     let path = dir.join(format!("{}{suffix}.json", names.join("+")));
-    let out = json!({ "summaries": summaries, "runs": all });
+    let out = json!({ "summaries": summaries, "comparisons": comparisons, "runs": all });
     std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("\nwrote {}", path.display());
 }

@@ -21,3 +21,25 @@ pub fn on_signals() -> CancellationToken {
     });
     token
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// On one thread the task that waits for the signal cannot have run when `kill` returns: the
+    /// SIGTERM is caught only if `on_signals` installed the handler itself. Without it, the
+    /// default action would end this test process.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sigterm_that_comes_before_the_waiting_task_runs_still_cancels() {
+        let token = on_signals();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &std::process::id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(10), token.cancelled())
+            .await
+            .expect("the token is cancelled");
+    }
+}

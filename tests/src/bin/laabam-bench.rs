@@ -820,7 +820,6 @@ async fn baseline(n: usize) -> Run {
     }
 }
 
-/// The median of several runs' rate and latency percentiles, as one line and as JSON.
 /// The median of the finite values (the upper one of an even count), NaN if there is none.
 fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
@@ -833,6 +832,7 @@ fn rate(report: &Value) -> f64 {
     report["deliveries_per_s"].as_f64().unwrap_or(f64::NAN)
 }
 
+/// The median of several runs' rate and latency percentiles, as one line and as JSON.
 fn summary(name: &str, runs: &[Value]) -> Value {
     let median = |f: &dyn Fn(&Value) -> f64| median(runs.iter().map(f));
     let rate = median(&rate);

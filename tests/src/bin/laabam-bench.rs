@@ -1050,3 +1050,35 @@ async fn main() {
     std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("\nwrote {}", path.display());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runs(rates: &[f64]) -> Vec<Value> {
+        rates.iter().map(|r| json!({ "deliveries_per_s": r })).collect()
+    }
+
+    /// The rounds' pairs and the medians' ratio differ when the machine's speed moves between
+    /// rounds; each is read from runs of its own round.
+    #[test]
+    fn a_comparison_pairs_each_round_and_divides_the_medians_apart() {
+        let reports = [runs(&[100.0, 200.0, 100.0]), runs(&[90.0, 150.0, 100.0])];
+        let c = Comparison {
+            label: "second / first",
+            of: 1,
+            against: 0,
+        };
+        let out = c.report(&reports);
+        assert_eq!(out["pairs"], json!([0.9, 0.75, 1.0]));
+        assert_eq!(out["median_pair"], json!(0.9));
+        assert_eq!(out["ratio_of_medians"], json!(1.0));
+    }
+
+    #[test]
+    fn a_median_skips_what_is_not_a_number_and_takes_the_upper_of_two() {
+        assert_eq!(median([3.0, f64::NAN, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0].into_iter()), 4.0);
+        assert!(median(std::iter::empty()).is_nan());
+    }
+}

@@ -8,7 +8,7 @@ use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
 use laabam_shared::store::DeliveryFilter;
 use laabam_tests::env::{publish_all, sample_events};
-use laabam_tests::{Receiver, Reply, TestEnv, wait_finished, wait_until};
+use laabam_tests::{Captured, Receiver, Reply, TestEnv, wait_finished, wait_until};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -281,14 +281,8 @@ async fn hung_endpoints_together_never_hold_the_room_healthy_ones_need() {
     const HUNG: usize = 8;
     const EVENTS: usize = 40;
     let mut env = TestEnv::new().await;
-    let mut hung = Vec::new();
-    for _ in 0..HUNG {
-        let rx = Receiver::start(|_, _| Reply::After(Duration::from_secs(120), 200)).await;
-        env.endpoint("acct_hung", &rx.url, None).await;
-        hung.push(rx);
-    }
-    let healthy = Receiver::ok().await;
-    env.endpoint("acct_fine", &healthy.url, None).await;
+    let hang = |_: &Captured, _| Reply::After(Duration::from_secs(120), 200);
+    let (hung, healthy) = endpoints_beside_a_healthy_one(&mut env, "acct_hung", HUNG, hang).await;
     // Every request the hung endpoints get is counted below.
     let metrics_addr = start_with_a_small_room(&mut env, "5s");
     let publisher = env.publisher().await;
@@ -334,6 +328,25 @@ async fn hung_endpoints_together_never_hold_the_room_healthy_ones_need() {
         in_use >= held as f64,
         "the gauge says {in_use} with {held} requests held"
     );
+}
+
+/// `n` endpoints of `account` whose receivers answer by `script`, and `acct_fine`'s healthy one
+/// (see [`time_healthy_events`]).
+async fn endpoints_beside_a_healthy_one(
+    env: &mut TestEnv,
+    account: &str,
+    n: usize,
+    script: impl Fn(&Captured, usize) -> Reply + Clone + Send + Sync + 'static,
+) -> (Vec<Receiver>, Receiver) {
+    let mut receivers = Vec::new();
+    for _ in 0..n {
+        let rx = Receiver::start(script.clone()).await;
+        env.endpoint(account, &rx.url, None).await;
+        receivers.push(rx);
+    }
+    let healthy = Receiver::ok().await;
+    env.endpoint("acct_fine", &healthy.url, None).await;
+    (receivers, healthy)
 }
 
 /// Starts a dispatcher with an in-flight room of 16 (so a slow room of 8) and 4 slots per
@@ -391,22 +404,15 @@ async fn endpoints_that_hang_together_hold_the_room_no_longer_than_the_wait_budg
     const EVENTS: usize = 40;
     let mut env = TestEnv::new().await;
     let down = Arc::new(AtomicBool::new(false));
-    let mut flaky = Vec::new();
-    for _ in 0..DOWN {
-        let down = down.clone();
-        let rx = Receiver::start(move |_, _| {
-            if down.load(Ordering::Relaxed) {
-                Reply::After(Duration::from_secs(120), 200)
-            } else {
-                Reply::Status(200)
-            }
-        })
-        .await;
-        env.endpoint("acct_down", &rx.url, None).await;
-        flaky.push(rx);
-    }
-    let healthy = Receiver::ok().await;
-    env.endpoint("acct_fine", &healthy.url, None).await;
+    let went_down = down.clone();
+    let answer = move |_: &Captured, _| {
+        if went_down.load(Ordering::Relaxed) {
+            Reply::After(Duration::from_secs(120), 200)
+        } else {
+            Reply::Status(200)
+        }
+    };
+    let (flaky, healthy) = endpoints_beside_a_healthy_one(&mut env, "acct_down", DOWN, answer).await;
     let metrics_addr = start_with_a_small_room(&mut env, "20s");
     let publisher = env.publisher().await;
     // Every endpoint answers at once at first: the dispatcher knows them all as fast.

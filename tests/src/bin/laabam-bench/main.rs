@@ -1,0 +1,201 @@
+//! `laabam-bench <scenario>...`: measures the whole system on the real RabbitMQ and Redis.
+//!
+//! Scenarios: see `--help`; `baseline` is a bare pipeline (consume, sign, POST, ack; no records,
+//! the machine's practical limit), `throughput` (N events, one endpoint), `fanout` (N events, ten
+//! endpoints), `latency` (a fixed rate, publish to receive percentiles), `all`.
+//! Prints a table and writes JSON to target/bench/. Run with `--release`.
+
+mod baseline;
+mod components;
+mod load;
+mod measure;
+mod pipeline;
+mod redis_calls;
+mod retry_backlog;
+mod scrape;
+mod summary;
+
+use baseline::baseline;
+use clap::{Parser, ValueEnum};
+use measure::Run;
+use pipeline::{Setup, noisy_neighbour, pipeline};
+use redis_calls::{redis_calls, redis_calls_name};
+use retry_backlog::retry_backlog;
+use serde_json::{Value, json};
+use std::time::Duration;
+use summary::{Comparison, summary};
+
+/// One scenario of the command line.
+enum Job {
+    Baseline(usize),
+    Pipeline(Setup),
+    NoisyNeighbour(usize),
+    RetryBacklog(usize, Duration),
+    RedisCalls(usize, usize),
+}
+
+impl Job {
+    fn name(&self) -> String {
+        match self {
+            Job::Baseline(_) => "baseline".into(),
+            Job::Pipeline(setup) => setup.name.clone(),
+            Job::NoisyNeighbour(_) => "noisy-neighbour".into(),
+            Job::RetryBacklog(..) => "retry-backlog".into(),
+            Job::RedisCalls(_, width) => redis_calls_name(*width),
+        }
+    }
+
+    async fn run(&self) -> Run {
+        match self {
+            Job::Baseline(n) => baseline(*n).await,
+            Job::Pipeline(setup) => pipeline(setup).await,
+            Job::NoisyNeighbour(burst) => noisy_neighbour(*burst).await,
+            Job::RetryBacklog(n, spread) => retry_backlog(*n, *spread).await,
+            Job::RedisCalls(n, width) => redis_calls(*n, *width).await,
+        }
+    }
+}
+
+/// Measures the whole system on the real RabbitMQ and Redis; several scenarios in one call run
+/// interleaved (one run of each, then the next round), so scenarios compared with each other see
+/// the same state of this noisy machine.
+#[derive(Parser)]
+struct Cli {
+    /// Scenarios to run (`all` for every one)
+    #[arg(value_enum, default_value = "all")]
+    scenarios: Vec<Scenario>,
+    /// Events per run (a scenario with ten endpoints per event publishes a tenth of them)
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Events per second in `latency`
+    #[arg(long, default_value_t = 3000.0)]
+    rate: f64,
+    /// Queues the event stream is spread over in `throughput`
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    queues: u16,
+    /// Runs of each scenario; the summary gives their medians
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// How long the slow endpoint of `slow-endpoint` takes to answer: past the dispatcher's
+    /// wait budget (250 ms) its deliveries are deferred at once, within it they are waited for
+    #[arg(long, default_value = "5s", value_parser = laabam_shared::config::parse_duration)]
+    slow_delay: Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Baseline,
+    Throughput,
+    Fanout,
+    Latency,
+    Failing,
+    SlowEndpoint,
+    RetryBacklog,
+    NoisyNeighbour,
+    RedisCalls,
+    All,
+}
+
+impl Scenario {
+    fn name(self) -> String {
+        self.to_possible_value()
+            .expect("no scenario is skipped")
+            .get_name()
+            .to_owned()
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let Cli {
+        scenarios,
+        events: n,
+        rate,
+        queues,
+        runs,
+        slow_delay,
+    } = Cli::parse();
+    let wanted = |s: Scenario| scenarios.iter().any(|&x| x == s || x == Scenario::All);
+    let mut jobs = Vec::new();
+    let mut comparisons = Vec::new();
+    let baseline = wanted(Scenario::Baseline).then(|| {
+        jobs.push(Job::Baseline(n));
+        jobs.len() - 1
+    });
+    if wanted(Scenario::Throughput) {
+        let plural = if queues > 1 { "s" } else { "" };
+        let mut setup = Setup::new(&format!("throughput ({queues} queue{plural})"), n, 1);
+        setup.queues = queues;
+        if let Some(baseline) = baseline {
+            comparisons.push(Comparison {
+                label: "throughput / baseline",
+                of: jobs.len(),
+                against: baseline,
+            });
+        }
+        jobs.push(Job::Pipeline(setup));
+    }
+    if wanted(Scenario::Fanout) {
+        jobs.push(Job::Pipeline(Setup::new("fanout", n / 10, 10)));
+    }
+    if wanted(Scenario::Latency) {
+        let mut setup = Setup::new(&format!("latency at {rate:.0}/s"), (rate * 30.0) as usize, 1);
+        setup.rate = Some(rate);
+        jobs.push(Job::Pipeline(setup));
+    }
+    if wanted(Scenario::Failing) {
+        let mut setup = Setup::new("failing (10% fail once)", n / 10, 1);
+        setup.failing = true;
+        jobs.push(Job::Pipeline(setup));
+    }
+    if wanted(Scenario::SlowEndpoint) {
+        jobs.push(Job::Pipeline(Setup::new("ten healthy endpoints", n / 10, 10)));
+        let name = format!(
+            "ten healthy endpoints and a {} one",
+            humantime::format_duration(slow_delay)
+        );
+        let mut slow = Setup::new(&name, n / 10, 10);
+        slow.slow = Some(slow_delay);
+        comparisons.push(Comparison {
+            label: "healthy deliveries/s with the slow endpoint / without",
+            of: jobs.len(),
+            against: jobs.len() - 1,
+        });
+        jobs.push(Job::Pipeline(slow));
+    }
+    if wanted(Scenario::NoisyNeighbour) {
+        jobs.push(Job::NoisyNeighbour(n / 2));
+    }
+    if wanted(Scenario::RetryBacklog) {
+        jobs.push(Job::RetryBacklog(1_000_000, Duration::from_secs(100)));
+    }
+    if wanted(Scenario::RedisCalls) {
+        jobs.push(Job::RedisCalls(n / 2, 1));
+        jobs.push(Job::RedisCalls(n / 2, 10));
+    }
+    let mut reports: Vec<Vec<Value>> = jobs.iter().map(|_| Vec::new()).collect();
+    for _ in 0..runs {
+        for (job, reports) in jobs.iter().zip(&mut reports) {
+            reports.push(job.run().await.report());
+        }
+    }
+    let summaries: Vec<Value> = jobs
+        .iter()
+        .zip(&reports)
+        .map(|(job, reports)| summary(&job.name(), reports))
+        .collect();
+    let comparisons: Vec<Value> = comparisons.iter().map(|c| c.report(&reports)).collect();
+    let all: Vec<Value> = reports.into_iter().flatten().collect();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let suffix = if queues > 1 {
+        format!("-{queues}-queues")
+    } else {
+        String::new()
+    };
+    let names: Vec<String> = scenarios.iter().map(|s| s.name()).collect();
+    let path = dir.join(format!("{}{suffix}.json", names.join("+")));
+    let out = json!({ "summaries": summaries, "comparisons": comparisons, "runs": all });
+    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    println!("\nwrote {}", path.display());
+}

@@ -1,0 +1,166 @@
+//! What a run measures: CPU seconds and peak RSS of each process from /proc, Redis memory,
+//! publish-to-receive latencies, and the report each run prints and writes.
+
+use laabam_shared::clock::parse_rfc3339_ms;
+use laabam_tests::Receiver;
+use serde_json::{Value, json};
+
+/// CPU seconds and peak RSS of a process, from /proc.
+fn proc_usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    (ticks / 100.0, hwm_kb * 1024)
+}
+
+fn pid_of(pattern: &str) -> Option<u32> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-o", "-f", pattern])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+pub(crate) fn redis_memory() -> u64 {
+    let out = std::process::Command::new("redis-cli")
+        .args(["info", "memory"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+/// Publish-to-receive latencies (ms) from the envelope timestamps.
+pub(crate) fn latencies(receivers: &[Receiver]) -> Vec<f64> {
+    let mut out: Vec<f64> = receivers
+        .iter()
+        .flat_map(|r| r.requests())
+        .filter_map(|c| {
+            let ts = c.json()["timestamp"].as_str().and_then(parse_rfc3339_ms)?;
+            Some((c.at_ms - ts) as f64)
+        })
+        .collect();
+    out.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    out
+}
+
+pub(crate) struct Run {
+    pub(crate) scenario: String,
+    pub(crate) deliveries: usize,
+    pub(crate) seconds: f64,
+    pub(crate) lat: Vec<f64>,
+    pub(crate) cpu: Vec<(String, f64, u64)>,
+    pub(crate) redis_bytes: i64,
+    /// What only this scenario reports.
+    pub(crate) extra: Value,
+}
+
+impl Run {
+    pub(crate) fn report(&self) -> Value {
+        let rate = self.deliveries as f64 / self.seconds;
+        let total_cpu: f64 = self.cpu.iter().map(|c| c.1).sum();
+        println!(
+            "\n{}: {} deliveries in {:.2} s = {:.0} deliveries/s; latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; {:.0} deliveries per CPU-second; Redis +{} KiB",
+            self.scenario,
+            self.deliveries,
+            self.seconds,
+            rate,
+            percentile(&self.lat, 0.5),
+            percentile(&self.lat, 0.95),
+            percentile(&self.lat, 0.99),
+            self.deliveries as f64 / total_cpu.max(0.001),
+            self.redis_bytes / 1024
+        );
+        println!("  {:<14} {:>10} {:>12}", "process", "CPU s", "peak RSS MiB");
+        for (name, cpu, rss) in &self.cpu {
+            println!(
+                "  {:<14} {:>10.2} {:>12}",
+                name,
+                cpu,
+                if *rss > 0 {
+                    format!("{:.0}", *rss as f64 / 1048576.0)
+                } else {
+                    "-".into()
+                }
+            );
+        }
+        json!({
+            "scenario": self.scenario, "deliveries": self.deliveries, "seconds": self.seconds, "deliveries_per_s": rate,
+            "latency_ms": { "p50": percentile(&self.lat, 0.5), "p95": percentile(&self.lat, 0.95), "p99": percentile(&self.lat, 0.99) },
+            "cpu_seconds": self.cpu.iter().map(|(n, c, _)| (n.clone(), json!(c))).collect::<serde_json::Map<_, _>>(),
+            "peak_rss_bytes": self.cpu.iter().filter(|c| c.2 > 0).map(|(n, _, r)| (n.clone(), json!(r))).collect::<serde_json::Map<_, _>>(),
+            "deliveries_per_cpu_second": self.deliveries as f64 / total_cpu.max(0.001),
+            "redis_bytes_added": self.redis_bytes,
+            "extra": self.extra,
+        })
+    }
+}
+
+/// Samples CPU of the shared services and this process before and after a run.
+pub(crate) struct Meter {
+    rabbit: Option<u32>,
+    redis: Option<u32>,
+    start: Vec<(String, f64)>,
+    redis_mem: u64,
+}
+
+impl Meter {
+    pub(crate) fn start(ours: &[(&str, u32)]) -> Self {
+        let rabbit = pid_of("beam.smp");
+        let redis = pid_of("redis-server.*:6379");
+        let mut start = vec![];
+        for (name, pid) in [
+            ("rabbitmq", rabbit),
+            ("redis", redis),
+            ("bench (rx+pub)", Some(std::process::id())),
+        ] {
+            start.push((name.to_owned(), pid.map_or(0.0, |p| proc_usage(p).0)));
+        }
+        for (name, pid) in ours {
+            start.push((name.to_string(), proc_usage(*pid).0));
+        }
+        Meter {
+            rabbit,
+            redis,
+            start,
+            redis_mem: redis_memory(),
+        }
+    }
+
+    pub(crate) fn stop(&self, ours: &[(&str, u32)]) -> (Vec<(String, f64, u64)>, i64) {
+        let mut pids = vec![
+            ("rabbitmq", self.rabbit),
+            ("redis", self.redis),
+            ("bench (rx+pub)", Some(std::process::id())),
+        ];
+        pids.extend(ours.iter().map(|(n, p)| (*n, Some(*p))));
+        let usage = pids
+            .iter()
+            .zip(&self.start)
+            .map(|((name, pid), (_, before))| {
+                let (cpu, rss) = pid.map_or((0.0, 0), proc_usage);
+                let rss = if ours.iter().any(|(n, _)| n == name) { rss } else { 0 };
+                (name.to_string(), cpu - before, rss)
+            })
+            .collect();
+        (usage, redis_memory() as i64 - self.redis_mem as i64)
+    }
+}

@@ -1,0 +1,92 @@
+//! `redis-calls`: the store's own Redis calls alone, without the rest of the system.
+
+use crate::load::events;
+use crate::measure::{Meter, Run};
+use futures_util::StreamExt;
+use laabam_shared::clock::now_ms;
+use laabam_shared::ids::AccountId;
+use laabam_tests::TestEnv;
+use serde_json::json;
+use std::time::Instant;
+
+/// The Redis side of deliveries alone, through the store's own calls: `n` deliveries begun
+/// (events of `width` endpoints each) and then recorded as successes, 256 calls in flight. It
+/// prints the CPU each call costs Redis and this process (the client), without the broker,
+/// receiver and dispatcher sharing the cores, so a change to a script shows in microseconds
+/// where the whole-system runs cannot tell it from noise.
+pub(crate) async fn redis_calls(n: usize, width: usize) -> Run {
+    use laabam_tests::deliveries::{Success, leased_begins, quiet_endpoints};
+    const IN_FLIGHT: usize = 256;
+    let env = TestEnv::new().await;
+    let store = env.store().await;
+    let account = AccountId::parse("acct_bench").unwrap();
+    let endpoints = quiet_endpoints(&store, &account, width).await;
+    let now = now_ms();
+    // Arrival times as at 10,000 deliveries/s: sorted-set entries sharing a score are ordered
+    // by comparing their members, so one time for all would cost Redis far more than real use.
+    let arrivals: Vec<_> = events(n / width)
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let at = now + (i * width / 10) as i64;
+            let begins = leased_begins(&e, &endpoints.endpoints, i * width, at + 30_000);
+            let json = e.to_json();
+            (e, json, begins, at)
+        })
+        .collect();
+    let deliveries = arrivals.len() * width;
+    let started = Instant::now();
+    let meter = Meter::start(&[]);
+    futures_util::stream::iter(&arrivals)
+        .map(|(e, json, begins, at)| store.ingest(e, json, endpoints.version, begins, *at))
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|r| async move {
+            r.unwrap();
+        })
+        .await;
+    let (ingest_cpu, ingest_bytes) = meter.stop(&[]);
+    let success = Success::at(now);
+    let meter = Meter::start(&[]);
+    futures_util::stream::iter(arrivals.iter().flat_map(|(_, _, begins, _)| begins))
+        .map(|b| {
+            let (store, record) = (&store, success.record(b));
+            async move { store.record(&record).await }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|r| async move {
+            assert!(r.unwrap().applied, "the lease is the one begun");
+        })
+        .await;
+    let (record_cpu, record_bytes) = meter.stop(&[]);
+    let seconds = started.elapsed().as_secs_f64();
+    let micros = |cpu: &[(String, f64, u64)], who: &str| {
+        cpu.iter().find(|c| c.0 == who).map_or(0.0, |c| c.1) * 1e6 / deliveries as f64
+    };
+    // The bench process is the store's client here.
+    let per_delivery = |cpu: &[(String, f64, u64)]| (micros(cpu, "redis"), micros(cpu, "bench (rx+pub)"));
+    let (ingest_redis, ingest_client) = per_delivery(&ingest_cpu);
+    let (record_redis, record_client) = per_delivery(&record_cpu);
+    println!(
+        "  per delivery ({width} per event): begin {ingest_redis:.1} µs of Redis CPU, {ingest_client:.1} µs of client CPU; \
+record {record_redis:.1} µs of Redis, {record_client:.1} µs of client"
+    );
+    let cpu = ingest_cpu
+        .iter()
+        .zip(&record_cpu)
+        .map(|(a, b)| (a.0.replace(" (rx+pub)", " (client)"), a.1 + b.1, 0))
+        .collect();
+    Run {
+        scenario: redis_calls_name(width),
+        deliveries,
+        seconds,
+        lat: Vec::new(),
+        cpu,
+        redis_bytes: ingest_bytes + record_bytes,
+        extra: json!({ "width": width, "redis_us_per_delivery": { "begin": ingest_redis, "record": record_redis },
+            "client_us_per_delivery": { "begin": ingest_client, "record": record_client } }),
+    }
+}
+
+pub(crate) fn redis_calls_name(width: usize) -> String {
+    format!("redis-calls ({width} per event)")
+}

@@ -1,9 +1,9 @@
 //! The Redis store: endpoints, events, deliveries with their attempts, and the retry set.
 //!
-//! Every multi-key change is one Lua script, so each step of a delivery's life is atomic and
-//! costs one round trip: an event's storage and the start of all its deliveries together, then
-//! one record per attempt. Arrivals, and records, waiting at the same moment share one call
-//! (see `batch_writer`). Key layout (all below `LAABAM_REDIS_PREFIX`):
+//! Every multi-key change is one Lua script (the `.lua` files in `lua/`), so each step of a
+//! delivery's life is atomic and costs one round trip: an event's storage and the start of all
+//! its deliveries together, then one record per attempt. Arrivals, and records, waiting at the
+//! same moment share one call (see `batch_writer`). Key layout (all below `LAABAM_REDIS_PREFIX`):
 //!
 //! | key | type | holds |
 //! |---|---|---|

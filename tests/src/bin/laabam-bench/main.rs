@@ -32,6 +32,23 @@ enum Job {
     NoisyNeighbour(usize),
     RetryBacklog(usize, Duration),
     RedisCalls(usize, usize),
+    /// `latency` at half the deliveries/s job `of` (`throughput`) made earlier in the same round:
+    /// the scenario as the issue defines it, beside the fixed rate its target names.
+    LatencyAtHalf {
+        of: usize,
+    },
+}
+
+/// 30 seconds of events at `rate` per second, one endpoint each.
+fn latency_setup(name: &str, rate: f64) -> Setup {
+    let mut setup = Setup::new(name, (rate * 30.0) as usize, 1);
+    setup.rate = Some(rate);
+    setup
+}
+
+/// Half the rate of job `of`'s latest run.
+fn half_rate(reports: &[Vec<Value>], of: usize) -> f64 {
+    reports[of].last().map_or(f64::NAN, summary::rate) / 2.0
 }
 
 impl Job {
@@ -42,16 +59,22 @@ impl Job {
             Job::NoisyNeighbour(_) => "noisy-neighbour".into(),
             Job::RetryBacklog(..) => "retry-backlog".into(),
             Job::RedisCalls(_, width) => redis_calls_name(*width),
+            Job::LatencyAtHalf { .. } => "latency at half of throughput".into(),
         }
     }
 
-    async fn run(&self) -> Run {
+    /// Runs it once; `reports` are every run so far, this round's earlier jobs included.
+    async fn run(&self, reports: &[Vec<Value>]) -> Run {
         match self {
             Job::Baseline(n) => baseline(*n).await,
             Job::Pipeline(setup) => pipeline(setup).await,
             Job::NoisyNeighbour(burst) => noisy_neighbour(*burst).await,
             Job::RetryBacklog(n, spread) => retry_backlog(*n, *spread).await,
             Job::RedisCalls(n, width) => redis_calls(*n, *width).await,
+            Job::LatencyAtHalf { of } => {
+                let rate = half_rate(reports, *of);
+                pipeline(&latency_setup(&format!("{} ({rate:.0}/s)", self.name()), rate)).await
+            }
         }
     }
 }
@@ -67,7 +90,8 @@ struct Cli {
     /// Events per run (a scenario with ten endpoints per event publishes a tenth of them)
     #[arg(long, default_value_t = 200_000)]
     events: usize,
-    /// Events per second in `latency`
+    /// Events per second in `latency`; with `throughput` in the same call, `latency` also runs at
+    /// half of what `throughput` made in each round
     #[arg(long, default_value_t = 3000.0)]
     rate: f64,
     /// Queues the event stream is spread over in `throughput`
@@ -122,6 +146,7 @@ async fn main() {
         jobs.push(Job::Baseline(n));
         jobs.len() - 1
     });
+    let mut throughput = None;
     if wanted(Scenario::Throughput) {
         let plural = if queues > 1 { "s" } else { "" };
         let mut setup = Setup::new(&format!("throughput ({queues} queue{plural})"), n, 1);
@@ -133,15 +158,17 @@ async fn main() {
                 against: baseline,
             });
         }
+        throughput = Some(jobs.len());
         jobs.push(Job::Pipeline(setup));
     }
     if wanted(Scenario::Fanout) {
         jobs.push(Job::Pipeline(Setup::new("fanout", n / 10, 10)));
     }
     if wanted(Scenario::Latency) {
-        let mut setup = Setup::new(&format!("latency at {rate:.0}/s"), (rate * 30.0) as usize, 1);
-        setup.rate = Some(rate);
-        jobs.push(Job::Pipeline(setup));
+        jobs.push(Job::Pipeline(latency_setup(&format!("latency at {rate:.0}/s"), rate)));
+        if let Some(of) = throughput {
+            jobs.push(Job::LatencyAtHalf { of });
+        }
     }
     if wanted(Scenario::Failing) {
         let mut setup = Setup::new("failing (10% fail once)", n / 10, 1);
@@ -175,8 +202,9 @@ async fn main() {
     }
     let mut reports: Vec<Vec<Value>> = jobs.iter().map(|_| Vec::new()).collect();
     for _ in 0..runs {
-        for (job, reports) in jobs.iter().zip(&mut reports) {
-            reports.push(job.run().await.report());
+        for (i, job) in jobs.iter().enumerate() {
+            let report = job.run(&reports).await.report();
+            reports[i].push(report);
         }
     }
     let summaries: Vec<Value> = jobs
@@ -198,4 +226,23 @@ async fn main() {
     let out = json!({ "summaries": summaries, "comparisons": comparisons, "runs": all });
     std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("\nwrote {}", path.display());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rate comes from the run of the same round: the latest, not the first.
+    #[test]
+    fn latency_at_half_takes_half_of_the_latest_throughput_run() {
+        let reports = vec![
+            vec![json!({ "deliveries_per_s": 9000.0 })],
+            vec![
+                json!({ "deliveries_per_s": 8000.0 }),
+                json!({ "deliveries_per_s": 6000.0 }),
+            ],
+        ];
+        assert_eq!(half_rate(&reports, 1), 3000.0);
+        assert!(half_rate(&[Vec::new()], 0).is_nan(), "no run yet: no rate");
+    }
 }

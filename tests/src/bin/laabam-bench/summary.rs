@@ -10,7 +10,7 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// A run report's deliveries per second.
-fn rate(report: &Value) -> f64 {
+pub(crate) fn rate(report: &Value) -> f64 {
     report["deliveries_per_s"].as_f64().unwrap_or(f64::NAN)
 }
 

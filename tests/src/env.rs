@@ -440,6 +440,15 @@ impl Drop for TestEnv {
     }
 }
 
+/// The `n`th of distinct `invoice.paid` events of `account`, published at `at_ms`.
+pub fn invoice_paid(account: &AccountId, n: usize, at_ms: i64) -> laabam_shared::envelope::Envelope {
+    let data = serde_json::value::RawValue::from_string(format!(
+        r#"{{"invoice_id":"inv_{n}","payment_id":"pay_{n}","amount":{n}}}"#
+    ))
+    .expect("JSON");
+    laabam_shared::envelope::Envelope::new("invoice.paid", account.clone(), data, None, at_ms).expect("a valid event")
+}
+
 /// `n` distinct `payment.failed` events of `account`.
 pub fn sample_events(account: &str, n: usize) -> Vec<laabam_shared::envelope::Envelope> {
     let account = AccountId::parse(account).expect("a valid account id");

@@ -11,6 +11,7 @@ use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
 use laabam_shared::store::{ARRIVALS_PER_CALL, Begin, DeliveryFilter, Ingest};
 use laabam_tests::deliveries::{leased_begins, quiet_endpoints};
+use laabam_tests::env::invoice_paid;
 use laabam_tests::receiver::Captured;
 use laabam_tests::{Receiver, TestEnv, wait_until};
 use lapin::BasicProperties;
@@ -290,9 +291,7 @@ async fn events_arriving_together_are_each_stored_and_begun_as_alone() {
     let events: Vec<Envelope> = (0..40)
         .map(|i| {
             let account = if i % 2 == 0 { &three } else { &two }.endpoints[0].account_id.clone();
-            let data = format!(r#"{{"invoice_id":"inv_{i}","payment_id":"pay_{i}","amount":{i}}}"#);
-            let data = RawValue::from_string(data).unwrap();
-            Envelope::new("invoice.paid", account, data, None, now + i as i64).unwrap()
+            invoice_paid(&account, i, now + i as i64)
         })
         .collect();
     let arrivals: Vec<(&Envelope, Vec<u8>, u64, Vec<Begin>)> = (0..40)

@@ -11,24 +11,12 @@ use laabam_shared::store::{AttemptTiming, Record, Store};
 use laabam_tests::deliveries::{Success, begin_events, first_attempt, quiet_endpoints};
 use laabam_tests::env::{publish_all, sample_events};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
-use serde_json::value::RawValue;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn invoice_paid(n: u32) -> Envelope {
-    let data = RawValue::from_string(format!(
-        r#"{{"invoice_id":"inv_{n}","payment_id":"pay_{n}","amount":{n}}}"#
-    ))
-    .unwrap();
-    Envelope::new(
-        "invoice.paid",
-        AccountId::parse("acct_a").unwrap(),
-        data,
-        None,
-        now_ms(),
-    )
-    .unwrap()
+fn invoice_paid(n: usize) -> Envelope {
+    laabam_tests::env::invoice_paid(&AccountId::parse("acct_a").unwrap(), n, now_ms())
 }
 
 async fn wait_status(store: &Store, event: &Envelope, ep: &Endpoint, status: DeliveryStatus) {

@@ -7,27 +7,13 @@ use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
 use laabam_shared::topology;
 use laabam_tests::TestEnv;
-use serde_json::value::RawValue;
+use laabam_tests::env::invoice_paid;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) fn events(n: usize) -> Vec<Envelope> {
-    (0..n)
-        .map(|i| {
-            let data = RawValue::from_string(format!(
-                r#"{{"invoice_id":"inv_{i}","payment_id":"pay_{i}","amount":{i}}}"#
-            ))
-            .unwrap();
-            Envelope::new(
-                "invoice.paid",
-                AccountId::parse("acct_bench").unwrap(),
-                data,
-                None,
-                now_ms(),
-            )
-            .unwrap()
-        })
-        .collect()
+    let account = AccountId::parse("acct_bench").unwrap();
+    (0..n).map(|i| invoice_paid(&account, i, now_ms())).collect()
 }
 
 /// Publishes with `concurrency` tasks, each awaiting its confirms; optionally paced to `rate`/s.

@@ -17,11 +17,17 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// `baseline`, or `baseline at R/s` when paced.
+pub(crate) fn baseline_name(rate: Option<f64>) -> String {
+    rate.map_or_else(|| "baseline".into(), |r| format!("baseline at {r:.0}/s"))
+}
+
 /// The bare pipeline: one queue, consume, sign, POST, ack; no records, no retries. It consumes
 /// the project's own dispatch queue, so the broker does the same routing and queueing work as
 /// in `throughput` (a queue of its own would leave the dispatch queue bound too, and every
-/// publish would be written to both).
-pub(crate) async fn baseline(n: usize) -> Run {
+/// publish would be written to both). Paced at `rate`, it is the floor `latency` is read
+/// against: what publish to receive costs on this host with nothing of ours in the path.
+pub(crate) async fn baseline(n: usize, rate: Option<f64>) -> Run {
     let env = TestEnv::new().await;
     let rx = Receiver::ok().await;
     env.declare_topology().await;
@@ -66,7 +72,7 @@ pub(crate) async fn baseline(n: usize) -> Run {
     let publisher = Arc::new(env.publisher().await);
     let meter = Meter::start(&[]);
     let started = Instant::now();
-    publish(publisher, events(n), 128, None).await;
+    publish(publisher, events(n), 128, rate).await;
     wait_until("every delivery", Duration::from_secs(600), || async { rx.count() >= n }).await;
     let seconds = started.elapsed().as_secs_f64();
     let (cpu, redis_bytes) = meter.stop(&[]);
@@ -77,7 +83,7 @@ pub(crate) async fn baseline(n: usize) -> Run {
         rx.connections()
     );
     Run {
-        scenario: "baseline".into(),
+        scenario: baseline_name(rate),
         deliveries: n,
         seconds,
         lat: latencies(&[rx]),

@@ -15,7 +15,7 @@ mod retry_backlog;
 mod scrape;
 mod summary;
 
-use baseline::baseline;
+use baseline::{baseline, baseline_name};
 use clap::{Parser, ValueEnum};
 use measure::Run;
 use pipeline::{Setup, noisy_neighbour, pipeline};
@@ -27,7 +27,8 @@ use summary::{Comparison, summary};
 
 /// One scenario of the command line.
 enum Job {
-    Baseline(usize),
+    /// The bare pipeline: as fast as it goes, or paced to a rate.
+    Baseline(usize, Option<f64>),
     Pipeline(Setup),
     NoisyNeighbour(usize),
     RetryBacklog(usize, Duration),
@@ -39,9 +40,14 @@ enum Job {
     },
 }
 
+/// 30 seconds' worth of events at `rate` per second.
+fn latency_events(rate: f64) -> usize {
+    (rate * 30.0) as usize
+}
+
 /// 30 seconds of events at `rate` per second, one endpoint each.
 fn latency_setup(name: &str, rate: f64) -> Setup {
-    let mut setup = Setup::new(name, (rate * 30.0) as usize, 1);
+    let mut setup = Setup::new(name, latency_events(rate), 1);
     setup.rate = Some(rate);
     setup
 }
@@ -54,7 +60,7 @@ fn half_rate(reports: &[Vec<Value>], of: usize) -> f64 {
 impl Job {
     fn name(&self) -> String {
         match self {
-            Job::Baseline(_) => "baseline".into(),
+            Job::Baseline(_, rate) => baseline_name(*rate),
             Job::Pipeline(setup) => setup.name.clone(),
             Job::NoisyNeighbour(_) => "noisy-neighbour".into(),
             Job::RetryBacklog(..) => "retry-backlog".into(),
@@ -66,7 +72,7 @@ impl Job {
     /// Runs it once; `reports` are every run so far, this round's earlier jobs included.
     async fn run(&self, reports: &[Vec<Value>]) -> Run {
         match self {
-            Job::Baseline(n) => baseline(*n).await,
+            Job::Baseline(n, rate) => baseline(*n, *rate).await,
             Job::Pipeline(setup) => pipeline(setup).await,
             Job::NoisyNeighbour(burst) => noisy_neighbour(*burst).await,
             Job::RetryBacklog(n, spread) => retry_backlog(*n, *spread).await,
@@ -143,7 +149,7 @@ async fn main() {
     let mut jobs = Vec::new();
     let mut comparisons = Vec::new();
     let baseline = wanted(Scenario::Baseline).then(|| {
-        jobs.push(Job::Baseline(n));
+        jobs.push(Job::Baseline(n, None));
         jobs.len() - 1
     });
     let mut throughput = None;
@@ -165,6 +171,10 @@ async fn main() {
         jobs.push(Job::Pipeline(Setup::new("fanout", n / 10, 10)));
     }
     if wanted(Scenario::Latency) {
+        if baseline.is_some() {
+            // The bare pipeline at the same rate: the host's own floor under the latency target.
+            jobs.push(Job::Baseline(latency_events(rate), Some(rate)));
+        }
         jobs.push(Job::Pipeline(latency_setup(&format!("latency at {rate:.0}/s"), rate)));
         if let Some(of) = throughput {
             jobs.push(Job::LatencyAtHalf { of });

@@ -109,6 +109,11 @@ impl Pipeline {
             .post(task.endpoint.url.as_str(), headers, task.body.clone(), checkpoint)
             .await;
         METRICS.in_flight.dec();
+        // The endpoint's slot counts its requests in flight, and its hold is how long the
+        // endpoint takes: the record that follows is ours, and at a moderate rate it waits for
+        // company in the record writer, which an endpoint limited to one request at a time
+        // would otherwise wait out between its requests.
+        drop(slot);
 
         let outcome = result.outcome;
         tracing::Span::current().record("outcome", outcome.as_str());

@@ -50,7 +50,7 @@ pub use stats::{EndpointHealth, EndpointStats, LastDelivery, SeriesPoint, Window
 
 use crate::sealing::SecretSealer;
 use crate::startup::{self, Unreachable};
-use batch_writer::{BatchWriter, Batched};
+use batch_writer::{BatchWriter, Batched, RECORD_LINGER};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,6 +139,7 @@ impl Store {
                     script: &deliveries::INGEST,
                     call_args: deliveries::arrival_call_args(retention_secs(config.retention), history_per_endpoint),
                     per_call: &ARRIVALS_PER_CALL,
+                    linger: Duration::ZERO,
                 },
             ),
             records: BatchWriter::start(
@@ -147,6 +148,7 @@ impl Store {
                     script: &deliveries::RECORD,
                     call_args: deliveries::record_call_args(&keys, history_per_endpoint),
                     per_call: &RECORDS_PER_CALL,
+                    linger: RECORD_LINGER,
                 },
             ),
             conn,

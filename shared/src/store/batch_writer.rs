@@ -7,8 +7,8 @@
 //! is out, the items that arrive wait for it to return and then leave in one call of at most
 //! [`MAX_BATCH`] (and at most [`MAX_KEYS`] keys, so no call holds Redis for long). A lone
 //! arrival goes at once, waiting for nothing; a lone record waits up to [`RECORD_LINGER`] for
-//! company, since nothing waits on it but the attempt's own slot. Measured on records, the client's CPU per record fell from
-//! 6.4–10.7 µs to 3.5–5.9 µs; Redis's hardly moved, its per-call share being small beside the
+//! company, since nothing waits on it but the attempt's room in the in-flight bound. Measured
+//! on records, the client's CPU per record fell from 6.4–10.7 µs to 3.5–5.9 µs; Redis's hardly moved, its per-call share being small beside the
 //! commands. Letting full batches overlap up to four calls cost 2–11% more dispatcher CPU.
 //! The price of one call at a time is a bound of [`MAX_BATCH`] items per Redis round trip per
 //! writer, and a round trip is the call's own work in Redis plus wake-ups and the other calls
@@ -45,8 +45,8 @@ const MAX_BATCH: usize = 64;
 /// queue behind the call that is out and this adds nothing; at a moderate rate each call carried
 /// two records, and a call costs Redis about as much as the records it carries (`latency` at
 /// 3,000 events/s: about 50 µs of Redis CPU per call on top of 19 µs per record). A record is
-/// not on the way to the endpoint (the request has been answered), so waiting costs only the
-/// attempt's slot and room for that long. Arrivals do not wait: the attempt follows them.
+/// not on the way to the endpoint (the request has been answered, and the endpoint's slot
+/// released), so waiting costs only the attempt's room in the in-flight bound for that long. Arrivals do not wait: the attempt follows them.
 pub(super) const RECORD_LINGER: Duration = Duration::from_millis(2);
 
 /// Keys per call at most, unless one item alone has more. A script holds Redis while it runs,

@@ -8,8 +8,8 @@
 //! [`MAX_BATCH`] (and at most [`MAX_KEYS`] keys, so no call holds Redis for long). A lone
 //! arrival goes at once, waiting for nothing; a lone record waits up to [`RECORD_LINGER`] for
 //! company, since nothing waits on it but the attempt's room in the in-flight bound. Measured
-//! on records, the client's CPU per record fell from 6.4–10.7 µs to 3.5–5.9 µs; Redis's hardly moved, its per-call share being small beside the
-//! commands. Letting full batches overlap up to four calls cost 2–11% more dispatcher CPU.
+//! on records, the client's CPU per record fell from 6.4–10.7 µs to 3.5–5.9 µs; Redis's hardly
+//! moved, its per-call share being small beside the commands. Letting full batches overlap up to four calls cost 2–11% more dispatcher CPU.
 //! The price of one call at a time is a bound of [`MAX_BATCH`] items per Redis round trip per
 //! writer, and a round trip is the call's own work in Redis plus wake-ups and the other calls
 //! Redis serves meanwhile. With 16 a call that was the bound: `fanout` (ten records per
@@ -46,7 +46,8 @@ const MAX_BATCH: usize = 64;
 /// two records, and a call costs Redis about as much as the records it carries (`latency` at
 /// 3,000 events/s: about 50 µs of Redis CPU per call on top of 19 µs per record). A record is
 /// not on the way to the endpoint (the request has been answered, and the endpoint's slot
-/// released), so waiting costs only the attempt's room in the in-flight bound for that long. Arrivals do not wait: the attempt follows them.
+/// released), so waiting costs only the attempt's room in the in-flight bound for that long.
+/// Arrivals do not wait: the attempt follows them.
 pub(super) const RECORD_LINGER: Duration = Duration::from_millis(2);
 
 /// Keys per call at most, unless one item alone has more. A script holds Redis while it runs,
@@ -258,21 +259,27 @@ fn fail_all<A>(batch: &mut Vec<Waiting<A>>, e: &RedisError) {
 mod tests {
     use super::*;
 
+    /// An item of `keys` keys and `args` arguments, queued at `since`, whose answer no one awaits.
+    fn queued(keys: usize, args: &[&str], since: Instant) -> Waiting<()> {
+        let mut item = Prepared {
+            keys: Cmd::new(),
+            args: Cmd::new(),
+        };
+        for k in 0..keys {
+            item.keys.arg(format!("key:{k}"));
+        }
+        for arg in args {
+            item.args.arg(*arg);
+        }
+        let (answer, _) = oneshot::channel();
+        Waiting { item, answer, since }
+    }
+
     /// The sizes (in keys) of the calls that items of `keys` keys, all waiting at once, leave in.
     async fn calls(keys: &[usize]) -> Vec<Vec<usize>> {
         let (queue, mut waiting) = mpsc::unbounded_channel::<Waiting<()>>();
         for &n in keys {
-            let mut item_keys = Cmd::new();
-            for k in 0..n {
-                item_keys.arg(k);
-            }
-            let item = Prepared {
-                keys: item_keys,
-                args: Cmd::new(),
-            };
-            let (answer, _) = oneshot::channel();
-            let since = Instant::now();
-            queue.send(Waiting { item, answer, since }).unwrap();
+            queue.send(queued(n, &[], Instant::now())).unwrap();
         }
         drop(queue);
         let (mut calls, mut batch, mut held) = (Vec::new(), Vec::new(), None);
@@ -287,24 +294,6 @@ mod tests {
     #[test]
     fn a_call_is_built_in_buffers_sized_for_it() {
         static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new("return {}"));
-        let item = |keys: usize, args: &[&str]| {
-            let (answer, _) = oneshot::channel::<Result<(), RedisError>>();
-            let mut item = Prepared {
-                keys: Cmd::new(),
-                args: Cmd::new(),
-            };
-            for k in 0..keys {
-                item.keys.arg(format!("key:{k}"));
-            }
-            for arg in args {
-                item.args.arg(*arg);
-            }
-            Waiting {
-                item,
-                answer,
-                since: Instant::now(),
-            }
-        };
         let mut call_args = Cmd::new();
         call_args.arg(86_400).arg("laabam:");
         let batched = Batched {
@@ -314,7 +303,10 @@ mod tests {
             linger: Duration::ZERO,
         };
         for sizes in [vec![3], vec![3, 3, 4], vec![1000, 2]] {
-            let batch: Vec<_> = sizes.iter().map(|&n| item(n, &["a body", "", "17"])).collect();
+            let batch: Vec<_> = sizes
+                .iter()
+                .map(|&n| queued(n, &["a body", "", "17"], Instant::now()))
+                .collect();
             let call = call_of(&batched, &batch, sizes.iter().sum());
             assert!(call.fills_its_buffers(), "items of {sizes:?} keys");
         }
@@ -340,12 +332,7 @@ mod tests {
         let queue = queue.clone();
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            let (answer, _) = oneshot::channel();
-            let item = Prepared {
-                keys: Cmd::new(),
-                args: Cmd::new(),
-            };
-            let _ = queue.send(Waiting { item, answer, since });
+            let _ = queue.send(queued(0, &[], since));
         });
     }
 

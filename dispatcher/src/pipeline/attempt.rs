@@ -268,6 +268,10 @@ impl Pipeline {
                 handled => break handled,
             }
         };
+        if let Disposition::Requeue(e) = &handled.disposition {
+            // The endpoint stays disabled; only its announcement is lost.
+            tracing::error!(error = %e, endpoint_id = %endpoint, "endpoint.disabled could not be begun before the deadline; not announced");
+        }
         Box::pin(self.run_attempts(handled.attempts)).await;
     }
 

@@ -89,18 +89,8 @@ impl Run {
             self.deliveries as f64 / total_cpu.max(0.001),
             self.redis_bytes / 1024
         );
-        println!("  {:<14} {:>10} {:>12}", "process", "CPU s", "peak RSS MiB");
-        for (name, cpu, rss) in &self.cpu {
-            println!(
-                "  {:<14} {:>10.2} {:>12}",
-                name,
-                cpu,
-                if *rss > 0 {
-                    format!("{:.0}", *rss as f64 / 1048576.0)
-                } else {
-                    "-".into()
-                }
-            );
+        for line in self.process_table() {
+            println!("{line}");
         }
         json!({
             "scenario": self.scenario, "deliveries": self.deliveries, "seconds": self.seconds, "deliveries_per_s": rate,
@@ -108,9 +98,49 @@ impl Run {
             "cpu_seconds": self.cpu.iter().map(|(n, c, _)| (n.clone(), json!(c))).collect::<serde_json::Map<_, _>>(),
             "peak_rss_bytes": self.cpu.iter().filter(|c| c.2 > 0).map(|(n, _, r)| (n.clone(), json!(r))).collect::<serde_json::Map<_, _>>(),
             "deliveries_per_cpu_second": self.deliveries as f64 / total_cpu.max(0.001),
+            "cpu_us_per_delivery": self.cpu.iter().map(|(n, c, _)| (n.clone(), json!(self.us_per_delivery(*c))))
+                .chain([("all".to_owned(), json!(self.us_per_delivery(total_cpu)))])
+                .collect::<serde_json::Map<_, _>>(),
+            "cores_busy": total_cpu / self.seconds,
             "redis_bytes_added": self.redis_bytes,
             "extra": self.extra,
         })
+    }
+
+    fn us_per_delivery(&self, cpu_seconds: f64) -> f64 {
+        cpu_seconds * 1e6 / self.deliveries.max(1) as f64
+    }
+
+    /// Each process's CPU, also per delivery, and the whole machine's: where a delivery's cost
+    /// goes, read off every run instead of worked out by hand.
+    fn process_table(&self) -> Vec<String> {
+        let total: f64 = self.cpu.iter().map(|c| c.1).sum();
+        let mut lines = vec![format!(
+            "  {:<14} {:>10} {:>12} {:>13}",
+            "process", "CPU s", "µs/delivery", "peak RSS MiB"
+        )];
+        for (name, cpu, rss) in &self.cpu {
+            let rss = if *rss > 0 {
+                format!("{:.0}", *rss as f64 / 1048576.0)
+            } else {
+                "-".into()
+            };
+            lines.push(format!(
+                "  {:<14} {:>10.2} {:>12.1} {:>13}",
+                name,
+                cpu,
+                self.us_per_delivery(*cpu),
+                rss
+            ));
+        }
+        lines.push(format!(
+            "  {:<14} {:>10.2} {:>12.1}   {:.2} cores busy",
+            "all",
+            total,
+            self.us_per_delivery(total),
+            total / self.seconds
+        ));
+        lines
     }
 }
 
@@ -162,5 +192,31 @@ impl Meter {
             })
             .collect();
         (usage, redis_memory() as i64 - self.redis_mem as i64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_process_table_gives_each_process_and_the_whole_its_cpu_per_delivery() {
+        let run = Run {
+            scenario: "t".into(),
+            deliveries: 200_000,
+            seconds: 20.0,
+            lat: vec![],
+            cpu: vec![("rabbitmq".into(), 13.0, 0), ("dispatcher".into(), 11.0, 45 * 1048576)],
+            redis_bytes: 0,
+            extra: Value::Null,
+        };
+        let table = run.process_table();
+        assert_eq!(table.len(), 4);
+        assert!(table[1].contains("rabbitmq") && table[1].contains("65.0") && table[1].ends_with('-'));
+        assert!(table[2].contains("55.0") && table[2].ends_with("45"));
+        assert!(table[3].contains("24.00") && table[3].contains("120.0") && table[3].ends_with("1.20 cores busy"));
+        let report = run.report();
+        assert_eq!(report["cpu_us_per_delivery"]["all"], json!(120.0));
+        assert_eq!(report["cores_busy"], json!(1.2));
     }
 }

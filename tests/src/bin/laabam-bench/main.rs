@@ -211,8 +211,11 @@ async fn main() {
         jobs.push(Job::RedisCalls(n / 2, 10));
     }
     let mut reports: Vec<Vec<Value>> = jobs.iter().map(|_| Vec::new()).collect();
-    for _ in 0..runs {
+    for round in 1..=runs {
         for (i, job) in jobs.iter().enumerate() {
+            // A run prints what its processes counted as it ends, before its report: the heading
+            // keeps those lines under the run they belong to.
+            println!("\n== {}, run {round} of {runs}", job.name());
             let report = job.run(&reports).await.report();
             reports[i].push(report);
         }

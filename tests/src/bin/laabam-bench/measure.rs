@@ -78,7 +78,7 @@ impl Run {
         let rate = self.deliveries as f64 / self.seconds;
         let total_cpu: f64 = self.cpu.iter().map(|c| c.1).sum();
         println!(
-            "\n{}: {} deliveries in {:.2} s = {:.0} deliveries/s; latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; {:.0} deliveries per CPU-second; Redis +{} KiB",
+            "{}: {} deliveries in {:.2} s = {:.0} deliveries/s; latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; {:.0} deliveries per CPU-second; Redis +{} KiB",
             self.scenario,
             self.deliveries,
             self.seconds,

@@ -2,6 +2,7 @@
 
 use crate::load::{events, publish};
 use crate::measure::{Meter, Run, latencies};
+use crate::roles::{self, Role};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::Full;
@@ -29,28 +30,38 @@ pub(crate) fn baseline_name(rate: Option<f64>) -> String {
 /// against: what publish to receive costs on this host with nothing of ours in the path.
 pub(crate) async fn baseline(n: usize, rate: Option<f64>) -> Run {
     let env = TestEnv::new().await;
-    let rx = Receiver::ok().await;
+    let rx = Role::Receiver.run(Receiver::ok()).await;
     env.declare_topology().await;
-    let conn = laabam_shared::startup::amqp_connect(&env.amqp_url, "baseline")
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    channel.basic_qos(1024, Default::default()).await.unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            topology::DISPATCH_QUEUE.into(),
-            "b".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    // Opened on the pipeline's threads, so the connection's own tasks (decoding deliveries,
+    // sending acks) run, and are counted, there.
+    let before = roles::threads();
+    let amqp_url = env.amqp_url.clone();
+    let (conn, mut consumer) = Role::Pipeline
+        .run(async move {
+            let conn = laabam_shared::startup::amqp_connect(&amqp_url, "baseline")
+                .await
+                .unwrap();
+            let channel = conn.create_channel().await.unwrap();
+            channel.basic_qos(1024, Default::default()).await.unwrap();
+            let consumer = channel
+                .basic_consume(
+                    topology::DISPATCH_QUEUE.into(),
+                    "b".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            (conn, consumer)
+        })
+        .await;
+    Role::Pipeline.adopt_broker_threads(&before);
     let secret = Secret::generate();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(256)
         .build_http();
     let url: hyper::Uri = rx.url.parse().unwrap();
-    let worker = tokio::spawn(async move {
+    let worker = Role::Pipeline.spawn(async move {
         let sem = Arc::new(tokio::sync::Semaphore::new(1024));
         while let Some(Ok(delivery)) = consumer.next().await {
             let permit = sem.clone().acquire_owned().await.unwrap();

@@ -12,6 +12,7 @@ mod measure;
 mod pipeline;
 mod redis_calls;
 mod retry_backlog;
+mod roles;
 mod scrape;
 mod summary;
 

@@ -1,16 +1,22 @@
 //! What a run measures: CPU seconds and peak RSS of each process from /proc, Redis memory,
 //! publish-to-receive latencies, and the report each run prints and writes.
 
+use crate::roles::Role;
 use laabam_shared::clock::parse_rfc3339_ms;
 use laabam_tests::Receiver;
 use serde_json::{Value, json};
 
-/// CPU seconds and peak RSS of a process, from /proc.
-fn proc_usage(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+/// The user and system CPU seconds in a process's or thread's `stat` line.
+pub(crate) fn cpu_seconds_of_stat(stat: &str) -> f64 {
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
         + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// CPU seconds and peak RSS of a process, from /proc.
+fn proc_usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm_kb = status
         .lines()
@@ -18,7 +24,7 @@ fn proc_usage(pid: u32) -> (f64, u64) {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
-    (ticks / 100.0, hwm_kb * 1024)
+    (cpu_seconds_of_stat(&stat), hwm_kb * 1024)
 }
 
 fn pid_of(pattern: &str) -> Option<u32> {
@@ -144,7 +150,8 @@ impl Run {
     }
 }
 
-/// Samples CPU of the shared services and this process before and after a run.
+/// Samples CPU of the shared services, of this process by role (see [`crate::roles`]) and of
+/// `ours` before and after a run.
 pub(crate) struct Meter {
     rabbit: Option<u32>,
     redis: Option<u32>,
@@ -152,44 +159,62 @@ pub(crate) struct Meter {
     redis_mem: u64,
 }
 
+/// What this process does besides its receivers and bare pipeline: publishing the events (or
+/// whatever else the scenario does itself, which renames the row).
+pub(crate) const PUBLISHER: &str = "publisher";
+
+/// `cpu` with the [`PUBLISHER`] row named for what this process did instead, in a scenario
+/// that publishes no events.
+pub(crate) fn rest_named(cpu: Vec<(String, f64, u64)>, label: &str) -> Vec<(String, f64, u64)> {
+    cpu.into_iter()
+        .map(|(name, cpu, rss)| (if name == PUBLISHER { label.to_owned() } else { name }, cpu, rss))
+        .collect()
+}
+
 impl Meter {
     pub(crate) fn start(ours: &[(&str, u32)]) -> Self {
         let rabbit = pid_of("beam.smp");
         let redis = pid_of("redis-server.*:6379");
-        let mut start = vec![];
-        for (name, pid) in [
-            ("rabbitmq", rabbit),
-            ("redis", redis),
-            ("bench (rx+pub)", Some(std::process::id())),
-        ] {
-            start.push((name.to_owned(), pid.map_or(0.0, |p| proc_usage(p).0)));
-        }
-        for (name, pid) in ours {
-            start.push((name.to_string(), proc_usage(*pid).0));
-        }
         Meter {
             rabbit,
             redis,
-            start,
+            start: Self::sample(rabbit, redis, ours),
             redis_mem: redis_memory(),
         }
     }
 
+    /// Each row's CPU seconds so far: the services, this process's roles and the rest of it,
+    /// then `ours`.
+    fn sample(rabbit: Option<u32>, redis: Option<u32>, ours: &[(&str, u32)]) -> Vec<(String, f64)> {
+        let service = |pid: Option<u32>| pid.map_or(0.0, |p| proc_usage(p).0);
+        let roles = [Role::Receiver, Role::Pipeline].map(|r| (r.label().to_owned(), r.cpu_seconds()));
+        let rest = proc_usage(std::process::id()).0 - roles.iter().map(|r| r.1).sum::<f64>();
+        [
+            ("rabbitmq".to_owned(), service(rabbit)),
+            ("redis".to_owned(), service(redis)),
+        ]
+        .into_iter()
+        .chain(roles)
+        .chain([(PUBLISHER.to_owned(), rest)])
+        .chain(ours.iter().map(|(name, pid)| (name.to_string(), proc_usage(*pid).0)))
+        .collect()
+    }
+
+    /// Each row's CPU seconds over the run, with peak RSS for `ours`; a role of this process
+    /// that did nothing in the scenario is left out.
     pub(crate) fn stop(&self, ours: &[(&str, u32)]) -> (Vec<(String, f64, u64)>, i64) {
-        let mut pids = vec![
-            ("rabbitmq", self.rabbit),
-            ("redis", self.redis),
-            ("bench (rx+pub)", Some(std::process::id())),
-        ];
-        pids.extend(ours.iter().map(|(n, p)| (*n, Some(*p))));
-        let usage = pids
-            .iter()
+        let rss = |name: &str| {
+            ours.iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0, |(_, pid)| proc_usage(*pid).1)
+        };
+        let roles = [Role::Receiver, Role::Pipeline].map(Role::label);
+        let usage = Self::sample(self.rabbit, self.redis, ours)
+            .into_iter()
             .zip(&self.start)
-            .map(|((name, pid), (_, before))| {
-                let (cpu, rss) = pid.map_or((0.0, 0), proc_usage);
-                let rss = if ours.iter().any(|(n, _)| n == name) { rss } else { 0 };
-                (name.to_string(), cpu - before, rss)
-            })
+            .map(|((name, after), (_, before))| (after - before, rss(&name), name))
+            .filter(|(cpu, _, name)| *cpu > 0.0 || !roles.contains(&name.as_str()))
+            .map(|(cpu, rss, name)| (name, cpu, rss))
             .collect();
         (usage, redis_memory() as i64 - self.redis_mem as i64)
     }

@@ -4,6 +4,7 @@
 use crate::components::spawn_components;
 use crate::load::{events, publish, publisher};
 use crate::measure::{Meter, Run, latencies, percentile};
+use crate::roles::Role;
 use crate::scrape::print_counters;
 use laabam_shared::clock::now_ms;
 use laabam_shared::envelope::Envelope;
@@ -54,22 +55,25 @@ pub(crate) async fn pipeline(setup: &Setup) -> Run {
     let mut receivers = Vec::new();
     for _ in 0..setup.endpoints {
         let rx = if setup.failing {
-            Receiver::start(|c, before| {
-                if before == 0 && fails_once(c.header("webhook-id")) {
-                    Reply::Status(500)
-                } else {
-                    Reply::Status(200)
-                }
-            })
-            .await
+            Role::Receiver
+                .run(Receiver::start(|c, before| {
+                    if before == 0 && fails_once(c.header("webhook-id")) {
+                        Reply::Status(500)
+                    } else {
+                        Reply::Status(200)
+                    }
+                }))
+                .await
         } else {
-            Receiver::ok().await
+            Role::Receiver.run(Receiver::ok()).await
         };
         env.endpoint("acct_bench", &rx.url, None).await;
         receivers.push(rx);
     }
     let slow = if let Some(delay) = setup.slow {
-        let rx = Receiver::start(move |_, _| Reply::After(delay, 200)).await;
+        let rx = Role::Receiver
+            .run(Receiver::start(move |_, _| Reply::After(delay, 200)))
+            .await;
         env.endpoint("acct_bench", &rx.url, None).await;
         Some(rx)
     } else {
@@ -136,8 +140,8 @@ pub(crate) async fn pipeline(setup: &Setup) -> Run {
 /// One account bursts while another publishes steadily: the quiet account's latency.
 pub(crate) async fn noisy_neighbour(burst: usize) -> Run {
     let mut env = TestEnv::new().await;
-    let noisy = Receiver::ok().await;
-    let quiet = Receiver::ok().await;
+    let noisy = Role::Receiver.run(Receiver::ok()).await;
+    let quiet = Role::Receiver.run(Receiver::ok()).await;
     env.endpoint("acct_bench", &noisy.url, None).await;
     env.endpoint("acct_quiet", &quiet.url, None).await;
     let (ours, dispatcher_port, _) = spawn_components(&mut env, 1);

@@ -1,7 +1,7 @@
 //! `redis-calls`: the store's own Redis calls alone, without the rest of the system.
 
 use crate::load::events;
-use crate::measure::{Meter, Run};
+use crate::measure::{Meter, PUBLISHER, Run, rest_named};
 use futures_util::StreamExt;
 use laabam_shared::clock::now_ms;
 use laabam_shared::ids::AccountId;
@@ -63,18 +63,19 @@ pub(crate) async fn redis_calls(n: usize, width: usize) -> Run {
         cpu.iter().find(|c| c.0 == who).map_or(0.0, |c| c.1) * 1e6 / deliveries as f64
     };
     // The bench process is the store's client here.
-    let per_delivery = |cpu: &[(String, f64, u64)]| (micros(cpu, "redis"), micros(cpu, "bench (rx+pub)"));
+    let per_delivery = |cpu: &[(String, f64, u64)]| (micros(cpu, "redis"), micros(cpu, PUBLISHER));
     let (ingest_redis, ingest_client) = per_delivery(&ingest_cpu);
     let (record_redis, record_client) = per_delivery(&record_cpu);
     println!(
         "  per delivery ({width} per event): begin {ingest_redis:.1} µs of Redis CPU, {ingest_client:.1} µs of client CPU; \
 record {record_redis:.1} µs of Redis, {record_client:.1} µs of client"
     );
+    let both = |name: &str| micros(&ingest_cpu, name) + micros(&record_cpu, name);
     let cpu = ingest_cpu
         .iter()
-        .zip(&record_cpu)
-        .map(|(a, b)| (a.0.replace(" (rx+pub)", " (client)"), a.1 + b.1, 0))
+        .map(|(name, ..)| (name.clone(), both(name) * deliveries as f64 / 1e6, 0))
         .collect();
+    let cpu = rest_named(cpu, "bench (client)");
     Run {
         scenario: redis_calls_name(width),
         deliveries,

@@ -2,7 +2,7 @@
 
 use crate::components::log_level;
 use crate::load::events;
-use crate::measure::{Meter, Run, redis_memory};
+use crate::measure::{Meter, Run, redis_memory, rest_named};
 use crate::scrape::{counter, histogram_quantile, scrape};
 use futures_util::StreamExt;
 use laabam_shared::clock::now_ms;
@@ -128,7 +128,7 @@ pub(crate) async fn retry_backlog(n: usize, spread: Duration) -> Run {
         deliveries: n,
         seconds,
         lat: Vec::new(),
-        cpu,
+        cpu: rest_named(cpu, "bench (drain)"),
         redis_bytes: bytes,
         extra: json!({ "bytes_per_pending_retry": bytes / n as i64, "job_and_event_share_bytes": job_and_event,
             "due_lag_p99_seconds_at_most": lag_p99 }),

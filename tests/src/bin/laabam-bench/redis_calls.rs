@@ -59,9 +59,8 @@ pub(crate) async fn redis_calls(n: usize, width: usize) -> Run {
         .await;
     let (record_cpu, record_bytes) = meter.stop(&[]);
     let seconds = started.elapsed().as_secs_f64();
-    let micros = |cpu: &[(String, f64, u64)], who: &str| {
-        cpu.iter().find(|c| c.0 == who).map_or(0.0, |c| c.1) * 1e6 / deliveries as f64
-    };
+    let cpu_of = |cpu: &[(String, f64, u64)], who: &str| cpu.iter().find(|c| c.0 == who).map_or(0.0, |c| c.1);
+    let micros = |cpu: &[(String, f64, u64)], who: &str| cpu_of(cpu, who) * 1e6 / deliveries as f64;
     // The bench process is the store's client here.
     let per_delivery = |cpu: &[(String, f64, u64)]| (micros(cpu, "redis"), micros(cpu, PUBLISHER));
     let (ingest_redis, ingest_client) = per_delivery(&ingest_cpu);
@@ -70,10 +69,9 @@ pub(crate) async fn redis_calls(n: usize, width: usize) -> Run {
         "  per delivery ({width} per event): begin {ingest_redis:.1} µs of Redis CPU, {ingest_client:.1} µs of client CPU; \
 record {record_redis:.1} µs of Redis, {record_client:.1} µs of client"
     );
-    let both = |name: &str| micros(&ingest_cpu, name) + micros(&record_cpu, name);
     let cpu = ingest_cpu
         .iter()
-        .map(|(name, ..)| (name.clone(), both(name) * deliveries as f64 / 1e6, 0))
+        .map(|(name, ..)| (name.clone(), cpu_of(&ingest_cpu, name) + cpu_of(&record_cpu, name), 0))
         .collect();
     let cpu = rest_named(cpu, "bench (client)");
     Run {

@@ -155,7 +155,7 @@ impl Run {
 pub(crate) struct Meter {
     rabbit: Option<u32>,
     redis: Option<u32>,
-    start: Vec<(String, f64)>,
+    start: Vec<(String, f64, u64)>,
     redis_mem: u64,
 }
 
@@ -183,38 +183,35 @@ impl Meter {
         }
     }
 
-    /// Each row's CPU seconds so far: the services, this process's roles and the rest of it,
-    /// then `ours`.
-    fn sample(rabbit: Option<u32>, redis: Option<u32>, ours: &[(&str, u32)]) -> Vec<(String, f64)> {
+    /// Each row's CPU seconds so far, with peak RSS for `ours` (0 for the rest): the services,
+    /// this process's roles and the rest of it, then `ours`.
+    fn sample(rabbit: Option<u32>, redis: Option<u32>, ours: &[(&str, u32)]) -> Vec<(String, f64, u64)> {
         let service = |pid: Option<u32>| pid.map_or(0.0, |p| proc_usage(p).0);
-        let roles = [Role::Receiver, Role::Pipeline].map(|r| (r.label().to_owned(), r.cpu_seconds()));
+        let roles = Role::ALL.map(|r| (r.label().to_owned(), r.cpu_seconds(), 0));
         let rest = proc_usage(std::process::id()).0 - roles.iter().map(|r| r.1).sum::<f64>();
         [
-            ("rabbitmq".to_owned(), service(rabbit)),
-            ("redis".to_owned(), service(redis)),
+            ("rabbitmq".to_owned(), service(rabbit), 0),
+            ("redis".to_owned(), service(redis), 0),
         ]
         .into_iter()
         .chain(roles)
-        .chain([(PUBLISHER.to_owned(), rest)])
-        .chain(ours.iter().map(|(name, pid)| (name.to_string(), proc_usage(*pid).0)))
+        .chain([(PUBLISHER.to_owned(), rest, 0)])
+        .chain(ours.iter().map(|(name, pid)| {
+            let (cpu, rss) = proc_usage(*pid);
+            (name.to_string(), cpu, rss)
+        }))
         .collect()
     }
 
     /// Each row's CPU seconds over the run, with peak RSS for `ours`; a role of this process
     /// that did nothing in the scenario is left out.
     pub(crate) fn stop(&self, ours: &[(&str, u32)]) -> (Vec<(String, f64, u64)>, i64) {
-        let rss = |name: &str| {
-            ours.iter()
-                .find(|(n, _)| *n == name)
-                .map_or(0, |(_, pid)| proc_usage(*pid).1)
-        };
-        let roles = [Role::Receiver, Role::Pipeline].map(Role::label);
+        let idle_role = |name: &str, cpu: f64| cpu <= 0.0 && Role::ALL.iter().any(|r| r.label() == name);
         let usage = Self::sample(self.rabbit, self.redis, ours)
             .into_iter()
             .zip(&self.start)
-            .map(|((name, after), (_, before))| (after - before, rss(&name), name))
-            .filter(|(cpu, _, name)| *cpu > 0.0 || !roles.contains(&name.as_str()))
-            .map(|(cpu, rss, name)| (name, cpu, rss))
+            .map(|((name, after, rss), (_, before, _))| (name, after - before, rss))
+            .filter(|(name, cpu, _)| !idle_role(name, *cpu))
             .collect();
         (usage, redis_memory() as i64 - self.redis_mem as i64)
     }

@@ -26,6 +26,8 @@ type Thread = (u32, u64);
 const BROKER_IO_THREAD: &str = "lapin-io-loop";
 
 impl Role {
+    pub(crate) const ALL: [Role; 2] = [Role::Receiver, Role::Pipeline];
+
     /// What the process table calls it.
     pub(crate) fn label(self) -> &'static str {
         match self {

@@ -151,11 +151,7 @@ mod tests {
         });
         charged(Role::Receiver, receiver);
         stop.store(true, Ordering::Relaxed);
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(busy)
-            .unwrap();
+        Role::Receiver.runtime().block_on(busy).unwrap();
         assert_eq!(
             Role::Pipeline.cpu_seconds(),
             pipeline,

@@ -488,14 +488,6 @@ pub fn new_endpoint(account: &str, url: &str, events: Option<&[&str]>) -> Endpoi
     .expect("valid endpoint")
 }
 
-/// A free TCP port on loopback (for processes that must be told their port in advance).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// The path of a workspace binary, building the workspace's binaries once per test process.
 pub fn binary(name: &str) -> PathBuf {
     static BUILD: Once = Once::new();

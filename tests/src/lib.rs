@@ -5,6 +5,7 @@
 //!   and the components (in-process or as real binaries) running in it.
 //! - [`api`]: a JSON client for the HTTP API.
 //! - [`deliveries`]: deliveries begun and recorded straight through the store.
+//! - [`ports`]: ports for processes told where to listen before they start.
 //! - [`receiver`]: HTTP and HTTPS receivers that record every request and answer as told.
 //! - [`report`]: the fault table (fault, confirmed, delivered, lost, duplicates).
 //! - [`wait`]: waiting on conditions instead of sleeping.
@@ -12,6 +13,7 @@
 pub mod api;
 pub mod deliveries;
 pub mod env;
+pub mod ports;
 pub mod receiver;
 pub mod report;
 pub mod wait;

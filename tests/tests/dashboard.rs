@@ -6,7 +6,7 @@
 //! target/dashboard-screenshots/. The receiver examples the catalog page shows run here as real
 //! receivers that answer 401 to a bad signature.
 
-use laabam_tests::env::free_port;
+use laabam_tests::ports::free_port;
 use laabam_tests::{ApiClient, Captured, Receiver, Reply, TestEnv, wait_until};
 use serde_json::json;
 use std::path::{Path, PathBuf};

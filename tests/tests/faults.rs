@@ -367,7 +367,7 @@ async fn a_producer_killed_mid_stream_loses_no_event_it_confirmed() {
     // On a loaded machine part of a burst can wait past the slot wait and be deferred: the
     // scheduler brings those deliveries back.
     env.start_scheduler(&[]);
-    let port = laabam_tests::env::free_port();
+    let port = laabam_tests::ports::free_port();
     let mut flags = env.connection_flags();
     flags.extend([
         "serve".into(),
@@ -466,7 +466,7 @@ struct OwnRabbit {
 
 impl OwnRabbit {
     async fn start() -> Self {
-        let port = laabam_tests::env::free_port();
+        let port = laabam_tests::ports::free_port();
         let name = format!("laabam-fault-{}", ulid::Ulid::new().to_string().to_lowercase());
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(dir.join("mnesia")).unwrap();

@@ -353,7 +353,7 @@ async fn endpoints_beside_a_healthy_one(
 /// endpoint, whose requests time out after `timeout`, and answers its metrics address. No
 /// scheduler: a deferred or failed delivery stays in the retry set.
 fn start_with_a_small_room(env: &mut TestEnv, timeout: &str) -> String {
-    let metrics_addr = format!("127.0.0.1:{}", laabam_tests::env::free_port());
+    let metrics_addr = format!("127.0.0.1:{}", laabam_tests::ports::free_port());
     env.start_dispatcher(&[
         "--max-in-flight",
         "16",

@@ -200,7 +200,7 @@ async fn retries_left_in_four_shards_drain_on_one(forgotten: bool) {
     }
 
     // Everything now runs on one shard; the scheduler says it drains four.
-    let metrics_port = laabam_tests::env::free_port();
+    let metrics_port = laabam_tests::ports::free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let flags = env.scheduler_flags(&["--metrics-addr", &metrics_addr]);
     env.spawn_binary("laabam-retry-scheduler", &flags);

@@ -1,7 +1,7 @@
 //! The operator's view: the deploy/ Prometheus rules and Grafana dashboard, evaluated by a real
 //! Prometheus scraping the real processes under load with injected failures.
 
-use laabam_tests::env::free_port;
+use laabam_tests::ports::free_port;
 use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use lapin::BasicProperties;
 use serde_json::{Value, json};

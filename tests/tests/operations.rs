@@ -22,7 +22,7 @@ struct OwnRedis {
 
 impl OwnRedis {
     fn start() -> Self {
-        let port = laabam_tests::env::free_port();
+        let port = laabam_tests::ports::free_port();
         let dir = std::env::temp_dir().join(format!("laabam-redis-{}", ulid::Ulid::new()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut redis = OwnRedis { port, dir, child: None };
@@ -81,7 +81,7 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     .await;
     let ep = env.endpoint("acct_ops", &rx.url, None).await;
 
-    let metrics_port = laabam_tests::env::free_port();
+    let metrics_port = laabam_tests::ports::free_port();
     let mut flags = env.dispatcher_flags(&["--retry-first-delay", "5s", "--retry-max-delay", "5s"]);
     flags.extend(["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")]);
     let log = std::env::temp_dir().join(format!("laabam-dispatcher-{}.log", ulid::Ulid::new()));
@@ -295,7 +295,7 @@ async fn records_made_while_redis_is_down_each_fail_and_go_through_once_it_is_ba
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_producer_and_the_scheduler_stop_cleanly_on_sigterm() {
     let mut env = TestEnv::new().await;
-    let api_port = laabam_tests::env::free_port();
+    let api_port = laabam_tests::ports::free_port();
     let mut api_flags = env.connection_flags();
     api_flags.extend(["serve".into(), "--http-addr".into(), format!("127.0.0.1:{api_port}")]);
     let producer = env.spawn_binary("laabam-producer", &api_flags);
@@ -319,7 +319,7 @@ async fn the_producer_and_the_scheduler_stop_cleanly_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dispatcher_runs_without_transparent_huge_pages_and_stops_cleanly() {
     let mut env = TestEnv::new().await;
-    let metrics_port = laabam_tests::env::free_port();
+    let metrics_port = laabam_tests::ports::free_port();
     let mut flags = env.dispatcher_flags(&[]);
     flags.extend(["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")]);
     let dispatcher = env.spawn_binary("laabam-dispatcher", &flags);

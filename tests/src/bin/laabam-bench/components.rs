@@ -1,7 +1,7 @@
 //! Our processes as the benchmark runs them: release binaries with production defaults.
 
 use laabam_tests::TestEnv;
-use laabam_tests::env::free_port;
+use laabam_tests::ports::free_port;
 
 /// The components' log level: `error` unless `LAABAM_BENCH_LOG` says otherwise.
 pub(crate) fn log_level() -> String {

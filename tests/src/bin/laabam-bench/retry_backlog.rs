@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use laabam_shared::clock::now_ms;
 use laabam_shared::ids::AccountId;
 use laabam_shared::topology;
-use laabam_tests::env::free_port;
+use laabam_tests::ports::free_port;
 use laabam_tests::{TestEnv, wait_until};
 use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;

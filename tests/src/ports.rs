@@ -4,7 +4,8 @@
 //! hands to outgoing connections: between the probe's close and the process's own bind, a
 //! connection (to a receiver, the broker, Redis) can take it, and the process exits with
 //! "address in use" (a `fanout` benchmark run was lost that way). Ports below that range are
-//! only ever taken by a bind, so they are drawn from there.
+//! only ever taken by a bind, so they are drawn from there. The scripts draw theirs through the
+//! `free-port` binary.
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::TcpListener;

@@ -5,7 +5,7 @@ use laabam_shared::delivery::{AttemptRecord, DeliveryStatus, Outcome, RetryJob};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
-use laabam_shared::store::{AccountEndpoints, AttemptTiming, Begin, Record, Store};
+use laabam_shared::store::{AccountEndpoints, AttemptTiming, Begin, Ingest, Record, Store};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 
@@ -48,18 +48,8 @@ pub async fn begin_events(
     now: i64,
     numbers: std::ops::Range<usize>,
 ) -> Vec<Begin> {
-    let account = &endpoints.endpoints[0].account_id;
     let mut begins = Vec::new();
-    for i in numbers {
-        let data = RawValue::from_string(format!(r#"{{"payment_id":"p{i}","reason":"r"}}"#)).unwrap();
-        let at = now + i as i64;
-        let event = Envelope::new("payment.failed", account.clone(), data, None, at).unwrap();
-        let these = leased_begins(
-            &event,
-            &endpoints.endpoints,
-            i * endpoints.endpoints.len(),
-            now + 30_000,
-        );
+    for (event, at, these) in numbered_events(endpoints, now, numbers) {
         store
             .ingest(&event, &event.to_json(), endpoints.version, &these, at)
             .await
@@ -67,6 +57,51 @@ pub async fn begin_events(
         begins.extend(these);
     }
     begins
+}
+
+/// As [`begin_events`], but every arrival at once, so they share the store's calls as a busy
+/// dispatcher's do; each must begin all its deliveries.
+pub async fn begin_events_together(
+    store: &Store,
+    endpoints: &AccountEndpoints,
+    now: i64,
+    numbers: std::ops::Range<usize>,
+) -> Vec<Begin> {
+    let events = numbered_events(endpoints, now, numbers);
+    let arrivals = events.iter().map(|(event, at, these)| async move {
+        let json = event.to_json();
+        let ingest = store.ingest(event, &json, endpoints.version, these, *at);
+        match ingest.await.unwrap() {
+            Ingest::Begun { created, .. } => assert!(created.iter().all(|&c| c), "every delivery is new"),
+            Ingest::Stale => panic!("the endpoints did not change, yet the arrival was stale"),
+        }
+    });
+    futures_util::future::join_all(arrivals).await;
+    events.into_iter().flat_map(|(.., these)| these).collect()
+}
+
+/// The `payment.failed` events numbered `numbers`, each at `now + i` ms, with one leased
+/// delivery to each endpoint.
+fn numbered_events(
+    endpoints: &AccountEndpoints,
+    now: i64,
+    numbers: std::ops::Range<usize>,
+) -> Vec<(Envelope, i64, Vec<Begin>)> {
+    let account = &endpoints.endpoints[0].account_id;
+    numbers
+        .map(|i| {
+            let data = RawValue::from_string(format!(r#"{{"payment_id":"p{i}","reason":"r"}}"#)).unwrap();
+            let at = now + i as i64;
+            let event = Envelope::new("payment.failed", account.clone(), data, None, at).unwrap();
+            let these = leased_begins(
+                &event,
+                &endpoints.endpoints,
+                i * endpoints.endpoints.len(),
+                now + 30_000,
+            );
+            (event, at, these)
+        })
+        .collect()
 }
 
 /// A first attempt answered `200` in 3 ms, recorded as a dispatcher records it.

@@ -7,7 +7,7 @@ use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
 use laabam_shared::store::{Begin, DeliveryFilter, Store};
-use laabam_tests::deliveries::{Success, begin_events, quiet_endpoints};
+use laabam_tests::deliveries::{Success, begin_events, begin_events_together, quiet_endpoints};
 use laabam_tests::{Receiver, TestEnv, wait_until};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
@@ -185,9 +185,58 @@ async fn a_history_held_up_by_unfinished_deliveries_is_not_rescanned_on_every_fi
     assert_eq!(newest, expected, "the newest deliveries are the ones kept");
 }
 
+/// Arrivals and finishes that share the store's calls, as a busy dispatcher's do, act as they
+/// would one by one: every arrival reads the endpoints' version the call found, and each finish
+/// trims the history from the size the finishes before it in the same call left, so the history
+/// ends at its bound, not below it.
+#[tokio::test]
+async fn arrivals_and_finishes_sharing_calls_keep_the_history_at_its_bound() {
+    const KEEP: u32 = 128; // trimmed past 130, in batches of 3 (KEEP / 64 + 1)
+    let env = TestEnv::new().await;
+    let store = TestEnv::connect_store(&laabam_shared::store::StoreConfig {
+        history_per_endpoint: KEEP,
+        ..env.store_config()
+    })
+    .await;
+    let account = AccountId::parse("acct_shared_calls").unwrap();
+    let endpoints = quiet_endpoints(&store, &account, 1).await;
+    let now = now_ms();
+    let success = Success::at(now);
+    // Up to the point past which finishes trim, then 30 more: their finishes share calls and
+    // each trims up to three of the oldest, all finished, until the history is back at its bound
+    // (one call's finishes trimming from the size the call began with would take it to about 70).
+    let mut begins = begin_events_together(&store, &endpoints, now, 0..KEEP as usize + 2).await;
+    finish_together(&store, &success, &begins).await;
+    let more = begin_events_together(&store, &endpoints, now, KEEP as usize + 2..KEEP as usize + 32).await;
+    finish_together(&store, &success, &more).await;
+    begins.extend(more);
+    let mut conn = env.redis().await;
+    let history = store.keys().endpoint_deliveries(&endpoints.endpoints[0].id);
+    let len: usize = redis::AsyncCommands::zcard(&mut conn, &history).await.unwrap();
+    assert!(
+        (KEEP as usize..=KEEP as usize + 2).contains(&len),
+        "trimmed back to {KEEP} newest: {len}"
+    );
+    let newest: Vec<String> = redis::AsyncCommands::zrange(&mut conn, &history, 0, -1).await.unwrap();
+    let expected: Vec<String> = begins[begins.len() - len..]
+        .iter()
+        .map(|b| b.job.delivery.as_str().to_owned())
+        .collect();
+    assert_eq!(newest, expected, "the newest deliveries are the ones kept");
+}
+
 /// Records each delivery's success under its lease, one by one.
 async fn finish(store: &Store, success: &Success, begins: &[Begin]) {
     for begin in begins {
         assert!(store.record(&success.record(begin)).await.unwrap().applied);
     }
+}
+
+/// Records each delivery's success under its lease, all at once, so they share calls.
+async fn finish_together(store: &Store, success: &Success, begins: &[Begin]) {
+    let records = begins.iter().map(|b| {
+        let record = success.record(b);
+        async move { assert!(store.record(&record).await.unwrap().applied) }
+    });
+    join_all(records).await;
 }

@@ -16,9 +16,20 @@ end
 local function upkeep(key, keep_newest)
   upkeeps[#upkeeps + 1] = {key, keep_newest}
 end
+-- Endpoint lists' versions as read in this call: its events mostly share their account's list,
+-- and nothing else writes while a script runs, so one GET per list and call is exact.
+local versions = {}
+local function version(key)
+  local v = versions[key]
+  if not v then
+    v = redis.call('GET', key) or '0'
+    versions[key] = v
+  end
+  return v
+end
 -- The event whose keys follow KEYS[k] and whose arguments follow its count of deliveries at ARGV[c].
 local function arrive(k, c, deliveries)
-  if (redis.call('GET', KEYS[k + 1]) or '0') ~= ARGV[c + 1] then return {'stale'} end
+  if version(KEYS[k + 1]) ~= ARGV[c + 1] then return {'stale'} end
   local now = ARGV[c + 3]
   local out = {'ok', ''}
   local first = redis.call('SET', KEYS[k + 2], ARGV[c + 2], 'NX', 'EX', ttl)

@@ -6,6 +6,7 @@
 //! Prints a table and writes JSON to target/bench/. Run with `--release`.
 
 mod baseline;
+mod callgrind;
 mod components;
 mod load;
 mod measure;
@@ -33,7 +34,8 @@ enum Job {
     Pipeline(Setup),
     NoisyNeighbour(usize),
     RetryBacklog(usize, Duration),
-    RedisCalls(usize, usize),
+    /// Events, endpoints per event, and whether Redis runs under callgrind.
+    RedisCalls(usize, usize, bool),
     /// `latency` at half the deliveries/s job `of` (`throughput`) made earlier in the same round:
     /// the scenario as the issue defines it, beside the fixed rate its target names.
     LatencyAtHalf {
@@ -65,7 +67,7 @@ impl Job {
             Job::Pipeline(setup) => setup.name.clone(),
             Job::NoisyNeighbour(_) => "noisy-neighbour".into(),
             Job::RetryBacklog(..) => "retry-backlog".into(),
-            Job::RedisCalls(_, width) => redis_calls_name(*width),
+            Job::RedisCalls(_, width, _) => redis_calls_name(*width),
             Job::LatencyAtHalf { .. } => "latency at half of throughput".into(),
         }
     }
@@ -77,7 +79,7 @@ impl Job {
             Job::Pipeline(setup) => pipeline(setup).await,
             Job::NoisyNeighbour(burst) => noisy_neighbour(*burst).await,
             Job::RetryBacklog(n, spread) => retry_backlog(*n, *spread).await,
-            Job::RedisCalls(n, width) => redis_calls(*n, *width).await,
+            Job::RedisCalls(n, width, callgrind) => redis_calls(*n, *width, *callgrind).await,
             Job::LatencyAtHalf { of } => {
                 let rate = half_rate(reports, *of);
                 pipeline(&latency_setup(&format!("{} ({rate:.0}/s)", self.name()), rate)).await
@@ -111,6 +113,11 @@ struct Cli {
     /// wait budget (250 ms) its deliveries are deferred at once, within it they are waited for
     #[arg(long, default_value = "5s", value_parser = laabam_shared::config::parse_duration)]
     slow_delay: Duration,
+    /// `redis-calls` against a private Redis under valgrind's callgrind: prints the instructions
+    /// Redis executed per delivery, which barely move from run to run where its CPU time moves
+    /// by a fifth; about fifty times slower, so give it a few thousand `--events`
+    #[arg(long)]
+    callgrind: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -145,6 +152,7 @@ async fn main() {
         queues,
         runs,
         slow_delay,
+        callgrind,
     } = Cli::parse();
     let wanted = |s: Scenario| scenarios.iter().any(|&x| x == s || x == Scenario::All);
     let mut jobs = Vec::new();
@@ -208,8 +216,8 @@ async fn main() {
         jobs.push(Job::RetryBacklog(1_000_000, Duration::from_secs(100)));
     }
     if wanted(Scenario::RedisCalls) {
-        jobs.push(Job::RedisCalls(n / 2, 1));
-        jobs.push(Job::RedisCalls(n / 2, 10));
+        jobs.push(Job::RedisCalls(n / 2, 1, callgrind));
+        jobs.push(Job::RedisCalls(n / 2, 10, callgrind));
     }
     let mut reports: Vec<Vec<Value>> = jobs.iter().map(|_| Vec::new()).collect();
     for round in 1..=runs {

@@ -3,6 +3,7 @@
 
 use futures_util::future::join_all;
 use laabam_shared::clock::now_ms;
+use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
@@ -206,6 +207,16 @@ async fn arrivals_and_finishes_sharing_calls_keep_the_history_at_its_bound() {
     // each trims up to three of the oldest, all finished, until the history is back at its bound
     // (one call's finishes trimming from the size the call began with would take it to about 70).
     let mut begins = begin_events_together(&store, &endpoints, now, 0..KEEP as usize + 2).await;
+    let begun = store
+        .delivery(&begins[0].job.delivery)
+        .await
+        .unwrap()
+        .expect("visible from its arrival");
+    assert_eq!(
+        (begun.status, begun.attempts),
+        (DeliveryStatus::Pending, 0),
+        "begun, not attempted yet"
+    );
     finish_together(&store, &success, &begins).await;
     let more = begin_events_together(&store, &endpoints, now, KEEP as usize + 2..KEEP as usize + 32).await;
     finish_together(&store, &success, &more).await;

@@ -3,7 +3,7 @@ if not st then return 'gone' end
 if st == 'pending' then return 'in_flight' end
 if redis.call('EXPIRE', KEYS[3], ARGV[3]) == 0 then return 'expired' end
 if st ~= 'retrying' then
-  redis.call('HSET', KEYS[1], 'status', 'retrying', 'cycle_start', redis.call('HGET', KEYS[1], 'attempts'))
+  redis.call('HSET', KEYS[1], 'status', 'retrying', 'cycle_start', redis.call('HGET', KEYS[1], 'attempts') or '0')
   redis.call('HDEL', KEYS[1], 'first_attempt', 'reason')
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 end

@@ -7,7 +7,7 @@ use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
-use laabam_shared::store::{Begin, DeliveryFilter, Store};
+use laabam_shared::store::{AccountEndpoints, Begin, DeliveryFilter, Store};
 use laabam_tests::deliveries::{Success, begin_events, begin_events_together, quiet_endpoints};
 use laabam_tests::{Receiver, TestEnv, wait_until};
 use serde_json::value::RawValue;
@@ -141,15 +141,8 @@ async fn headers_rate_limits_and_bounded_history_apply() {
 /// grown by another batch; once it has, the finished ones are trimmed back to the bound.
 #[tokio::test]
 async fn a_history_held_up_by_unfinished_deliveries_is_not_rescanned_on_every_finish() {
-    const KEEP: u32 = 128; // trimmed past 130, in batches of 3 (KEEP / 64 + 1)
     let env = TestEnv::new().await;
-    let store = TestEnv::connect_store(&laabam_shared::store::StoreConfig {
-        history_per_endpoint: KEEP,
-        ..env.store_config()
-    })
-    .await;
-    let account = AccountId::parse("acct_trim").unwrap();
-    let endpoints = quiet_endpoints(&store, &account, 1).await;
+    let (store, endpoints) = keeping_few(&env, "acct_trim").await;
     let ep = endpoints.endpoints[0].clone();
     let now = now_ms();
     let begin = |n: usize, first: usize| begin_events(&store, &endpoints, now, first..first + n);
@@ -192,15 +185,8 @@ async fn a_history_held_up_by_unfinished_deliveries_is_not_rescanned_on_every_fi
 /// ends at its bound, not below it.
 #[tokio::test]
 async fn arrivals_and_finishes_sharing_calls_keep_the_history_at_its_bound() {
-    const KEEP: u32 = 128; // trimmed past 130, in batches of 3 (KEEP / 64 + 1)
     let env = TestEnv::new().await;
-    let store = TestEnv::connect_store(&laabam_shared::store::StoreConfig {
-        history_per_endpoint: KEEP,
-        ..env.store_config()
-    })
-    .await;
-    let account = AccountId::parse("acct_shared_calls").unwrap();
-    let endpoints = quiet_endpoints(&store, &account, 1).await;
+    let (store, endpoints) = keeping_few(&env, "acct_shared_calls").await;
     let now = now_ms();
     let success = Success::at(now);
     // Up to the point past which finishes trim, then 30 more: their finishes share calls and
@@ -234,6 +220,20 @@ async fn arrivals_and_finishes_sharing_calls_keep_the_history_at_its_bound() {
         .map(|b| b.job.delivery.as_str().to_owned())
         .collect();
     assert_eq!(newest, expected, "the newest deliveries are the ones kept");
+}
+
+/// The history bound of the trimming tests: trimmed past 130, in batches of 3 (KEEP / 64 + 1).
+const KEEP: u32 = 128;
+
+/// A store that keeps [`KEEP`] deliveries per endpoint, and one quiet endpoint of `account`.
+async fn keeping_few(env: &TestEnv, account: &str) -> (Store, AccountEndpoints) {
+    let store = TestEnv::connect_store(&laabam_shared::store::StoreConfig {
+        history_per_endpoint: KEEP,
+        ..env.store_config()
+    })
+    .await;
+    let endpoints = quiet_endpoints(&store, &AccountId::parse(account).unwrap(), 1).await;
+    (store, endpoints)
 }
 
 /// Records each delivery's success under its lease, one by one.

@@ -41,26 +41,22 @@ pub async fn quiet_endpoints(store: &Store, account: &AccountId, n: usize) -> Ac
 
 /// Begins, one event at a time as they would arrive, a `payment.failed` event numbered `i` at
 /// `now + i` ms for each `i` of `numbers`, with one leased delivery to each of the account's
-/// endpoints.
+/// endpoints; each must begin all its deliveries.
 pub async fn begin_events(
     store: &Store,
     endpoints: &AccountEndpoints,
     now: i64,
     numbers: std::ops::Range<usize>,
 ) -> Vec<Begin> {
-    let mut begins = Vec::new();
-    for (event, at, these) in numbered_events(endpoints, now, numbers) {
-        store
-            .ingest(&event, &event.to_json(), endpoints.version, &these, at)
-            .await
-            .unwrap();
-        begins.extend(these);
+    let events = numbered_events(endpoints, now, numbers);
+    for (event, at, these) in &events {
+        begin_all(store, endpoints, event, *at, these).await;
     }
-    begins
+    events.into_iter().flat_map(|(.., these)| these).collect()
 }
 
 /// As [`begin_events`], but every arrival at once, so they share the store's calls as a busy
-/// dispatcher's do; each must begin all its deliveries.
+/// dispatcher's do.
 pub async fn begin_events_together(
     store: &Store,
     endpoints: &AccountEndpoints,
@@ -68,16 +64,20 @@ pub async fn begin_events_together(
     numbers: std::ops::Range<usize>,
 ) -> Vec<Begin> {
     let events = numbered_events(endpoints, now, numbers);
-    let arrivals = events.iter().map(|(event, at, these)| async move {
-        let json = event.to_json();
-        let ingest = store.ingest(event, &json, endpoints.version, these, *at);
-        match ingest.await.unwrap() {
-            Ingest::Begun { created, .. } => assert!(created.iter().all(|&c| c), "every delivery is new"),
-            Ingest::Stale => panic!("the endpoints did not change, yet the arrival was stale"),
-        }
-    });
+    let arrivals = events
+        .iter()
+        .map(|(event, at, these)| begin_all(store, endpoints, event, *at, these));
     futures_util::future::join_all(arrivals).await;
     events.into_iter().flat_map(|(.., these)| these).collect()
+}
+
+/// `event`'s arrival at `at`, which must create every one of `these`.
+async fn begin_all(store: &Store, endpoints: &AccountEndpoints, event: &Envelope, at: i64, these: &[Begin]) {
+    let json = event.to_json();
+    match store.ingest(event, &json, endpoints.version, these, at).await.unwrap() {
+        Ingest::Begun { created, .. } => assert!(created.iter().all(|&c| c), "every delivery is new"),
+        Ingest::Stale => panic!("the endpoints did not change, yet the arrival was stale"),
+    }
 }
 
 /// The `payment.failed` events numbered `numbers`, each at `now + i` ms, with one leased

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 pub(crate) struct CallgrindRedis {
     child: Child,
+    pub(crate) port: u16,
     pub(crate) url: String,
     dir: PathBuf,
     dumps: u32,
@@ -45,6 +46,7 @@ impl CallgrindRedis {
         .await;
         CallgrindRedis {
             child,
+            port,
             url,
             dir,
             dumps: 0,

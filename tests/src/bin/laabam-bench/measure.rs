@@ -35,9 +35,13 @@ fn pid_of(pattern: &str) -> Option<u32> {
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
-pub(crate) fn redis_memory() -> u64 {
+/// The port of the shared Redis that `scripts/services` starts and the scenarios use.
+pub(crate) const SHARED_REDIS_PORT: u16 = 6379;
+
+/// The bytes the Redis on `port` uses.
+pub(crate) fn redis_memory(port: u16) -> u64 {
     let out = std::process::Command::new("redis-cli")
-        .args(["info", "memory"])
+        .args(["-p", &port.to_string(), "info", "memory"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
@@ -151,10 +155,11 @@ impl Run {
 }
 
 /// Samples CPU of the shared services, of this process by role (see [`crate::roles`]) and of
-/// `ours` before and after a run.
+/// `ours` before and after a run, and the memory of the Redis the run uses.
 pub(crate) struct Meter {
     rabbit: Option<u32>,
     redis: Option<u32>,
+    redis_port: u16,
     start: Vec<(String, f64, u64)>,
     redis_mem: u64,
 }
@@ -172,35 +177,41 @@ pub(crate) fn rest_named(cpu: Vec<(String, f64, u64)>, label: &str) -> Vec<(Stri
 }
 
 impl Meter {
+    /// Against the shared Redis.
     pub(crate) fn start(ours: &[(&str, u32)]) -> Self {
+        let redis = pid_of(&format!("redis-server.*:{SHARED_REDIS_PORT}"));
+        Self::start_on(ours, SHARED_REDIS_PORT, redis)
+    }
+
+    /// Against the Redis on `redis_port`; without a `redis` process its CPU is not reported (a
+    /// Redis under callgrind spends fifty times the CPU the same work costs).
+    pub(crate) fn start_on(ours: &[(&str, u32)], redis_port: u16, redis: Option<u32>) -> Self {
         let rabbit = pid_of("beam.smp");
-        let redis = pid_of("redis-server.*:6379");
         Meter {
             rabbit,
             redis,
+            redis_port,
             start: Self::sample(rabbit, redis, ours),
-            redis_mem: redis_memory(),
+            redis_mem: redis_memory(redis_port),
         }
     }
 
-    /// Each row's CPU seconds so far, with peak RSS for `ours` (0 for the rest): the services,
-    /// this process's roles and the rest of it, then `ours`.
+    /// Each row's CPU seconds so far, with peak RSS for `ours` (0 for the rest): the services
+    /// found, this process's roles and the rest of it, then `ours`.
     fn sample(rabbit: Option<u32>, redis: Option<u32>, ours: &[(&str, u32)]) -> Vec<(String, f64, u64)> {
-        let service = |pid: Option<u32>| pid.map_or(0.0, |p| proc_usage(p).0);
+        let services = [("rabbitmq", rabbit), ("redis", redis)]
+            .into_iter()
+            .filter_map(|(name, pid)| Some((name.to_owned(), proc_usage(pid?).0, 0)));
         let roles = Role::ALL.map(|r| (r.label().to_owned(), r.cpu_seconds(), 0));
         let rest = proc_usage(std::process::id()).0 - roles.iter().map(|r| r.1).sum::<f64>();
-        [
-            ("rabbitmq".to_owned(), service(rabbit), 0),
-            ("redis".to_owned(), service(redis), 0),
-        ]
-        .into_iter()
-        .chain(roles)
-        .chain([(PUBLISHER.to_owned(), rest, 0)])
-        .chain(ours.iter().map(|(name, pid)| {
-            let (cpu, rss) = proc_usage(*pid);
-            (name.to_string(), cpu, rss)
-        }))
-        .collect()
+        services
+            .chain(roles)
+            .chain([(PUBLISHER.to_owned(), rest, 0)])
+            .chain(ours.iter().map(|(name, pid)| {
+                let (cpu, rss) = proc_usage(*pid);
+                (name.to_string(), cpu, rss)
+            }))
+            .collect()
     }
 
     /// Each row's CPU seconds over the run, with peak RSS for `ours`; a role of this process
@@ -213,7 +224,7 @@ impl Meter {
             .map(|((name, after, rss), (_, before, _))| (name, after - before, rss))
             .filter(|(name, cpu, _)| !idle_role(name, *cpu))
             .collect();
-        (usage, redis_memory() as i64 - self.redis_mem as i64)
+        (usage, redis_memory(self.redis_port) as i64 - self.redis_mem as i64)
     }
 }
 

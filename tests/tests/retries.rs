@@ -478,13 +478,24 @@ async fn private_targets_are_refused_unless_allowed() {
 /// once nothing more is due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scheduler_re_queues_every_due_job_once_with_batches_in_flight() {
+    // Batches of 3 over 40 jobs: many rounds with a batch in flight, and a last partial one.
+    re_queues_every_due_job_once(40, "3").await;
+}
+
+/// A batch's publishes go out together; 300 jobs in one batch is past the size at which
+/// `try_join_all` stops polling a plain list and orders the futures through a queue instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_re_queues_every_job_of_a_large_batch_once() {
+    re_queues_every_due_job_once(300, "500").await;
+}
+
+async fn re_queues_every_due_job_once(n: usize, batch: &str) {
     let mut env = TestEnv::new().await;
     let store = env.store().await;
-    let jobs = encoded_jobs(40);
+    let jobs = encoded_jobs(n);
     let redis = make_due(&env, &store, &jobs).await;
-    // Batches of 3 over 40 jobs: many rounds with a batch in flight, and a last partial one.
     // A claim lease far beyond the wait: a claim left unreleased fails the test.
-    env.start_scheduler(&["--batch", "3", "--claim-lease", "10m"]);
+    env.start_scheduler(&["--batch", batch, "--claim-lease", "10m"]);
     wait_until_every_claim_released(&store, &redis).await;
     assert_queued_once(&env, jobs).await;
 }

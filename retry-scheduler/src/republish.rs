@@ -256,8 +256,9 @@ async fn claim(store: &Store, shard: u16, config: &SchedulerConfig) -> Result<Ve
 /// once its I/O thread has written the frames, so a batch published in sequence handed each
 /// job to that thread and waited for it to wake, write and wake us back, and those thread
 /// switches were most of the scheduler's CPU (47 µs per job in `retry-backlog`). Together,
-/// every job's frames are queued in order first (each publish queues its frames and takes its
-/// confirm's sequence number when first polled) and the thread writes them in a few wakes.
+/// every job's frames are queued before any write is waited for, and the thread writes them in
+/// a few wakes. Each publish queues its frames and takes its confirm's sequence number in the
+/// same first poll, so frames and confirms stay paired in whatever order the jobs are polled.
 async fn send(
     channel: &Channel,
     routing_keys: &[String],

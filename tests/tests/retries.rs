@@ -501,8 +501,8 @@ async fn re_queues_every_due_job_once(due: usize, later: usize, flags: &[&str]) 
     let mut env = TestEnv::new().await;
     let store = env.store().await;
     let jobs = encoded_jobs(due + later);
-    let redis = make_due_at(&env, &store, &jobs[..due], now_ms() - 1_000).await;
-    make_due_at(&env, &store, &jobs[due..], now_ms() + 1_500).await;
+    let mut redis = make_due(&env, &store, &jobs[..due]).await;
+    put_due(&mut redis, &store, &jobs[due..], now_ms() + 1_500).await;
     // A claim lease far beyond the wait: a claim left unreleased fails the test.
     env.start_scheduler(&[flags, &["--claim-lease", "10m"]].concat());
     wait_until_every_claim_released(&store, &redis).await;
@@ -560,20 +560,20 @@ async fn a_retry_job_the_broker_cannot_route_is_queued_once_the_topology_is_decl
 
 /// Puts encoded jobs in the first retry shard, due a second ago; returns the Redis connection.
 async fn make_due(env: &TestEnv, store: &Store, jobs: &[String]) -> redis::aio::MultiplexedConnection {
-    make_due_at(env, store, jobs, now_ms() - 1_000).await
+    let mut redis = env.redis().await;
+    put_due(&mut redis, store, jobs, now_ms() - 1_000).await;
+    redis
 }
 
-/// Puts encoded jobs in the first retry shard, due at `at_ms`; returns the Redis connection.
-async fn make_due_at(env: &TestEnv, store: &Store, jobs: &[String], at_ms: i64) -> redis::aio::MultiplexedConnection {
-    let mut redis = env.redis().await;
+/// Puts encoded jobs (any number, none included) in the first retry shard, due at `at_ms`.
+async fn put_due(redis: &mut redis::aio::MultiplexedConnection, store: &Store, jobs: &[String], at_ms: i64) {
     if jobs.is_empty() {
-        return redis;
+        return;
     }
     let due: Vec<(i64, &String)> = jobs.iter().map(|job| (at_ms, job)).collect();
-    let _: () = redis::AsyncCommands::zadd_multiple(&mut redis, store.keys().retry_due(0), &due)
+    let _: () = redis::AsyncCommands::zadd_multiple(redis, store.keys().retry_due(0), &due)
         .await
         .unwrap();
-    redis
 }
 
 /// Waits until no job is due or claimed in the first retry shard: every job was claimed, sent

@@ -1,6 +1,6 @@
 //! The dispatcher's settings: the shared ones plus how it sends and how much it holds.
 
-use laabam_shared::config::{CommonArgs, RetryArgs, parse_duration};
+use laabam_shared::config::{CommonArgs, RetryArgs, parse_duration, parse_positive_duration};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,7 +21,7 @@ pub struct DispatcherConfig {
     #[arg(long, env = "LAABAM_METRICS_ADDR", default_value = "127.0.0.1:9101")]
     pub metrics_addr: SocketAddr,
     /// Whole-request timeout of one attempt: connect, send, and read the response.
-    #[arg(long, env = "LAABAM_HTTP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "LAABAM_HTTP_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub http_timeout: Duration,
     /// A PEM file of extra CA certificates to trust (private CAs, tests), besides the web PKI.
     #[arg(long, env = "LAABAM_EXTRA_CA_FILE")]
@@ -41,7 +41,7 @@ pub struct DispatcherConfig {
     #[arg(long, env = "LAABAM_SLOT_WAIT", default_value = "250ms", value_parser = parse_duration)]
     pub slot_wait: Duration,
     /// How long a delivery deferred by an endpoint's concurrency limit waits (jittered ×1–2).
-    #[arg(long, env = "LAABAM_DEFER_DELAY", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "LAABAM_DEFER_DELAY", default_value = "1s", value_parser = parse_positive_duration)]
     pub defer_delay: Duration,
     /// How long past the HTTP timeout an in-flight lease lasts; if this dispatcher dies, its
     /// deliveries are retried that long after they started.

@@ -1,6 +1,6 @@
 //! `laabam-dispatcher`: see the library for what it does.
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use laabam_dispatcher::DispatcherConfig;
 use laabam_shared::{shutdown, telemetry};
 
@@ -16,6 +16,11 @@ fn main() {
     #[cfg(target_os = "linux")]
     let huge_pages = rustix::thread::disable_transparent_huge_pages(true);
     let config = DispatcherConfig::parse();
+    if let Err(e) = config.retry.check() {
+        DispatcherConfig::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, e)
+            .exit();
+    }
     telemetry::init(config.common.log_format);
     #[cfg(target_os = "linux")]
     if let Err(e) = huge_pages {

@@ -9,6 +9,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 250ms, 5s, 8h or 3d: {e}"))
 }
 
+/// Parses a duration that paces or bounds work, for which 0 does not mean "none" but breaks
+/// it: a timeout every attempt fails at once, a backoff that never grows, a deferral that comes
+/// straight back. Refused at start instead of found in production.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{s:?} must be longer than 0"));
+    }
+    Ok(d)
+}
+
+/// Parses a duration of at least `min`, which the refusal names.
+pub fn parse_at_least(s: &str, min: Duration) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < min {
+        return Err(format!(
+            "{s:?} is shorter than {}, the least allowed",
+            humantime::format_duration(min)
+        ));
+    }
+    Ok(d)
+}
+
 /// Checks a sealing key at start, so a bad one is refused before anything runs.
 pub fn parse_secret_key(s: &str) -> Result<String, String> {
     crate::sealing::SecretSealer::new(Some(s), None)
@@ -79,10 +102,10 @@ impl CommonArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RetryArgs {
     /// Delay before the second attempt.
-    #[arg(long, env = "LAABAM_RETRY_FIRST_DELAY", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "LAABAM_RETRY_FIRST_DELAY", default_value = "5s", value_parser = parse_positive_duration)]
     pub retry_first_delay: Duration,
     /// Longest delay between two attempts (also caps Retry-After).
-    #[arg(long, env = "LAABAM_RETRY_MAX_DELAY", default_value = "8h", value_parser = parse_duration)]
+    #[arg(long, env = "LAABAM_RETRY_MAX_DELAY", default_value = "8h", value_parser = parse_positive_duration)]
     pub retry_max_delay: Duration,
     /// Attempts in all, the first included.
     #[arg(long, env = "LAABAM_RETRY_MAX_ATTEMPTS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
@@ -93,6 +116,19 @@ pub struct RetryArgs {
 }
 
 impl RetryArgs {
+    /// What no single flag can tell: a longest delay shorter than the first would cap every
+    /// delay below the one asked for.
+    pub fn check(&self) -> Result<(), String> {
+        if self.retry_max_delay < self.retry_first_delay {
+            return Err(format!(
+                "--retry-max-delay ({}) is shorter than --retry-first-delay ({})",
+                humantime::format_duration(self.retry_max_delay),
+                humantime::format_duration(self.retry_first_delay)
+            ));
+        }
+        Ok(())
+    }
+
     pub fn policy(&self) -> RetryPolicy {
         RetryPolicy {
             first_delay: self.retry_first_delay,
@@ -143,6 +179,30 @@ mod tests {
         assert_eq!(cli.retry.retry_max_age, Duration::from_secs(3 * 86400));
         assert!(Cli::try_parse_from(["x", "--retry-first-delay", "soon"]).is_err());
         assert!(Cli::try_parse_from(["x", "--retry-max-attempts", "0"]).is_err());
+    }
+
+    #[test]
+    fn durations_that_pace_work_are_refused_when_zero_or_too_short() {
+        assert!(parse_positive_duration("1ms").is_ok());
+        let zero = parse_positive_duration("0s").unwrap_err();
+        assert_eq!(zero, "\"0s\" must be longer than 0");
+        assert!(parse_positive_duration("soon").is_err());
+        assert_eq!(parse_at_least("1s", Duration::from_secs(1)), Ok(Duration::from_secs(1)));
+        let short = parse_at_least("999ms", Duration::from_secs(1)).unwrap_err();
+        assert_eq!(short, "\"999ms\" is shorter than 1s, the least allowed");
+    }
+
+    #[test]
+    fn a_longest_retry_delay_below_the_first_is_refused() {
+        let cli = Cli::parse_from(["x", "--retry-first-delay", "10s", "--retry-max-delay", "10s"]);
+        assert_eq!(cli.retry.check(), Ok(()));
+        let cli = Cli::parse_from(["x", "--retry-first-delay", "10s", "--retry-max-delay", "9s"]);
+        assert_eq!(
+            cli.retry.check().unwrap_err(),
+            "--retry-max-delay (9s) is shorter than --retry-first-delay (10s)"
+        );
+        assert!(Cli::try_parse_from(["x", "--retry-first-delay", "0s"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--retry-max-delay", "0s"]).is_err());
     }
 
     #[test]

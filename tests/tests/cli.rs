@@ -1,5 +1,6 @@
 //! The `laabam-producer` command line: JSON on stdout, human messages on stderr, one clear
-//! line when something is wrong.
+//! line when something is wrong; and every process's settings, refused at start when they
+//! cannot work.
 
 use laabam_tests::env::binary;
 use laabam_tests::{Receiver, TestEnv, wait_until};
@@ -192,4 +193,94 @@ async fn operators_bootstrap_accounts_and_keys_without_the_api() {
     assert_eq!(created.status, 201, "{:?}", created.json);
     let listed = json(&env.producer(&["endpoint", "list", "--account", &id]));
     assert_eq!(listed[0]["id"], created.json["id"]);
+}
+
+/// A process, its flags and variables, and what its refusal says.
+type Refusal = (
+    &'static str,
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
+
+/// Each of these once started: a scheduler with `--batch 0` claimed nothing at full speed,
+/// round after round, and the rest failed every attempt, retried at once forever or published
+/// jobs twice. Refused, the process exits 2 before it connects to anything (the services given
+/// are unreachable, so a setting let through fails differently: with exit code 1).
+#[test]
+fn settings_that_cannot_work_are_refused_before_anything_starts() {
+    let unreachable = [
+        "--amqp-url",
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        "--redis-url",
+        "redis://127.0.0.1:1",
+        "--connect-timeout",
+        "1s",
+    ];
+    let cases: [Refusal; 9] = [
+        (
+            "laabam-retry-scheduler",
+            &["--batch", "0"],
+            &[],
+            "0 is not in 1..=10000",
+        ),
+        (
+            "laabam-retry-scheduler",
+            &[],
+            &[("LAABAM_SCHEDULER_BATCH", "10001")],
+            "10001 is not in 1..=10000",
+        ),
+        (
+            "laabam-retry-scheduler",
+            &["--claim-lease", "500ms"],
+            &[],
+            "\"500ms\" is shorter than 1s, the least allowed",
+        ),
+        (
+            "laabam-dispatcher",
+            &["--http-timeout", "0s"],
+            &[],
+            "'0s' for '--http-timeout",
+        ),
+        (
+            "laabam-dispatcher",
+            &["--defer-delay", "0ms"],
+            &[],
+            "'0ms' for '--defer-delay",
+        ),
+        (
+            "laabam-dispatcher",
+            &[],
+            &[("LAABAM_RETRY_FIRST_DELAY", "0s")],
+            "\"0s\" must be longer than 0",
+        ),
+        (
+            "laabam-dispatcher",
+            &["--retry-max-delay", "0s"],
+            &[],
+            "'0s' for '--retry-max-delay",
+        ),
+        (
+            "laabam-dispatcher",
+            &["--retry-first-delay", "10s", "--retry-max-delay", "1s"],
+            &[],
+            "--retry-max-delay (1s) is shorter than --retry-first-delay (10s)",
+        ),
+        (
+            "laabam-producer",
+            &["serve", "--api-timeout", "0s"],
+            &[],
+            "'0s' for '--api-timeout",
+        ),
+    ];
+    for (name, args, vars, expected) in cases {
+        let mut command = Command::new(binary(name));
+        // The producer's connection flags belong before its subcommand.
+        command.args(unreachable).args(args).envs(vars.iter().copied());
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name} {args:?} {vars:?}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{name} {args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{name} {args:?} {vars:?}: {stderr}");
+    }
 }

@@ -20,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use error::ApiError;
-use laabam_shared::config::{CommonArgs, parse_duration};
+use laabam_shared::config::{CommonArgs, parse_duration, parse_positive_duration};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::startup::Unreachable;
 use laabam_shared::store::{Store, StoreConfig};
@@ -55,7 +55,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LAABAM_API_MAX_IN_FLIGHT", default_value_t = 512)]
     pub api_max_in_flight: usize,
     /// The longest a request may take (a publish waits for the broker's confirm).
-    #[arg(long, env = "LAABAM_API_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "LAABAM_API_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
     pub api_timeout: Duration,
 }
 

@@ -38,7 +38,7 @@ pub struct DispatcherConfig {
     /// How long a delivery waits for one of its endpoint's request slots before it is deferred
     /// to the retry set; a burst to a healthy endpoint queues here instead. Stretched (up to
     /// eight times) while every endpoint's requests are slow alike, as on a saturated machine.
-    #[arg(long, env = "LAABAM_SLOT_WAIT", default_value = "250ms", value_parser = parse_duration)]
+    #[arg(long, env = "LAABAM_SLOT_WAIT", default_value = "250ms", value_parser = parse_positive_duration)]
     pub slot_wait: Duration,
     /// How long a delivery deferred by an endpoint's concurrency limit waits (jittered ×1–2).
     #[arg(long, env = "LAABAM_DEFER_DELAY", default_value = "1s", value_parser = parse_positive_duration)]

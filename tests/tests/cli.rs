@@ -204,8 +204,8 @@ type Refusal = (
 );
 
 /// Each of these once started: a scheduler with `--batch 0` claimed nothing at full speed,
-/// round after round, and the rest failed every attempt, retried at once forever or published
-/// jobs twice. Refused, the process exits 2 before it connects to anything (the services given
+/// round after round, and the rest failed every attempt, cut requests short at once, retried
+/// at once or published jobs twice. Refused, the process exits 2 before it connects to anything (the services given
 /// are unreachable, so a setting let through fails differently: with exit code 1).
 #[test]
 fn settings_that_cannot_work_are_refused_before_anything_starts() {
@@ -217,7 +217,7 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
         "--connect-timeout",
         "1s",
     ];
-    let cases: [Refusal; 9] = [
+    let cases: [Refusal; 10] = [
         (
             "laabam-retry-scheduler",
             &["--batch", "0"],
@@ -247,6 +247,12 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
             &["--defer-delay", "0ms"],
             &[],
             "'0ms' for '--defer-delay",
+        ),
+        (
+            "laabam-dispatcher",
+            &["--slot-wait", "0s"],
+            &[],
+            "'0s' for '--slot-wait",
         ),
         (
             "laabam-dispatcher",

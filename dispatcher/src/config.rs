@@ -1,6 +1,6 @@
 //! The dispatcher's settings: the shared ones plus how it sends and how much it holds.
 
-use laabam_shared::config::{CommonArgs, RetryArgs, parse_duration, parse_positive_duration};
+use laabam_shared::config::{CommonArgs, RetryArgs, at_least_one, parse_duration, parse_positive_duration};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,10 +30,10 @@ pub struct DispatcherConfig {
     pub targets: laabam_shared::targets::TargetArgs,
     /// Broker messages (events and retry jobs) being processed, and attempts in flight, at once
     /// in this process; a message fanning out to N endpoints waits for room for N attempts.
-    #[arg(long, env = "LAABAM_MAX_IN_FLIGHT", default_value_t = 512)]
+    #[arg(long, env = "LAABAM_MAX_IN_FLIGHT", default_value_t = 512, value_parser = at_least_one::<usize>())]
     pub max_in_flight: usize,
     /// Default limit of requests in flight to one endpoint, when the endpoint sets none.
-    #[arg(long, env = "LAABAM_ENDPOINT_CONCURRENCY", default_value_t = 16)]
+    #[arg(long, env = "LAABAM_ENDPOINT_CONCURRENCY", default_value_t = 16, value_parser = at_least_one::<u32>())]
     pub endpoint_concurrency: u32,
     /// How long a delivery waits for one of its endpoint's request slots before it is deferred
     /// to the retry set; a burst to a healthy endpoint queues here instead. Stretched (up to

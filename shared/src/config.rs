@@ -20,6 +20,16 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A count of things held or done at once or per second, where 0 would not mean "unlimited"
+/// but "nothing at all": a process that takes no message, an API that serves no request. Up to
+/// a million, which no process of this machine's size comes near, so the refusal reads plainly.
+pub fn at_least_one<T>() -> clap::builder::RangedU64ValueParser<T>
+where
+    T: TryFrom<u64> + Clone + Send + Sync + 'static,
+{
+    clap::builder::RangedU64ValueParser::new().range(1..=1_000_000)
+}
+
 /// Parses a duration of at least `min`, which the refusal names.
 pub fn parse_at_least(s: &str, min: Duration) -> Result<Duration, String> {
     let d = parse_duration(s)?;

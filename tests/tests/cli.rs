@@ -204,8 +204,8 @@ type Refusal = (
 );
 
 /// Each of these once started: a scheduler with `--batch 0` claimed nothing at full speed,
-/// round after round, and the rest failed every attempt, cut requests short at once, retried
-/// at once or published jobs twice. Refused, the process exits 2 before it connects to anything (the services given
+/// round after round; the rest failed every attempt, cut requests short at once, retried at
+/// once, published jobs twice, or were quietly taken as 1. Refused, the process exits 2 before it connects to anything (the services given
 /// are unreachable, so a setting let through fails differently: with exit code 1).
 #[test]
 fn settings_that_cannot_work_are_refused_before_anything_starts() {
@@ -217,7 +217,7 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
         "--connect-timeout",
         "1s",
     ];
-    let cases: [Refusal; 10] = [
+    let cases: [Refusal; 12] = [
         (
             "laabam-retry-scheduler",
             &["--batch", "0"],
@@ -253,6 +253,18 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
             &["--slot-wait", "0s"],
             &[],
             "'0s' for '--slot-wait",
+        ),
+        (
+            "laabam-dispatcher",
+            &[],
+            &[("LAABAM_MAX_IN_FLIGHT", "0")],
+            "0 is not in 1..=1000000",
+        ),
+        (
+            "laabam-producer",
+            &["serve", "--api-rate-limit", "0"],
+            &[],
+            "'0' for '--api-rate-limit",
         ),
         (
             "laabam-dispatcher",

@@ -20,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use error::ApiError;
-use laabam_shared::config::{CommonArgs, parse_duration, parse_positive_duration};
+use laabam_shared::config::{CommonArgs, at_least_one, parse_duration, parse_positive_duration};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::startup::Unreachable;
 use laabam_shared::store::{Store, StoreConfig};
@@ -49,10 +49,10 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub targets: TargetArgs,
     /// Requests per second per credential (or per client address), with bursts of twice that.
-    #[arg(long, env = "LAABAM_API_RATE_LIMIT", default_value_t = 100)]
+    #[arg(long, env = "LAABAM_API_RATE_LIMIT", default_value_t = 100, value_parser = at_least_one::<u32>())]
     pub api_rate_limit: u32,
     /// Requests processed at once; past it the API answers 503 with Retry-After.
-    #[arg(long, env = "LAABAM_API_MAX_IN_FLIGHT", default_value_t = 512)]
+    #[arg(long, env = "LAABAM_API_MAX_IN_FLIGHT", default_value_t = 512, value_parser = at_least_one::<usize>())]
     pub api_max_in_flight: usize,
     /// The longest a request may take (a publish waits for the broker's confirm).
     #[arg(long, env = "LAABAM_API_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]

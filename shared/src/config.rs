@@ -93,7 +93,7 @@ pub struct CommonArgs {
     #[arg(long, env = "LAABAM_SECRET_KEY_PREVIOUS", hide_env_values = true, value_parser = parse_secret_key)]
     pub secret_key_previous: Option<String>,
     /// How long to wait for RabbitMQ and Redis at start before exiting with an error.
-    #[arg(long, env = "LAABAM_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "LAABAM_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
     pub connect_timeout: Duration,
     /// `text` for people, `json` for log pipelines.
     #[arg(long, env = "LAABAM_LOG_FORMAT", default_value = "text")]

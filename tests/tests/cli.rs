@@ -205,8 +205,9 @@ type Refusal = (
 
 /// Each of these once started: a scheduler with `--batch 0` claimed nothing at full speed,
 /// round after round; the rest failed every attempt, cut requests short at once, retried at
-/// once, published jobs twice, or were quietly taken as 1. Refused, the process exits 2 before it connects to anything (the services given
-/// are unreachable, so a setting let through fails differently: with exit code 1).
+/// once, published jobs twice, gave up connecting on the first try, or were quietly taken as 1.
+/// Refused, the process exits 2 before it connects to anything (the services given are
+/// unreachable, so a setting let through fails differently: with exit code 1 within a second).
 #[test]
 fn settings_that_cannot_work_are_refused_before_anything_starts() {
     let unreachable = [
@@ -214,10 +215,8 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
         "amqp://guest:guest@127.0.0.1:1/%2f",
         "--redis-url",
         "redis://127.0.0.1:1",
-        "--connect-timeout",
-        "1s",
     ];
-    let cases: [Refusal; 12] = [
+    let cases: [Refusal; 13] = [
         (
             "laabam-retry-scheduler",
             &["--batch", "0"],
@@ -253,6 +252,12 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
             &["--slot-wait", "0s"],
             &[],
             "'0s' for '--slot-wait",
+        ),
+        (
+            "laabam-producer",
+            &["topology"],
+            &[("LAABAM_CONNECT_TIMEOUT", "0s")],
+            "\"0s\" must be longer than 0",
         ),
         (
             "laabam-dispatcher",
@@ -294,7 +299,11 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
     for (name, args, vars, expected) in cases {
         let mut command = Command::new(binary(name));
         // The producer's connection flags belong before its subcommand.
-        command.args(unreachable).args(args).envs(vars.iter().copied());
+        command
+            .args(unreachable)
+            .args(args)
+            .env("LAABAM_CONNECT_TIMEOUT", "1s")
+            .envs(vars.iter().copied());
         let out = command.output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name} {args:?} {vars:?}: {stderr}");

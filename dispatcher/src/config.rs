@@ -60,6 +60,21 @@ pub struct DispatcherConfig {
 }
 
 impl DispatcherConfig {
+    /// What no single flag can tell: the retry policy's own bounds, and a retention that
+    /// outlasts every retry, since a delivery's state and its event's body expire with the
+    /// retention and a retry that finds them gone has nothing left to send.
+    pub fn check(&self) -> Result<(), String> {
+        self.retry.check()?;
+        if self.common.retention < self.retry.retry_max_age {
+            return Err(format!(
+                "--retention ({}) is shorter than --retry-max-age ({}): a delivery still being retried would expire with its event",
+                humantime::format_duration(self.common.retention),
+                humantime::format_duration(self.retry.retry_max_age)
+            ));
+        }
+        Ok(())
+    }
+
     pub fn lease(&self) -> Duration {
         self.http_timeout + self.lease_margin
     }

@@ -16,7 +16,7 @@ fn main() {
     #[cfg(target_os = "linux")]
     let huge_pages = rustix::thread::disable_transparent_huge_pages(true);
     let config = DispatcherConfig::parse();
-    if let Err(e) = config.retry.check() {
+    if let Err(e) = config.check() {
         DispatcherConfig::command()
             .error(clap::error::ErrorKind::ArgumentConflict, e)
             .exit();

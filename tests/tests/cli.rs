@@ -216,7 +216,7 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
         "--redis-url",
         "redis://127.0.0.1:1",
     ];
-    let cases: [Refusal; 13] = [
+    let cases: [Refusal; 14] = [
         (
             "laabam-retry-scheduler",
             &["--batch", "0"],
@@ -288,6 +288,12 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
             &["--retry-first-delay", "10s", "--retry-max-delay", "1s"],
             &[],
             "--retry-max-delay (1s) is shorter than --retry-first-delay (10s)",
+        ),
+        (
+            "laabam-dispatcher",
+            &["--retention", "1d"],
+            &[],
+            "--retention (1day) is shorter than --retry-max-age (3days)",
         ),
         (
             "laabam-producer",

@@ -1,6 +1,6 @@
 //! The scheduler's settings.
 
-use laabam_shared::config::{CommonArgs, parse_at_least, parse_duration};
+use laabam_shared::config::{CommonArgs, parse_at_least};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -23,8 +23,10 @@ pub struct SchedulerConfig {
     #[arg(long, env = "LAABAM_SCHEDULER_BATCH", default_value_t = 500,
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_BATCH as u64))]
     pub batch: usize,
-    /// The longest a due job waits when the set is idle (the poll interval).
-    #[arg(long, env = "LAABAM_SCHEDULER_POLL", default_value = "100ms", value_parser = parse_duration)]
+    /// The longest a due job waits when the set is idle (the poll interval). At least a
+    /// millisecond, the pause's unit: a shorter one would be a pause of 0, rounds at full speed.
+    #[arg(long, env = "LAABAM_SCHEDULER_POLL", default_value = "100ms",
+        value_parser = |s: &str| parse_at_least(s, Duration::from_millis(1)))]
     pub poll: Duration,
     /// How long a claim holds before another scheduler may publish the job again. At least a
     /// second: a claim that lapses while its batch awaits the broker's confirms has the job

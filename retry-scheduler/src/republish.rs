@@ -174,8 +174,7 @@ async fn rounds_until_failure(
                 return;
             }
         }
-        // A poll of 0 would spin (and bounds of 1 to 0 would not even be bounds): 1 ms at least.
-        let poll = (config.poll.as_millis() as i64).max(1);
+        let poll = config.poll.as_millis() as i64;
         let shortest = (SHORTEST_PAUSE.as_millis() as i64).min(poll);
         let wait_ms = earliest.map_or(poll, |due| (due - now_ms()).clamp(shortest, poll));
         tokio::select! {

@@ -205,8 +205,8 @@ type Refusal = (
 
 /// Each of these once started: a scheduler with `--batch 0` claimed nothing at full speed,
 /// round after round; the rest failed every attempt, cut requests short at once, retried at
-/// once, published jobs twice, gave up connecting on the first try, or were quietly taken as 1.
-/// Refused, the process exits 2 before it connects to anything (the services given are
+/// once, published jobs twice, gave up connecting on the first try, or were quietly taken as 1
+/// (a poll of 0 as 1 ms). Refused, the process exits 2 before it connects to anything (the services given are
 /// unreachable, so a setting let through fails differently: with exit code 1 within a second).
 #[test]
 fn settings_that_cannot_work_are_refused_before_anything_starts() {
@@ -216,7 +216,7 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
         "--redis-url",
         "redis://127.0.0.1:1",
     ];
-    let cases: [Refusal; 14] = [
+    let cases: [Refusal; 15] = [
         (
             "laabam-retry-scheduler",
             &["--batch", "0"],
@@ -234,6 +234,12 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
             &["--claim-lease", "500ms"],
             &[],
             "\"500ms\" is shorter than 1s, the least allowed",
+        ),
+        (
+            "laabam-retry-scheduler",
+            &["--poll", "0s"],
+            &[],
+            "\"0s\" is shorter than 1ms, the least allowed",
         ),
         (
             "laabam-dispatcher",

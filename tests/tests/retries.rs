@@ -489,11 +489,12 @@ async fn the_scheduler_re_queues_every_job_of_a_large_batch_once() {
     re_queues_every_due_job_once(300, 0, &["--batch", "500"]).await;
 }
 
-/// A poll interval of zero is taken as the shortest there is, not as bounds the pause before a
-/// job due later cannot be clamped to (the scheduler panicked).
+/// The shortest poll interval allowed (1 ms; 0 is refused at start) is shorter than the
+/// shortest pause, and bounds the pause before a job due later all the same (the pause was
+/// clamped to bounds the wrong way round, and the scheduler panicked).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_zero_poll_interval_still_re_queues_every_due_job_once() {
-    re_queues_every_due_job_once(20, 20, &["--batch", "3", "--poll", "0s"]).await;
+async fn the_shortest_poll_interval_still_re_queues_every_due_job_once() {
+    re_queues_every_due_job_once(20, 20, &["--batch", "3", "--poll", "1ms"]).await;
 }
 
 /// `due` jobs due now and `later` ones due in 1.5 s, so that a round pauses for them.

@@ -1,6 +1,8 @@
 //! The dispatcher's settings: the shared ones plus how it sends and how much it holds.
 
-use laabam_shared::config::{CommonArgs, RetryArgs, at_least_one, parse_duration, parse_positive_duration};
+use laabam_shared::config::{
+    CommonArgs, RetryArgs, SettingNames, Settings, at_least_one, parse_duration, parse_positive_duration,
+};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -59,22 +61,26 @@ pub struct DispatcherConfig {
     pub shutdown_grace: Duration,
 }
 
-impl DispatcherConfig {
+impl Settings for DispatcherConfig {
     /// What no single flag can tell: the retry policy's own bounds, and a retention that
     /// outlasts every retry, since a delivery's state and its event's body expire with the
     /// retention and a retry that finds them gone has nothing left to send.
-    pub fn check(&self) -> Result<(), String> {
-        self.retry.check()?;
+    fn check(&self, names: &SettingNames) -> Result<(), String> {
+        self.retry.check(names)?;
         if self.common.retention < self.retry.retry_max_age {
             return Err(format!(
-                "--retention ({}) is shorter than --retry-max-age ({}): a delivery still being retried would expire with its event",
+                "{} ({}) is shorter than {} ({}): a delivery still being retried would expire with its event",
+                names.name("retention"),
                 humantime::format_duration(self.common.retention),
+                names.name("retry-max-age"),
                 humantime::format_duration(self.retry.retry_max_age)
             ));
         }
         Ok(())
     }
+}
 
+impl DispatcherConfig {
     pub fn lease(&self) -> Duration {
         self.http_timeout + self.lease_margin
     }

@@ -1,7 +1,7 @@
 //! `laabam-dispatcher`: see the library for what it does.
 
-use clap::{CommandFactory, Parser};
 use laabam_dispatcher::DispatcherConfig;
+use laabam_shared::config::parse_settings;
 use laabam_shared::{shutdown, telemetry};
 
 /// Attempts allocate and free many small buffers across worker threads; mimalloc's per-thread
@@ -15,12 +15,7 @@ fn main() {
     // resident whole. Off, `fanout` peaked at 52–54 MiB instead of 70–80 (README, Performance).
     #[cfg(target_os = "linux")]
     let huge_pages = rustix::thread::disable_transparent_huge_pages(true);
-    let config = DispatcherConfig::parse();
-    if let Err(e) = config.check() {
-        DispatcherConfig::command()
-            .error(clap::error::ErrorKind::ArgumentConflict, e)
-            .exit();
-    }
+    let config: DispatcherConfig = parse_settings();
     telemetry::init(config.common.log_format);
     #[cfg(target_os = "linux")]
     if let Err(e) = huge_pages {

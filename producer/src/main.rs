@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use laabam_producer::Publisher;
 use laabam_producer::api::ServeArgs;
 use laabam_shared::clock::now_ms;
-use laabam_shared::config::CommonArgs;
+use laabam_shared::config::{CommonArgs, Settings, parse_settings};
 use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, EndpointId, EventId};
@@ -27,6 +27,8 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+impl Settings for Cli {}
 
 #[derive(Subcommand)]
 enum Command {
@@ -269,7 +271,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = parse_settings();
     telemetry::init(cli.common.log_format);
     if let Err(e) = run(cli).await {
         eprintln!("error: {e:#}");

@@ -1,6 +1,6 @@
 //! The scheduler's settings.
 
-use laabam_shared::config::{CommonArgs, parse_at_least};
+use laabam_shared::config::{CommonArgs, Settings, parse_at_least};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -38,3 +38,5 @@ pub struct SchedulerConfig {
 
 /// The largest `--batch`.
 const MAX_BATCH: usize = 10_000;
+
+impl Settings for SchedulerConfig {}

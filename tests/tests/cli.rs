@@ -208,6 +208,8 @@ type Refusal = (
 /// once, published jobs twice, gave up connecting on the first try, or were quietly taken as 1
 /// (a poll of 0 as 1 ms). Refused, the process exits 2 before it connects to anything (the services given are
 /// unreachable, so a setting let through fails differently: with exit code 1 within a second).
+/// The refusal names a setting as it was set: by its variable when the value came from there
+/// (a manifest sets only variables), by its flag when typed (a typed flag wins).
 #[test]
 fn settings_that_cannot_work_are_refused_before_anything_starts() {
     let unreachable = [
@@ -216,7 +218,7 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
         "--redis-url",
         "redis://127.0.0.1:1",
     ];
-    let cases: [Refusal; 15] = [
+    let cases: [Refusal; 18] = [
         (
             "laabam-retry-scheduler",
             &["--batch", "0"],
@@ -227,7 +229,7 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
             "laabam-retry-scheduler",
             &[],
             &[("LAABAM_SCHEDULER_BATCH", "10001")],
-            "10001 is not in 1..=10000",
+            "'10001' for 'LAABAM_SCHEDULER_BATCH': 10001 is not in 1..=10000",
         ),
         (
             "laabam-retry-scheduler",
@@ -263,13 +265,13 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
             "laabam-producer",
             &["topology"],
             &[("LAABAM_CONNECT_TIMEOUT", "0s")],
-            "\"0s\" must be longer than 0",
+            "'0s' for 'LAABAM_CONNECT_TIMEOUT': \"0s\" must be longer than 0",
         ),
         (
             "laabam-dispatcher",
             &[],
             &[("LAABAM_MAX_IN_FLIGHT", "0")],
-            "0 is not in 1..=1000000",
+            "'0' for 'LAABAM_MAX_IN_FLIGHT': 0 is not in 1..=1000000",
         ),
         (
             "laabam-producer",
@@ -281,7 +283,7 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
             "laabam-dispatcher",
             &[],
             &[("LAABAM_RETRY_FIRST_DELAY", "0s")],
-            "\"0s\" must be longer than 0",
+            "'0s' for 'LAABAM_RETRY_FIRST_DELAY': \"0s\" must be longer than 0",
         ),
         (
             "laabam-dispatcher",
@@ -306,6 +308,24 @@ fn settings_that_cannot_work_are_refused_before_anything_starts() {
             &["serve", "--api-timeout", "0s"],
             &[],
             "'0s' for '--api-timeout",
+        ),
+        (
+            "laabam-producer",
+            &["serve"],
+            &[("LAABAM_API_TIMEOUT", "0s")],
+            "'0s' for 'LAABAM_API_TIMEOUT'",
+        ),
+        (
+            "laabam-dispatcher",
+            &["--slot-wait", "0s"],
+            &[("LAABAM_SLOT_WAIT", "250ms")],
+            "'0s' for '--slot-wait",
+        ),
+        (
+            "laabam-dispatcher",
+            &[],
+            &[("LAABAM_RETENTION", "1d")],
+            "LAABAM_RETENTION (1day) is shorter than --retry-max-age (3days)",
         ),
     ];
     for (name, args, vars, expected) in cases {

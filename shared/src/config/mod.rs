@@ -1,6 +1,10 @@
 //! Configuration every process shares. Each setting is a flag and a `LAABAM_*` variable
 //! (flag wins), with a default that works against the services on a developer's machine.
 
+mod setting_names;
+
+pub use setting_names::{SettingNames, Settings, parse_settings};
+
 use crate::retry::RetryPolicy;
 use std::time::Duration;
 
@@ -128,11 +132,13 @@ pub struct RetryArgs {
 impl RetryArgs {
     /// What no single flag can tell: a longest delay shorter than the first would cap every
     /// delay below the one asked for.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self, names: &SettingNames) -> Result<(), String> {
         if self.retry_max_delay < self.retry_first_delay {
             return Err(format!(
-                "--retry-max-delay ({}) is shorter than --retry-first-delay ({})",
+                "{} ({}) is shorter than {} ({})",
+                names.name("retry-max-delay"),
                 humantime::format_duration(self.retry_max_delay),
+                names.name("retry-first-delay"),
                 humantime::format_duration(self.retry_first_delay)
             ));
         }
@@ -164,7 +170,7 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use clap::{CommandFactory, Parser};
 
     #[derive(Parser)]
     struct Cli {
@@ -204,11 +210,14 @@ mod tests {
 
     #[test]
     fn a_longest_retry_delay_below_the_first_is_refused() {
-        let cli = Cli::parse_from(["x", "--retry-first-delay", "10s", "--retry-max-delay", "10s"]);
-        assert_eq!(cli.retry.check(), Ok(()));
-        let cli = Cli::parse_from(["x", "--retry-first-delay", "10s", "--retry-max-delay", "9s"]);
+        let typed = |args: &[&str]| SettingNames::new(&Cli::command(), args.iter().map(Into::into), |_| false);
+        let args = ["--retry-first-delay", "10s", "--retry-max-delay", "10s"];
+        let cli = Cli::parse_from(std::iter::once("x").chain(args));
+        assert_eq!(cli.retry.check(&typed(&args)), Ok(()));
+        let args = ["--retry-first-delay", "10s", "--retry-max-delay", "9s"];
+        let cli = Cli::parse_from(std::iter::once("x").chain(args));
         assert_eq!(
-            cli.retry.check().unwrap_err(),
+            cli.retry.check(&typed(&args)).unwrap_err(),
             "--retry-max-delay (9s) is shorter than --retry-first-delay (10s)"
         );
         assert!(Cli::try_parse_from(["x", "--retry-first-delay", "0s"]).is_err());

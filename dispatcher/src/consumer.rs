@@ -1,5 +1,7 @@
-//! The broker side of the dispatcher: one connection, a consumer on each event queue and one on
-//! the retry queue, manual acks, bounded prefetch, and reconnection with backoff.
+//! The broker side of the dispatcher: one connection that only consumes (a consumer on each
+//! event queue and one on the retry queue, manual acks, bounded prefetch, reconnection with
+//! backoff), and dead letters published on a connection of their own, so a resource alarm that
+//! blocks publishing never stops deliveries (see [`PublishLink`]).
 
 use crate::acks::{Acks, Settle};
 use crate::metrics::METRICS;
@@ -8,13 +10,12 @@ use futures_util::StreamExt;
 use laabam_shared::envelope::Provenance;
 use laabam_shared::ids::EndpointId;
 use laabam_shared::ops::Readiness;
+use laabam_shared::publish_link::{LinkError, PublishLink};
 use laabam_shared::startup::{self, Backoff};
 use laabam_shared::topology;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +43,7 @@ enum SessionError {
 #[derive(Debug, thiserror::Error)]
 enum DeadLetterError {
     #[error("{0}")]
-    Broker(#[from] lapin::Error),
+    Link(#[from] LinkError),
     #[error("the broker refused the dead letter (negative confirm)")]
     Nacked,
 }
@@ -103,6 +104,12 @@ async fn session(
     backoff: &mut Backoff,
 ) -> Result<(), SessionError> {
     let opened = startup::amqp_within(startup::AMQP_SETUP_LIMIT, "open the consumer session", open(settings)).await?;
+    // Connected on the first poison message, and closed with the session.
+    let dead_letters = Arc::new(PublishLink::new(
+        &settings.amqp_url,
+        "laabam-dispatcher-dead-letters",
+        settings.layout,
+    ));
     let (events_acks, events_acker) = Acks::start(opened.events_channel.clone());
     let (retry_acks, retry_acker) = Acks::start(opened.retry_channel.clone());
     // Retry jobs and events take turns: neither waits for the other stream to run dry, so
@@ -141,13 +148,13 @@ async fn session(
             Some(Ok(d)) => d,
         };
         let pipeline = pipeline.clone();
-        let dead_channel = opened.dead_channel.clone();
+        let dead_letters = dead_letters.clone();
         let acks = match source {
             Source::Events => events_acks.clone(),
             Source::Retries => retry_acks.clone(),
         };
         tracker.spawn(async move {
-            handle(&pipeline, &dead_channel, &acks, source, delivery, slot).await;
+            handle(&pipeline, &dead_letters, &acks, source, delivery, slot).await;
         });
     }
 
@@ -175,6 +182,7 @@ async fn session(
     for acker in [events_acker, retry_acker] {
         let _ = tokio::time::timeout(Duration::from_secs(2), acker).await;
     }
+    dead_letters.close("shutdown").await;
     startup::amqp_close(&opened.conn, "shutdown").await;
     Ok(())
 }
@@ -184,7 +192,6 @@ struct Opened {
     conn: Connection,
     events_channel: Channel,
     retry_channel: Channel,
-    dead_channel: Channel,
     events_tags: Vec<String>,
     event_consumers: Vec<Consumer>,
     retry_tags: Vec<String>,
@@ -199,14 +206,10 @@ async fn open(settings: &ConsumerSettings) -> Result<Opened, lapin::Error> {
         consume_all(&conn, settings.layout.dispatch_queues(), settings.max_in_flight).await?;
     let (retry_channel, retry_tags, retry_consumers) =
         consume_all(&conn, settings.layout.retry_queues(), settings.max_in_flight).await?;
-    // Dead letters are confirmed before the original is acknowledged, so none is lost.
-    let dead_channel = conn.create_channel().await?;
-    dead_channel.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok(Opened {
         conn,
         events_channel,
         retry_channel,
-        dead_channel,
         events_tags,
         event_consumers,
         retry_tags,
@@ -273,7 +276,7 @@ fn target(delivery: &Delivery) -> Option<EndpointId> {
 /// the consumer from taking the next message.
 async fn handle(
     pipeline: &Pipeline,
-    dead_channel: &Channel,
+    dead_letters: &PublishLink,
     acks: &Acks,
     source: Source,
     delivery: Delivery,
@@ -294,10 +297,16 @@ async fn handle(
             let message_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
             tracing::warn!(reason, detail = %detail, message_id, routing_key = %delivery.routing_key, bytes = delivery.data.len(), "message dead-lettered");
             METRICS.dead_letters.with_label_values(&[reason]).inc();
-            match dead_letter(dead_channel, &delivery, reason, &detail).await {
+            // Dead letters are confirmed before the original is acknowledged, so none is lost.
+            match dead_letter(dead_letters, &delivery, reason, &detail).await {
                 Ok(()) => acks.settle(Settle::Ack(tag)),
                 Err(e) => {
                     tracing::error!(error = %e, message_id, "could not dead-letter; handing the message back");
+                    if !matches!(&e, DeadLetterError::Link(e) if e.is_blocked()) {
+                        dead_letters.forget().await;
+                    }
+                    // It comes straight back: a pause keeps an alarm or outage from spinning on it.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     acks.settle(Settle::Requeue(tag));
                 }
             }
@@ -314,7 +323,7 @@ async fn handle(
 
 /// Republishes the original body and properties to the dead-letter exchange with the reason.
 async fn dead_letter(
-    channel: &Channel,
+    link: &PublishLink,
     delivery: &Delivery,
     reason: &str,
     detail: &str,
@@ -330,16 +339,17 @@ async fn dead_letter(
         AMQPValue::LongString(delivery.exchange.as_str().into()),
     );
     let properties: BasicProperties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
-    let confirm = channel
-        .basic_publish(
-            topology::DEAD_EXCHANGE.into(),
-            ShortString::from(delivery.routing_key.as_str()),
-            BasicPublishOptions::default(),
+    let confirm = link
+        .channel()
+        .await?
+        .publish(
+            topology::DEAD_EXCHANGE,
+            delivery.routing_key.as_str(),
             &delivery.data,
             properties,
+            "confirm the dead letter",
         )
         .await?;
-    let confirm = startup::amqp_within(startup::AMQP_CONFIRM_LIMIT, "confirm the dead letter", confirm).await?;
     if confirm.is_ack() {
         Ok(())
     } else {

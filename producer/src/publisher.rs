@@ -3,13 +3,12 @@
 use crate::metrics::METRICS;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::EndpointId;
-use laabam_shared::startup::{self, Unreachable};
+use laabam_shared::publish_link::{LinkError, PublishLink};
+use laabam_shared::startup::Unreachable;
 use laabam_shared::topology;
-use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection};
 use std::time::Duration;
-use tokio::sync::Mutex;
 
 /// Why an event may not have reached the broker. The caller should publish it again: the
 /// event id makes a second publish harmless.
@@ -17,19 +16,28 @@ use tokio::sync::Mutex;
 pub enum PublishError {
     #[error("RabbitMQ: {0}")]
     Broker(#[from] lapin::Error),
+    /// A resource alarm blocks publishing: answered at once instead of at the confirm limit.
+    /// Only the first event after the alarm began may have been sent (and may arrive when it
+    /// clears); the rest are refused unsent.
+    #[error("{0}")]
+    Blocked(LinkError),
     #[error("RabbitMQ refused the event (negative confirm)")]
     Nacked,
+}
+
+impl From<LinkError> for PublishError {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::Broker(e) => PublishError::Broker(e),
+            blocked => PublishError::Blocked(blocked),
+        }
+    }
 }
 
 /// A publisher holding one confirm-mode channel; safe to share between tasks.
 #[derive(Debug)]
 pub struct Publisher {
-    url: String,
-    name: String,
-    layout: topology::Layout,
-    /// The live connection and channel; `None` after a failure, until the next publish
-    /// reconnects.
-    link: Mutex<Option<(Connection, Channel)>>,
+    link: PublishLink,
 }
 
 /// Persistent, typed and stamped, as the AMQP contract recommends; addressed to one endpoint
@@ -54,50 +62,17 @@ fn properties(envelope: &Envelope, target: Option<&EndpointId>) -> BasicProperti
     }
 }
 
-async fn open(url: &str, name: &str, layout: topology::Layout) -> Result<(Connection, Channel), lapin::Error> {
-    let conn = startup::amqp_connect(url, name).await?;
-    let channel = topology::publishing_channel(&conn, layout).await?;
-    Ok((conn, channel))
-}
-
 impl Publisher {
     /// Connects (waiting up to `wait` for the broker) and declares the topology, so events
     /// published before any dispatcher starts are kept.
     pub async fn connect(url: &str, wait: Duration, layout: topology::Layout) -> Result<Self, Unreachable> {
-        let name = "laabam-producer";
-        let link = startup::within("RabbitMQ", url, wait, || open(url, name, layout)).await?;
-        Ok(Publisher {
-            url: url.to_owned(),
-            name: name.to_owned(),
-            layout,
-            link: Mutex::new(Some(link)),
-        })
-    }
-
-    async fn channel(&self) -> Result<Channel, lapin::Error> {
-        let mut link = self.link.lock().await;
-        if let Some((conn, channel)) = link.as_ref()
-            && conn.status().connected()
-            && channel.status().connected()
-        {
-            return Ok(channel.clone());
-        }
-        *link = None;
-        let (conn, channel) = open(&self.url, &self.name, self.layout).await?;
-        *link = Some((conn, channel.clone()));
-        Ok(channel)
-    }
-
-    async fn forget_link(&self) {
-        *self.link.lock().await = None;
+        let link = PublishLink::connect(url, "laabam-producer", layout, wait).await?;
+        Ok(Publisher { link })
     }
 
     /// Whether the broker connection is up now (readiness probes).
     pub async fn is_connected(&self) -> bool {
-        match self.link.lock().await.as_ref() {
-            Some((conn, channel)) => conn.status().connected() && channel.status().connected(),
-            None => false,
-        }
+        self.link.is_connected().await
     }
 
     /// Publishes and returns once the broker has confirmed the event. After a broker restart
@@ -111,17 +86,18 @@ impl Publisher {
     pub async fn publish_to(&self, envelope: &Envelope, target: Option<&EndpointId>) -> Result<(), PublishError> {
         let started = std::time::Instant::now();
         let result = async {
-            let channel = self.channel().await?;
-            let confirm = channel
-                .basic_publish(
-                    topology::EVENTS_EXCHANGE.into(),
-                    envelope.event_type.as_str().into(),
-                    BasicPublishOptions::default(),
+            let confirm = self
+                .link
+                .channel()
+                .await?
+                .publish(
+                    topology::EVENTS_EXCHANGE,
+                    &envelope.event_type,
                     &envelope.to_json(),
                     properties(envelope, target),
+                    "confirm the event",
                 )
                 .await?;
-            let confirm = startup::amqp_within(startup::AMQP_CONFIRM_LIMIT, "confirm the event", confirm).await?;
             if confirm.is_ack() {
                 Ok(())
             } else {
@@ -137,9 +113,12 @@ impl Publisher {
         METRICS.confirm_seconds.observe(started.elapsed().as_secs_f64());
         match &result {
             Ok(()) => tracing::debug!(event_id = %envelope.id, event_type = %envelope.event_type, "event published"),
+            Err(e @ PublishError::Blocked(_)) => {
+                tracing::warn!(event_id = %envelope.id, error = %e, "event not published");
+            }
             Err(e) => {
                 tracing::warn!(event_id = %envelope.id, error = %e, "event not confirmed by the broker");
-                self.forget_link().await;
+                self.link.forget().await;
             }
         }
         result

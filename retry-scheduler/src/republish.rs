@@ -2,19 +2,22 @@
 //! the next batch is claimed and sent while the broker confirms the one before.
 //! A failed publish hands its claims back for the next round on a new channel; any other
 //! failure (the scheduler dies, Redis is down) leaves them to expire and be reclaimed: nothing
-//! is lost either way.
+//! is lost either way. While the broker blocks publishing for a memory or disk alarm, nothing
+//! is claimed: what was in flight is handed back as soon as the block is announced, and the
+//! connection is kept, so the rounds go on the moment the alarm clears.
 
 use crate::config::SchedulerConfig;
 use crate::metrics::METRICS;
 use futures_util::future::try_join_all;
 use laabam_shared::clock::now_ms;
 use laabam_shared::ops::Readiness;
+use laabam_shared::publish_link::until_blocked;
 use laabam_shared::startup::{self, Backoff};
 use laabam_shared::store::{Store, StoreError};
 use laabam_shared::topology;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionStatus, PublisherConfirm};
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
@@ -29,6 +32,8 @@ enum PublishError {
     Nacked,
     #[error("RabbitMQ had no queue bound for a retry job and returned it")]
     Returned,
+    #[error("RabbitMQ blocked publishing for a memory or disk alarm")]
+    Blocked,
 }
 
 /// Runs rounds until `shutdown`, reconnecting to the broker whenever it fails.
@@ -63,7 +68,7 @@ pub async fn run(
         };
         readiness.set_broker(true);
         backoff.reset();
-        rounds(&store, &channel, config, &readiness, &shutdown).await;
+        rounds(&store, &channel, connection.status(), config, &readiness, &shutdown).await;
         readiness.set_broker(false);
         startup::amqp_close(&connection, "reconnecting").await;
     }
@@ -87,20 +92,25 @@ struct Sent {
 async fn rounds(
     store: &Store,
     channel: &Channel,
+    connection: &ConnectionStatus,
     config: &SchedulerConfig,
     readiness: &Readiness,
     shutdown: &CancellationToken,
 ) {
     let mut in_flight = VecDeque::with_capacity(BATCHES_IN_FLIGHT);
-    rounds_until_failure(store, channel, config, readiness, shutdown, &mut in_flight).await;
+    let link = (channel, connection);
+    rounds_until_failure(store, link, config, readiness, shutdown, &mut in_flight).await;
     while let Some(sent) = in_flight.pop_front() {
-        let _ = settle(store, sent, readiness).await;
+        let _ = settle(store, sent, connection, readiness).await;
     }
 }
 
+/// A publishing channel and its connection's status (blocked or not).
+type Link<'a> = (&'a Channel, &'a ConnectionStatus);
+
 async fn rounds_until_failure(
     store: &Store,
-    channel: &Channel,
+    (channel, connection): Link<'_>,
     config: &SchedulerConfig,
     readiness: &Readiness,
     shutdown: &CancellationToken,
@@ -109,7 +119,8 @@ async fn rounds_until_failure(
     let mut shards = store.keys().retry_shards();
     let (mut shards_checked, mut swept): (Option<Instant>, Option<Instant>) = (None, None);
     let routing_keys = config.common.layout().retry_routing_keys();
-    while !shutdown.is_cancelled() {
+    let mut was_blocked = false;
+    'rounds: while !shutdown.is_cancelled() {
         if shards_checked.is_none_or(|at| at.elapsed() >= SHARDS_CHECK_EVERY) {
             if swept.is_none_or(|at| at.elapsed() >= SHARDS_SWEEP_EVERY) {
                 sweep_shards(store, shards).await;
@@ -124,6 +135,25 @@ async fn rounds_until_failure(
         if !channel.status().connected() {
             tracing::warn!("the broker closed the publishing channel; reconnecting");
             return;
+        }
+        if connection.blocked() {
+            if !was_blocked {
+                tracing::warn!(
+                    "RabbitMQ blocks publishing (a memory or disk alarm): nothing is claimed until it clears"
+                );
+                was_blocked = true;
+            }
+            while let Some(sent) = in_flight.pop_front() {
+                let _ = settle(store, sent, connection, readiness).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(config.poll) => {}
+                _ = shutdown.cancelled() => {}
+            }
+            continue;
+        }
+        if std::mem::take(&mut was_blocked) {
+            tracing::info!("RabbitMQ takes publishes again; claiming");
         }
         let mut busy = false;
         let mut earliest: Option<i64> = None;
@@ -148,18 +178,24 @@ async fn rounds_until_failure(
             if jobs.is_empty() {
                 continue;
             }
-            match send(channel, &routing_keys, &jobs).await {
+            match send((channel, connection), &routing_keys, &jobs).await {
                 Ok(confirms) => in_flight.push_back(Sent { shard, jobs, confirms }),
                 Err(e) => {
                     hand_back(store, shard, &jobs, &e).await;
+                    if matches!(e, PublishError::Blocked) {
+                        continue 'rounds;
+                    }
                     return;
                 }
             }
             if in_flight.len() >= BATCHES_IN_FLIGHT
                 && let Some(oldest) = in_flight.pop_front()
-                && settle(store, oldest, readiness).await.is_err()
             {
-                return;
+                match settle(store, oldest, connection, readiness).await {
+                    Ok(()) => {}
+                    Err(PublishError::Blocked) => continue 'rounds,
+                    Err(_) => return,
+                }
             }
         }
         if let Ok(backlog) = store.retry_backlog_of(shards).await {
@@ -170,8 +206,10 @@ async fn rounds_until_failure(
         }
         // Nothing more is due yet: what was sent is settled before the pause, not after it.
         while let Some(sent) = in_flight.pop_front() {
-            if settle(store, sent, readiness).await.is_err() {
-                return;
+            match settle(store, sent, connection, readiness).await {
+                Ok(()) => {}
+                Err(PublishError::Blocked) => continue 'rounds,
+                Err(_) => return,
             }
         }
         let poll = config.poll.as_millis() as i64;
@@ -269,7 +307,7 @@ async fn claim(store: &Store, shard: u16, config: &SchedulerConfig) -> Result<Ve
 /// a few wakes. Each publish queues its frames and takes its confirm's sequence number in the
 /// same first poll, so frames and confirms stay paired in whatever order the jobs are polled.
 async fn send(
-    channel: &Channel,
+    (channel, connection): Link<'_>,
     routing_keys: &[String],
     jobs: &[String],
 ) -> Result<Vec<PublisherConfirm>, PublishError> {
@@ -297,14 +335,22 @@ async fn send(
             properties.clone(),
         )
     });
-    Ok(try_join_all(publishes).await?)
+    Ok(until_blocked(connection, try_join_all(publishes))
+        .await
+        .ok_or(PublishError::Blocked)??)
 }
 
 /// Waits until the broker has confirmed a sent batch, then releases its claims. A batch the
-/// broker did not confirm is handed back and the error ends the rounds on this channel.
-async fn settle(store: &Store, sent: Sent, readiness: &Readiness) -> Result<(), PublishError> {
+/// broker did not confirm is handed back and the error ends the rounds on this channel, unless
+/// the broker blocked it, which the rounds wait out.
+async fn settle(
+    store: &Store,
+    sent: Sent,
+    connection: &ConnectionStatus,
+    readiness: &Readiness,
+) -> Result<(), PublishError> {
     let Sent { shard, jobs, confirms } = sent;
-    if let Err(e) = confirmed(confirms).await {
+    if let Err(e) = confirmed(confirms, connection).await {
         hand_back(store, shard, &jobs, &e).await;
         return Err(e);
     }
@@ -321,13 +367,15 @@ async fn settle(store: &Store, sent: Sent, readiness: &Readiness) -> Result<(), 
     Ok(())
 }
 
-async fn confirmed(confirms: Vec<PublisherConfirm>) -> Result<(), PublishError> {
+async fn confirmed(confirms: Vec<PublisherConfirm>, connection: &ConnectionStatus) -> Result<(), PublishError> {
     let confirmations = startup::amqp_within(
         startup::AMQP_CONFIRM_LIMIT,
         "confirm the retry jobs",
         try_join_all(confirms),
-    )
-    .await?;
+    );
+    let confirmations = until_blocked(connection, confirmations)
+        .await
+        .ok_or(PublishError::Blocked)??;
     for confirmation in confirmations {
         match confirmation {
             Confirmation::Ack(None) => {}
@@ -338,11 +386,11 @@ async fn confirmed(confirms: Vec<PublisherConfirm>) -> Result<(), PublishError> 
     Ok(())
 }
 
-/// Hands back the claims of a batch that did not go out: the next round on a new channel takes
-/// them again instead of waiting out their lease; should Redis fail too, the lease still
-/// brings them back.
+/// Hands back the claims of a batch that did not go out (or may have, when the broker blocked
+/// it: a job sent twice is dropped by the dispatcher): the next round takes them again instead
+/// of waiting out their lease; should Redis fail too, the lease still brings them back.
 async fn hand_back(store: &Store, shard: u16, jobs: &[String], why: &PublishError) {
-    tracing::warn!(shard, error = %why, "publishing failed; the claimed jobs go out again on a new channel");
+    tracing::warn!(shard, error = %why, "publishing failed; the claimed jobs are handed back to go out again");
     if let Err(store_error) = store.hand_back_claimed(shard, jobs).await {
         tracing::warn!(shard, error = %store_error, "could not hand claims back; they return when their lease expires");
     }

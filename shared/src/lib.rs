@@ -18,6 +18,7 @@ pub mod endpoint;
 pub mod envelope;
 pub mod ids;
 pub mod ops;
+pub mod publish_link;
 pub mod retry;
 pub mod sealing;
 pub mod shutdown;

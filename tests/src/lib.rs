@@ -13,6 +13,7 @@
 pub mod api;
 pub mod deliveries;
 pub mod env;
+pub mod own_rabbit;
 pub mod ports;
 pub mod receiver;
 pub mod report;

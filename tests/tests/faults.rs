@@ -1,21 +1,23 @@
 //! Poison messages are dead-lettered with a reason and the stream goes on; a dispatcher killed
 //! mid-burst loses nothing that the broker confirmed.
 
-use laabam_producer::Publisher;
+use laabam_producer::{PublishError, Publisher};
 use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
+use laabam_shared::publish_link::LinkError;
 use laabam_shared::store::Store;
 use laabam_shared::topology;
 use laabam_tests::env::publish_all;
+use laabam_tests::own_rabbit::OwnRabbit;
 use laabam_tests::report::fault_row;
 use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn event(account: &str, n: usize) -> Envelope {
     let data = RawValue::from_string(format!(r#"{{"invoice_id":"inv_{n}","status":"open","amount":{n}}}"#)).unwrap();
@@ -454,98 +456,6 @@ async fn a_receiver_down_for_a_while_gets_everything_by_retry() {
     assert_eq!(lost, 0);
 }
 
-/// A RabbitMQ node of the test's own (own name, port and data directory), so restarting it
-/// leaves every other test's broker alone.
-struct OwnRabbit {
-    node: String,
-    port: u16,
-    dir: std::path::PathBuf,
-    /// The `rabbitmq-server` processes started, reaped when the node stops.
-    children: std::sync::Mutex<Vec<std::process::Child>>,
-}
-
-impl OwnRabbit {
-    async fn start() -> Self {
-        let port = laabam_tests::ports::free_port();
-        let name = format!("laabam-fault-{}", ulid::Ulid::new().to_string().to_lowercase());
-        let dir = std::env::temp_dir().join(&name);
-        std::fs::create_dir_all(dir.join("mnesia")).unwrap();
-        std::fs::create_dir_all(dir.join("log")).unwrap();
-        std::fs::write(dir.join("enabled_plugins"), "[].").unwrap();
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
-        )
-        .unwrap();
-        // The broker drops to the rabbitmq user: it must own its directory.
-        let _ = std::process::Command::new("chown")
-            .args(["-R", "rabbitmq:rabbitmq"])
-            .arg(&dir)
-            .status();
-        let rabbit = OwnRabbit {
-            node: format!("{name}@localhost"),
-            port,
-            dir,
-            children: std::sync::Mutex::new(Vec::new()),
-        };
-        rabbit.boot().await;
-        rabbit
-    }
-
-    async fn boot(&self) {
-        let d = &self.dir;
-        let child = std::process::Command::new("rabbitmq-server")
-            .env("RABBITMQ_NODENAME", &self.node)
-            .env("RABBITMQ_NODE_PORT", self.port.to_string())
-            .env(
-                "RABBITMQ_DIST_PORT",
-                (self.port as u32 + 20_000).min(65_000).to_string(),
-            )
-            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", d.join("log"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
-            .env("RABBITMQ_PID_FILE", d.join("pid"))
-            .env("RABBITMQ_FEATURE_FLAGS_FILE", d.join("feature_flags"))
-            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
-            .current_dir(d)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("rabbitmq-server starts");
-        self.children.lock().unwrap().push(child);
-        let url = self.url();
-        // Each probe is bounded: lapin's own connect can hang on a node that is still booting,
-        // and an unbounded probe hung this test (and CI) with the node up and no connection.
-        wait_until(
-            "the RabbitMQ node accepts connections",
-            Duration::from_secs(90),
-            || async {
-                laabam_shared::startup::amqp_connect(&url, "laabam-test-probe")
-                    .await
-                    .is_ok()
-            },
-        )
-        .await;
-    }
-
-    fn stop(&self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["-n", &self.node, "stop"])
-            .output();
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-}
-
-impl Drop for OwnRabbit {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_rabbitmq_node_restart_loses_no_confirmed_event() {
     let rabbit = OwnRabbit::start().await;
@@ -596,4 +506,133 @@ async fn a_full_rabbitmq_node_restart_loses_no_confirmed_event() {
         1,
     );
     assert_eq!(lost, 0);
+}
+
+/// A memory or disk alarm makes the broker block every connection that publishes until it
+/// clears. Publishing fails at once instead of at the confirm limit: the first event, which the
+/// broker blocks on, arrives when the alarm clears, as its error says it may; the next is refused
+/// unsent, so publishing it again delivers it once. Deliveries go on meanwhile, even with a
+/// poison message to dead-letter at the head of the queue: the dispatcher publishes dead letters
+/// on a connection of their own. (With them on its consuming connection, its acknowledgements
+/// went unread from the first dead letter on, and it stopped at its prefetch until the alarm
+/// cleared, while consuming is what lets a backlog that raised the alarm drain.) A retry that
+/// comes due meanwhile waits in the retry set, not claimed: the scheduler hands back what the
+/// broker blocked and claims nothing until the alarm clears (it held its claims until the
+/// confirm limit, then reconnected and claimed again, every 30 s), and it goes out after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_alarm_fails_publishing_at_once_and_never_stops_delivery() {
+    let rabbit = OwnRabbit::start().await;
+    let mut env = TestEnv::new().await;
+    env.amqp_url = rabbit.url();
+    // The first attempt of event 0 fails, so its retry comes due during the alarm.
+    let rx = Receiver::start(|req, nth| {
+        if nth == 0 && req.json()["data"]["invoice_id"] == "inv_0" {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    env.endpoint("acct_alarm", &rx.url, None).await;
+    let publisher = env.publisher().await;
+    let poison = b"not json at all";
+    env.plain_publish("invoice.created", poison, BasicProperties::default())
+        .await;
+    let mut confirmed = Vec::new();
+    for n in 0..100 {
+        let e = event("acct_alarm", n);
+        publisher.publish(&e).await.unwrap();
+        confirmed.push(e.id.to_string());
+    }
+    rabbit.memory_alarm(true).await;
+
+    let blocked_on = event("acct_alarm", 100);
+    let refused = event("acct_alarm", 101);
+    for (e, expected) in [
+        (&blocked_on, LinkError::BlockedUnconfirmed),
+        (&refused, LinkError::Blocked),
+    ] {
+        let started = Instant::now();
+        let err = publisher.publish(e).await.unwrap_err();
+        assert!(
+            matches!(&err, PublishError::Blocked(why) if why.to_string() == expected.to_string()),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "failed after {:?}",
+            started.elapsed()
+        );
+    }
+
+    // Eight messages at a time: the poison message and seven events, then the rest only as
+    // acknowledgements are read.
+    env.start_dispatcher(&["--max-in-flight", "8"]);
+    env.start_scheduler(&[]);
+    wait_until(
+        "the backlog delivered during the alarm",
+        Duration::from_secs(20),
+        || async { rx.per_event().len() == 100 },
+    )
+    .await;
+    let keys = env.store().await.keys().clone();
+    let redis = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Handed back (a claim of score 0, for the next round to take at once), and not taken.
+    wait_until(
+        "the due retry handed back while publishing is blocked",
+        Duration::from_secs(15),
+        || {
+            let mut redis = redis.clone();
+            let claimed = keys.retry_claimed(0);
+            async move {
+                let claims: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                    .arg(&claimed)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                matches!(claims.as_slice(), [(_, score)] if *score == 0.0)
+            }
+        },
+    )
+    .await;
+
+    rabbit.memory_alarm(false).await;
+    wait_until(
+        "the poison message dead-lettered once the alarm cleared",
+        Duration::from_secs(60),
+        || async {
+            env.get_message(topology::DEAD_QUEUE)
+                .await
+                .is_some_and(|m| m.delivery.data == poison)
+        },
+    )
+    .await;
+    confirmed.push(blocked_on.id.to_string());
+    publisher.publish(&refused).await.unwrap();
+    confirmed.push(refused.id.to_string());
+    wait_until(
+        "both events of the alarm delivered, and the retry",
+        Duration::from_secs(20),
+        || async {
+            let seen = rx.per_event();
+            seen.len() == 102 && seen.get(confirmed[0].as_str()) == Some(&2)
+        },
+    )
+    .await;
+    let mut arrivals = rx.per_event();
+    *arrivals.get_mut(confirmed[0].as_str()).unwrap() -= 1; // its failed first attempt
+    let (lost, duplicates) = fault_row(
+        "RabbitMQ memory alarm, a poison message first (own node)",
+        &confirmed,
+        &arrivals,
+        1,
+    );
+    assert_eq!((lost, duplicates), (0, 0));
 }

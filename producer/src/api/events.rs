@@ -4,6 +4,7 @@ use super::ApiState;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Caller, JsonBody, QueryParams, parse_json};
 use super::views::{DeliveryView, List};
+use crate::PublishError;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -96,9 +97,10 @@ pub async fn publish(
         if let Some(key) = &idempotency_key {
             state.store.idempotency_abort(&account, key).await?;
         }
-        return Err(ApiError::Unavailable(format!(
-            "the event was not confirmed by the broker ({e}); publish it again"
-        )));
+        return Err(ApiError::Unavailable(match e {
+            PublishError::Blocked(why) => format!("{why}: publish it again later"),
+            other => format!("the event was not confirmed by the broker ({other}); publish it again"),
+        }));
     }
     let published = Published {
         id: envelope.id.to_string(),

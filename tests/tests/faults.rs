@@ -15,6 +15,7 @@ use laabam_tests::report::fault_row;
 use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;
+use serde_json::json;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -535,6 +536,8 @@ async fn a_resource_alarm_fails_publishing_at_once_and_never_stops_delivery() {
     .await;
     env.endpoint("acct_alarm", &rx.url, None).await;
     let publisher = env.publisher().await;
+    let api = env.start_api("alarm-operator").await;
+    let (_, client) = api.new_account("alarm-operator", "alarm").await;
     let poison = b"not json at all";
     env.plain_publish("invoice.created", poison, BasicProperties::default())
         .await;
@@ -561,6 +564,25 @@ async fn a_resource_alarm_fails_publishing_at_once_and_never_stops_delivery() {
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "failed after {:?}",
+            started.elapsed()
+        );
+    }
+
+    // The HTTP API says the same, at once: the first may still arrive, the next was not sent.
+    for expected in ["may still arrive", "nothing was sent: publish it again later"] {
+        let started = Instant::now();
+        let answer = client
+            .post(
+                "/v1/events",
+                json!({ "type": "invoice.created", "data": { "invoice_id": "i", "status": "open", "amount": 1 } }),
+            )
+            .await;
+        assert_eq!(answer.status, 503, "{:?}", answer.json);
+        let message = answer.json["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{message}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "answered after {:?}",
             started.elapsed()
         );
     }

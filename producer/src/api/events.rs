@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use laabam_shared::clock::now_ms;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId, EventId};
+use laabam_shared::publish_link::LinkError;
 use laabam_shared::store::{Cursor, Idempotency};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -98,7 +99,8 @@ pub async fn publish(
             state.store.idempotency_abort(&account, key).await?;
         }
         return Err(ApiError::Unavailable(match e {
-            PublishError::Blocked(why) => format!("{why}: publish it again later"),
+            // Refused unsent: publishing it again cannot make a copy.
+            PublishError::Blocked(why @ LinkError::Blocked) => format!("{why}: publish it again later"),
             other => format!("the event was not confirmed by the broker ({other}); publish it again"),
         }));
     }

@@ -292,6 +292,61 @@ async fn records_made_while_redis_is_down_each_fail_and_go_through_once_it_is_ba
     }
 }
 
+/// A Redis out of memory (`maxmemory` reached under `noeviction`, as production runs it)
+/// refuses writes until an operator frees or adds memory. The API answers that with 503 and
+/// what Redis said, as for a Redis that is down, not with a bare 500 "internal error" (as it
+/// did); an event published meanwhile waits in the broker and is delivered once Redis takes
+/// writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_out_of_memory_answers_503_and_loses_nothing() {
+    let redis = OwnRedis::start();
+    let mut env = TestEnv::new().await;
+    env.redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    let rx = Receiver::ok().await;
+    let api = env.start_api("oom-operator").await;
+    let (_, client) = api.new_account("oom-operator", "oom").await;
+    let created = client.post("/v1/endpoints", serde_json::json!({ "url": rx.url })).await;
+    assert_eq!(created.status, 201, "{:?}", created.json);
+    env.start_dispatcher(&[]);
+    let config = |maxmemory: &str| {
+        let out = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "config", "set", "maxmemory", maxmemory])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    };
+    config("1");
+
+    let refused = client
+        .post(
+            "/v1/endpoints",
+            serde_json::json!({ "url": "http://127.0.0.1:9/other" }),
+        )
+        .await;
+    assert_eq!(refused.status, 503, "{:?}", refused.json);
+    assert_eq!(refused.json["error"]["code"], "unavailable");
+    let message = refused.json["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("Redis cannot take this request for now (OOM)"),
+        "{message}"
+    );
+    let event = serde_json::json!({ "type": "payment.failed", "data": { "payment_id": "p", "reason": "r" } });
+    let published = client.post("/v1/events", event).await;
+    assert_eq!(published.status, 202, "the broker takes it: {:?}", published.json);
+
+    config("0");
+    wait_until(
+        "the event published during the refusal delivered",
+        Duration::from_secs(30),
+        || async { rx.count() == 1 },
+    )
+    .await;
+    assert_eq!(
+        rx.requests()[0].header("webhook-id"),
+        published.json["id"].as_str().unwrap()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_producer_and_the_scheduler_stop_cleanly_on_sigterm() {
     let mut env = TestEnv::new().await;

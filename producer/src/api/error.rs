@@ -70,15 +70,38 @@ impl ApiError {
     }
 }
 
+/// Redis's refusals that pass by themselves or by an operator's hand, not by a change to the
+/// request: out of memory under `noeviction`, loading its data after a restart, a replica not
+/// yet promoted, a script running long. Answered 503 like a Redis that is down, not 500.
+const REDIS_BUSY_FOR_NOW: [&str; 6] = ["OOM", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "BUSY"];
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Redis(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
                 ApiError::Unavailable("Redis is unavailable; try again".into())
             }
+            StoreError::Redis(e) => match busy_for_now(&e) {
+                Some(code) => {
+                    tracing::warn!(error = %e, "Redis refused a request for now");
+                    ApiError::Unavailable(format!("Redis cannot take this request for now ({code}); try again"))
+                }
+                None => ApiError::Internal(StoreError::Redis(e).to_string()),
+            },
             other => ApiError::Internal(other.to_string()),
         }
     }
+}
+
+/// The code of a refusal of [`REDIS_BUSY_FOR_NOW`], also inside an aborted transaction (a
+/// `MULTI` refused as a whole answers `EXECABORT`, with each command's own error).
+fn busy_for_now(e: &redis::RedisError) -> Option<String> {
+    let errors = e.clone().into_server_errors()?;
+    errors
+        .iter()
+        .map(|(_, error)| error.code())
+        .find(|code| REDIS_BUSY_FOR_NOW.contains(code))
+        .map(str::to_owned)
 }
 
 impl IntoResponse for ApiError {

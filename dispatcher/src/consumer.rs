@@ -333,9 +333,12 @@ async fn dead_letter(
         topology::DEAD_REASON_HEADER.into(),
         AMQPValue::LongString(reason.into()),
     );
-    headers.insert("x-laabam-dead-detail".into(), AMQPValue::LongString(detail.into()));
     headers.insert(
-        "x-laabam-original-exchange".into(),
+        topology::DEAD_DETAIL_HEADER.into(),
+        AMQPValue::LongString(detail.into()),
+    );
+    headers.insert(
+        topology::ORIGINAL_EXCHANGE_HEADER.into(),
         AMQPValue::LongString(delivery.exchange.as_str().into()),
     );
     let properties: BasicProperties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);

@@ -59,6 +59,13 @@ enum Command {
     /// Declare every exchange and queue (for operators, and publishers that start first), and
     /// retire the queues a former layout of more dispatch queues left behind.
     Topology,
+    /// Send what was kept aside back to where it was first published, once its cause is gone:
+    /// `unroutable` (events no queue was bound for) or `dead` (dead letters; one still poison
+    /// is dead-lettered again). Moves what the queue holds now, each message confirmed first.
+    Replay {
+        #[arg(value_enum)]
+        kept: topology::Kept,
+    },
     /// Make a key for LAABAM_SECRET_KEY.
     #[command(subcommand)]
     SecretKey(SecretKeyCommand),
@@ -239,6 +246,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let count = store(common).await?.reseal_all_endpoints().await?;
             eprintln!("re-sealed the secrets of {count} endpoints with the current key");
             print(&json!({ "endpoints": count }));
+        }
+        Command::Replay { kept } => {
+            let conn =
+                startup::amqp_connect_within(&common.amqp_url, "laabam-producer", common.connect_timeout).await?;
+            topology::declare(&conn.create_channel().await?, common.layout()).await?;
+            let replayed = topology::replay_kept(&conn, kept).await?;
+            startup::amqp_close(&conn, "done").await;
+            eprintln!("replayed {replayed} messages from {}", kept.queue());
+            print(&json!({ "queue": kept.queue(), "replayed": replayed }));
         }
         Command::Topology => {
             let conn =

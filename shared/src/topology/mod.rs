@@ -16,9 +16,13 @@
 //! A layout of fewer queues than before leaves shard queues behind; [`retire_former_shards`]
 //! empties them into the current layout.
 
+mod moving;
+mod replay;
 mod retire;
 
-pub use retire::{MAX_DISPATCH_QUEUES, RetireError, Retired, retire_former_shards};
+pub use moving::MoveError;
+pub use replay::{Kept, replay_kept};
+pub use retire::{MAX_DISPATCH_QUEUES, Retired, retire_former_shards};
 
 use crate::startup;
 use lapin::options::{
@@ -57,6 +61,10 @@ pub const DEAD_QUEUE: &str = "laabam.dead";
 pub const TARGET_ENDPOINT_HEADER: &str = "x-laabam-endpoint";
 /// Why a message was dead-lettered.
 pub const DEAD_REASON_HEADER: &str = "x-laabam-dead-reason";
+/// What a dead-lettered message's reason means for it (the parse error, the size).
+pub const DEAD_DETAIL_HEADER: &str = "x-laabam-dead-detail";
+/// The exchange a dead-lettered message was first published to, where a replay sends it back.
+pub const ORIGINAL_EXCHANGE_HEADER: &str = "x-laabam-original-exchange";
 
 /// How the event stream is laid out over queues; every process must use the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +203,16 @@ pub async fn declare(channel: &Channel, layout: Layout) -> Result<(), lapin::Err
         declare_bound_queue(channel, &queue, exchange, &key).await?;
     }
     declare_dispatch(channel, layout).await
+}
+
+/// A confirm-mode channel for moving messages between queues.
+async fn moving_channel(conn: &Connection, what: &str) -> Result<Channel, lapin::Error> {
+    startup::amqp_within(startup::AMQP_SETUP_LIMIT, what, async {
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(channel)
+    })
+    .await
 }
 
 async fn declare_bound_queue(channel: &Channel, queue: &str, source: &str, key: &str) -> Result<(), lapin::Error> {

@@ -30,7 +30,8 @@ pub fn init_logs() {
     });
 }
 
-fn rabbitmqctl(args: &[&str]) {
+/// Runs `rabbitmqctl` with `args`, which must succeed; returns what it printed.
+pub(crate) fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
         .args(args)
         .stdin(Stdio::null())
@@ -41,6 +42,7 @@ fn rabbitmqctl(args: &[&str]) {
         "rabbitmqctl {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// One test's own RabbitMQ vhost and Redis prefix. Dropping it stops what it started and

@@ -100,17 +100,7 @@ impl OwnRabbit {
     }
 
     fn ctl(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("rabbitmqctl")
-            .args(["-n", &self.node])
-            .args(args)
-            .output()
-            .expect("rabbitmqctl runs");
-        assert!(
-            out.status.success(),
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        crate::env::rabbitmqctl(&[&["-n", self.node.as_str()], args].concat())
     }
 
     pub fn url(&self) -> String {

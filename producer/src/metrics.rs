@@ -12,7 +12,7 @@ pub struct Metrics {
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     published: register_int_counter_vec!(
         "laabam_producer_events_published_total",
-        "Events published, by type and result (confirmed or failed)",
+        "Events published, by type and result (confirmed, failed, or blocked by a RabbitMQ memory or disk alarm)",
         &["event_type", "result"]
     )
     .unwrap(),

@@ -105,7 +105,11 @@ impl Publisher {
             }
         }
         .await;
-        let label = if result.is_ok() { "confirmed" } else { "failed" };
+        let label = match &result {
+            Ok(()) => "confirmed",
+            Err(PublishError::Blocked(_)) => "blocked",
+            Err(_) => "failed",
+        };
         METRICS
             .published
             .with_label_values(&[&envelope.event_type, label])

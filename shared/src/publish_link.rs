@@ -103,6 +103,8 @@ pub async fn until_blocked<T>(connection: &ConnectionStatus, publishing: impl Fu
     }
 }
 
+/// Shared by a process's publishing tasks; one connection, held behind a lock so a failure is
+/// replaced once, not by every task that saw it.
 #[derive(Debug)]
 pub struct PublishLink {
     url: String,

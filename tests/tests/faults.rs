@@ -587,6 +587,14 @@ async fn a_resource_alarm_fails_publishing_at_once_and_never_stops_delivery() {
         );
     }
 
+    // Counted apart from other failures, for the alert `LaabamPublishingBlocked`: two through
+    // the library and two through the API, all in this process.
+    let metrics = laabam_tests::api::plain_text(&format!("{}/metrics", api.base)).await;
+    assert!(
+        metrics.contains(r#"laabam_producer_events_published_total{event_type="invoice.created",result="blocked"} 4"#),
+        "{metrics}"
+    );
+
     // Eight messages at a time: the poison message and seven events, then the rest only as
     // acknowledgements are read.
     env.start_dispatcher(&["--max-in-flight", "8"]);

@@ -248,19 +248,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print(&json!({ "endpoints": count }));
         }
         Command::Replay { kept } => {
-            let conn =
-                startup::amqp_connect_within(&common.amqp_url, "laabam-producer", common.connect_timeout).await?;
-            topology::declare(&conn.create_channel().await?, common.layout()).await?;
+            let conn = declared_topology(common).await?;
             let replayed = topology::replay_kept(&conn, kept).await?;
             startup::amqp_close(&conn, "done").await;
             eprintln!("replayed {replayed} messages from {}", kept.queue());
             print(&json!({ "queue": kept.queue(), "replayed": replayed }));
         }
         Command::Topology => {
-            let conn =
-                startup::amqp_connect_within(&common.amqp_url, "laabam-producer", common.connect_timeout).await?;
+            let conn = declared_topology(common).await?;
             let layout = common.layout();
-            topology::declare(&conn.create_channel().await?, layout).await?;
             eprintln!("topology declared");
             let retired = topology::retire_former_shards(&conn, layout).await?;
             for r in &retired {
@@ -283,6 +279,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A connection to the broker with every exchange and queue declared, for commands that then
+/// move messages between them.
+async fn declared_topology(common: &CommonArgs) -> anyhow::Result<lapin::Connection> {
+    let conn = startup::amqp_connect_within(&common.amqp_url, "laabam-producer", common.connect_timeout).await?;
+    topology::declare(&conn.create_channel().await?, common.layout()).await?;
+    Ok(conn)
 }
 
 #[tokio::main]

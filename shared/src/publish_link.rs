@@ -120,6 +120,11 @@ async fn open(url: &str, name: &str, layout: topology::Layout) -> Result<(Connec
     Ok((conn, channel))
 }
 
+/// Whether a link's connection and channel are both still open.
+fn usable((conn, channel): &(Connection, Channel)) -> bool {
+    conn.status().connected() && channel.status().connected()
+}
+
 impl PublishLink {
     /// A link that connects on first use.
     pub fn new(url: &str, name: &str, layout: topology::Layout) -> Self {
@@ -144,26 +149,18 @@ impl PublishLink {
     /// broker blocks the connection.
     pub async fn channel(&self) -> Result<Publishing, LinkError> {
         let mut link = self.link.lock().await;
-        if let Some((conn, channel)) = link.as_ref()
-            && conn.status().connected()
-            && channel.status().connected()
-        {
-            if conn.status().blocked() {
-                return Err(LinkError::Blocked);
-            }
-            return Ok(Publishing {
-                channel: channel.clone(),
-                connection: conn.status().clone(),
-            });
+        if !link.as_ref().is_some_and(usable) {
+            *link = None;
+            *link = Some(open(&self.url, &self.name, self.layout).await?);
         }
-        *link = None;
-        let (conn, channel) = open(&self.url, &self.name, self.layout).await?;
-        let publishing = Publishing {
+        let (conn, channel) = link.as_ref().expect("opened above");
+        if conn.status().blocked() {
+            return Err(LinkError::Blocked);
+        }
+        Ok(Publishing {
             channel: channel.clone(),
             connection: conn.status().clone(),
-        };
-        *link = Some((conn, channel));
-        Ok(publishing)
+        })
     }
 
     /// Drops the connection after a publish failed, so the next publish opens a fresh one.
@@ -173,10 +170,7 @@ impl PublishLink {
 
     /// Whether the broker connection is up now (readiness probes).
     pub async fn is_connected(&self) -> bool {
-        match self.link.lock().await.as_ref() {
-            Some((conn, channel)) => conn.status().connected() && channel.status().connected(),
-            None => false,
-        }
+        self.link.lock().await.as_ref().is_some_and(usable)
     }
 
     /// Closes the connection at shutdown.

@@ -58,27 +58,26 @@ pub(super) async fn move_held(
     Ok(moved)
 }
 
-/// Where `destination` sends a message got from a queue, and with which properties.
-fn address(
+/// The exchange and routing key `destination` sends a message got from a queue to.
+fn address<'a>(
     destination: Destination,
-    routing_key: &str,
-    properties: BasicProperties,
-) -> (&'static str, &str, BasicProperties) {
+    routing_key: &'a str,
+    properties: &BasicProperties,
+) -> (&'static str, &'a str) {
     match destination {
-        Destination::Events => (EVENTS_EXCHANGE, routing_key, properties),
-        Destination::Retries => (RETRY_EXCHANGE, RETRY_ROUTING_KEY, properties),
+        Destination::Events => (EVENTS_EXCHANGE, routing_key),
+        Destination::Retries => (RETRY_EXCHANGE, RETRY_ROUTING_KEY),
         Destination::Original => {
-            let exchange = match properties
+            let first = properties
                 .headers()
                 .as_ref()
-                .and_then(|h| h.inner().get(ORIGINAL_EXCHANGE_HEADER))
-            {
+                .and_then(|h| h.inner().get(ORIGINAL_EXCHANGE_HEADER));
+            match first {
                 Some(AMQPValue::LongString(exchange)) if exchange.as_bytes() == RETRY_EXCHANGE.as_bytes() => {
-                    RETRY_EXCHANGE
+                    (RETRY_EXCHANGE, routing_key)
                 }
-                _ => EVENTS_EXCHANGE,
-            };
-            (exchange, routing_key, properties)
+                _ => (EVENTS_EXCHANGE, routing_key),
+            }
         }
     }
 }
@@ -95,8 +94,7 @@ async fn move_batch(channel: &Channel, queue: &str, destination: Destination, li
             break;
         };
         let delivery = message.delivery;
-        let (exchange, routing_key, properties) =
-            address(destination, delivery.routing_key.as_str(), delivery.properties);
+        let (exchange, routing_key) = address(destination, delivery.routing_key.as_str(), &delivery.properties);
         confirms.push(
             channel
                 .basic_publish(
@@ -107,7 +105,7 @@ async fn move_batch(channel: &Channel, queue: &str, destination: Destination, li
                         ..Default::default()
                     },
                     &delivery.data,
-                    properties,
+                    delivery.properties,
                 )
                 .await?,
         );

@@ -8,7 +8,7 @@
 //! - [`store`]: everything in Redis (endpoints, events, deliveries, the retry set).
 //! - [`topology`]: every exchange and queue in RabbitMQ.
 //! - [`config`], [`startup`], [`shutdown`], [`telemetry`], [`ops`], [`clock`]: what each
-//!   process needs to start, run, be watched and stop.
+//!   process needs to start, run, be watched and stop; [`http_server`]: its HTTP ports.
 
 pub mod catalog;
 pub mod clock;
@@ -16,6 +16,7 @@ pub mod config;
 pub mod delivery;
 pub mod endpoint;
 pub mod envelope;
+pub mod http_server;
 pub mod ids;
 pub mod ops;
 pub mod publish_link;

@@ -1,6 +1,7 @@
 //! The operations port of every process: `/metrics` (Prometheus text), `/healthz` (the process
 //! is up) and `/readyz` (its dependencies are reachable and it is doing its work).
 
+use crate::http_server::ConnectionLimits;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -8,6 +9,7 @@ use prometheus::{Encoder, TextEncoder};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Readiness flags, flipped by the loops that own each dependency.
@@ -40,6 +42,14 @@ pub async fn metrics() -> (StatusCode, String) {
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
+
+/// Scrapers and probes keep a few connections each; longer than Prometheus's usual scrape
+/// interval, so a scraper's kept-alive connection is not closed between scrapes.
+const OPS_CONNECTIONS: ConnectionLimits = ConnectionLimits {
+    idle_timeout: Duration::from_secs(75),
+    max_connections: 256,
+    shutdown_grace: Duration::from_secs(1),
+};
 
 /// The operations port could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -74,13 +84,6 @@ pub async fn serve(
                 }
             }),
         );
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "operations server stopped");
-        }
-    });
+    tokio::spawn(crate::http_server::serve(listener, app, OPS_CONNECTIONS, shutdown));
     Ok(bound)
 }

@@ -1,8 +1,12 @@
-//! Every route answers bad input with the documented error, in the one error shape.
+//! Every route answers bad input with the documented error, in the one error shape; callers
+//! past the API's limits (rate, slow or idle connections, connection count) are held off.
 
 use http::Method;
 use laabam_tests::{ApiClient, TestEnv};
 use serde_json::json;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const ADMIN: &str = "errors-operator-token";
 
@@ -329,4 +333,104 @@ async fn callers_over_their_rate_are_told_to_slow_down_and_others_are_not() {
     // Another credential has its own budget.
     let other = key(&api).await;
     assert_eq!(other.get("/v1/event-types").await.status, 200);
+}
+
+/// The API's address as a socket address.
+fn socket_of(api: &ApiClient) -> String {
+    api.base.trim_start_matches("http://").to_owned()
+}
+
+/// Reads until the server closes `stream` (an end of file, or a reset when the client was still
+/// writing); what it sent before, as text. Panics when it is still open after `within`.
+async fn closed_by_server(stream: &mut TcpStream, within: Duration) -> String {
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the server kept the connection open for {within:?}");
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+const HEALTH_REQUEST: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_send_no_request_head_in_time_are_closed() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api_with(ADMIN, &["--api-idle-timeout", "1s"]).await;
+    let addr = socket_of(&api);
+    // Says nothing at all.
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    // Drips a request's head, a header line every 100 ms, never ending it.
+    let mut dripping = TcpStream::connect(&addr).await.unwrap();
+    dripping
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+        .await
+        .unwrap();
+    let (mut drip_read, mut drip_write) = dripping.into_split();
+    let drip = tokio::spawn(async move {
+        while drip_write.write_all(b"X-Slow: yes\r\n").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    // Is answered, then keeps its connection without asking again.
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(HEALTH_REQUEST).await.unwrap();
+
+    let within = Duration::from_secs(20);
+    assert_eq!(closed_by_server(&mut silent, within).await, "");
+    let answered = closed_by_server(&mut idle, within).await;
+    assert!(
+        answered.starts_with("HTTP/1.1 200"),
+        "answered before it idled: {answered}"
+    );
+    let mut drip_bytes = [0u8; 64];
+    let dripped = tokio::time::timeout(within, drip_read.read(&mut drip_bytes)).await;
+    assert!(
+        matches!(dripped, Ok(Ok(0) | Err(_))),
+        "a head dripped for 20 s still holds its connection: {dripped:?}"
+    );
+    drip.await.unwrap();
+    // The API serves on.
+    assert_eq!(api.get("/healthz").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_cap_a_client_waits_for_a_free_connection() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api_with(ADMIN, &["--api-max-connections", "2"]).await;
+    let addr = socket_of(&api);
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut held = TcpStream::connect(&addr).await.unwrap();
+        held.write_all(HEALTH_REQUEST).await.unwrap();
+        let mut head = [0u8; 12];
+        held.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200", "a connection within the cap is served");
+        holders.push(held);
+    }
+    // The kernel completes the handshake; the server does not take the connection yet.
+    let mut third = TcpStream::connect(&addr).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    let early = tokio::time::timeout(Duration::from_millis(500), third.read_exact(&mut head)).await;
+    assert!(
+        early.is_err(),
+        "a third connection was served while two held the cap of two"
+    );
+    drop(holders.pop());
+    let answered = closed_by_server(&mut third, Duration::from_secs(20)).await;
+    assert!(
+        answered.starts_with("HTTP/1.1 200"),
+        "served once a connection closed: {answered}"
+    );
 }

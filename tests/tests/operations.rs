@@ -352,13 +352,33 @@ async fn the_producer_and_the_scheduler_stop_cleanly_on_sigterm() {
     let mut env = TestEnv::new().await;
     let api_port = laabam_tests::ports::free_port();
     let mut api_flags = env.connection_flags();
-    api_flags.extend(["serve".into(), "--http-addr".into(), format!("127.0.0.1:{api_port}")]);
+    api_flags.extend(
+        [
+            "serve",
+            "--http-addr",
+            &format!("127.0.0.1:{api_port}"),
+            "--api-timeout",
+            "2s",
+        ]
+        .map(String::from),
+    );
     let producer = env.spawn_binary("laabam-producer", &api_flags);
     let scheduler = env.spawn_binary("laabam-retry-scheduler", &env.scheduler_flags(&[]));
     wait_until("the API listens", Duration::from_secs(30), || async {
         tokio::net::TcpStream::connect(("127.0.0.1", api_port)).await.is_ok()
     })
     .await;
+    // A client dripping a request's head, which the API may wait for until its idle timeout
+    // (75 s): at shutdown it waits only the shutdown grace (the request time limit) for it.
+    let mut dripping = tokio::net::TcpStream::connect(("127.0.0.1", api_port)).await.unwrap();
+    let drip = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut line: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: test\r\n";
+        while dripping.write_all(line).await.is_ok() {
+            line = b"X-Slow: yes\r\n";
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
     for pid in [producer, scheduler] {
         let started = std::time::Instant::now();
@@ -366,6 +386,7 @@ async fn the_producer_and_the_scheduler_stop_cleanly_on_sigterm() {
         assert!(status.success(), "clean exit: {status:?}");
         assert!(started.elapsed() < Duration::from_secs(10), "stopped within its bound");
     }
+    drip.await.unwrap();
 }
 
 /// The dispatcher turns transparent huge pages off for itself before it allocates much: its

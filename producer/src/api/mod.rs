@@ -22,6 +22,7 @@ use axum::routing::{delete, get, post};
 use error::ApiError;
 use laabam_shared::config::{CommonArgs, at_least_one, parse_duration, parse_positive_duration};
 use laabam_shared::endpoint::Endpoint;
+use laabam_shared::http_server::{self, ConnectionLimits};
 use laabam_shared::startup::Unreachable;
 use laabam_shared::store::{Store, StoreConfig};
 use laabam_shared::targets::{TargetArgs, TargetPolicy};
@@ -57,6 +58,15 @@ pub struct ServeArgs {
     /// The longest a request may take (a publish waits for the broker's confirm).
     #[arg(long, env = "LAABAM_API_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
     pub api_timeout: Duration,
+    /// How long a connection may take to send a request's head, from when it opens or from its
+    /// previous response; also the keep-alive idle timeout (behind a load balancer, make it
+    /// longer than the balancer's).
+    #[arg(long, env = "LAABAM_API_IDLE_TIMEOUT", default_value = "75s", value_parser = parse_positive_duration)]
+    pub api_idle_timeout: Duration,
+    /// Client connections open at once; past it new ones wait to be accepted. Keep it below the
+    /// process's open-file limit.
+    #[arg(long, env = "LAABAM_API_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = at_least_one::<usize>())]
+    pub api_max_connections: usize,
 }
 
 /// What every handler shares.
@@ -195,15 +205,18 @@ pub async fn start(
         args.api_max_in_flight,
         args.api_timeout,
     ));
-    let app = router(state, limits).into_make_service_with_connect_info::<SocketAddr>();
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    });
+    let connections = ConnectionLimits {
+        idle_timeout: args.api_idle_timeout,
+        max_connections: args.api_max_connections,
+        // No request takes longer: past it the API answers 503 itself.
+        shutdown_grace: args.api_timeout,
+    };
+    let task = tokio::spawn(http_server::serve(
+        listener,
+        router(state, limits),
+        connections,
+        shutdown,
+    ));
     tracing::info!(%addr, "HTTP API listening");
     Ok((addr, task))
 }

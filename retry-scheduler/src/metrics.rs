@@ -9,10 +9,12 @@ pub struct Metrics {
     pub reclaimed: IntCounter,
     pub backlog: IntGauge,
     pub retry_shards: IntGauge,
+    pub publishing_blocked: IntGauge,
     pub due_lag_seconds: Histogram,
 }
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    Metrics {
     republished: register_int_counter!(
         "laabam_scheduler_republished_total",
         "Retry jobs re-published to RabbitMQ (confirmed)"
@@ -33,6 +35,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "Retry shards claimed from: the scheduler's own count, or more while another count's shards drain"
     )
     .unwrap(),
+    publishing_blocked: register_int_gauge!(
+        "laabam_scheduler_publishing_blocked",
+        "1 while RabbitMQ blocks the scheduler's publishing (a memory or disk alarm) and due retries wait; the broker says so at the first publish the alarm catches"
+    )
+    .unwrap(),
     due_lag_seconds: register_histogram!(
         "laabam_scheduler_due_lag_seconds",
         "How late a batch of due jobs was claimed (the earliest due time of the batch to now)",
@@ -41,4 +48,5 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         ]
     )
     .unwrap(),
+}
 });

@@ -105,6 +105,36 @@ async fn rounds(
     }
 }
 
+/// A spell of publishing blocked by a RabbitMQ resource alarm: said once in the log and shown in
+/// `laabam_scheduler_publishing_blocked` from its start until it ends or the connection does.
+#[derive(Default)]
+struct BlockedSpell(bool);
+
+impl BlockedSpell {
+    fn begin(&mut self) {
+        if !std::mem::replace(&mut self.0, true) {
+            tracing::warn!("RabbitMQ blocks publishing (a memory or disk alarm): nothing is claimed until it clears");
+            METRICS.publishing_blocked.set(1);
+        }
+    }
+
+    fn end(&mut self) {
+        if std::mem::take(&mut self.0) {
+            tracing::info!("RabbitMQ takes publishes again; claiming");
+            METRICS.publishing_blocked.set(0);
+        }
+    }
+}
+
+impl Drop for BlockedSpell {
+    /// A connection that ends blocked is replaced by one the broker has not blocked (yet).
+    fn drop(&mut self) {
+        if self.0 {
+            METRICS.publishing_blocked.set(0);
+        }
+    }
+}
+
 /// A publishing channel and its connection's status (blocked or not).
 type Link<'a> = (&'a Channel, &'a ConnectionStatus);
 
@@ -119,7 +149,7 @@ async fn rounds_until_failure(
     let mut shards = store.keys().retry_shards();
     let (mut shards_checked, mut swept): (Option<Instant>, Option<Instant>) = (None, None);
     let routing_keys = config.common.layout().retry_routing_keys();
-    let mut was_blocked = false;
+    let mut blocked = BlockedSpell::default();
     'rounds: while !shutdown.is_cancelled() {
         if shards_checked.is_none_or(|at| at.elapsed() >= SHARDS_CHECK_EVERY) {
             if swept.is_none_or(|at| at.elapsed() >= SHARDS_SWEEP_EVERY) {
@@ -137,12 +167,7 @@ async fn rounds_until_failure(
             return;
         }
         if connection.blocked() {
-            if !was_blocked {
-                tracing::warn!(
-                    "RabbitMQ blocks publishing (a memory or disk alarm): nothing is claimed until it clears"
-                );
-                was_blocked = true;
-            }
+            blocked.begin();
             while let Some(sent) = in_flight.pop_front() {
                 let _ = settle(store, sent, connection, readiness).await;
             }
@@ -152,9 +177,7 @@ async fn rounds_until_failure(
             }
             continue;
         }
-        if std::mem::take(&mut was_blocked) {
-            tracing::info!("RabbitMQ takes publishes again; claiming");
-        }
+        blocked.end();
         let mut busy = false;
         let mut earliest: Option<i64> = None;
         for shard in 0..shards {

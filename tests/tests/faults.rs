@@ -632,6 +632,15 @@ async fn a_resource_alarm_fails_publishing_at_once_and_never_stops_delivery() {
         },
     )
     .await;
+    // Shown to operators (`LaabamPublishingBlocked`), and only by this test's scheduler: the
+    // others in this process never see a block.
+    let scheduler_blocked = || laabam_retry_scheduler::metrics::METRICS.publishing_blocked.get();
+    wait_until(
+        "the scheduler shows publishing blocked",
+        Duration::from_secs(15),
+        || async { scheduler_blocked() == 1 },
+    )
+    .await;
 
     rabbit.memory_alarm(false).await;
     wait_until(
@@ -656,6 +665,11 @@ async fn a_resource_alarm_fails_publishing_at_once_and_never_stops_delivery() {
         },
     )
     .await;
+    assert_eq!(
+        scheduler_blocked(),
+        0,
+        "the retry went out, so publishing is no longer shown blocked"
+    );
     let mut arrivals = rx.per_event();
     *arrivals.get_mut(confirmed[0].as_str()).unwrap() -= 1; // its failed first attempt
     let (lost, duplicates) = fault_row(

@@ -332,7 +332,32 @@ async fn callers_over_their_rate_are_told_to_slow_down_and_others_are_not() {
     assert!(limited.headers.get("retry-after").is_some());
     // Another credential has its own budget.
     let other = key(&api).await;
-    assert_eq!(other.get("/v1/event-types").await.status, 200);
+    assert_eq!(other.get("/v1/endpoints").await.status, 200);
+    // A made-up key per request does not bring a fresh budget each time: refusals spend the
+    // address's, and past it guesses wait like any caller over its rate.
+    let mut refused = 0;
+    let mut guess_limited = None;
+    for guess in 0..40 {
+        let answer = api
+            .with_token(&format!("lbk_made_up_{guess}"))
+            .get("/v1/endpoints")
+            .await;
+        match answer.status {
+            401 => refused += 1,
+            _ => {
+                guess_limited = Some(answer);
+                break;
+            }
+        }
+    }
+    let guess_limited = guess_limited.expect("guesses past the address's budget are limited");
+    assert_eq!(guess_limited.json["error"]["code"], "rate_limited");
+    assert!(
+        refused <= 12,
+        "{refused} guesses refused before the limit (a budget of 10)"
+    );
+    // A key already accepted from the same address goes on.
+    assert_eq!(other.get("/v1/endpoints").await.status, 200);
 }
 
 /// The API's address as a socket address.

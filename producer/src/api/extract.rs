@@ -2,6 +2,7 @@
 
 use super::ApiState;
 use super::error::ApiError;
+use super::limits::Authenticated;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -106,7 +107,10 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
             "an account API key is required (Authorization: Bearer lbk_…)",
         ))?;
         match state.store.authenticate(key).await? {
-            Some(account) => Ok(Caller(account)),
+            Some(account) => {
+                Authenticated::mark(parts);
+                Ok(Caller(account))
+            }
             None => Err(ApiError::Unauthorized("invalid API key")),
         }
     }
@@ -128,6 +132,7 @@ impl FromRequestParts<Arc<ApiState>> for Operator {
         let given = bearer(parts).ok_or(ApiError::Unauthorized("the operator token is required"))?;
         // Comparing digests: timing can reveal at most a prefix of a hash, never of the token.
         if Sha256::digest(given.as_bytes()).as_slice() == expected.as_slice() {
+            Authenticated::mark(parts);
             Ok(Operator)
         } else {
             Err(ApiError::Unauthorized("invalid operator token"))

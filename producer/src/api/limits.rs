@@ -1,15 +1,24 @@
 //! Protection for the API itself: a request rate per credential (or per client address when
 //! there is none), a cap on requests in flight, and a time limit per request. Header sizes are
 //! bounded by hyper (100 headers, about 400 KiB of head); bodies by `MAX_BODY_BYTES`.
+//!
+//! A credential has its own rate only once it has been accepted. Until then its requests also
+//! spend the client address's budget of failed authentications: otherwise a made-up key per
+//! request would bring a fresh budget each time, and one client could send as many guesses (a
+//! Redis lookup each) as the in-flight cap lets through. Accepted credentials never wait on
+//! that budget, so other callers behind the same address (a NAT gateway) go on while one of
+//! them sends wrong keys.
 
 use super::error::ApiError;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::HeaderValue;
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -19,12 +28,23 @@ use tokio::sync::Semaphore;
 pub struct Limits {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<[u8; 16], (f64, Instant)>>,
+    /// Per credential, or per client address for requests without one.
+    callers: Mutex<HashMap<[u8; 16], Bucket>>,
+    /// Failed authentications per client address.
+    failures: Mutex<HashMap<[u8; 16], Bucket>>,
     in_flight: Arc<Semaphore>,
     timeout: Duration,
 }
 
-/// Buckets of idle callers are dropped past this many, so the map stays bounded.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    /// A request with this credential has been authenticated.
+    accepted: bool,
+}
+
+/// Buckets of idle callers are dropped past this many, so the maps stay bounded.
 const PRUNE_ABOVE: usize = 10_000;
 
 impl Limits {
@@ -32,50 +52,120 @@ impl Limits {
         Limits {
             rate: rate_per_sec.max(1) as f64,
             burst: (rate_per_sec.max(1) * 2) as f64,
-            buckets: Mutex::new(HashMap::new()),
+            callers: Mutex::default(),
+            failures: Mutex::default(),
             in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
             timeout,
         }
     }
 
-    /// Takes a token for `caller`; `Err(seconds)` until the next token when there is none.
-    fn take(&self, caller: [u8; 16]) -> Result<(), u64> {
+    /// `caller`'s bucket in `buckets`, refilled to now.
+    fn refilled<'a>(&self, buckets: &'a mut HashMap<[u8; 16], Bucket>, caller: [u8; 16]) -> &'a mut Bucket {
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().expect("limits lock");
         if buckets.len() > PRUNE_ABOVE {
             let (rate, burst) = (self.rate, self.burst);
-            buckets.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
         }
-        let (tokens, at) = buckets.entry(caller).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
+        let bucket = buckets.entry(caller).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+            accepted: false,
+        });
+        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * self.rate).min(self.burst);
+        bucket.at = now;
+        bucket
+    }
+
+    /// Seconds until `bucket` has a token, when it has none.
+    fn wait(&self, bucket: &Bucket) -> Result<(), u64> {
+        if bucket.tokens >= 1.0 {
             Ok(())
         } else {
-            Err(((1.0 - *tokens) / self.rate).ceil().max(1.0) as u64)
+            Err(((1.0 - bucket.tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+
+    /// Takes a token for `caller`; `Err(seconds)` until the next token when there is none. An
+    /// unaccepted credential also needs its address's failure budget not to be spent.
+    fn take(&self, caller: &Caller) -> Result<(), u64> {
+        let mut callers = self.callers.lock().expect("limits lock");
+        let bucket = self.refilled(&mut callers, caller.bucket);
+        if let Some(address) = caller.address.filter(|_| !bucket.accepted) {
+            let mut failures = self.failures.lock().expect("limits lock");
+            self.wait(self.refilled(&mut failures, address))?;
+        }
+        self.wait(bucket)?;
+        bucket.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// Marks `caller`'s credential accepted once it authenticated a request; charges its address
+    /// a failure when it was refused. A request to a public route does neither.
+    fn settle(&self, caller: &Caller, authenticated: bool, refused: bool) {
+        let Some(address) = caller.address else { return };
+        if !(authenticated || refused) {
+            return;
+        }
+        let mut callers = self.callers.lock().expect("limits lock");
+        self.refilled(&mut callers, caller.bucket).accepted = authenticated;
+        if refused {
+            let mut failures = self.failures.lock().expect("limits lock");
+            let bucket = self.refilled(&mut failures, address);
+            bucket.tokens = (bucket.tokens - 1.0).max(0.0);
         }
     }
 }
 
-/// Who is calling: the credential if any (hashed, never kept), else the client address.
-fn caller(req: &Request) -> [u8; 16] {
-    let mut hasher = Sha256::new();
-    match req.headers().get(axum::http::header::AUTHORIZATION) {
-        Some(auth) => hasher.update(auth.as_bytes()),
-        None => {
-            let ip = req
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip().to_string());
-            hasher.update(ip.unwrap_or_default().as_bytes());
+/// Set by the extractors that authenticate ([`super::extract::Caller`], `Operator`) when the
+/// credential is valid, for [`enforce`] to read after the handler.
+#[derive(Debug, Clone, Default)]
+pub struct Authenticated(Arc<AtomicBool>);
+
+impl Authenticated {
+    /// Records that this request's credential was accepted.
+    pub fn mark(parts: &Parts) {
+        if let Some(flag) = parts.extensions.get::<Authenticated>() {
+            flag.0.store(true, Ordering::Relaxed);
         }
+    }
+}
+
+/// Who is calling: the bucket of the credential (hashed, never kept) or, without one, of the
+/// client address; and with a credential, the address its failures are charged to.
+struct Caller {
+    bucket: [u8; 16],
+    address: Option<[u8; 16]>,
+}
+
+fn digest(parts: &[&[u8]]) -> [u8; 16] {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
     }
     hasher.finalize()[..16].try_into().expect("16 bytes")
 }
 
-pub async fn enforce(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
-    if let Err(wait) = limits.take(caller(&req)) {
+fn caller(req: &Request) -> Caller {
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    match req.headers().get(axum::http::header::AUTHORIZATION) {
+        Some(auth) => Caller {
+            bucket: digest(&[b"credential:", auth.as_bytes()]),
+            address: Some(digest(&[b"address:", ip.as_bytes()])),
+        },
+        None => Caller {
+            bucket: digest(&[b"address:", ip.as_bytes()]),
+            address: None,
+        },
+    }
+}
+
+pub async fn enforce(State(limits): State<Arc<Limits>>, mut req: Request, next: Next) -> Response {
+    let caller = caller(&req);
+    if let Err(wait) = limits.take(&caller) {
         let mut response = ApiError::RateLimited.into_response();
         response.headers_mut().insert("retry-after", HeaderValue::from(wait));
         return response;
@@ -87,8 +177,14 @@ pub async fn enforce(State(limits): State<Arc<Limits>>, req: Request, next: Next
             .insert("retry-after", HeaderValue::from_static("1"));
         return response;
     };
+    let authenticated = Authenticated::default();
+    req.extensions_mut().insert(authenticated.clone());
     match tokio::time::timeout(limits.timeout, next.run(req)).await {
-        Ok(response) => response,
+        Ok(response) => {
+            let refused = response.status() == StatusCode::UNAUTHORIZED;
+            limits.settle(&caller, authenticated.0.load(Ordering::Relaxed), refused);
+            response
+        }
         Err(_) => ApiError::Unavailable(format!("the request took longer than {:?}", limits.timeout)).into_response(),
     }
 }
@@ -97,12 +193,47 @@ pub async fn enforce(State(limits): State<Arc<Limits>>, req: Request, next: Next
 mod tests {
     use super::*;
 
+    fn with_credential(credential: u8) -> Caller {
+        Caller {
+            bucket: [credential; 16],
+            address: Some([0; 16]),
+        }
+    }
+
     #[test]
     fn a_caller_gets_its_burst_then_waits_and_others_are_unaffected() {
         let limits = Limits::new(5, 10, Duration::from_secs(1));
-        let admitted = (0..20).filter(|_| limits.take([1; 16]).is_ok()).count();
+        let one = Caller {
+            bucket: [1; 16],
+            address: None,
+        };
+        let admitted = (0..20).filter(|_| limits.take(&one).is_ok()).count();
         assert_eq!(admitted, 10, "a burst of twice the rate");
-        assert_eq!(limits.take([1; 16]), Err(1));
-        assert!(limits.take([2; 16]).is_ok());
+        assert_eq!(limits.take(&one), Err(1));
+        assert!(limits.take(&with_credential(2)).is_ok());
+    }
+
+    #[test]
+    fn refused_credentials_spend_their_address_budget_and_accepted_ones_do_not_wait_on_it() {
+        let limits = Limits::new(5, 10, Duration::from_secs(1));
+        limits.settle(&with_credential(1), true, false);
+        // A new made-up credential per request: a fresh bucket each, one address budget.
+        let guesses = (10..40u8)
+            .take_while(|&guess| {
+                let admitted = limits.take(&with_credential(guess)).is_ok();
+                limits.settle(&with_credential(guess), false, true);
+                admitted
+            })
+            .count();
+        assert_eq!(guesses, 10, "refusals are limited per address like requests");
+        assert_eq!(
+            limits.take(&with_credential(99)),
+            Err(1),
+            "another unknown credential waits"
+        );
+        assert!(limits.take(&with_credential(1)).is_ok(), "an accepted one goes on");
+        // A public route's answer proves nothing about a credential.
+        limits.settle(&with_credential(99), false, false);
+        assert!(limits.take(&with_credential(99)).is_err());
     }
 }

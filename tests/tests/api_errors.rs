@@ -459,3 +459,32 @@ async fn past_the_connection_cap_a_client_waits_for_a_free_connection() {
         "served once a connection closed: {answered}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_caller_sending_bodies_slowly_cannot_take_the_api_from_the_others() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api_with(ADMIN, &["--api-max-in-flight", "8"]).await;
+    let slow = key(&api).await;
+    let other = key(&api).await;
+    // Eight publishes whose bodies never finish arriving: each would hold its room in flight
+    // until the request time limit (30 s).
+    let mut dripping = Vec::new();
+    for _ in 0..8 {
+        let mut stream = TcpStream::connect(socket_of(&api)).await.unwrap();
+        let head = format!(
+            "POST /v1/events HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
+            slow.token().unwrap()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        dripping.push(stream);
+    }
+    // Their caller is held to a quarter of the room (two) ...
+    laabam_tests::wait_until("the slow caller told to wait", Duration::from_secs(20), || async {
+        slow.get("/v1/endpoints").await.status == 429
+    })
+    .await;
+    // ... so everyone else is still served.
+    assert_eq!(other.get("/v1/endpoints").await.status, 200);
+    drop(dripping);
+}

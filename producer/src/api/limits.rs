@@ -2,6 +2,10 @@
 //! there is none), a cap on requests in flight, and a time limit per request. Header sizes are
 //! bounded by hyper (100 headers, about 400 KiB of head); bodies by `MAX_BODY_BYTES`.
 //!
+//! No caller (a credential, or an address without one) holds more than a quarter of the
+//! requests in flight: a request holds its room while its body arrives, so one client sending
+//! bodies slowly could otherwise hold all of it, and the API would answer everyone else `503`.
+//!
 //! A credential has its own rate only once it has been accepted. Until then its requests also
 //! spend the client address's budget of failed authentications: otherwise a made-up key per
 //! request would bring a fresh budget each time, and one client could send as many guesses (a
@@ -33,7 +37,28 @@ pub struct Limits {
     /// Failed authentications per client address.
     failures: Mutex<HashMap<[u8; 16], Bucket>>,
     in_flight: Arc<Semaphore>,
+    /// Requests in flight per caller, and the most one caller may have.
+    per_caller: Arc<Mutex<HashMap<[u8; 16], usize>>>,
+    per_caller_max: usize,
     timeout: Duration,
+}
+
+/// A caller's share of the room in flight, given back when the request ends.
+struct Share {
+    per_caller: Arc<Mutex<HashMap<[u8; 16], usize>>>,
+    caller: [u8; 16],
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut per_caller = self.per_caller.lock().expect("limits lock");
+        if let Some(n) = per_caller.get_mut(&self.caller) {
+            *n -= 1;
+            if *n == 0 {
+                per_caller.remove(&self.caller);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -55,8 +80,24 @@ impl Limits {
             callers: Mutex::default(),
             failures: Mutex::default(),
             in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            per_caller: Arc::default(),
+            per_caller_max: (max_in_flight / 4).max(1),
             timeout,
         }
+    }
+
+    /// A share of the room in flight for `caller`, unless it holds its most already.
+    fn share(&self, caller: &Caller) -> Option<Share> {
+        let mut per_caller = self.per_caller.lock().expect("limits lock");
+        let n = per_caller.entry(caller.bucket).or_insert(0);
+        if *n >= self.per_caller_max {
+            return None;
+        }
+        *n += 1;
+        Some(Share {
+            per_caller: self.per_caller.clone(),
+            caller: caller.bucket,
+        })
     }
 
     /// `caller`'s bucket in `buckets`, refilled to now.
@@ -170,6 +211,13 @@ pub async fn enforce(State(limits): State<Arc<Limits>>, mut req: Request, next: 
         response.headers_mut().insert("retry-after", HeaderValue::from(wait));
         return response;
     }
+    let Some(_share) = limits.share(&caller) else {
+        let mut response = ApiError::RateLimited.into_response();
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+        return response;
+    };
     let Ok(_slot) = limits.in_flight.clone().try_acquire_owned() else {
         let mut response = ApiError::Unavailable("too many requests in flight; try again".into()).into_response();
         response
@@ -211,6 +259,22 @@ mod tests {
         assert_eq!(admitted, 10, "a burst of twice the rate");
         assert_eq!(limits.take(&one), Err(1));
         assert!(limits.take(&with_credential(2)).is_ok());
+    }
+
+    #[test]
+    fn a_caller_holds_at_most_a_quarter_of_the_room_in_flight() {
+        let limits = Limits::new(5, 8, Duration::from_secs(1));
+        let shares: Vec<_> = (0..3).map(|_| limits.share(&with_credential(1))).collect();
+        assert_eq!(shares.iter().filter(|s| s.is_some()).count(), 2);
+        assert!(
+            limits.share(&with_credential(2)).is_some(),
+            "another caller has its own"
+        );
+        drop(shares);
+        assert!(
+            limits.share(&with_credential(1)).is_some(),
+            "given back when a request ends"
+        );
     }
 
     #[test]

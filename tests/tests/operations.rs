@@ -429,3 +429,84 @@ async fn answers_readyz(port: u16, status: u16) -> bool {
         .await
         .is_ok_and(|a| a.status == status)
 }
+
+/// A Redis that stops answering for a while with every connection kept open (`CLIENT PAUSE`,
+/// as a failover or a slow command does) delays deliveries and loses none: calls past the 5 s
+/// response limit fail and their events are handed back to the broker, the scheduler claims
+/// nothing meanwhile, and once Redis answers again everything is delivered, a retry that came
+/// due during the pause included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_pausing_every_client_delays_deliveries_and_loses_none() {
+    let redis = OwnRedis::start();
+    let mut env = TestEnv::new().await;
+    env.redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    let event = |n: u32| {
+        let data = RawValue::from_string(format!(
+            r#"{{"customer_id":"c{n}","name":"N","email":"n@example.com"}}"#
+        ))
+        .unwrap();
+        Envelope::new(
+            "customer.created",
+            AccountId::parse("acct_pause").unwrap(),
+            data,
+            None,
+            now_ms(),
+        )
+        .unwrap()
+    };
+    let events: Vec<Envelope> = (0..150).map(event).collect();
+    let retried = events[0].id.to_string();
+    let failing = retried.clone();
+    let rx = Receiver::start(move |req, nth| {
+        if nth == 0 && req.header("webhook-id") == failing {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    env.endpoint("acct_pause", &rx.url, None).await;
+    env.start_dispatcher(&[]);
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+    for e in &events[..50] {
+        publisher.publish(e).await.unwrap();
+    }
+    wait_until("the first events delivered", Duration::from_secs(20), || async {
+        rx.per_event().len() == 50
+    })
+    .await;
+    // The first event's retry comes due 4-6 s after its failed attempt: within the pause.
+    let paused = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "client", "pause", "9000", "all"])
+        .output()
+        .unwrap();
+    assert!(
+        paused.status.success() && paused.stdout.starts_with(b"OK"),
+        "{paused:?}"
+    );
+    for e in &events[50..] {
+        publisher.publish(e).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rx.per_event().len(), 50, "nothing is delivered without recording it");
+    wait_until(
+        "every event delivered after the pause, and the retry",
+        Duration::from_secs(60),
+        || async {
+            let seen = rx.per_event();
+            seen.len() == 150 && seen.get(retried.as_str()) == Some(&2)
+        },
+    )
+    .await;
+    let mut arrivals = rx.per_event();
+    *arrivals.get_mut(retried.as_str()).unwrap() -= 1; // its planned failed attempt
+    let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
+    let (lost, _) = laabam_tests::report::fault_row(
+        "Redis pauses every client for 9 s (CLIENT PAUSE), a retry due meanwhile",
+        &ids,
+        &arrivals,
+        1,
+    );
+    assert_eq!(lost, 0);
+}

@@ -17,6 +17,7 @@ fn main() {
     let huge_pages = rustix::thread::disable_transparent_huge_pages(true);
     let config: DispatcherConfig = parse_settings();
     telemetry::init(config.common.log_format);
+    laabam_shared::open_files::raise_limit();
     #[cfg(target_os = "linux")]
     if let Err(e) = huge_pages {
         tracing::warn!(error = %e, "transparent huge pages stay on: memory use may be higher");

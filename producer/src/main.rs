@@ -293,6 +293,7 @@ async fn declared_topology(common: &CommonArgs) -> anyhow::Result<lapin::Connect
 async fn main() {
     let cli: Cli = parse_settings();
     telemetry::init(cli.common.log_format);
+    laabam_shared::open_files::raise_limit();
     if let Err(e) = run(cli).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);

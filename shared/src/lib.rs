@@ -8,7 +8,8 @@
 //! - [`store`]: everything in Redis (endpoints, events, deliveries, the retry set).
 //! - [`topology`]: every exchange and queue in RabbitMQ.
 //! - [`config`], [`startup`], [`shutdown`], [`telemetry`], [`ops`], [`clock`]: what each
-//!   process needs to start, run, be watched and stop; [`http_server`]: its HTTP ports.
+//!   process needs to start, run, be watched and stop; [`http_server`]: its HTTP ports;
+//!   [`open_files`]: room for its connections.
 
 pub mod catalog;
 pub mod clock;
@@ -18,6 +19,7 @@ pub mod endpoint;
 pub mod envelope;
 pub mod http_server;
 pub mod ids;
+pub mod open_files;
 pub mod ops;
 pub mod publish_link;
 pub mod retry;

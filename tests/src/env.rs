@@ -294,11 +294,31 @@ impl TestEnv {
         stderr: Option<&std::path::Path>,
     ) -> u32 {
         let mut command = Command::new(binary(name));
-        command.args(flags).envs(envs.iter().copied()).stdin(Stdio::null());
+        command.args(flags).envs(envs.iter().copied());
         if let Some(path) = stderr {
             command.stderr(std::fs::File::create(path).expect("log file"));
         }
-        let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        self.spawn(command, name)
+    }
+
+    /// [`Self::spawn_binary`] with its soft open-file limit set to `soft` (its hard limit kept),
+    /// as a service manager's default of 1,024 does, by util-linux's `prlimit`, which execs it.
+    pub fn spawn_binary_with_open_files(&mut self, name: &str, flags: &[String], soft: u64) -> u32 {
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={soft}:"))
+            .arg("--")
+            .arg(binary(name))
+            .args(flags)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
+        self.spawn(command, name)
+    }
+
+    fn spawn(&mut self, mut command: Command, name: &str) -> u32 {
+        let child = command
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let pid = child.id();
         self.children.push(child);
         pid

@@ -510,3 +510,51 @@ async fn redis_pausing_every_client_delays_deliveries_and_loses_none() {
     );
     assert_eq!(lost, 0);
 }
+
+/// Each process raises its soft open-file limit to the hard one: a dispatcher started with 128
+/// (a service manager's default is 1,024) delivers an event to 150 endpoints, each of them a
+/// connection kept open for reuse. With 128 it could not open the connections past it ("Too
+/// many open files"), and its retries failed the same way while the others stayed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_started_with_few_open_files_raises_its_limit_and_reaches_every_endpoint() {
+    let mut env = TestEnv::new().await;
+    let mut receivers = Vec::new();
+    for _ in 0..150 {
+        let rx = Receiver::ok().await;
+        env.endpoint("acct_files", &rx.url, None).await;
+        receivers.push(rx);
+    }
+    let dispatcher = env.spawn_binary_with_open_files("laabam-dispatcher", &env.dispatcher_flags(&[]), 128);
+    let limits = format!("/proc/{dispatcher}/limits");
+    let open_files = || {
+        let text = std::fs::read_to_string(&limits).unwrap_or_default();
+        text.lines().find(|l| l.starts_with("Max open files")).map(|l| {
+            l.split_whitespace()
+                .skip(3)
+                .take(2)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+    };
+    wait_until(
+        "the soft limit raised to the hard one",
+        Duration::from_secs(30),
+        || async { matches!(open_files().as_deref(), Some([soft, hard]) if soft == hard && soft != "128") },
+    )
+    .await;
+    let publisher = env.publisher().await;
+    let data = RawValue::from_string(r#"{"customer_id":"c","name":"N","email":"n@example.com"}"#.into()).unwrap();
+    let event = Envelope::new(
+        "customer.created",
+        AccountId::parse("acct_files").unwrap(),
+        data,
+        None,
+        now_ms(),
+    )
+    .unwrap();
+    publisher.publish(&event).await.unwrap();
+    wait_until("every endpoint reached", Duration::from_secs(30), || async {
+        receivers.iter().all(|rx| rx.count() == 1)
+    })
+    .await;
+}

@@ -205,6 +205,16 @@ pub async fn start(
         args.api_max_in_flight,
         args.api_timeout,
     ));
+    // Room for Redis, RabbitMQ and the process's own files beside the clients.
+    if let Some(limit) = laabam_shared::open_files::current_limit()
+        && args.api_max_connections as u64 + 64 > limit
+    {
+        tracing::warn!(
+            max_connections = args.api_max_connections,
+            open_file_limit = limit,
+            "LAABAM_API_MAX_CONNECTIONS is more than the open-file limit leaves room for: connections past it fail; raise the limit (ulimit -n, LimitNOFILE) or lower the setting"
+        );
+    }
     let connections = ConnectionLimits {
         idle_timeout: args.api_idle_timeout,
         max_connections: args.api_max_connections,

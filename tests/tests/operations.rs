@@ -65,6 +65,22 @@ impl Drop for OwnRedis {
     }
 }
 
+/// The `n`th `customer.created` event of `account`.
+fn customer_created(account: &str, n: u32) -> Envelope {
+    let data = RawValue::from_string(format!(
+        r#"{{"customer_id":"c{n}","name":"N","email":"n@example.com"}}"#
+    ))
+    .unwrap();
+    Envelope::new(
+        "customer.created",
+        AccountId::parse(account).unwrap(),
+        data,
+        None,
+        now_ms(),
+    )
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     let mut redis = OwnRedis::start();
@@ -101,20 +117,7 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     assert_eq!(ops.get("/healthz").await.status, 200);
 
     let publisher = env.publisher().await;
-    let event = |n: u32| {
-        let data = RawValue::from_string(format!(
-            r#"{{"customer_id":"c{n}","name":"N","email":"n@example.com"}}"#
-        ))
-        .unwrap();
-        Envelope::new(
-            "customer.created",
-            AccountId::parse("acct_ops").unwrap(),
-            data,
-            None,
-            now_ms(),
-        )
-        .unwrap()
-    };
+    let event = |n: u32| customer_created("acct_ops", n);
     let retried = event(0);
     publisher.publish(&retried).await.unwrap();
     wait_until("the first attempt failed", Duration::from_secs(20), || async {
@@ -440,20 +443,7 @@ async fn redis_pausing_every_client_delays_deliveries_and_loses_none() {
     let redis = OwnRedis::start();
     let mut env = TestEnv::new().await;
     env.redis_url = format!("redis://127.0.0.1:{}", redis.port);
-    let event = |n: u32| {
-        let data = RawValue::from_string(format!(
-            r#"{{"customer_id":"c{n}","name":"N","email":"n@example.com"}}"#
-        ))
-        .unwrap();
-        Envelope::new(
-            "customer.created",
-            AccountId::parse("acct_pause").unwrap(),
-            data,
-            None,
-            now_ms(),
-        )
-        .unwrap()
-    };
+    let event = |n: u32| customer_created("acct_pause", n);
     let events: Vec<Envelope> = (0..150).map(event).collect();
     let retried = events[0].id.to_string();
     let failing = retried.clone();
@@ -543,16 +533,7 @@ async fn a_dispatcher_started_with_few_open_files_raises_its_limit_and_reaches_e
     )
     .await;
     let publisher = env.publisher().await;
-    let data = RawValue::from_string(r#"{"customer_id":"c","name":"N","email":"n@example.com"}"#.into()).unwrap();
-    let event = Envelope::new(
-        "customer.created",
-        AccountId::parse("acct_files").unwrap(),
-        data,
-        None,
-        now_ms(),
-    )
-    .unwrap();
-    publisher.publish(&event).await.unwrap();
+    publisher.publish(&customer_created("acct_files", 0)).await.unwrap();
     wait_until("every endpoint reached", Duration::from_secs(30), || async {
         receivers.iter().all(|rx| rx.count() == 1)
     })

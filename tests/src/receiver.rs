@@ -134,6 +134,20 @@ impl Receiver {
         Self::start(move |_, nth| if nth == 0 { first } else { Reply::Status(200) }).await
     }
 
+    /// Answers 500 to the first attempt of the event `event_id` and 200 to everything else, so
+    /// that one delivery has a retry pending.
+    pub async fn failing_first_attempt_of(event_id: &str) -> Self {
+        let failing = event_id.to_owned();
+        Self::start(move |req, nth| {
+            if nth == 0 && req.header("webhook-id") == failing {
+                Reply::Status(500)
+            } else {
+                Reply::Status(200)
+            }
+        })
+        .await
+    }
+
     pub async fn start(script: impl Fn(&Captured, usize) -> Reply + Send + Sync + 'static) -> Self {
         Self::serve(Arc::new(script), None, 0).await
     }

@@ -214,15 +214,7 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
 async fn at_the_default_level_only_attempts_that_failed_are_logged_and_without_colour_codes() {
     let mut env = TestEnv::new().await;
     let events = laabam_tests::env::sample_events("acct_quiet", 5);
-    let failing = events[0].id.to_string();
-    let rx = Receiver::start(move |req, nth| {
-        if nth == 0 && req.header("webhook-id") == failing {
-            Reply::Status(500)
-        } else {
-            Reply::Status(200)
-        }
-    })
-    .await;
+    let rx = Receiver::failing_first_attempt_of(events[0].id.as_str()).await;
     env.endpoint("acct_quiet", &rx.url, None).await;
     let log = std::env::temp_dir().join(format!("laabam-dispatcher-{}.log", ulid::Ulid::new()));
     let flags = env.dispatcher_flags(&[]);
@@ -446,15 +438,7 @@ async fn redis_pausing_every_client_delays_deliveries_and_loses_none() {
     let event = |n: u32| customer_created("acct_pause", n);
     let events: Vec<Envelope> = (0..150).map(event).collect();
     let retried = events[0].id.to_string();
-    let failing = retried.clone();
-    let rx = Receiver::start(move |req, nth| {
-        if nth == 0 && req.header("webhook-id") == failing {
-            Reply::Status(500)
-        } else {
-            Reply::Status(200)
-        }
-    })
-    .await;
+    let rx = Receiver::failing_first_attempt_of(&retried).await;
     env.endpoint("acct_pause", &rx.url, None).await;
     env.start_dispatcher(&[]);
     env.start_scheduler(&[]);

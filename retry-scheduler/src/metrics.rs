@@ -13,8 +13,7 @@ pub struct Metrics {
     pub due_lag_seconds: Histogram,
 }
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    Metrics {
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     republished: register_int_counter!(
         "laabam_scheduler_republished_total",
         "Retry jobs re-published to RabbitMQ (confirmed)"
@@ -37,7 +36,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .unwrap(),
     publishing_blocked: register_int_gauge!(
         "laabam_scheduler_publishing_blocked",
-        "1 while RabbitMQ blocks the scheduler's publishing (a memory or disk alarm) and due retries wait; the broker says so at the first publish the alarm catches"
+        "1 while a RabbitMQ memory or disk alarm blocks publishing and due retries wait"
     )
     .unwrap(),
     due_lag_seconds: register_histogram!(
@@ -48,5 +47,4 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ]
     )
     .unwrap(),
-}
 });

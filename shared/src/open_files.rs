@@ -14,29 +14,25 @@ use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 /// past `fs.nr_open` (1,048,576 by default).
 const UNLIMITED_AIM: u64 = 1 << 20;
 
-/// Raises the soft open-file limit to the hard one; returns the limit in force after it. A
-/// failure is logged, and the process runs on with the limit it had.
-pub fn raise_limit() -> Option<u64> {
+/// Raises the soft open-file limit to the hard one. A failure is logged, and the process runs on
+/// with the limit it had.
+pub fn raise_limit() {
     let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
     let aim = maximum.unwrap_or(UNLIMITED_AIM);
-    match current {
-        Some(soft) if soft < aim => match setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: Some(aim),
-                maximum,
-            },
-        ) {
-            Ok(()) => {
-                tracing::info!(from = soft, to = aim, "open-file limit raised to its hard limit");
-                Some(aim)
-            }
-            Err(e) => {
-                tracing::warn!(limit = soft, error = %e, "cannot raise the open-file limit; connections past it will fail");
-                Some(soft)
-            }
+    let Some(soft) = current.filter(|&soft| soft < aim) else {
+        return;
+    };
+    match setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(aim),
+            maximum,
         },
-        _ => current,
+    ) {
+        Ok(()) => tracing::info!(from = soft, to = aim, "open-file limit raised to its hard limit"),
+        Err(e) => {
+            tracing::warn!(limit = soft, error = %e, "cannot raise the open-file limit; connections past it will fail")
+        }
     }
 }
 

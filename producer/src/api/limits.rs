@@ -127,8 +127,9 @@ impl Limits {
     }
 
     /// Takes a token for `caller`; `Err(seconds)` until the next token when there is none. An
-    /// unaccepted credential also needs its address's failure budget not to be spent.
-    fn take(&self, caller: &Caller) -> Result<(), u64> {
+    /// unaccepted credential also needs its address's failure budget not to be spent. Says
+    /// whether the credential was already accepted.
+    fn take(&self, caller: &Caller) -> Result<bool, u64> {
         let mut callers = self.callers.lock().expect("limits lock");
         let bucket = self.refilled(&mut callers, caller.bucket);
         if let Some(address) = caller.address.filter(|_| !bucket.accepted) {
@@ -137,14 +138,15 @@ impl Limits {
         }
         self.wait(bucket)?;
         bucket.tokens -= 1.0;
-        Ok(())
+        Ok(bucket.accepted)
     }
 
     /// Marks `caller`'s credential accepted once it authenticated a request; charges its address
-    /// a failure when it was refused. A request to a public route does neither.
-    fn settle(&self, caller: &Caller, authenticated: bool, refused: bool) {
+    /// a failure when it was refused. A request to a public route does neither, and an accepted
+    /// credential that authenticates again changes nothing, so most requests skip the locks.
+    fn settle(&self, caller: &Caller, was_accepted: bool, authenticated: bool, refused: bool) {
         let Some(address) = caller.address else { return };
-        if !(authenticated || refused) {
+        if !((authenticated && !was_accepted) || refused) {
             return;
         }
         let mut callers = self.callers.lock().expect("limits lock");
@@ -204,33 +206,34 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+/// `error`, telling the caller to try again in `seconds`.
+fn try_again_in(error: ApiError, seconds: u64) -> Response {
+    let mut response = error.into_response();
+    response.headers_mut().insert("retry-after", HeaderValue::from(seconds));
+    response
+}
+
 pub async fn enforce(State(limits): State<Arc<Limits>>, mut req: Request, next: Next) -> Response {
     let caller = caller(&req);
-    if let Err(wait) = limits.take(&caller) {
-        let mut response = ApiError::RateLimited.into_response();
-        response.headers_mut().insert("retry-after", HeaderValue::from(wait));
-        return response;
-    }
+    let was_accepted = match limits.take(&caller) {
+        Ok(accepted) => accepted,
+        Err(wait) => return try_again_in(ApiError::RateLimited, wait),
+    };
     let Some(_share) = limits.share(&caller) else {
-        let mut response = ApiError::RateLimited.into_response();
-        response
-            .headers_mut()
-            .insert("retry-after", HeaderValue::from_static("1"));
-        return response;
+        return try_again_in(ApiError::RateLimited, 1);
     };
     let Ok(_slot) = limits.in_flight.clone().try_acquire_owned() else {
-        let mut response = ApiError::Unavailable("too many requests in flight; try again".into()).into_response();
-        response
-            .headers_mut()
-            .insert("retry-after", HeaderValue::from_static("1"));
-        return response;
+        return try_again_in(
+            ApiError::Unavailable("too many requests in flight; try again".into()),
+            1,
+        );
     };
     let authenticated = Authenticated::default();
     req.extensions_mut().insert(authenticated.clone());
     match tokio::time::timeout(limits.timeout, next.run(req)).await {
         Ok(response) => {
             let refused = response.status() == StatusCode::UNAUTHORIZED;
-            limits.settle(&caller, authenticated.0.load(Ordering::Relaxed), refused);
+            limits.settle(&caller, was_accepted, authenticated.0.load(Ordering::Relaxed), refused);
             response
         }
         Err(_) => ApiError::Unavailable(format!("the request took longer than {:?}", limits.timeout)).into_response(),
@@ -280,12 +283,12 @@ mod tests {
     #[test]
     fn refused_credentials_spend_their_address_budget_and_accepted_ones_do_not_wait_on_it() {
         let limits = Limits::new(5, 10, Duration::from_secs(1));
-        limits.settle(&with_credential(1), true, false);
+        limits.settle(&with_credential(1), false, true, false);
         // A new made-up credential per request: a fresh bucket each, one address budget.
         let guesses = (10..40u8)
             .take_while(|&guess| {
                 let admitted = limits.take(&with_credential(guess)).is_ok();
-                limits.settle(&with_credential(guess), false, true);
+                limits.settle(&with_credential(guess), false, false, true);
                 admitted
             })
             .count();
@@ -297,7 +300,7 @@ mod tests {
         );
         assert!(limits.take(&with_credential(1)).is_ok(), "an accepted one goes on");
         // A public route's answer proves nothing about a credential.
-        limits.settle(&with_credential(99), false, false);
+        limits.settle(&with_credential(99), false, false, false);
         assert!(limits.take(&with_credential(99)).is_err());
     }
 }

@@ -155,9 +155,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let shutdown = shutdown::on_signals();
-            let (addr, server) = laabam_producer::api::start(common, &args, shutdown).await?;
-            eprintln!("serving the HTTP API on http://{addr}");
-            server.await?;
+            let started = laabam_producer::api::start(common, &args, shutdown).await?;
+            eprintln!(
+                "serving the HTTP API on http://{} and metrics on http://{}/metrics",
+                started.addr, started.metrics_addr
+            );
+            started.task.await?;
         }
         Command::Account(AccountCommand::Create { name }) => {
             let account = store(common).await?.create_account(&name, now_ms()).await?;

@@ -12,6 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// What `/readyz` asks. The dispatcher and scheduler keep [`Readiness`] flags that the loops
+/// owning each dependency flip; the producer, which has no such loops, asks its connections.
+pub trait ReadinessCheck: Send + Sync + 'static {
+    fn is_ready(&self) -> impl Future<Output = bool> + Send;
+}
+
 /// Readiness flags, flipped by the loops that own each dependency.
 #[derive(Debug, Default)]
 pub struct Readiness {
@@ -27,9 +33,20 @@ impl Readiness {
     pub fn set_redis(&self, up: bool) {
         self.redis.store(up, Ordering::Relaxed);
     }
+}
 
-    pub fn is_ready(&self) -> bool {
+impl ReadinessCheck for Readiness {
+    async fn is_ready(&self) -> bool {
         self.broker.load(Ordering::Relaxed) && self.redis.load(Ordering::Relaxed)
+    }
+}
+
+/// `/readyz`: 200 while `check` says ready, 503 otherwise.
+pub async fn readyz(check: &impl ReadinessCheck) -> (StatusCode, &'static str) {
+    if check.is_ready().await {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }
 }
 
@@ -62,7 +79,7 @@ pub struct BindError {
 /// Binds `addr` (port 0 picks a free one) and serves until `shutdown`; returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
-    readiness: Arc<Readiness>,
+    readiness: Arc<impl ReadinessCheck>,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, BindError> {
     let bind_error = |source| BindError { addr, source };
@@ -71,19 +88,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = readiness.is_ready();
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                    }
-                }
-            }),
-        );
+        .route("/readyz", get(move || async move { readyz(readiness.as_ref()).await }));
     tokio::spawn(crate::http_server::serve(listener, app, OPS_CONNECTIONS, shutdown));
     Ok(bound)
 }

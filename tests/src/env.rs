@@ -56,6 +56,8 @@ pub struct TestEnv {
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     children: Vec<Child>,
+    /// The `/metrics` of the API started last in this process.
+    api_metrics: Option<String>,
 }
 
 /// Settings a test changes from the fast test defaults (as extra command-line flags).
@@ -80,6 +82,7 @@ impl TestEnv {
             stop: CancellationToken::new(),
             tasks: Vec::new(),
             children: Vec::new(),
+            api_metrics: None,
         }
     }
 
@@ -113,6 +116,24 @@ impl TestEnv {
     pub fn common_flags(&self) -> Vec<String> {
         let mut flags = self.connection_flags();
         flags.extend(["--metrics-addr".to_owned(), "127.0.0.1:0".to_owned()]);
+        flags
+    }
+
+    /// `laabam-producer serve` flags: the API on `api_port`, its metrics on `metrics_addr`
+    /// (`127.0.0.1:0` where the test does not read them), then the test's own.
+    pub fn producer_flags(&self, api_port: u16, metrics_addr: &str, extra: Flags<'_>) -> Vec<String> {
+        let mut flags = self.connection_flags();
+        flags.extend(
+            [
+                "serve",
+                "--http-addr",
+                &format!("127.0.0.1:{api_port}"),
+                "--metrics-addr",
+                metrics_addr,
+            ]
+            .map(String::from),
+        );
+        flags.extend(extra.iter().map(|s| s.to_string()));
         flags
     }
 
@@ -245,6 +266,13 @@ impl TestEnv {
         self.start_api_with(admin_token, &[]).await
     }
 
+    /// What the API started last in this process reports on its operations port's `/metrics`,
+    /// with the metrics of every component in this process.
+    pub async fn api_metrics(&self) -> String {
+        let url = self.api_metrics.as_deref().expect("an API was started");
+        crate::api::plain_text(url).await
+    }
+
     /// [`Self::start_api`] with extra flags (later flags win).
     pub async fn start_api_with(&mut self, admin_token: &str, extra: Flags<'_>) -> crate::ApiClient {
         use clap::Parser;
@@ -262,6 +290,8 @@ impl TestEnv {
             [
                 "--http-addr",
                 "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
                 "--admin-token",
                 admin_token,
                 "--allow-private-targets",
@@ -271,11 +301,12 @@ impl TestEnv {
         );
         args.extend(extra.iter().map(|s| s.to_string()));
         let cli = Serve::parse_from(args);
-        let (addr, task) = laabam_producer::api::start(&cli.common, &cli.serve, self.stop.child_token())
+        let started = laabam_producer::api::start(&cli.common, &cli.serve, self.stop.child_token())
             .await
             .expect("API starts");
-        self.tasks.push(task);
-        crate::ApiClient::new(&format!("http://{addr}"))
+        self.tasks.push(started.task);
+        self.api_metrics = Some(format!("http://{}/metrics", started.metrics_addr));
+        crate::ApiClient::new(&format!("http://{}", started.addr))
     }
 
     /// Starts a real binary of the workspace (built on first use) with these flags; it is

@@ -65,13 +65,23 @@ fn visit(dir: &Path, f: &mut dyn FnMut(&str)) {
 
 const BINARIES: [&str; 3] = ["laabam-producer", "laabam-dispatcher", "laabam-retry-scheduler"];
 
-/// The port each binary serves its HTTP (API or metrics) on by default, from the code.
-fn default_port(binary: &str) -> u16 {
-    let (file, var) = match binary {
-        "laabam-producer" => ("producer/src/api/mod.rs", "LAABAM_HTTP_ADDR"),
-        "laabam-dispatcher" => ("dispatcher/src/config.rs", "LAABAM_METRICS_ADDR"),
-        _ => ("retry-scheduler/src/config.rs", "LAABAM_METRICS_ADDR"),
+/// The port each binary serves `/metrics` on by default, from the code.
+fn metrics_port(binary: &str) -> u16 {
+    let file = match binary {
+        "laabam-producer" => "producer/src/api/mod.rs",
+        "laabam-dispatcher" => "dispatcher/src/config.rs",
+        _ => "retry-scheduler/src/config.rs",
     };
+    default_port(file, "LAABAM_METRICS_ADDR")
+}
+
+/// The port of the API, which is not scraped.
+fn api_port() -> u16 {
+    default_port("producer/src/api/mod.rs", "LAABAM_HTTP_ADDR")
+}
+
+/// The port of the address setting `var`'s default in `file`.
+fn default_port(file: &str, var: &str) -> u16 {
     let text = read(file);
     let at = text
         .find(&format!("env = \"{var}\", default_value = \"127.0.0.1:"))
@@ -145,13 +155,23 @@ fn compose_services_run_real_binaries_on_the_ports_prometheus_scrapes() {
         );
         assert_eq!(service["image"], "laabam-webhooks", "{name}");
         let env = &service["environment"];
-        let addr = env["LAABAM_HTTP_ADDR"]
+        let addr = env["LAABAM_METRICS_ADDR"]
             .as_str()
-            .or(env["LAABAM_METRICS_ADDR"].as_str())
-            .unwrap_or_else(|| panic!("{name} sets no address"));
+            .unwrap_or_else(|| panic!("{name} sets no metrics address"));
         let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
-        assert_eq!(port, default_port(binary), "{name} serves on the code's default port");
+        assert_eq!(port, metrics_port(binary), "{name} serves on the code's default port");
         assert!(addr.starts_with("0.0.0.0:"), "{name} listens beyond its container");
+        if binary == "laabam-producer" {
+            let api = format!("0.0.0.0:{}", api_port());
+            assert_eq!(env["LAABAM_HTTP_ADDR"], api.as_str(), "{name}");
+            let published = service["ports"].as_sequence().expect("the API is published");
+            assert!(
+                published
+                    .iter()
+                    .all(|p| !p.as_str().unwrap().ends_with(&format!(":{port}"))),
+                "{name} publishes its metrics port to the host: {published:?}"
+            );
+        }
         let target = format!("{name}:{port}");
         assert!(targets.contains(&target), "Prometheus does not scrape {target}");
         scraped.insert(target);
@@ -176,16 +196,27 @@ fn compose_services_run_real_binaries_on_the_ports_prometheus_scrapes() {
 
 #[test]
 fn kubernetes_deployments_probe_and_expose_what_the_processes_serve() {
-    let code_routes = read("shared/src/ops.rs") + &read("producer/src/api/mod.rs");
-    for path in ["/healthz", "/readyz", "/metrics"] {
+    let (ops, api) = (read("shared/src/ops.rs"), read("producer/src/api/mod.rs"));
+    for path in ["/healthz", "/readyz"] {
+        let route = format!(".route(\"{path}\"");
         assert!(
-            code_routes.matches(&format!("\"{path}\"")).count() >= 2,
+            ops.contains(&route) && api.contains(&route),
             "both servers route {path}"
         );
     }
+    assert!(
+        ops.contains(".route(\"/metrics\""),
+        "the operations port serves /metrics"
+    );
+    assert!(!api.contains("\"/metrics\""), "the public API does not serve /metrics");
     let mut seen = BTreeSet::new();
     for file in ["producer.yaml", "dispatcher.yaml", "retry-scheduler.yaml"] {
         for doc in yaml_docs(&format!("deploy/kubernetes/{file}")) {
+            if doc["kind"] == "Service" {
+                for port in doc["spec"]["ports"].as_sequence().unwrap() {
+                    assert_ne!(port["targetPort"], "metrics", "{file}: a Service exposes metrics");
+                }
+            }
             if doc["kind"] != "Deployment" {
                 continue;
             }
@@ -194,15 +225,37 @@ fn kubernetes_deployments_probe_and_expose_what_the_processes_serve() {
             let binary = container["command"][0].as_str().unwrap();
             assert!(BINARIES.contains(&binary), "{file}: {binary}");
             seen.insert(binary.to_owned());
-            let port = container["ports"][0]["containerPort"].as_u64().unwrap() as u16;
-            assert_eq!(port, default_port(binary), "{file}: container port");
+            let ports = container["ports"].as_sequence().unwrap();
+            let port_named = |name: &str| {
+                ports
+                    .iter()
+                    .find(|p| p["name"] == name)
+                    .map(|p| p["containerPort"].as_u64().unwrap() as u16)
+            };
+            let port = port_named("metrics").unwrap_or_else(|| panic!("{file}: a metrics port"));
+            assert_eq!(port, metrics_port(binary), "{file}: container port");
             assert_eq!(
                 pod["metadata"]["annotations"]["prometheus.io/port"],
                 port.to_string().as_str(),
                 "{file}: scrape port"
             );
-            let addr = container["env"][0]["value"].as_str().unwrap();
-            assert_eq!(addr, format!("0.0.0.0:{port}"), "{file}: listen address");
+            let env_value = |var: &str| {
+                let entries = container["env"].as_sequence().unwrap();
+                entries
+                    .iter()
+                    .find(|e| e["name"] == var)
+                    .map(|e| e["value"].as_str().unwrap().to_owned())
+            };
+            assert_eq!(
+                env_value("LAABAM_METRICS_ADDR"),
+                Some(format!("0.0.0.0:{port}")),
+                "{file}: listen address"
+            );
+            if binary == "laabam-producer" {
+                let api = port_named("http").unwrap_or_else(|| panic!("{file}: an API port"));
+                assert_eq!(api, api_port(), "{file}: API port");
+                assert_eq!(env_value("LAABAM_HTTP_ADDR"), Some(format!("0.0.0.0:{api}")), "{file}");
+            }
             assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz", "{file}");
             assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz", "{file}");
             assert!(

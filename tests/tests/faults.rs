@@ -371,14 +371,7 @@ async fn a_producer_killed_mid_stream_loses_no_event_it_confirmed() {
     // scheduler brings those deliveries back.
     env.start_scheduler(&[]);
     let port = laabam_tests::ports::free_port();
-    let mut flags = env.connection_flags();
-    flags.extend([
-        "serve".into(),
-        "--http-addr".into(),
-        format!("127.0.0.1:{port}"),
-        "--api-rate-limit".into(),
-        "100000".into(),
-    ]);
+    let flags = env.producer_flags(port, "127.0.0.1:0", &["--api-rate-limit", "100000"]);
     let api = ApiClient::new(&format!("http://127.0.0.1:{port}")).with_token(&key);
     let start = |env: &mut TestEnv| env.spawn_binary("laabam-producer", &flags);
     let up = || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() };
@@ -589,7 +582,7 @@ async fn a_resource_alarm_fails_publishing_at_once_and_never_stops_delivery() {
 
     // Counted apart from other failures, for the alert `LaabamPublishingBlocked`: two through
     // the library and two through the API, all in this process.
-    let metrics = laabam_tests::api::plain_text(&format!("{}/metrics", api.base)).await;
+    let metrics = env.api_metrics().await;
     assert!(
         metrics.contains(r#"laabam_producer_events_published_total{event_type="invoice.created",result="blocked"} 4"#),
         "{metrics}"

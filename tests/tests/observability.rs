@@ -151,17 +151,12 @@ async fn dashboards_and_alerts_evaluate_to_what_the_traffic_implies() {
         .await
         .unwrap();
 
-    let (api_port, dispatcher_port, scheduler_port) = (free_port(), free_port(), free_port());
-    let mut api_flags = env.connection_flags();
-    api_flags.extend(
-        [
-            "serve",
-            "--http-addr",
-            &format!("127.0.0.1:{api_port}"),
-            "--allow-private-targets",
-            "true",
-        ]
-        .map(String::from),
+    let (api_port, producer_port, dispatcher_port, scheduler_port) =
+        (free_port(), free_port(), free_port(), free_port());
+    let api_flags = env.producer_flags(
+        api_port,
+        &format!("127.0.0.1:{producer_port}"),
+        &["--allow-private-targets", "true"],
     );
     env.spawn_binary("laabam-producer", &api_flags);
     let mut flags = env.dispatcher_flags(&["--metrics-per-endpoint", "true", "--retry-max-attempts", "10"]);
@@ -171,12 +166,12 @@ async fn dashboards_and_alerts_evaluate_to_what_the_traffic_implies() {
     flags.extend(["--metrics-addr".into(), format!("127.0.0.1:{scheduler_port}")]);
     env.spawn_binary("laabam-retry-scheduler", &flags);
     let prometheus = Prometheus::start(&[
-        ("laabam-producer", api_port),
+        ("laabam-producer", producer_port),
         ("laabam-dispatcher", dispatcher_port),
         ("laabam-retry-scheduler", scheduler_port),
     ]);
 
-    for port in [api_port, dispatcher_port, scheduler_port] {
+    for port in [api_port, producer_port, dispatcher_port, scheduler_port] {
         wait_until("the process listens", Duration::from_secs(30), || async {
             tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
         })
@@ -347,7 +342,7 @@ async fn dashboards_and_alerts_evaluate_to_what_the_traffic_implies() {
 
     // Every metric a dashboard or rule names is exported by some process.
     let mut exported = BTreeSet::new();
-    for port in [api_port, dispatcher_port, scheduler_port] {
+    for port in [producer_port, dispatcher_port, scheduler_port] {
         let text = laabam_tests::api::plain_text(&format!("http://127.0.0.1:{port}/metrics")).await;
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             exported.insert(line.split_whitespace().nth(2).unwrap().to_owned());

@@ -346,23 +346,14 @@ async fn a_redis_out_of_memory_answers_503_and_loses_nothing() {
 async fn the_producer_and_the_scheduler_stop_cleanly_on_sigterm() {
     let mut env = TestEnv::new().await;
     let api_port = laabam_tests::ports::free_port();
-    let mut api_flags = env.connection_flags();
-    api_flags.extend(
-        [
-            "serve",
-            "--http-addr",
-            &format!("127.0.0.1:{api_port}"),
-            "--api-timeout",
-            "2s",
-        ]
-        .map(String::from),
-    );
+    let ops_port = laabam_tests::ports::free_port();
+    let api_flags = env.producer_flags(api_port, &format!("127.0.0.1:{ops_port}"), &["--api-timeout", "2s"]);
     let producer = env.spawn_binary("laabam-producer", &api_flags);
     let scheduler = env.spawn_binary("laabam-retry-scheduler", &env.scheduler_flags(&[]));
-    wait_until("the API listens", Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", api_port)).await.is_ok()
-    })
-    .await;
+    // Probes reach the API's port and the operations port alike.
+    for port in [api_port, ops_port] {
+        wait_until("ready", Duration::from_secs(30), || answers_readyz(port, 200)).await;
+    }
     // A client dripping a request's head, which the API may wait for until its idle timeout
     // (75 s): at shutdown it waits only the shutdown grace (the request time limit) for it.
     let mut dripping = tokio::net::TcpStream::connect(("127.0.0.1", api_port)).await.unwrap();

@@ -189,8 +189,12 @@ async fn secrets_and_keys_never_appear_in_metrics_or_errors() {
     wait_until("delivered", Duration::from_secs(20), || async { rx.count() == 1 }).await;
 
     // Prometheus text, not JSON: read as plain text.
-    let text = laabam_tests::api::plain_text(&format!("{}/metrics", api.base)).await;
+    let text = env.api_metrics().await;
     assert!(text.contains("laabam_dispatcher_attempts_total"));
+    // They are the operator's (event volumes of every account): the public API does not serve
+    // them, to callers with or without a key.
+    assert_eq!(api.get("/metrics").await.status, 404);
+    assert_eq!(client.get("/metrics").await.status, 404);
     for forbidden in ["whsec_", "lbk_", &secret[6..]] {
         assert!(!text.contains(forbidden), "metrics contain {forbidden}");
     }

@@ -23,6 +23,7 @@ use error::ApiError;
 use laabam_shared::config::{CommonArgs, at_least_one, parse_duration, parse_positive_duration};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::http_server::{self, ConnectionLimits};
+use laabam_shared::ops::{self, ReadinessCheck};
 use laabam_shared::startup::Unreachable;
 use laabam_shared::store::{Store, StoreConfig};
 use laabam_shared::targets::{TargetArgs, TargetPolicy};
@@ -38,9 +39,13 @@ pub const MAX_BODY_BYTES: usize = laabam_shared::envelope::MAX_EVENT_BYTES;
 /// `laabam-producer serve` settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// Serves the API, /metrics, /healthz and /readyz.
+    /// Serves the API, /healthz and /readyz: what clients and load balancers reach.
     #[arg(long, env = "LAABAM_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
+    /// Serves /metrics (with /healthz and /readyz) apart from the API, so that the platform's
+    /// figures (event volumes by type across every account) reach only the operator's scraper.
+    #[arg(long, env = "LAABAM_METRICS_ADDR", default_value = "127.0.0.1:9103")]
+    pub metrics_addr: SocketAddr,
     /// The operator token for creating accounts and keys; operator routes are off without it.
     #[arg(long, env = "LAABAM_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -115,12 +120,14 @@ impl ApiState {
     }
 }
 
-async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, &'static str) {
-    if state.store.ping().await && state.publisher.is_connected().await {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+impl ReadinessCheck for ApiState {
+    async fn is_ready(&self) -> bool {
+        self.store.ping().await && self.publisher.is_connected().await
     }
+}
+
+async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, &'static str) {
+    ops::readyz(state.as_ref()).await
 }
 
 /// Every route, behind the API's own limits.
@@ -153,7 +160,6 @@ pub fn router(state: Arc<ApiState>, limits: Arc<limits::Limits>) -> Router {
         .route("/v1/openapi.json", get(openapi::document))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .route("/metrics", get(laabam_shared::ops::metrics))
         .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -169,14 +175,21 @@ pub enum ServeError {
     Unreachable(#[from] Unreachable),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Operations(#[from] ops::BindError),
 }
 
-/// Connects, binds and serves in the background until `shutdown`; returns the bound address.
-pub async fn start(
-    common: &CommonArgs,
-    args: &ServeArgs,
-    shutdown: CancellationToken,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServeError> {
+/// A running API: where it listens, where its operations port listens, and the server's task.
+#[derive(Debug)]
+pub struct Started {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Connects, binds and serves the API and the operations port in the background until
+/// `shutdown`.
+pub async fn start(common: &CommonArgs, args: &ServeArgs, shutdown: CancellationToken) -> Result<Started, ServeError> {
     crate::metrics::initialize();
     let store = Store::connect(&StoreConfig::from(common), common.connect_timeout).await?;
     store.warn_about_unsafe_settings().await;
@@ -221,12 +234,17 @@ pub async fn start(
         // No request takes longer: past it the API answers 503 itself.
         shutdown_grace: args.api_timeout,
     };
+    let metrics_addr = ops::serve(args.metrics_addr, state.clone(), shutdown.clone()).await?;
     let task = tokio::spawn(http_server::serve(
         listener,
         router(state, limits),
         connections,
         shutdown,
     ));
-    tracing::info!(%addr, "HTTP API listening");
-    Ok((addr, task))
+    tracing::info!(%addr, %metrics_addr, "HTTP API listening");
+    Ok(Started {
+        addr,
+        metrics_addr,
+        task,
+    })
 }

@@ -69,7 +69,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
             config.http_timeout,
             config.extra_ca_file.as_deref(),
             config.targets.policy(),
-            config.max_in_flight,
+            config.pool(),
         )?,
         limits: limits::EndpointLimits::new(config.endpoint_concurrency, config.slot_wait, config.max_in_flight / 2),
         policy: config.retry.policy(),

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub completed: IntCounterVec,
     pub dead_letters: IntCounterVec,
     pub in_flight: IntGauge,
+    pub idle_connections: IntGauge,
     pub slow_room_in_use: IntGauge,
     pub cut_short: IntCounter,
     pub slot_wait_budget: Gauge,
@@ -138,6 +139,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     )
     .unwrap(),
     in_flight: register_int_gauge!("laabam_dispatcher_in_flight_attempts", "Attempts in flight").unwrap(),
+    idle_connections: register_int_gauge!(
+        "laabam_dispatcher_idle_connections",
+        "Connections to endpoints kept open for reuse (at most LAABAM_HTTP_IDLE_CONNECTIONS)"
+    )
+    .unwrap(),
     slow_room_in_use: register_int_gauge!(
         "laabam_dispatcher_slow_room_in_use",
         "Requests in flight to endpoints judged slow; past half the in-flight bound, more are deferred"

@@ -141,3 +141,13 @@ pub async fn plain_text(url: &str) -> String {
     let body = resp.into_body().collect().await.expect("a body");
     String::from_utf8(body.to_bytes().to_vec()).expect("UTF-8 text")
 }
+
+/// The value of an unlabelled metric the process serving operations on `addr` exports.
+pub async fn metric(addr: &str, name: &str) -> f64 {
+    let metrics = plain_text(&format!("http://{addr}/metrics")).await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+}

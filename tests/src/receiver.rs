@@ -17,12 +17,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Requests being answered now, the most ever answered at once, and connections accepted.
+/// Requests being answered now, the most ever answered at once, connections accepted, and
+/// connections open now.
 #[derive(Debug, Default)]
 struct Concurrency {
     now: AtomicUsize,
     peak: AtomicUsize,
     connections: AtomicUsize,
+    open: AtomicUsize,
 }
 
 /// A request as the receiver saw it.
@@ -195,6 +197,7 @@ impl Receiver {
                     accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
                 };
                 conc.connections.fetch_add(1, Ordering::Relaxed);
+                conc.open.fetch_add(1, Ordering::Relaxed);
                 let (script, reqs, seen, stop3, acceptor, conc) = (
                     script.clone(),
                     reqs.clone(),
@@ -203,6 +206,7 @@ impl Receiver {
                     acceptor.clone(),
                     conc.clone(),
                 );
+                let open = conc.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: hyper::Request<Incoming>| {
                         let (script, reqs, seen, conc) = (script.clone(), reqs.clone(), seen.clone(), conc.clone());
@@ -260,6 +264,7 @@ impl Receiver {
                         _ = serve => {}
                         _ = stop3.cancelled() => {}
                     }
+                    open.open.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         });
@@ -288,6 +293,11 @@ impl Receiver {
     /// Connections accepted so far: with keep-alive, far fewer than requests.
     pub fn connections(&self) -> usize {
         self.concurrency.connections.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now: those a client keeps for reuse, and those being answered.
+    pub fn open_connections(&self) -> usize {
+        self.concurrency.open.load(Ordering::Relaxed)
     }
 
     /// Requests per `webhook-id`.

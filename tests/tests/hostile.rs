@@ -323,7 +323,7 @@ async fn hung_endpoints_together_never_hold_the_room_healthy_ones_need() {
         "the hung endpoints held {held} requests, more than half the room"
     );
     // The gauge shows the slow room in use (other tests of this process may add to it).
-    let in_use = metric(&metrics_addr, "laabam_dispatcher_slow_room_in_use").await;
+    let in_use = laabam_tests::api::metric(&metrics_addr, "laabam_dispatcher_slow_room_in_use").await;
     assert!(
         in_use >= held as f64,
         "the gauge says {in_use} with {held} requests held"
@@ -382,16 +382,6 @@ async fn time_healthy_events(publisher: &Publisher, healthy: &Receiver, n: usize
     started.elapsed()
 }
 
-/// The value of an unlabelled metric the dispatcher at `addr` exports.
-async fn metric(addr: &str, name: &str) -> f64 {
-    let metrics = laabam_tests::api::plain_text(&format!("http://{addr}/metrics")).await;
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the metrics"))
-}
-
 /// Endpoints that answered at once and then hang together (a shared host going down) are not
 /// known to be slow when their next requests start, so the slow room does not hold them back
 /// then: 8 of them × 4 slots could hold the whole room of 16 until the HTTP timeout (20 s), and
@@ -430,7 +420,7 @@ async fn endpoints_that_hang_together_hold_the_room_no_longer_than_the_wait_budg
         took < Duration::from_secs(10),
         "the healthy endpoint waited for the hung requests' timeout"
     );
-    assert!(metric(&metrics_addr, "laabam_dispatcher_requests_cut_short_total").await >= 1.0);
+    assert!(laabam_tests::api::metric(&metrics_addr, "laabam_dispatcher_requests_cut_short_total").await >= 1.0);
     // No scheduler: every delivery of the hanging endpoints is still there, none given up, and
     // a cut request is in its delivery's log as a timed-out attempt that says why.
     let store = env.store().await;

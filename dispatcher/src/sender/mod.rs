@@ -1,16 +1,19 @@
-//! Outbound HTTP: one pooled keep-alive client (http and https over rustls), a whole-request
-//! timeout, no redirects, and response bodies read only up to a cap.
+//! Outbound HTTP: keep-alive connections from one bounded pool (http and https over rustls), a
+//! whole-request timeout, no redirects, and response bodies read only up to a cap.
+
+mod pool;
+
+pub use pool::PoolLimits;
 
 use crate::guard::{GuardedResolver, check_url};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use laabam_shared::delivery::Outcome;
 use laabam_shared::targets::TargetPolicy;
+use pool::{Pool, SendError};
 use std::error::Error as StdError;
 use std::path::Path;
 use std::sync::Arc;
@@ -59,7 +62,7 @@ impl<F> std::fmt::Debug for Checkpoint<F> {
 /// The shared HTTP client of a dispatcher.
 #[derive(Debug, Clone)]
 pub struct Sender {
-    client: Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>,
+    pool: Arc<Pool<HttpsConnector<HttpConnector<GuardedResolver>>>>,
     timeout: Duration,
     policy: Arc<TargetPolicy>,
 }
@@ -94,16 +97,15 @@ fn tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, SenderErr
 }
 
 impl Sender {
-    /// `policy` decides which addresses endpoints may reach, checked on every connect.
-    /// `max_in_flight` bounds the connections kept idle per host: the process never has more
-    /// requests in flight than that, so every connection it opened can be kept for reuse. A
-    /// smaller pool closes connections whenever a busy endpoint's requests briefly all finish
-    /// (waiting on Redis or the broker) and opens them again moments later.
+    /// `policy` decides which addresses endpoints may reach, checked on every connect. The
+    /// pool's bound per host should be the process's requests in flight: a smaller one closes
+    /// connections whenever a busy endpoint's requests briefly all finish (waiting on Redis or
+    /// the broker) and opens them again moments later.
     pub fn new(
         timeout: Duration,
         extra_ca: Option<&Path>,
         policy: TargetPolicy,
-        max_in_flight: usize,
+        pool: PoolLimits,
     ) -> Result<Self, SenderError> {
         let policy = Arc::new(policy);
         let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: policy.clone() });
@@ -115,12 +117,8 @@ impl Sender {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(max_in_flight.max(1))
-            .build(https);
         Ok(Sender {
-            client,
+            pool: Pool::new(https, pool),
             timeout,
             policy,
         })
@@ -165,7 +163,7 @@ impl Sender {
             headers.append(name, value);
         }
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| classify(&e))?;
+            let (response, lease) = self.pool.send(request).await.map_err(|e| classify(&e))?;
             let status = response.status().as_u16();
             let retry_after = match status {
                 429 | 503 => response
@@ -177,6 +175,10 @@ impl Sender {
                 _ => None,
             };
             let excerpt = read_capped(response.into_body()).await;
+            // Read to its end: the connection can serve the next request.
+            if excerpt.1.is_none() {
+                self.pool.check_in(lease);
+            }
             Ok::<_, (Outcome, String)>((status, retry_after, excerpt))
         };
         let mut exchange = std::pin::pin!(exchange);
@@ -238,11 +240,11 @@ async fn read_capped(mut body: hyper::body::Incoming) -> (Vec<u8>, Option<String
 }
 
 /// Maps a client error to an outcome, looking through the cause chain for TLS failures.
-fn classify(err: &hyper_util::client::legacy::Error) -> (Outcome, String) {
+fn classify(err: &SendError) -> (Outcome, String) {
     let message = chain(err);
     if err.source().is_some_and(is_tls) {
         (Outcome::TlsError, message)
-    } else if err.is_connect() {
+    } else if matches!(err, SendError::Connect(_)) {
         (Outcome::ConnectError, message)
     } else {
         (Outcome::InvalidResponse, message)

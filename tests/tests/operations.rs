@@ -476,6 +476,17 @@ async fn redis_pausing_every_client_delays_deliveries_and_loses_none() {
     assert_eq!(lost, 0);
 }
 
+/// `n` endpoints of `account`, each on a receiver (a port) of its own.
+async fn endpoints_each_on_its_own_receiver(env: &mut TestEnv, account: &str, n: usize) -> Vec<Receiver> {
+    let mut receivers = Vec::new();
+    for _ in 0..n {
+        let rx = Receiver::ok().await;
+        env.endpoint(account, &rx.url, None).await;
+        receivers.push(rx);
+    }
+    receivers
+}
+
 /// Each process raises its soft open-file limit to the hard one: a dispatcher started with 128
 /// (a service manager's default is 1,024) delivers an event to 150 endpoints, each of them a
 /// connection kept open for reuse. With 128 it could not open the connections past it ("Too
@@ -483,12 +494,7 @@ async fn redis_pausing_every_client_delays_deliveries_and_loses_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatcher_started_with_few_open_files_raises_its_limit_and_reaches_every_endpoint() {
     let mut env = TestEnv::new().await;
-    let mut receivers = Vec::new();
-    for _ in 0..150 {
-        let rx = Receiver::ok().await;
-        env.endpoint("acct_files", &rx.url, None).await;
-        receivers.push(rx);
-    }
+    let receivers = endpoints_each_on_its_own_receiver(&mut env, "acct_files", 150).await;
     let dispatcher = env.spawn_binary_with_open_files("laabam-dispatcher", &env.dispatcher_flags(&[]), 128);
     let limits = format!("/proc/{dispatcher}/limits");
     let open_files = || {
@@ -521,12 +527,7 @@ async fn a_dispatcher_started_with_few_open_files_raises_its_limit_and_reaches_e
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatcher_keeps_at_most_its_bound_of_idle_connections_however_many_endpoints_it_reached() {
     let mut env = TestEnv::new().await;
-    let mut receivers = Vec::new();
-    for _ in 0..60 {
-        let rx = Receiver::ok().await;
-        env.endpoint("acct_idle", &rx.url, None).await;
-        receivers.push(rx);
-    }
+    let receivers = endpoints_each_on_its_own_receiver(&mut env, "acct_idle", 60).await;
     let metrics_addr = format!("127.0.0.1:{}", laabam_tests::ports::free_port());
     let mut flags = env.dispatcher_flags(&["--http-idle-connections", "20"]);
     flags.extend(["--metrics-addr".into(), metrics_addr.clone()]);

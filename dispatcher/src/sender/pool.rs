@@ -3,7 +3,7 @@
 //! hyper-util's pool bounds only each host and keeps every idle connection for its timeout, so
 //! a dispatcher delivering to many endpoints held one connection per endpoint host: 3,000
 //! endpoints took about 50 MiB and 3,000 file descriptors for 90 s, and a pod limited to
-//! 256 MiB would be killed past about 12,000. Here, past `max_idle` in all, the connection
+//! 256 MiB would be killed past about 12,000. Here, past [`PoolLimits::total`] in all, the connection
 //! idle longest is closed.
 
 use bytes::Bytes;
@@ -193,14 +193,9 @@ where
 
     fn lend(&self, host: &Host) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap();
-        while let Some(conn) = idle.take(host) {
-            if !conn.is_closed() {
-                crate::metrics::METRICS.idle_connections.set(idle.len() as i64);
-                return Some(conn);
-            }
-        }
+        let lent = std::iter::from_fn(|| idle.take(host)).find(|conn| !conn.is_closed());
         crate::metrics::METRICS.idle_connections.set(idle.len() as i64);
-        None
+        lent
     }
 
     async fn connect(&self, uri: Uri) -> Result<Conn, SendError> {

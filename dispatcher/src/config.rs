@@ -27,7 +27,7 @@ pub struct DispatcherConfig {
     #[arg(long, env = "LAABAM_HTTP_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub http_timeout: Duration,
     /// Connections to endpoints kept open for reuse, in all; past it the one idle longest is
-    /// closed. Each costs about 17 KiB and a file descriptor. Default: 1024, or
+    /// closed. Each costs about 20 KiB and a file descriptor. Default: 1024, or
     /// LAABAM_MAX_IN_FLIGHT if larger, so one busy endpoint keeps every connection it uses.
     #[arg(long, env = "LAABAM_HTTP_IDLE_CONNECTIONS", value_parser = at_least_one::<usize>())]
     pub http_idle_connections: Option<usize>,

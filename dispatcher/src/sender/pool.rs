@@ -106,7 +106,6 @@ impl Idle {
     }
 
     fn put(&mut self, host: Host, conn: Conn, limits: &PoolLimits, now: Instant) {
-        self.close_expired(now, limits.idle_timeout);
         let queue = self.hosts.entry(host.clone()).or_default();
         if queue.len() >= limits.per_host {
             // This host's own oldest goes: `close_oldest` may pick another host's.
@@ -140,8 +139,8 @@ where
     C: Service<Uri, Response = MaybeHttpsStream<TokioIo<TcpStream>>, Error = BoxError> + Clone + Send + Sync + 'static,
     C::Future: Send,
 {
-    /// A pool whose expired connections are also closed while no request comes (a task does
-    /// so every tenth of the idle timeout while the pool lives).
+    /// A pool whose expired connections a task closes every tenth of the idle timeout while the
+    /// pool lives, so a connection idles at most that much past it.
     pub fn new(connector: C, limits: PoolLimits) -> Arc<Self> {
         let pool = Arc::new(Pool {
             connector,
@@ -160,12 +159,11 @@ where
     /// unsent, and it goes on the next.
     pub async fn send(&self, mut request: http::Request<Body>) -> Result<(http::Response<Incoming>, Lease), SendError> {
         let host = host_of(request.uri()).map_err(SendError::Connect)?;
-        let uri = request.uri().clone();
         to_origin_form(&mut request, &host);
         loop {
             let (mut conn, reused) = match self.lend(&host) {
                 Some(conn) => (conn, true),
-                None => (self.connect(uri.clone()).await?, false),
+                None => (self.connect(&host).await?, false),
             };
             // Returned the moment its response ended: its connection may still be finishing
             // that exchange, or closing (`Connection: close`).
@@ -198,7 +196,14 @@ where
         lent
     }
 
-    async fn connect(&self, uri: Uri) -> Result<Conn, SendError> {
+    async fn connect(&self, host: &Host) -> Result<Conn, SendError> {
+        // The connector needs only the scheme and the authority.
+        let uri = Uri::builder()
+            .scheme(if host.https { "https" } else { "http" })
+            .authority(host.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| SendError::Connect(e.into()))?;
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -237,20 +242,16 @@ fn host_of(uri: &Uri) -> Result<Host, BoxError> {
 }
 
 /// A connection to the host is asked only for the path, with the host in `Host` (without a
-/// default port), as HTTP/1.1 origin servers expect.
+/// default port), as HTTP/1.1 origin servers expect. Endpoint URLs carry no user info (refused
+/// at registration), so the authority is the host and port.
 fn to_origin_form(request: &mut http::Request<Body>, host: &Host) {
     let default_port = if host.https { 443 } else { 80 };
     let value = match host.authority.port_u16() {
-        Some(port) if port != default_port => host
-            .authority
-            .as_str()
-            .rsplit_once('@')
-            .map_or(host.authority.as_str(), |(_, h)| h)
-            .to_owned(),
-        _ => host.authority.host().to_owned(),
+        Some(port) if port != default_port => host.authority.as_str(),
+        _ => host.authority.host(),
     };
     if !request.headers().contains_key(http::header::HOST)
-        && let Ok(value) = http::HeaderValue::from_str(&value)
+        && let Ok(value) = http::HeaderValue::from_str(value)
     {
         request.headers_mut().insert(http::header::HOST, value);
     }

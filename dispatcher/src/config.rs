@@ -31,6 +31,10 @@ pub struct DispatcherConfig {
     /// LAABAM_MAX_IN_FLIGHT if larger, so one busy endpoint keeps every connection it uses.
     #[arg(long, env = "LAABAM_HTTP_IDLE_CONNECTIONS", value_parser = at_least_one::<usize>())]
     pub http_idle_connections: Option<usize>,
+    /// Endpoints cached in all accounts, each about 1 KiB (more with long headers or
+    /// descriptions); past it the accounts used least are read again from Redis when next used.
+    #[arg(long, env = "LAABAM_CACHED_ENDPOINTS", default_value_t = 50_000, value_parser = at_least_one::<usize>())]
+    pub cached_endpoints: usize,
     /// A PEM file of extra CA certificates to trust (private CAs, tests), besides the web PKI.
     #[arg(long, env = "LAABAM_EXTRA_CA_FILE")]
     pub extra_ca_file: Option<PathBuf>,

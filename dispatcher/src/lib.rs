@@ -62,7 +62,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     watch_redis(store.clone(), readiness.clone(), shutdown.clone());
 
     let pipeline = Arc::new(pipeline::Pipeline {
-        directory: directory::Directory::new(store.clone()),
+        directory: directory::Directory::new(store.clone(), config.cached_endpoints),
         in_flight: pipeline::InFlight::new(config.max_in_flight),
         store,
         sender: sender::Sender::new(

@@ -70,6 +70,8 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     pub in_flight: IntGauge,
     pub idle_connections: IntGauge,
+    pub cached_endpoints: IntGauge,
+    pub endpoint_loads: IntCounter,
     pub slow_room_in_use: IntGauge,
     pub cut_short: IntCounter,
     pub slot_wait_budget: Gauge,
@@ -142,6 +144,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     idle_connections: register_int_gauge!(
         "laabam_dispatcher_idle_connections",
         "Connections to endpoints kept open for reuse (at most LAABAM_HTTP_IDLE_CONNECTIONS)"
+    )
+    .unwrap(),
+    cached_endpoints: register_int_gauge!(
+        "laabam_dispatcher_cached_endpoints",
+        "Endpoints held in the endpoint cache (at most about LAABAM_CACHED_ENDPOINTS)"
+    )
+    .unwrap(),
+    endpoint_loads: register_int_counter!(
+        "laabam_dispatcher_endpoint_loads_total",
+        "Accounts' endpoints read from Redis: first use, a change, or an account the cache had no room for"
     )
     .unwrap(),
     slow_room_in_use: register_int_gauge!(

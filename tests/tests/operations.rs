@@ -554,3 +554,54 @@ async fn a_dispatcher_keeps_at_most_its_bound_of_idle_connections_however_many_e
     let accepted: usize = receivers.iter().map(Receiver::connections).sum();
     assert!(accepted < 120, "{accepted} connections for 120 requests: none reused");
 }
+
+/// The dispatcher's endpoint cache is bounded by endpoints, not by accounts, and one account
+/// may fill most of it: with room for 100, an account of 60 endpoints is read from Redis once,
+/// and stays cached through events of 40 accounts seen once each (more than the room left),
+/// while an account of 120 is read for each of its events and still reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_cache_holds_at_most_its_bound_of_endpoints_keeps_the_busy_accounts_and_serves_those_past_it() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::ok().await;
+    let once: Vec<String> = (0..40).map(|n| format!("acct_once_{n}")).collect();
+    let accounts = [("acct_wide", 60), ("acct_widest", 120)]
+        .into_iter()
+        .chain(once.iter().map(|a| (a.as_str(), 1)));
+    for (account, n) in accounts {
+        for _ in 0..n {
+            env.endpoint(account, &rx.url, None).await;
+        }
+    }
+    let metrics_addr = format!("127.0.0.1:{}", laabam_tests::ports::free_port());
+    let mut flags = env.dispatcher_flags(&["--cached-endpoints", "100"]);
+    flags.extend(["--metrics-addr".into(), metrics_addr.clone()]);
+    env.spawn_binary("laabam-dispatcher", &flags);
+    let publisher = env.publisher().await;
+    let mut delivered = 0;
+    let mut deliver = async |account: &str, n: usize, event: u32| {
+        publisher.publish(&customer_created(account, event)).await.unwrap();
+        delivered += n;
+        wait_until("every endpoint reached", Duration::from_secs(30), || async {
+            rx.count() == delivered
+        })
+        .await;
+    };
+    let loads = || laabam_tests::api::metric(&metrics_addr, "laabam_dispatcher_endpoint_loads_total");
+    deliver("acct_wide", 60, 0).await;
+    deliver("acct_wide", 60, 1).await;
+    assert_eq!(loads().await, 1.0, "the wide account is read once");
+    for account in &once {
+        deliver(account, 1, 0).await;
+        deliver("acct_wide", 60, 2).await;
+    }
+    assert_eq!(
+        loads().await,
+        41.0,
+        "the wide account stays cached; each account seen once is read"
+    );
+    deliver("acct_widest", 120, 0).await;
+    deliver("acct_widest", 120, 1).await;
+    assert_eq!(loads().await, 43.0, "an account past the cache is read for each event");
+    let cached = laabam_tests::api::metric(&metrics_addr, "laabam_dispatcher_cached_endpoints").await;
+    assert!(cached <= 100.0, "{cached} endpoints cached");
+}

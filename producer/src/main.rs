@@ -219,7 +219,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             store
                 .ensure_account(&ep.account_id, ep.account_id.as_str(), now_ms())
                 .await?;
-            store.create_endpoint(&ep).await?;
+            store.create_endpoint(&ep, None).await?;
             eprintln!("created endpoint {} for {}", ep.id, ep.url.as_str());
             let mut out = without_secret(&ep);
             out["secret"] = Value::String(ep.secret.expose());

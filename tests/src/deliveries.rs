@@ -34,7 +34,7 @@ pub fn leased_begins(event: &Envelope, endpoints: &[Arc<Endpoint>], first: usize
 pub async fn quiet_endpoints(store: &Store, account: &AccountId, n: usize) -> AccountEndpoints {
     for _ in 0..n {
         let ep = crate::env::new_endpoint(account.as_str(), "http://127.0.0.1:9/", None);
-        store.create_endpoint(&ep).await.unwrap();
+        store.create_endpoint(&ep, None).await.unwrap();
     }
     store.account_endpoints(account).await.unwrap()
 }

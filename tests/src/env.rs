@@ -229,7 +229,7 @@ impl TestEnv {
     /// Registers an endpoint directly in the store.
     pub async fn endpoint(&self, account: &str, url: &str, events: Option<&[&str]>) -> Endpoint {
         let ep = new_endpoint(account, url, events);
-        self.store().await.create_endpoint(&ep).await.expect("stored");
+        self.store().await.create_endpoint(&ep, None).await.expect("stored");
         ep
     }
 

@@ -360,6 +360,52 @@ async fn callers_over_their_rate_are_told_to_slow_down_and_others_are_not() {
     assert_eq!(other.get("/v1/endpoints").await.status, 200);
 }
 
+/// An account may have `--max-endpoints-per-account` endpoints, disabled ones included: ten
+/// created at once leave exactly three, the rest refused with `409 limit_reached`, while another
+/// account is not held back, and deleting one makes room for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_past_its_endpoint_limit_is_refused_and_others_are_not() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api_with(ADMIN, &["--max-endpoints-per-account", "3"]).await;
+    let client = key(&api).await;
+    let create = || client.post("/v1/endpoints", json!({ "url": "http://127.0.0.1:9/hook" }));
+    let answers = futures_util::future::join_all((0..10).map(|_| create())).await;
+    let created: Vec<String> = answers
+        .iter()
+        .filter(|a| a.status == 201)
+        .map(|a| a.json["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(created.len(), 3, "three of ten created at once");
+    for refused in answers.iter().filter(|a| a.status != 201) {
+        assert_eq!(refused.status, 409);
+        assert_eq!(refused.json["error"]["code"], "limit_reached");
+        let message = refused.json["error"]["message"].as_str().unwrap();
+        assert!(message.contains("already has 3 endpoints"), "{message}");
+    }
+    assert_eq!(client.get("/v1/endpoints").await.json.as_array().unwrap().len(), 3);
+
+    let other = key(&api).await;
+    assert_eq!(
+        other
+            .post("/v1/endpoints", json!({ "url": "http://127.0.0.1:9/hook" }))
+            .await
+            .status,
+        201
+    );
+
+    let disabled = client
+        .patch(&format!("/v1/endpoints/{}", created[0]), json!({ "enabled": false }))
+        .await;
+    assert_eq!(disabled.status, 200);
+    assert_eq!(create().await.status, 409, "a disabled endpoint still counts");
+    assert_eq!(
+        client.delete(&format!("/v1/endpoints/{}", created[0])).await.status,
+        204
+    );
+    assert_eq!(create().await.status, 201, "a deleted one makes room");
+    assert_eq!(create().await.status, 409);
+}
+
 /// The API's address as a socket address.
 fn socket_of(api: &ApiClient) -> String {
     api.base.trim_start_matches("http://").to_owned()

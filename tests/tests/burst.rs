@@ -91,7 +91,7 @@ async fn a_fan_out_wider_than_the_in_flight_bound_stays_within_it_and_reaches_ea
     let account = AccountId::parse("acct_wide").unwrap();
     for _ in 0..WIDE {
         let ep = new_endpoint(account.as_str(), &rx.url, None);
-        store.create_endpoint(&ep).await.unwrap();
+        store.create_endpoint(&ep, None).await.unwrap();
     }
     env.start_dispatcher(&["--max-in-flight", &BOUND.to_string()]);
     env.start_scheduler(&[]);

@@ -31,7 +31,7 @@ async fn headers_rate_limits_and_bounded_history_apply() {
     )
     .unwrap();
     let store = env.store().await;
-    store.create_endpoint(&ep).await.unwrap();
+    store.create_endpoint(&ep, None).await.unwrap();
     env.start_dispatcher(&["--history-per-endpoint", "5"]);
     env.start_scheduler(&[]);
     let publisher = env.publisher().await;

@@ -431,7 +431,7 @@ async fn a_serial_endpoint_gets_one_request_at_a_time_and_deferrals_are_not_atte
     )
     .unwrap();
     let store = env.store().await;
-    store.create_endpoint(&ep).await.unwrap();
+    store.create_endpoint(&ep, None).await.unwrap();
     env.start_dispatcher(&[]);
     env.start_scheduler(&[]);
     let publisher = env.publisher().await;

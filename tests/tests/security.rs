@@ -112,7 +112,7 @@ async fn deliver_to(
     // connect-time check stands between it and the address.
     let ep = new_endpoint("acct_sec", url, None);
     let store = env.store().await;
-    store.create_endpoint(&ep).await.unwrap();
+    store.create_endpoint(&ep, None).await.unwrap();
     env.start_dispatcher(flags);
     let data = RawValue::from_string(r#"{"payment_id":"p","reason":"r"}"#.into()).unwrap();
     let event = Envelope::new(
@@ -219,7 +219,7 @@ async fn signing_secrets_are_sealed_at_rest_and_survive_a_key_rotation() {
     let rx = Receiver::ok().await;
     let sealed_store = env.store_sealed(Some(&old_key), None).await;
     let ep = new_endpoint("acct_sealed", &rx.url, None);
-    sealed_store.create_endpoint(&ep).await.unwrap();
+    sealed_store.create_endpoint(&ep, None).await.unwrap();
     let (redis_url, key, field) = (
         env.redis_url.clone(),
         format!("{}acct:acct_sealed:eps", env.prefix),

@@ -83,6 +83,7 @@ async fn view(state: &ApiState, ep: Endpoint) -> ApiResult<EndpointView> {
 
 #[utoipa::path(post, path = "/v1/endpoints", tag = "endpoints", request_body = CreateEndpoint,
     responses((status = 201, body = EndpointView, description = "Created; `secret` is included this once"),
+        (status = 409, body = super::error::ErrorBody, description = "The account has as many endpoints as it may have (`limit_reached`)"),
         (status = 422, body = super::error::ErrorBody)), security(("api_key" = [])))]
 pub async fn create(
     Caller(account): Caller,
@@ -99,7 +100,7 @@ pub async fn create(
     };
     let ep = Endpoint::create(account, new, now_ms()).map_err(invalid)?;
     state.guard_target(&ep).await?;
-    state.store.create_endpoint(&ep).await?;
+    state.store.create_endpoint(&ep, Some(state.max_endpoints)).await?;
     let secret = ep.secret.expose();
     let mut shown = view(&state, ep).await?;
     shown.secret = Some(secret);

@@ -21,6 +21,9 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("{0}")]
     Conflict(String),
+    /// The account has as many of something as it may have.
+    #[error("{0}")]
+    LimitReached(String),
     #[error("method not allowed on this route")]
     MethodNotAllowed,
     #[error("too many requests; slow down (see Retry-After)")]
@@ -62,6 +65,7 @@ impl ApiError {
             ApiError::Invalid { field, .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", field.clone()),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
+            ApiError::LimitReached(_) => (StatusCode::CONFLICT, "limit_reached", None),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None),
             ApiError::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", None),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
@@ -88,6 +92,7 @@ impl From<StoreError> for ApiError {
                 }
                 None => ApiError::Internal(StoreError::Redis(e).to_string()),
             },
+            e @ StoreError::TooManyEndpoints { .. } => ApiError::LimitReached(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

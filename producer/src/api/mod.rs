@@ -54,6 +54,11 @@ pub struct ServeArgs {
     pub secret_grace: Duration,
     #[command(flatten)]
     pub targets: TargetArgs,
+    /// Endpoints one account may have (disabled ones count); past it, creating one answers 409.
+    /// Each event is written for all of its account's endpoints in one Redis script, and
+    /// dispatchers cache them, so this bounds what one account costs the others.
+    #[arg(long, env = "LAABAM_MAX_ENDPOINTS_PER_ACCOUNT", default_value_t = 100, value_parser = at_least_one::<u32>())]
+    pub max_endpoints_per_account: u32,
     /// Requests per second per credential (or per client address), with bursts of twice that.
     #[arg(long, env = "LAABAM_API_RATE_LIMIT", default_value_t = 100, value_parser = at_least_one::<u32>())]
     pub api_rate_limit: u32,
@@ -83,6 +88,8 @@ pub struct ApiState {
     pub admin_token_hash: Option<Vec<u8>>,
     pub secret_grace: Duration,
     pub targets: TargetPolicy,
+    /// Endpoints one account may have.
+    pub max_endpoints: u32,
 }
 
 impl ApiState {
@@ -202,6 +209,7 @@ pub async fn start(common: &CommonArgs, args: &ServeArgs, shutdown: Cancellation
         admin_token_hash: args.admin_token.as_ref().map(|t| Sha256::digest(t.as_bytes()).to_vec()),
         secret_grace: args.secret_grace,
         targets: args.targets.policy(),
+        max_endpoints: args.max_endpoints_per_account,
     });
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await

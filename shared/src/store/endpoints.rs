@@ -2,11 +2,18 @@
 //! dispatcher caches an account's endpoints and the fan-out script checks the version it
 //! cached against Redis, so an event costs no endpoint reads and a change is seen at once.
 
+use super::script_call::ScriptCall;
 use super::{Store, StoreError};
 use crate::endpoint::Endpoint;
 use crate::ids::{AccountId, EndpointId};
 use redis::AsyncCommands;
-use std::sync::Arc;
+use redis::Script;
+use std::sync::{Arc, LazyLock};
+
+/// Checks the account's count and stores the endpoint.
+/// KEYS: accounts, the account's endpoints, the endpoint's owner, the endpoints version.
+/// ARGV: account id, endpoint id, sealed record, the most endpoints the account may have.
+static CREATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create_endpoint.lua")));
 
 /// An account's endpoints as of one version of them, shared (not copied) by every delivery
 /// made from them.
@@ -81,17 +88,24 @@ impl Store {
         Ok(count)
     }
 
-    /// Stores a new endpoint and indexes it under each subscribed type.
-    pub async fn create_endpoint(&self, ep: &Endpoint) -> Result<(), StoreError> {
-        let json = self.sealed_json(ep);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .sadd(self.keys.accounts(), ep.account_id.as_str())
-            .hset(self.keys.account_endpoints(&ep.account_id), ep.id.as_str(), json)
-            .set(self.keys.endpoint_owner(&ep.id), ep.account_id.as_str())
-            .incr(self.keys.endpoints_version(&ep.account_id), 1);
-        pipe.query_async::<()>(&mut self.conn()).await?;
-        Ok(())
+    /// Stores a new endpoint, unless its account already has `most` (disabled ones count):
+    /// checked and written in one script, so concurrent requests cannot pass the bound
+    /// together. `None` sets no bound (an operator's own command).
+    pub async fn create_endpoint(&self, ep: &Endpoint, most: Option<u32>) -> Result<(), StoreError> {
+        let most = most.unwrap_or(u32::MAX);
+        let mut call = ScriptCall::new(&CREATE, 4);
+        call.key(self.keys.accounts())
+            .key(self.keys.account_endpoints(&ep.account_id))
+            .key(self.keys.endpoint_owner(&ep.id))
+            .key(self.keys.endpoints_version(&ep.account_id))
+            .arg(ep.account_id.as_str())
+            .arg(ep.id.as_str())
+            .arg(self.sealed_json(ep))
+            .arg(most);
+        match call.invoke::<bool>(&mut self.conn()).await? {
+            true => Ok(()),
+            false => Err(StoreError::TooManyEndpoints { most }),
+        }
     }
 
     /// Rewrites an endpoint.

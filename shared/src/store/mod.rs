@@ -62,6 +62,8 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("corrupt record at {key}: {problem}")]
     Corrupt { key: String, problem: String },
+    #[error("the account already has {most} endpoints, the most it may have; delete one to add another")]
+    TooManyEndpoints { most: u32 },
 }
 
 /// Handle to the store; cheap to clone (one multiplexed, self-reconnecting connection).

@@ -76,8 +76,10 @@ pub async fn owned(state: &ApiState, account: &AccountId, id: &str) -> ApiResult
 }
 
 async fn view(state: &ApiState, ep: Endpoint) -> ApiResult<EndpointView> {
-    let health = state.store.endpoint_health(&ep.id).await?;
-    let day = state.store.endpoint_day(&ep.id, now_ms()).await?;
+    let (health, day) = tokio::try_join!(
+        state.store.endpoint_health(&ep.id),
+        state.store.endpoint_day(&ep.id, now_ms())
+    )?;
     Ok(EndpointView::new(ep, health.last_delivery, day.success_rate))
 }
 
@@ -109,11 +111,15 @@ pub async fn create(
 
 #[utoipa::path(get, path = "/v1/endpoints", tag = "endpoints", responses((status = 200, body = [EndpointView])), security(("api_key" = [])))]
 pub async fn list(Caller(account): Caller, State(state): State<Arc<ApiState>>) -> ApiResult<Json<Vec<EndpointView>>> {
-    let mut out = Vec::new();
-    for ep in state.store.list_endpoints(&account).await? {
-        out.push(view(&state, ep).await?);
-    }
-    Ok(Json(out))
+    // Each view's reads go out together on the one multiplexed connection: one round trip's
+    // wait for the whole list, not one per endpoint.
+    let views = state
+        .store
+        .list_endpoints(&account)
+        .await?
+        .into_iter()
+        .map(|ep| view(&state, ep));
+    Ok(Json(futures_util::future::try_join_all(views).await?))
 }
 
 #[utoipa::path(get, path = "/v1/endpoints/{endpoint_id}", tag = "endpoints", params(("endpoint_id" = String, Path)),

@@ -81,9 +81,9 @@ impl Directory {
             return Ok(cached);
         }
         self.accounts.insert(account.clone(), fresh.clone());
-        METRICS
-            .cached_endpoints
-            .set((self.accounts.weight() - self.accounts.len() as u64) as i64);
+        // Each entry weighs one more than its endpoints.
+        let endpoints = self.accounts.weight().saturating_sub(self.accounts.len() as u64);
+        METRICS.cached_endpoints.set(endpoints as i64);
         Ok(fresh)
     }
 }

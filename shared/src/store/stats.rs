@@ -172,8 +172,12 @@ impl Store {
     }
 
     pub async fn endpoint_stats(&self, endpoint: &EndpointId, now_ms: i64) -> Result<EndpointStats, StoreError> {
-        let five = self.buckets(endpoint, "5m", FIVE_MINUTES_MS, 12, now_ms).await?;
-        let hours = self.buckets(endpoint, "1h", HOUR_MS, 168, now_ms).await?;
+        // Three reads, sent together on the one multiplexed connection.
+        let (five, hours, health) = tokio::try_join!(
+            self.buckets(endpoint, "5m", FIVE_MINUTES_MS, 12, now_ms),
+            self.buckets(endpoint, "1h", HOUR_MS, 168, now_ms),
+            self.endpoint_health(endpoint)
+        )?;
         let day = &hours[hours.len() - 24..];
         Ok(EndpointStats {
             last_1h: window(&five),
@@ -181,7 +185,7 @@ impl Store {
             last_7d: window(&hours),
             series_1h: series(&five, FIVE_MINUTES_MS, now_ms),
             series_24h: series(day, HOUR_MS, now_ms),
-            health: self.endpoint_health(endpoint).await?,
+            health,
         })
     }
 }

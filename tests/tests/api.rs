@@ -508,6 +508,7 @@ async fn the_openapi_document_describes_every_route() {
         ("/v1/deliveries/{delivery_id}", &["get"]),
         ("/v1/deliveries/{delivery_id}/redeliver", &["post"]),
         ("/v1/accounts", &["post"]),
+        ("/v1/accounts/{account_id}", &["get", "patch"]),
         ("/v1/accounts/{account_id}/keys", &["get", "post"]),
         ("/v1/accounts/{account_id}/keys/{prefix}", &["delete"]),
         ("/v1/api-keys", &["get"]),
@@ -522,7 +523,7 @@ async fn the_openapi_document_describes_every_route() {
     }
     assert_eq!(
         paths.len(),
-        18,
+        19,
         "every documented path is a route: {:?}",
         paths.keys().collect::<Vec<_>>()
     );

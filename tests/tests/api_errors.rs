@@ -362,12 +362,13 @@ async fn callers_over_their_rate_are_told_to_slow_down_and_others_are_not() {
 
 /// An account may have `--max-endpoints-per-account` endpoints, disabled ones included: ten
 /// created at once leave exactly three, the rest refused with `409 limit_reached`, while another
-/// account is not held back, and deleting one makes room for one.
+/// account is not held back, and deleting one makes room for one. The operator may give an
+/// account a bound of its own instead, and take it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_account_past_its_endpoint_limit_is_refused_and_others_are_not() {
     let mut env = TestEnv::new().await;
     let api = env.start_api_with(ADMIN, &["--max-endpoints-per-account", "3"]).await;
-    let client = key(&api).await;
+    let (id, client) = api.new_account(ADMIN, "errors").await;
     let create = || client.post("/v1/endpoints", json!({ "url": "http://127.0.0.1:9/hook" }));
     let answers = futures_util::future::join_all((0..10).map(|_| create())).await;
     let created: Vec<String> = answers
@@ -404,6 +405,55 @@ async fn an_account_past_its_endpoint_limit_is_refused_and_others_are_not() {
     );
     assert_eq!(create().await.status, 201, "a deleted one makes room");
     assert_eq!(create().await.status, 409);
+
+    // The operator gives the account a bound of its own, and takes it back.
+    let operator = api.with_token(ADMIN);
+    let raised = operator
+        .patch(&format!("/v1/accounts/{id}"), json!({ "max_endpoints": 5 }))
+        .await;
+    assert_eq!((raised.status, raised.json["max_endpoints"].as_u64()), (200, Some(5)));
+    assert_eq!(create().await.status, 201);
+    assert_eq!(create().await.status, 201);
+    let refused = create().await;
+    assert_eq!(refused.status, 409);
+    assert!(
+        refused.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already has 5 endpoints")
+    );
+    let lowered = operator
+        .patch(&format!("/v1/accounts/{id}"), json!({ "max_endpoints": null }))
+        .await;
+    assert_eq!((lowered.status, lowered.json.get("max_endpoints")), (200, None));
+    assert_eq!(
+        create().await.status,
+        409,
+        "five kept, none added past the default of 3"
+    );
+    let zero = operator
+        .patch(&format!("/v1/accounts/{id}"), json!({ "max_endpoints": 0 }))
+        .await;
+    assert_eq!(
+        (zero.status, zero.json["error"]["field"].as_str()),
+        (422, Some("max_endpoints"))
+    );
+    assert_eq!(
+        client
+            .patch(&format!("/v1/accounts/{id}"), json!({ "max_endpoints": 50 }))
+            .await
+            .status,
+        401
+    );
+    // An account may be created with a bound of its own.
+    let planned = operator
+        .post("/v1/accounts", json!({ "name": "planned", "max_endpoints": 1 }))
+        .await;
+    assert_eq!((planned.status, planned.json["max_endpoints"].as_u64()), (201, Some(1)));
+    let shown = operator
+        .get(&format!("/v1/accounts/{}", planned.json["id"].as_str().unwrap()))
+        .await;
+    assert_eq!((shown.status, shown.json["max_endpoints"].as_u64()), (200, Some(1)));
 }
 
 /// The API's address as a socket address.

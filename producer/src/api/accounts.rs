@@ -17,6 +17,25 @@ use std::sync::Arc;
 #[serde(deny_unknown_fields)]
 pub struct CreateAccount {
     pub name: String,
+    /// Endpoints the account may have, in place of the API's default
+    /// (`LAABAM_MAX_ENDPOINTS_PER_ACCOUNT`).
+    pub max_endpoints: Option<u32>,
+}
+
+/// `max_endpoints: null` puts the account back on the API's default.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAccount {
+    #[serde(default, deserialize_with = "super::endpoints::present")]
+    #[schema(value_type = Option<u32>)]
+    pub max_endpoints: Option<Option<u32>>,
+}
+
+fn check_max_endpoints(most: Option<u32>) -> ApiResult<()> {
+    match most {
+        Some(0) => Err(ApiError::invalid("max_endpoints", "must be at least 1")),
+        _ => Ok(()),
+    }
 }
 
 /// A new key: `key` is shown this once.
@@ -48,10 +67,42 @@ pub async fn create(
     if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::invalid("name", "must be 1 to 200 characters"));
     }
-    Ok((
-        StatusCode::CREATED,
-        Json(state.store.create_account(name, now_ms()).await?),
-    ))
+    check_max_endpoints(body.max_endpoints)?;
+    let mut account = state.store.create_account(name, now_ms()).await?;
+    if body.max_endpoints.is_some() {
+        state.store.set_max_endpoints(&account.id, body.max_endpoints).await?;
+        account.max_endpoints = body.max_endpoints;
+    }
+    Ok((StatusCode::CREATED, Json(account)))
+}
+
+#[utoipa::path(get, path = "/v1/accounts/{account_id}", tag = "accounts", params(("account_id" = String, Path)),
+    responses((status = 200, body = Account), (status = 404, body = super::error::ErrorBody)), security(("operator" = [])))]
+pub async fn get(
+    _: Operator,
+    State(state): State<Arc<ApiState>>,
+    Path(account): Path<String>,
+) -> ApiResult<Json<Account>> {
+    let id = AccountId::parse(account).map_err(|_| ApiError::NotFound("account"))?;
+    let account = state.store.get_account(&id).await?;
+    Ok(Json(account.ok_or(ApiError::NotFound("account"))?))
+}
+
+#[utoipa::path(patch, path = "/v1/accounts/{account_id}", tag = "accounts", params(("account_id" = String, Path)), request_body = UpdateAccount,
+    responses((status = 200, body = Account), (status = 404, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody)),
+    security(("operator" = [])))]
+pub async fn update(
+    operator: Operator,
+    State(state): State<Arc<ApiState>>,
+    Path(account): Path<String>,
+    JsonBody(body): JsonBody<UpdateAccount>,
+) -> ApiResult<Json<Account>> {
+    let id = existing(&state, &account).await?;
+    if let Some(most) = body.max_endpoints {
+        check_max_endpoints(most)?;
+        state.store.set_max_endpoints(&id, most).await?;
+    }
+    get(operator, State(state), Path(account)).await
 }
 
 #[utoipa::path(post, path = "/v1/accounts/{account_id}/keys", tag = "accounts", params(("account_id" = String, Path)),

@@ -54,7 +54,8 @@ pub struct ServeArgs {
     pub secret_grace: Duration,
     #[command(flatten)]
     pub targets: TargetArgs,
-    /// Endpoints one account may have (disabled ones count); past it, creating one answers 409.
+    /// Endpoints one account may have (disabled ones count) unless the operator gave it a bound
+    /// of its own; past it, creating one answers 409.
     /// Each event is written for all of its account's endpoints in one Redis script, and
     /// dispatchers cache them, so this bounds what one account costs the others.
     #[arg(long, env = "LAABAM_MAX_ENDPOINTS_PER_ACCOUNT", default_value_t = 100, value_parser = at_least_one::<u32>())]
@@ -157,6 +158,7 @@ pub fn router(state: Arc<ApiState>, limits: Arc<limits::Limits>) -> Router {
         .route("/v1/deliveries/{id}", get(deliveries::get))
         .route("/v1/deliveries/{id}/redeliver", post(deliveries::redeliver))
         .route("/v1/accounts", post(accounts::create))
+        .route("/v1/accounts/{id}", get(accounts::get).patch(accounts::update))
         .route(
             "/v1/accounts/{id}/keys",
             post(accounts::create_key).get(accounts::list_keys),

@@ -13,7 +13,7 @@ use utoipa::{Modify, OpenApi};
         super::endpoints::create, super::endpoints::list, super::endpoints::get, super::endpoints::update, super::endpoints::delete,
         super::endpoints::secret, super::endpoints::rotate, super::endpoints::stats, super::endpoints::test, super::endpoints::recover,
         super::deliveries::list, super::deliveries::get, super::deliveries::redeliver,
-        super::accounts::create, super::accounts::create_key, super::accounts::list_keys, super::accounts::revoke_key,
+        super::accounts::create, super::accounts::get, super::accounts::update, super::accounts::create_key, super::accounts::list_keys, super::accounts::revoke_key,
         super::accounts::own_keys, super::accounts::revoke_own_key,
     ),
     modifiers(&Security, &CommonErrors),

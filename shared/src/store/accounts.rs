@@ -19,6 +19,9 @@ use std::time::Duration;
 pub const API_KEY_PREFIX: &str = "lbk_";
 /// How many characters of a key identify it in listings (the prefix included).
 const SHOWN_CHARS: usize = 12;
+/// The field of the account's hash holding its own bound on endpoints (read by the script that
+/// creates an endpoint, too).
+pub(super) const MAX_ENDPOINTS_FIELD: &str = "max_endpoints";
 
 /// An account as shown to operators.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -27,6 +30,10 @@ pub struct Account {
     pub id: AccountId,
     pub name: String,
     pub created_at: String,
+    /// Endpoints this account may have, when the operator gave it a bound of its own; otherwise
+    /// the API's `LAABAM_MAX_ENDPOINTS_PER_ACCOUNT` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_endpoints: Option<u32>,
 }
 
 /// An API key as listed: never the key itself.
@@ -62,9 +69,21 @@ impl Store {
             id: AccountId::generate(),
             name: name.to_owned(),
             created_at: clock::format_rfc3339_ms(now_ms),
+            max_endpoints: None,
         };
         self.ensure_account(&account.id, name, now_ms).await?;
         Ok(account)
+    }
+
+    /// Gives the account a bound of its own on its endpoints (`None`: the API's default again).
+    /// Endpoints it already has past a lower bound stay; it adds none until under it.
+    pub async fn set_max_endpoints(&self, id: &AccountId, most: Option<u32>) -> Result<(), StoreError> {
+        let key = self.keys.account_info(id);
+        match most {
+            Some(most) => self.conn().hset::<_, _, _, ()>(key, MAX_ENDPOINTS_FIELD, most).await?,
+            None => self.conn().hdel::<_, _, ()>(key, MAX_ENDPOINTS_FIELD).await?,
+        }
+        Ok(())
     }
 
     /// Creates the account if it does not exist (operators' CLI: first use creates it).
@@ -86,6 +105,7 @@ impl Store {
             id: id.clone(),
             name: h.get("name").cloned().unwrap_or_default(),
             created_at: h.get("created_at").cloned().unwrap_or_default(),
+            max_endpoints: h.get(MAX_ENDPOINTS_FIELD).and_then(|v| v.parse().ok()),
         }))
     }
 

@@ -10,9 +10,10 @@ use redis::AsyncCommands;
 use redis::Script;
 use std::sync::{Arc, LazyLock};
 
-/// Checks the account's count and stores the endpoint.
-/// KEYS: accounts, the account's endpoints, the endpoint's owner, the endpoints version.
-/// ARGV: account id, endpoint id, sealed record, the most endpoints the account may have.
+/// Checks the account's count and stores the endpoint; answers 0, or the bound it is at.
+/// KEYS: accounts, the account's endpoints, the endpoint's owner, the endpoints version, the
+/// account's hash. ARGV: account id, endpoint id, sealed record, the default bound (empty for
+/// none), the account hash's field holding a bound of its own (which wins).
 static CREATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create_endpoint.lua")));
 
 /// An account's endpoints as of one version of them, shared (not copied) by every delivery
@@ -88,23 +89,25 @@ impl Store {
         Ok(count)
     }
 
-    /// Stores a new endpoint, unless its account already has `most` (disabled ones count):
-    /// checked and written in one script, so concurrent requests cannot pass the bound
-    /// together. `None` sets no bound (an operator's own command).
-    pub async fn create_endpoint(&self, ep: &Endpoint, most: Option<u32>) -> Result<(), StoreError> {
-        let most = most.unwrap_or(u32::MAX);
-        let mut call = ScriptCall::new(&CREATE, 4);
+    /// Stores a new endpoint, unless its account already has as many as it may (disabled ones
+    /// count): its own bound if the operator gave it one, else `default_bound`. Checked and
+    /// written in one script, so concurrent requests cannot pass the bound together. `None`
+    /// sets no bound at all (an operator's own command).
+    pub async fn create_endpoint(&self, ep: &Endpoint, default_bound: Option<u32>) -> Result<(), StoreError> {
+        let mut call = ScriptCall::new(&CREATE, 5);
         call.key(self.keys.accounts())
             .key(self.keys.account_endpoints(&ep.account_id))
             .key(self.keys.endpoint_owner(&ep.id))
             .key(self.keys.endpoints_version(&ep.account_id))
+            .key(self.keys.account_info(&ep.account_id))
             .arg(ep.account_id.as_str())
             .arg(ep.id.as_str())
             .arg(self.sealed_json(ep))
-            .arg(most);
-        match call.invoke::<bool>(&mut self.conn()).await? {
-            true => Ok(()),
-            false => Err(StoreError::TooManyEndpoints { most }),
+            .arg(default_bound.map(|b| b.to_string()).unwrap_or_default())
+            .arg(super::accounts::MAX_ENDPOINTS_FIELD);
+        match call.invoke::<u32>(&mut self.conn()).await? {
+            0 => Ok(()),
+            most => Err(StoreError::TooManyEndpoints { most }),
         }
     }
 

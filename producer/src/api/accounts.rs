@@ -46,14 +46,14 @@ pub struct NewApiKey {
     pub created_at: String,
 }
 
-async fn existing(state: &ApiState, id: &str) -> ApiResult<AccountId> {
+/// The account, or 404.
+async fn account(state: &ApiState, id: &str) -> ApiResult<Account> {
     let id = AccountId::parse(id).map_err(|_| ApiError::NotFound("account"))?;
-    state
-        .store
-        .get_account(&id)
-        .await?
-        .ok_or(ApiError::NotFound("account"))?;
-    Ok(id)
+    state.store.get_account(&id).await?.ok_or(ApiError::NotFound("account"))
+}
+
+async fn existing(state: &ApiState, id: &str) -> ApiResult<AccountId> {
+    Ok(account(state, id).await?.id)
 }
 
 #[utoipa::path(post, path = "/v1/accounts", tag = "accounts", request_body = CreateAccount,
@@ -78,31 +78,26 @@ pub async fn create(
 
 #[utoipa::path(get, path = "/v1/accounts/{account_id}", tag = "accounts", params(("account_id" = String, Path)),
     responses((status = 200, body = Account), (status = 404, body = super::error::ErrorBody)), security(("operator" = [])))]
-pub async fn get(
-    _: Operator,
-    State(state): State<Arc<ApiState>>,
-    Path(account): Path<String>,
-) -> ApiResult<Json<Account>> {
-    let id = AccountId::parse(account).map_err(|_| ApiError::NotFound("account"))?;
-    let account = state.store.get_account(&id).await?;
-    Ok(Json(account.ok_or(ApiError::NotFound("account"))?))
+pub async fn get(_: Operator, State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> ApiResult<Json<Account>> {
+    Ok(Json(account(&state, &id).await?))
 }
 
 #[utoipa::path(patch, path = "/v1/accounts/{account_id}", tag = "accounts", params(("account_id" = String, Path)), request_body = UpdateAccount,
     responses((status = 200, body = Account), (status = 404, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody)),
     security(("operator" = [])))]
 pub async fn update(
-    operator: Operator,
+    _: Operator,
     State(state): State<Arc<ApiState>>,
-    Path(account): Path<String>,
+    Path(id): Path<String>,
     JsonBody(body): JsonBody<UpdateAccount>,
 ) -> ApiResult<Json<Account>> {
-    let id = existing(&state, &account).await?;
+    let mut found = account(&state, &id).await?;
     if let Some(most) = body.max_endpoints {
         check_max_endpoints(most)?;
-        state.store.set_max_endpoints(&id, most).await?;
+        state.store.set_max_endpoints(&found.id, most).await?;
+        found.max_endpoints = most;
     }
-    get(operator, State(state), Path(account)).await
+    Ok(Json(found))
 }
 
 #[utoipa::path(post, path = "/v1/accounts/{account_id}/keys", tag = "accounts", params(("account_id" = String, Path)),

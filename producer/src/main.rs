@@ -163,7 +163,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             started.task.await?;
         }
         Command::Account(AccountCommand::Create { name }) => {
-            let account = store(common).await?.create_account(&name, now_ms()).await?;
+            let account = store(common).await?.create_account(&name, None, now_ms()).await?;
             eprintln!("created account {}", account.id);
             print(&serde_json::to_value(&account)?);
         }

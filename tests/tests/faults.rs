@@ -359,7 +359,10 @@ async fn a_retry_scheduler_killed_mid_stream_loses_no_retry() {
 async fn a_producer_killed_mid_stream_loses_no_event_it_confirmed() {
     let mut env = TestEnv::new().await;
     let store = env.store().await;
-    let account = store.create_account("k", laabam_shared::clock::now_ms()).await.unwrap();
+    let account = store
+        .create_account("k", None, laabam_shared::clock::now_ms())
+        .await
+        .unwrap();
     let (key, _) = store
         .create_api_key(&account.id, laabam_shared::clock::now_ms())
         .await

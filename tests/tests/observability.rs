@@ -143,7 +143,7 @@ async fn dashboards_and_alerts_evaluate_to_what_the_traffic_implies() {
     let mut env = TestEnv::new().await;
     let store = env.store().await;
     let account = store
-        .create_account("observed", laabam_shared::clock::now_ms())
+        .create_account("observed", None, laabam_shared::clock::now_ms())
         .await
         .unwrap();
     let (key, _) = store

@@ -68,11 +68,7 @@ pub async fn create(
         return Err(ApiError::invalid("name", "must be 1 to 200 characters"));
     }
     check_max_endpoints(body.max_endpoints)?;
-    let mut account = state.store.create_account(name, now_ms()).await?;
-    if body.max_endpoints.is_some() {
-        state.store.set_max_endpoints(&account.id, body.max_endpoints).await?;
-        account.max_endpoints = body.max_endpoints;
-    }
+    let account = state.store.create_account(name, body.max_endpoints, now_ms()).await?;
     Ok((StatusCode::CREATED, Json(account)))
 }
 

@@ -64,14 +64,30 @@ fn sha256_hex(s: &str) -> String {
 const IN_PROGRESS: &str = "\u{0}in-progress";
 
 impl Store {
-    pub async fn create_account(&self, name: &str, now_ms: i64) -> Result<Account, StoreError> {
+    /// A new account, with a bound of its own on its endpoints if `max_endpoints` is given;
+    /// written at once, so it never exists without its bound.
+    pub async fn create_account(
+        &self,
+        name: &str,
+        max_endpoints: Option<u32>,
+        now_ms: i64,
+    ) -> Result<Account, StoreError> {
         let account = Account {
             id: AccountId::generate(),
             name: name.to_owned(),
             created_at: clock::format_rfc3339_ms(now_ms),
-            max_endpoints: None,
+            max_endpoints,
         };
-        self.ensure_account(&account.id, name, now_ms).await?;
+        let key = self.keys.account_info(&account.id);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .sadd(self.keys.accounts(), account.id.as_str())
+            .hset(&key, "name", name)
+            .hset(&key, "created_at", &account.created_at);
+        if let Some(most) = max_endpoints {
+            pipe.hset(&key, MAX_ENDPOINTS_FIELD, most);
+        }
+        pipe.query_async::<()>(&mut self.conn()).await?;
         Ok(account)
     }
 

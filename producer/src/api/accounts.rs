@@ -23,7 +23,7 @@ pub struct CreateAccount {
 }
 
 /// `max_endpoints: null` puts the account back on the API's default.
-#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateAccount {
     #[serde(default, deserialize_with = "super::endpoints::present")]

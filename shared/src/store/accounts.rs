@@ -78,17 +78,23 @@ impl Store {
             created_at: clock::format_rfc3339_ms(now_ms),
             max_endpoints,
         };
-        let key = self.keys.account_info(&account.id);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .sadd(self.keys.accounts(), account.id.as_str())
-            .hset(&key, "name", name)
-            .hset(&key, "created_at", &account.created_at);
+        let mut pipe = self.account_writes(&account.id, name, now_ms);
         if let Some(most) = max_endpoints {
-            pipe.hset(&key, MAX_ENDPOINTS_FIELD, most);
+            pipe.hset(self.keys.account_info(&account.id), MAX_ENDPOINTS_FIELD, most);
         }
         pipe.query_async::<()>(&mut self.conn()).await?;
         Ok(account)
+    }
+
+    /// One transaction that lists the account, and names and dates it unless it already is.
+    fn account_writes(&self, id: &AccountId, name: &str, now_ms: i64) -> redis::Pipeline {
+        let key = self.keys.account_info(id);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .sadd(self.keys.accounts(), id.as_str())
+            .hset_nx(&key, "name", name)
+            .hset_nx(&key, "created_at", clock::format_rfc3339_ms(now_ms));
+        pipe
     }
 
     /// Gives the account a bound of its own on its endpoints (`None`: the API's default again).
@@ -104,12 +110,7 @@ impl Store {
 
     /// Creates the account if it does not exist (operators' CLI: first use creates it).
     pub async fn ensure_account(&self, id: &AccountId, name: &str, now_ms: i64) -> Result<(), StoreError> {
-        let key = self.keys.account_info(id);
-        redis::pipe()
-            .atomic()
-            .sadd(self.keys.accounts(), id.as_str())
-            .hset_nx(&key, "name", name)
-            .hset_nx(&key, "created_at", clock::format_rfc3339_ms(now_ms))
+        self.account_writes(id, name, now_ms)
             .query_async::<()>(&mut self.conn())
             .await?;
         Ok(())

@@ -11,20 +11,21 @@ use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Requests being answered now, the most ever answered at once, connections accepted, and
-/// connections open now.
+/// Requests being answered now, the most ever answered at once, connections accepted,
+/// connections open now, and whether the listening socket is still open.
 #[derive(Debug, Default)]
 struct Concurrency {
     now: AtomicUsize,
     peak: AtomicUsize,
     connections: AtomicUsize,
     open: AtomicUsize,
+    listening: AtomicBool,
 }
 
 /// A request as the receiver saw it.
@@ -190,10 +191,17 @@ impl Receiver {
         let stop = CancellationToken::new();
         let (reqs, stop2) = (requests.clone(), stop.clone());
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        concurrency.listening.store(true, Ordering::SeqCst);
         tokio::spawn(async move {
             loop {
+                // Stopping comes first: a connection waiting to be accepted is not served.
                 let (stream, _) = tokio::select! {
-                    _ = stop2.cancelled() => return,
+                    biased;
+                    _ = stop2.cancelled() => {
+                        drop(listener);
+                        conc.listening.store(false, Ordering::SeqCst);
+                        return;
+                    }
                     accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
                 };
                 conc.connections.fetch_add(1, Ordering::Relaxed);
@@ -261,8 +269,9 @@ impl Receiver {
                         }
                     };
                     tokio::select! {
-                        _ = serve => {}
+                        biased;
                         _ = stop3.cancelled() => {}
+                        _ = serve => {}
                     }
                     open.open.fetch_sub(1, Ordering::Relaxed);
                 });
@@ -275,6 +284,18 @@ impl Receiver {
             stop,
             ca_file: None,
         }
+    }
+
+    /// Stops, and returns once the listening socket and every connection are closed, with the
+    /// requests per `webhook-id` it saw: from then on a request to its port can only be
+    /// refused, so none can arrive here unseen. Dropping a receiver only starts that.
+    pub async fn shut_down(self) -> HashMap<String, usize> {
+        self.stop.cancel();
+        crate::wait::wait_until("the receiver closed", Duration::from_secs(10), || async {
+            !self.concurrency.listening.load(Ordering::SeqCst) && self.open_connections() == 0
+        })
+        .await;
+        self.per_event()
     }
 
     pub fn requests(&self) -> Vec<Captured> {

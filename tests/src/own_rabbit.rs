@@ -86,6 +86,33 @@ impl OwnRabbit {
             .output();
     }
 
+    /// Kills the node's Erlang VM outright (SIGKILL), as a crash or the kernel's OOM killer
+    /// would: nothing is flushed or closed first, so only what the broker wrote to disk before
+    /// confirming it is there when the node boots again.
+    pub async fn kill(&self) {
+        let pid = self.ctl(&["eval", "os:getpid()."]);
+        let pid = pid.trim().trim_matches('"');
+        assert!(pid.parse::<u32>().is_ok(), "the node's process id, not {pid:?}");
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", pid])
+            .status()
+            .expect("kill runs");
+        assert!(killed.success(), "the node's VM ({pid}) was killed");
+        let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+        wait_until("the killed node is gone", Duration::from_secs(30), || async {
+            !proc.exists()
+        })
+        .await;
+    }
+
+    /// Messages waiting in the node's queues, not yet delivered to a consumer.
+    pub fn messages_ready(&self) -> u64 {
+        self.ctl(&["list_queues", "--quiet", "--no-table-headers", "messages_ready"])
+            .lines()
+            .filter_map(|line| line.trim().parse::<u64>().ok())
+            .sum()
+    }
+
     /// Raises a memory alarm (a watermark far below what the node uses), or clears it, and
     /// waits until the node reports it so. While it is raised the node blocks every connection
     /// that publishes, as a node short of memory or disk does.

@@ -5,6 +5,7 @@
 //!   and the components (in-process or as real binaries) running in it.
 //! - [`api`]: a JSON client for the HTTP API.
 //! - [`deliveries`]: deliveries begun and recorded straight through the store.
+//! - [`own_rabbit`], [`own_redis`]: a broker or a Redis of a test's own, to crash and restart.
 //! - [`ports`]: ports for processes told where to listen before they start.
 //! - [`receiver`]: HTTP and HTTPS receivers that record every request and answer as told.
 //! - [`report`]: the fault table (fault, confirmed, delivered, lost, duplicates).
@@ -14,6 +15,7 @@ pub mod api;
 pub mod deliveries;
 pub mod env;
 pub mod own_rabbit;
+pub mod own_redis;
 pub mod ports;
 pub mod receiver;
 pub mod report;

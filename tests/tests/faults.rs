@@ -11,6 +11,7 @@ use laabam_shared::store::Store;
 use laabam_shared::topology;
 use laabam_tests::env::publish_all;
 use laabam_tests::own_rabbit::OwnRabbit;
+use laabam_tests::own_redis::OwnRedis;
 use laabam_tests::report::fault_row;
 use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use lapin::BasicProperties;
@@ -536,6 +537,54 @@ async fn a_rabbitmq_node_down_and_back_loses_no_confirmed_event(down: NodeDown) 
         NodeDown::Killed => "RabbitMQ node killed (SIGKILL) mid-stream and restarted (own node)",
     };
     let (lost, _) = fault_row(fault, &confirmed, &rx.per_event(), 1);
+    assert_eq!(lost, 0);
+}
+
+/// Redis killed mid-stream, with deliveries in flight and their records still to write, and
+/// started again from its append-only file after thirty more events: a dispatcher settles a
+/// message only once its outcome is recorded, and retries what it could not record, so whatever
+/// the broker confirmed is delivered. The broker stays up, so every publish is confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_stream_loses_no_confirmed_event() {
+    let mut redis = OwnRedis::start();
+    let mut env = TestEnv::new().await;
+    env.redis_url = redis.url();
+    let rx = Receiver::start(|_, _| Reply::After(Duration::from_millis(10), 200)).await;
+    env.endpoint("acct_k", &rx.url, None).await;
+    env.start_dispatcher(&[]);
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+    let mut confirmed = Vec::new();
+    for n in 0..300 {
+        if n == 100 {
+            redis.stop();
+        }
+        if n == 130 {
+            redis.restart();
+        }
+        let e = event("acct_k", n);
+        publisher.publish(&e).await.unwrap();
+        confirmed.push(e.id.to_string());
+        if (100..130).contains(&n) {
+            // Redis stays down for at least a second and a half.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    wait_until(
+        "every confirmed event delivered after Redis came back",
+        Duration::from_secs(180),
+        || async {
+            let seen = rx.per_event();
+            confirmed.iter().all(|id| seen.contains_key(id))
+        },
+    )
+    .await;
+    let (lost, _) = fault_row(
+        "Redis killed (SIGKILL) mid-stream and restarted (append-only)",
+        &confirmed,
+        &rx.per_event(),
+        1,
+    );
     assert_eq!(lost, 0);
 }
 

@@ -7,63 +7,11 @@ use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
 use laabam_tests::deliveries::{Success, begin_events, quiet_endpoints};
+use laabam_tests::own_redis::OwnRedis;
 use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use serde_json::value::RawValue;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-
-/// A Redis of the test's own, with append-only persistence, on a port of its own.
-struct OwnRedis {
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn start() -> Self {
-        let port = laabam_tests::ports::free_port();
-        let dir = std::env::temp_dir().join(format!("laabam-redis-{}", ulid::Ulid::new()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut redis = OwnRedis { port, dir, child: None };
-        redis.restart();
-        redis
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        self.child = Some(child);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// The `n`th `customer.created` event of `account`.
 fn customer_created(account: &str, n: u32) -> Envelope {
@@ -85,7 +33,7 @@ fn customer_created(account: &str, n: u32) -> Envelope {
 async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     let mut redis = OwnRedis::start();
     let mut env = TestEnv::new().await;
-    env.redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    env.redis_url = redis.url();
     // The first attempt of the first event fails, so a retry is pending in Redis when it stops.
     let rx = Receiver::start(|req, nth| {
         if nth == 0 && req.json()["data"]["customer_id"] == "c0" {
@@ -252,7 +200,7 @@ async fn at_the_default_level_only_attempts_that_failed_are_logged_and_without_c
 async fn records_made_while_redis_is_down_each_fail_and_go_through_once_it_is_back() {
     let mut redis = OwnRedis::start();
     let mut env = TestEnv::new().await;
-    env.redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    env.redis_url = redis.url();
     let store = env.store().await;
     let account = AccountId::parse("acct_down").unwrap();
     let endpoints = quiet_endpoints(&store, &account, 2).await;
@@ -296,7 +244,7 @@ async fn records_made_while_redis_is_down_each_fail_and_go_through_once_it_is_ba
 async fn a_redis_out_of_memory_answers_503_and_loses_nothing() {
     let redis = OwnRedis::start();
     let mut env = TestEnv::new().await;
-    env.redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    env.redis_url = redis.url();
     let rx = Receiver::ok().await;
     let api = env.start_api("oom-operator").await;
     let (_, client) = api.new_account("oom-operator", "oom").await;
@@ -305,7 +253,7 @@ async fn a_redis_out_of_memory_answers_503_and_loses_nothing() {
     env.start_dispatcher(&[]);
     let config = |maxmemory: &str| {
         let out = Command::new("redis-cli")
-            .args(["-p", &redis.port.to_string(), "config", "set", "maxmemory", maxmemory])
+            .args(["-p", &redis.port().to_string(), "config", "set", "maxmemory", maxmemory])
             .output()
             .unwrap();
         assert!(out.status.success());
@@ -425,7 +373,7 @@ async fn answers_readyz(port: u16, status: u16) -> bool {
 async fn redis_pausing_every_client_delays_deliveries_and_loses_none() {
     let redis = OwnRedis::start();
     let mut env = TestEnv::new().await;
-    env.redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    env.redis_url = redis.url();
     let event = |n: u32| customer_created("acct_pause", n);
     let events: Vec<Envelope> = (0..150).map(event).collect();
     let retried = events[0].id.to_string();
@@ -443,7 +391,7 @@ async fn redis_pausing_every_client_delays_deliveries_and_loses_none() {
     .await;
     // The first event's retry comes due 4-6 s after its failed attempt: within the pause.
     let paused = Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string(), "client", "pause", "9000", "all"])
+        .args(["-p", &redis.port().to_string(), "client", "pause", "9000", "all"])
         .output()
         .unwrap();
     assert!(

@@ -21,7 +21,7 @@ export function signInPage(reason, onSignedIn) {
     const key = input.value.trim();
     if (!key.startsWith('lbk_')) return fail('signin_format');
     try {
-      await api('GET', '/endpoints', undefined, key);
+      await api('GET', '/endpoints?limit=1', undefined, key);
     } catch (e) {
       if (e instanceof ApiFailure && (e.status === 401 || e.status === 403)) return fail('signin_bad_key');
       return fail(e.status === 0 ? 'error_network' : 'signin_bad_key');

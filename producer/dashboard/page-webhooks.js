@@ -36,7 +36,14 @@ function empty() {
 export async function webhooksPage() {
   const list = h('div', { class: 'cards', 'data-test': 'endpoint-list' });
   const refresh = async () => {
-    const endpoints = await api('GET', '/endpoints');
+    const endpoints = [];
+    // Every page: an account has at most a few hundred endpoints (LAABAM_MAX_ENDPOINTS_PER_ACCOUNT).
+    for (let cursor = ''; ;) {
+      const page = await api('GET', `/endpoints?limit=250${cursor && `&cursor=${encodeURIComponent(cursor)}`}`);
+      endpoints.push(...page.data);
+      if (!page.next_cursor) break;
+      cursor = page.next_cursor;
+    }
     fill(list, endpoints.length ? endpoints.map(card) : empty());
   };
   await refresh();

@@ -58,7 +58,8 @@ async fn send_test(client: &ApiClient, endpoint_id: &str, event_type: &str) -> S
 
 /// One endpoint's entry in a `GET /v1/endpoints` answer.
 fn view_of(list: &Value, id: &str) -> Value {
-    list.as_array()
+    list["data"]
+        .as_array()
         .unwrap()
         .iter()
         .find(|e| e["id"] == id)
@@ -298,7 +299,10 @@ async fn an_account_manages_endpoints_publishes_and_inspects_every_delivery() {
         assert_eq!(answer.status, 404, "{method} {path}: {:?}", answer.json);
         assert_eq!(answer.json["error"]["code"], "not_found");
     }
-    assert_eq!(bob.get("/v1/endpoints").await.json, json!([]));
+    assert_eq!(
+        bob.get("/v1/endpoints").await.json,
+        json!({ "data": [], "next_cursor": null })
+    );
     assert_eq!(bob.get("/v1/deliveries").await.json["data"], json!([]));
     assert_eq!(bob.get("/v1/events").await.json["data"], json!([]));
 
@@ -344,6 +348,76 @@ async fn an_account_manages_endpoints_publishes_and_inspects_every_delivery() {
 /// A redelivery starts a new cycle with the event's payload kept for another retention period,
 /// so its retries still have something to send; once the payload is gone, the owner is told so
 /// instead of getting a delivery that could never be sent.
+/// The endpoint list pages like every listing: oldest first, `limit` at a time, and a cursor
+/// goes on after the endpoint it names, even once that endpoint is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_list_pages_oldest_first_and_a_cursor_goes_on_past_a_deleted_endpoint() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api(ADMIN).await;
+    let (_, alice) = account(&api, "Alice").await;
+    let (_, bob) = account(&api, "Bob").await;
+    let mut created = Vec::new();
+    for n in 0..5 {
+        created.push(
+            endpoint(&alice, &format!("http://127.0.0.1:9/hook{n}"), Value::Null)
+                .await
+                .0,
+        );
+    }
+    let ids = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // Oldest first to the millisecond: ids sort by their creation time, and those made within
+    // one millisecond by the rest of the id.
+    let all = alice.get("/v1/endpoints").await.json;
+    let listed = ids(&all);
+    assert!(listed.is_sorted(), "{listed:?}");
+    let (mut made, mut shown) = (created.clone(), listed.clone());
+    made.sort();
+    shown.sort();
+    assert_eq!(shown, made, "all five on the default page");
+    assert_eq!(all["next_cursor"], Value::Null);
+
+    let mut paged = Vec::new();
+    let mut sizes = Vec::new();
+    let mut path = "/v1/endpoints?limit=2".to_owned();
+    loop {
+        let page = alice.get(&path).await;
+        assert_eq!(page.status, 200, "{:?}", page.json);
+        sizes.push(ids(&page.json).len());
+        paged.extend(ids(&page.json));
+        match page.json["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/endpoints?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(sizes, [2, 2, 1]);
+    assert_eq!(paged, listed);
+
+    let first = alice.get("/v1/endpoints?limit=2").await.json;
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    assert_eq!(alice.delete(&format!("/v1/endpoints/{}", listed[1])).await.status, 204);
+    let next = alice.get(&format!("/v1/endpoints?limit=2&cursor={cursor}")).await.json;
+    assert_eq!(ids(&next), listed[2..4], "goes on after the deleted endpoint");
+
+    assert_eq!(ids(&bob.get("/v1/endpoints").await.json), Vec::<String>::new());
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=251", "limit"),
+        ("cursor=nonsense", "cursor"),
+    ] {
+        let refused = alice.get(&format!("/v1/endpoints?{query}")).await;
+        assert_eq!(refused.status, 400, "{query}: {:?}", refused.json);
+        assert_eq!(refused.json["error"]["field"], field, "{query}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivery_keeps_its_payload_and_one_whose_payload_expired_is_refused() {
     let mut env = TestEnv::new().await;
@@ -428,7 +502,8 @@ async fn failing_endpoints_are_disabled_and_the_owner_is_told() {
 
     wait_until("both endpoints disabled", WAIT, || async {
         let list = owner.get("/v1/endpoints").await.json;
-        list.as_array()
+        list["data"]
+            .as_array()
             .unwrap()
             .iter()
             .filter(|e| e["status"] == "disabled")

@@ -383,7 +383,10 @@ async fn an_account_past_its_endpoint_limit_is_refused_and_others_are_not() {
         let message = refused.json["error"]["message"].as_str().unwrap();
         assert!(message.contains("already has 3 endpoints"), "{message}");
     }
-    assert_eq!(client.get("/v1/endpoints").await.json.as_array().unwrap().len(), 3);
+    assert_eq!(
+        client.get("/v1/endpoints").await.json["data"].as_array().unwrap().len(),
+        3
+    );
 
     let other = key(&api).await;
     assert_eq!(

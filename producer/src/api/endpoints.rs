@@ -3,8 +3,9 @@
 
 use super::ApiState;
 use super::error::{ApiError, ApiResult};
-use super::extract::{Caller, JsonBody};
-use super::views::EndpointView;
+use super::events::{ListQuery, cursor, page_limit};
+use super::extract::{Caller, JsonBody, QueryParams};
+use super::views::{EndpointView, List};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -14,7 +15,7 @@ use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::endpoint::{Endpoint, EndpointError, EndpointPatch, NewEndpoint};
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId, EndpointId};
-use laabam_shared::store::{EndpointStats, Redelivery};
+use laabam_shared::store::{Cursor, EndpointStats, Redelivery};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
@@ -109,17 +110,23 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(shown)))
 }
 
-#[utoipa::path(get, path = "/v1/endpoints", tag = "endpoints", responses((status = 200, body = [EndpointView])), security(("api_key" = [])))]
-pub async fn list(Caller(account): Caller, State(state): State<Arc<ApiState>>) -> ApiResult<Json<Vec<EndpointView>>> {
+#[utoipa::path(get, path = "/v1/endpoints", tag = "endpoints", params(ListQuery),
+    responses((status = 200, body = List<EndpointView>), (status = 400, body = super::error::ErrorBody)), security(("api_key" = [])))]
+pub async fn list(
+    Caller(account): Caller,
+    State(state): State<Arc<ApiState>>,
+    QueryParams(q): QueryParams<ListQuery>,
+) -> ApiResult<Json<List<EndpointView>>> {
+    let limit = page_limit(q.limit)?;
+    let cursor = cursor(q.cursor.as_deref())?;
+    let page = state.store.endpoints_page(&account, cursor.as_ref(), limit).await?;
     // Each view's reads go out together on the one multiplexed connection: one round trip's
-    // wait for the whole list, not one per endpoint.
-    let views = state
-        .store
-        .list_endpoints(&account)
-        .await?
-        .into_iter()
-        .map(|ep| view(&state, ep));
-    Ok(Json(futures_util::future::try_join_all(views).await?))
+    // wait for the whole page, not one per endpoint.
+    let views = page.items.into_iter().map(|ep| view(&state, ep));
+    Ok(Json(List {
+        data: futures_util::future::try_join_all(views).await?,
+        next_cursor: page.next.as_ref().map(Cursor::encode),
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/endpoints/{endpoint_id}", tag = "endpoints", params(("endpoint_id" = String, Path)),

@@ -2,8 +2,10 @@
 //! dispatcher caches an account's endpoints and the fan-out script checks the version it
 //! cached against Redis, so an event costs no endpoint reads and a change is seen at once.
 
+use super::listings::{Cursor, Page};
 use super::script_call::ScriptCall;
 use super::{Store, StoreError};
+use crate::clock::parse_rfc3339_ms;
 use crate::endpoint::Endpoint;
 use crate::ids::{AccountId, EndpointId};
 use redis::AsyncCommands;
@@ -149,6 +151,42 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()?;
         eps.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(eps)
+    }
+
+    /// Up to `limit` of an account's endpoints, oldest first, after the one `after` names. Ids
+    /// sort by creation, so the page is cut from the sorted ids and only its endpoints are read
+    /// and unsealed. An endpoint deleted meanwhile is left out; one created meanwhile sorts
+    /// last, so a client paging through sees it on its last page.
+    pub async fn endpoints_page(
+        &self,
+        account: &AccountId,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page<Endpoint>, StoreError> {
+        let key = self.keys.account_endpoints(account);
+        let mut ids: Vec<String> = self.conn().hkeys(&key).await?;
+        ids.sort_unstable();
+        let start = after.map_or(0, |c| ids.partition_point(|id| id.as_str() <= c.id.as_str()));
+        let end = ids.len().min(start + limit);
+        let chosen = &ids[start..end];
+        let raw: Vec<Option<String>> = if chosen.is_empty() {
+            Vec::new()
+        } else {
+            self.conn().hmget(&key, chosen).await?
+        };
+        let items = raw
+            .iter()
+            .flatten()
+            .map(|json| self.open_endpoint(&key, json))
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = (end < ids.len()).then(|| Cursor {
+            created_ms: items
+                .last()
+                .and_then(|ep| parse_rfc3339_ms(&ep.created_at))
+                .unwrap_or_default(),
+            id: chosen.last().cloned().unwrap_or_default(),
+        });
+        Ok(Page { items, next })
     }
 
     pub async fn get_endpoint(&self, id: &EndpointId) -> Result<Option<Endpoint>, StoreError> {

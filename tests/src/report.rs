@@ -45,3 +45,21 @@ pub fn fault_row(
     let _ = std::fs::write(dir().join(format!("{file}.md")), format!("{row}\n"));
     (lost, duplicates)
 }
+
+/// Waits up to `within` for every confirmed event to arrive at `rx` (one endpoint), records
+/// `fault`'s row, and fails the test if any never did; returns the duplicates.
+pub async fn every_confirmed_event_arrives(
+    fault: &str,
+    confirmed: &[String],
+    rx: &crate::Receiver,
+    within: std::time::Duration,
+) -> usize {
+    crate::wait_until(&format!("every confirmed event delivered: {fault}"), within, || async {
+        let seen = rx.per_event();
+        confirmed.iter().all(|id| seen.contains_key(id))
+    })
+    .await;
+    let (lost, duplicates) = fault_row(fault, confirmed, &rx.per_event(), 1);
+    assert_eq!(lost, 0, "{fault}: confirmed events lost");
+    duplicates
+}

@@ -12,7 +12,7 @@ use laabam_shared::topology;
 use laabam_tests::env::publish_all;
 use laabam_tests::own_rabbit::OwnRabbit;
 use laabam_tests::own_redis::OwnRedis;
-use laabam_tests::report::fault_row;
+use laabam_tests::report::{every_confirmed_event_arrives, fault_row};
 use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;
@@ -116,14 +116,14 @@ async fn a_dispatcher_killed_mid_burst_loses_no_confirmed_event() {
     let at_kill = rx.count();
     env.spawn_binary("laabam-dispatcher", &flags);
 
-    wait_until("every confirmed event delivered", Duration::from_secs(60), || async {
-        let seen = rx.per_event();
-        events.iter().all(|e| seen.contains_key(e.id.as_str()))
-    })
-    .await;
     let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
-    let (lost, _) = fault_row("SIGKILL of a dispatcher mid-burst, restarted", &ids, &rx.per_event(), 1);
-    assert_eq!(lost, 0);
+    every_confirmed_event_arrives(
+        "SIGKILL of a dispatcher mid-burst, restarted",
+        &ids,
+        &rx,
+        Duration::from_secs(60),
+    )
+    .await;
     assert!(at_kill < 600, "the kill happened mid-burst");
     for req in rx.requests() {
         assert!(events.iter().any(|e| e.id.as_str() == req.header("webhook-id")));
@@ -403,18 +403,13 @@ async fn a_producer_killed_mid_stream_loses_no_event_it_confirmed() {
         refused >= 40,
         "publishes while the producer was down were refused, not confirmed"
     );
-    wait_until("every confirmed event delivered", Duration::from_secs(60), || async {
-        let seen = rx.per_event();
-        confirmed.iter().all(|id| seen.contains_key(id))
-    })
-    .await;
-    let (lost, _) = fault_row(
+    every_confirmed_event_arrives(
         "SIGKILL of the producer (HTTP API) mid-stream, restarted",
         &confirmed,
-        &rx.per_event(),
-        1,
-    );
-    assert_eq!(lost, 0);
+        &rx,
+        Duration::from_secs(60),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,21 +518,11 @@ async fn a_rabbitmq_node_down_and_back_loses_no_confirmed_event(down: NodeDown) 
     );
     // Generous: after a node restart, the last deliveries can wait on reclaimed claims and
     // reconnect backoff (locally up to ~25 s after the reconnect; longer under a loaded CI run).
-    wait_until(
-        "every confirmed event delivered after the restart",
-        Duration::from_secs(180),
-        || async {
-            let seen = rx.per_event();
-            confirmed.iter().all(|id| seen.contains_key(id))
-        },
-    )
-    .await;
     let fault = match down {
         NodeDown::Stopped => "RabbitMQ node stopped and restarted (own node)",
         NodeDown::Killed => "RabbitMQ node killed (SIGKILL) mid-stream and restarted (own node)",
     };
-    let (lost, _) = fault_row(fault, &confirmed, &rx.per_event(), 1);
-    assert_eq!(lost, 0);
+    every_confirmed_event_arrives(fault, &confirmed, &rx, Duration::from_secs(180)).await;
 }
 
 /// Redis killed mid-stream, with deliveries in flight and their records still to write, and
@@ -570,22 +555,13 @@ async fn redis_killed_mid_stream_loses_no_confirmed_event() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    wait_until(
-        "every confirmed event delivered after Redis came back",
-        Duration::from_secs(180),
-        || async {
-            let seen = rx.per_event();
-            confirmed.iter().all(|id| seen.contains_key(id))
-        },
-    )
-    .await;
-    let (lost, _) = fault_row(
+    every_confirmed_event_arrives(
         "Redis killed (SIGKILL) mid-stream and restarted (append-only)",
         &confirmed,
-        &rx.per_event(),
-        1,
-    );
-    assert_eq!(lost, 0);
+        &rx,
+        Duration::from_secs(180),
+    )
+    .await;
 }
 
 /// A memory or disk alarm makes the broker block every connection that publishes until it

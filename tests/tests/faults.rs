@@ -527,8 +527,9 @@ async fn a_rabbitmq_node_down_and_back_loses_no_confirmed_event(down: NodeDown) 
 
 /// Redis killed mid-stream, with deliveries in flight and their records still to write, and
 /// started again from its append-only file after thirty more events: a dispatcher settles a
-/// message only once its outcome is recorded, and retries what it could not record, so whatever
-/// the broker confirmed is delivered. The broker stays up, so every publish is confirmed.
+/// message only once its deliveries are begun under leases in Redis, and a delivery whose
+/// outcome could not be recorded is attempted again when its lease runs out, so whatever the
+/// broker confirmed is delivered. The broker stays up, so every publish is confirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_stream_loses_no_confirmed_event() {
     let mut redis = OwnRedis::start();

@@ -181,12 +181,13 @@ pub async fn event_view(state: &ApiState, account: &AccountId, id: &str) -> ApiR
         .event_body(account, &id)
         .await?
         .ok_or(ApiError::NotFound("event"))?;
+    // Only the ids: a delivery's id is derived from its pair, so no endpoint is read or unsealed.
     let pairs: Vec<DeliveryId> = state
         .store
-        .list_endpoints(account)
+        .endpoint_ids(account)
         .await?
         .iter()
-        .map(|ep| DeliveryId::for_pair(&id, &ep.id))
+        .map(|endpoint| DeliveryId::for_pair(&id, endpoint))
         .collect();
     let deliveries = state
         .store

@@ -153,10 +153,28 @@ impl Store {
         Ok(eps)
     }
 
-    /// Up to `limit` of an account's endpoints, oldest first, after the one `after` names. Ids
-    /// sort by creation, so the page is cut from the sorted ids and only its endpoints are read
-    /// and unsealed. An endpoint deleted meanwhile is left out; one created meanwhile sorts
-    /// last, so a client paging through sees it on its last page.
+    /// An account's endpoint ids, oldest first (ids sort by creation): all that a page needs
+    /// to be cut, or a delivery's id to be derived, with no endpoint read or secret unsealed.
+    pub async fn endpoint_ids(&self, account: &AccountId) -> Result<Vec<EndpointId>, StoreError> {
+        let key = self.keys.account_endpoints(account);
+        let raw: Vec<String> = self.conn().hkeys(&key).await?;
+        let mut ids = raw
+            .into_iter()
+            .map(|id| {
+                EndpointId::parse(id).map_err(|e| StoreError::Corrupt {
+                    key: key.clone(),
+                    problem: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Up to `limit` of an account's endpoints, oldest first, after the one `after` names. The
+    /// page is cut from the sorted ids, and only its endpoints are read and unsealed. An
+    /// endpoint deleted meanwhile is left out; one created meanwhile sorts last, so a client
+    /// paging through sees it on its last page.
     pub async fn endpoints_page(
         &self,
         account: &AccountId,
@@ -164,15 +182,15 @@ impl Store {
         limit: usize,
     ) -> Result<Page<Endpoint>, StoreError> {
         let key = self.keys.account_endpoints(account);
-        let mut ids: Vec<String> = self.conn().hkeys(&key).await?;
-        ids.sort_unstable();
+        let ids = self.endpoint_ids(account).await?;
         let start = after.map_or(0, |c| ids.partition_point(|id| id.as_str() <= c.id.as_str()));
         let end = ids.len().min(start + limit);
         let chosen = &ids[start..end];
         let raw: Vec<Option<String>> = if chosen.is_empty() {
             Vec::new()
         } else {
-            self.conn().hmget(&key, chosen).await?
+            let fields: Vec<&str> = chosen.iter().map(EndpointId::as_str).collect();
+            self.conn().hmget(&key, fields).await?
         };
         let items = raw
             .iter()
@@ -184,7 +202,7 @@ impl Store {
                 .last()
                 .and_then(|ep| parse_rfc3339_ms(&ep.created_at))
                 .unwrap_or_default(),
-            id: chosen.last().cloned().unwrap_or_default(),
+            id: chosen.last().map(|id| id.as_str().to_owned()).unwrap_or_default(),
         });
         Ok(Page { items, next })
     }

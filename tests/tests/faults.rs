@@ -73,20 +73,24 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_the_stream_goes_on(
     .await;
     assert_eq!(rx.requests()[0].header("webhook-id"), good.id.as_str());
 
-    let mut reasons: HashMap<Vec<u8>, String> = HashMap::new();
-    while reasons.len() < poison.len() {
-        let msg = env
-            .get_message(topology::DEAD_QUEUE)
-            .await
-            .expect("a dead letter per poison message");
-        let headers = msg.delivery.properties.headers().clone().unwrap_or_default();
-        let reason = match headers.inner().get(topology::DEAD_REASON_HEADER) {
-            Some(AMQPValue::LongString(s)) => s.to_string(),
-            other => panic!("reason header missing: {other:?}"),
-        };
-        assert!(headers.inner().contains_key("x-laabam-dead-detail"));
-        reasons.insert(msg.delivery.data.clone(), reason);
-    }
+    // Each dead letter is confirmed before its poison message is settled, but the good event
+    // may arrive first: the 10 MiB one takes a while to publish.
+    let collected: std::sync::Mutex<HashMap<Vec<u8>, String>> = Default::default();
+    wait_until("a dead letter per poison message", Duration::from_secs(30), || async {
+        while let Some(msg) = env.get_message(topology::DEAD_QUEUE).await {
+            let headers = msg.delivery.properties.headers().clone().unwrap_or_default();
+            let reason = match headers.inner().get(topology::DEAD_REASON_HEADER) {
+                Some(AMQPValue::LongString(s)) => s.to_string(),
+                other => panic!("reason header missing: {other:?}"),
+            };
+            assert!(headers.inner().contains_key("x-laabam-dead-detail"));
+            collected.lock().unwrap().insert(msg.delivery.data, reason);
+        }
+        collected.lock().unwrap().len() >= poison.len()
+    })
+    .await;
+    let reasons = collected.into_inner().unwrap();
+    assert_eq!(reasons.len(), poison.len(), "one dead letter per poison message");
     for (_, body, reason) in &poison {
         assert_eq!(
             reasons.get(body).map(String::as_str),

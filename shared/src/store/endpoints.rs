@@ -55,11 +55,7 @@ impl Store {
 
     /// Parses a stored record, opening its secrets.
     pub(super) fn open_endpoint(&self, key: &str, json: &str) -> Result<Endpoint, StoreError> {
-        let corrupt = |problem: String| StoreError::Corrupt {
-            key: key.to_owned(),
-            problem,
-        };
-        let mut value: serde_json::Value = serde_json::from_str(json).map_err(|e| corrupt(e.to_string()))?;
+        let mut value: serde_json::Value = serde_json::from_str(json).map_err(|e| StoreError::corrupt(key, e))?;
         let bound_to = value["id"].as_str().unwrap_or_default().to_owned();
         let mut failure = None;
         for_each_secret(&mut value, |s| match self.sealer.open(s, &bound_to) {
@@ -67,9 +63,9 @@ impl Store {
             Err(e) => failure = Some(e),
         });
         if let Some(e) = failure {
-            return Err(corrupt(e.to_string()));
+            return Err(StoreError::corrupt(key, e));
         }
-        serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))
+        serde_json::from_value(value).map_err(|e| StoreError::corrupt(key, e))
     }
 
     /// Re-seals every endpoint with the current key (after a key rotation); returns how many.
@@ -160,12 +156,7 @@ impl Store {
         let raw: Vec<String> = self.conn().hkeys(&key).await?;
         let mut ids = raw
             .into_iter()
-            .map(|id| {
-                EndpointId::parse(id).map_err(|e| StoreError::Corrupt {
-                    key: key.clone(),
-                    problem: e.to_string(),
-                })
-            })
+            .map(|id| EndpointId::parse(id).map_err(|e| StoreError::corrupt(&key, e)))
             .collect::<Result<Vec<_>, _>>()?;
         ids.sort_unstable();
         Ok(ids)

@@ -48,13 +48,6 @@ pub struct Page<T> {
     pub next: Option<Cursor>,
 }
 
-fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt {
-        key: key.to_owned(),
-        problem: e.to_string(),
-    }
-}
-
 /// A state from the values of [`field::STATE`], in order.
 fn state_from_fields(id: &DeliveryId, values: Vec<Option<String>>) -> Option<DeliveryState> {
     let h: HashMap<String, String> = field::STATE
@@ -88,10 +81,10 @@ impl Store {
         }
         let mut pipe = redis::pipe();
         for (id, _) in &ids {
-            pipe.get(
-                self.keys
-                    .event(account, &EventId::parse(id.as_str()).map_err(|e| corrupt(&index, e))?),
-            );
+            pipe.get(self.keys.event(
+                account,
+                &EventId::parse(id.as_str()).map_err(|e| StoreError::corrupt(&index, e))?,
+            ));
         }
         let bodies: Vec<Option<Vec<u8>>> = pipe.query_async(&mut self.conn()).await?;
         let next = (ids.len() == limit)
@@ -180,7 +173,7 @@ impl Store {
             }
             let delivery_ids = ids
                 .iter()
-                .map(|(id, _)| DeliveryId::parse(id.as_str()).map_err(|e| corrupt(&index, e)))
+                .map(|(id, _)| DeliveryId::parse(id.as_str()).map_err(|e| StoreError::corrupt(&index, e)))
                 .collect::<Result<Vec<_>, _>>()?;
             let states = self.deliveries(&delivery_ids).await?;
             for ((id, created), state) in ids.into_iter().zip(states) {
@@ -231,7 +224,7 @@ impl Store {
         }
         state_from_fields(id, values)
             .map(Some)
-            .ok_or_else(|| corrupt(&self.keys.delivery(id), "missing or invalid fields"))
+            .ok_or_else(|| StoreError::corrupt(&self.keys.delivery(id), "missing or invalid fields"))
     }
 
     /// The states of several deliveries in one round trip; `None` where one is absent. Only the
@@ -274,7 +267,9 @@ impl Store {
             .iter()
             .map(String::as_str)
             .chain(logged.into_iter().map(|(_, text)| text))
-            .map(|text| AttemptRecord::from_stored(text).ok_or_else(|| corrupt(&key, "unreadable attempt record")))
+            .map(|text| {
+                AttemptRecord::from_stored(text).ok_or_else(|| StoreError::corrupt(&key, "unreadable attempt record"))
+            })
             .collect()
     }
 }

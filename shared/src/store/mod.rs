@@ -66,6 +66,16 @@ pub enum StoreError {
     TooManyEndpoints { most: u32 },
 }
 
+impl StoreError {
+    /// What was found at `key` and why it does not parse.
+    pub(crate) fn corrupt(key: &str, problem: impl std::fmt::Display) -> Self {
+        StoreError::Corrupt {
+            key: key.to_owned(),
+            problem: problem.to_string(),
+        }
+    }
+}
+
 /// Handle to the store; cheap to clone (one multiplexed, self-reconnecting connection).
 #[derive(Clone)]
 pub struct Store {

@@ -1,12 +1,12 @@
 //! Deliveries begun and recorded straight through the store, as a dispatcher would, for tests
 //! and benchmarks of the store's own calls without the broker and HTTP around them.
 
+use crate::env::payment_failed;
 use laabam_shared::delivery::{AttemptRecord, DeliveryStatus, Outcome, RetryJob};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
 use laabam_shared::store::{AccountEndpoints, AttemptTiming, Begin, Ingest, Record, Store};
-use serde_json::value::RawValue;
 use std::sync::Arc;
 
 /// One delivery of `event` to each endpoint, each under its own lease (numbered from `first`),
@@ -90,9 +90,8 @@ fn numbered_events(
     let account = &endpoints.endpoints[0].account_id;
     numbers
         .map(|i| {
-            let data = RawValue::from_string(format!(r#"{{"payment_id":"p{i}","reason":"r"}}"#)).unwrap();
             let at = now + i as i64;
-            let event = Envelope::new("payment.failed", account.clone(), data, None, at).unwrap();
+            let event = payment_failed(account, i, at);
             let these = leased_begins(
                 &event,
                 &endpoints.endpoints,

@@ -6,7 +6,7 @@ use laabam_retry_scheduler::SchedulerConfig;
 use laabam_shared::clock::now_ms;
 use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::ids::AccountId;
-use laabam_shared::store::{Store, StoreConfig};
+use laabam_shared::store::{Account, Store, StoreConfig};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Once;
@@ -177,6 +177,18 @@ impl TestEnv {
 
     pub async fn store(&self) -> Store {
         self.store_sealed(None, None).await
+    }
+
+    /// An account and one API key of it (as shown once), made in the store directly: for a test
+    /// that starts an API of its own and needs a caller before it answers.
+    pub async fn account_with_key(&self, name: &str) -> (Account, String) {
+        let store = self.store().await;
+        let account = store
+            .create_account(name, None, now_ms())
+            .await
+            .expect("account created");
+        let (key, _) = store.create_api_key(&account.id, now_ms()).await.expect("key issued");
+        (account, key)
     }
 
     /// A plain Redis connection, for a test that reads or plants keys the store does not expose
@@ -502,19 +514,18 @@ pub fn invoice_paid(account: &AccountId, n: usize, at_ms: i64) -> laabam_shared:
     laabam_shared::envelope::Envelope::new("invoice.paid", account.clone(), data, None, at_ms).expect("a valid event")
 }
 
+/// The `n`th of distinct `payment.failed` events of `account`, published at `at_ms`.
+pub fn payment_failed(account: &AccountId, n: usize, at_ms: i64) -> laabam_shared::envelope::Envelope {
+    let data =
+        serde_json::value::RawValue::from_string(format!(r#"{{"payment_id":"pay_{n}","reason":"card_declined"}}"#))
+            .expect("JSON");
+    laabam_shared::envelope::Envelope::new("payment.failed", account.clone(), data, None, at_ms).expect("a valid event")
+}
+
 /// `n` distinct `payment.failed` events of `account`.
 pub fn sample_events(account: &str, n: usize) -> Vec<laabam_shared::envelope::Envelope> {
     let account = AccountId::parse(account).expect("a valid account id");
-    (0..n)
-        .map(|i| {
-            let data = serde_json::value::RawValue::from_string(format!(
-                r#"{{"payment_id":"pay_{i}","reason":"card_declined"}}"#
-            ))
-            .expect("JSON");
-            laabam_shared::envelope::Envelope::new("payment.failed", account.clone(), data, None, now_ms())
-                .expect("a valid event")
-        })
-        .collect()
+    (0..n).map(|i| payment_failed(&account, i, now_ms())).collect()
 }
 
 /// Publishes every event through our library, 100 at a time, and asserts the broker confirmed

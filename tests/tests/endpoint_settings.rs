@@ -5,12 +5,11 @@ use futures_util::future::join_all;
 use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::endpoint::{Endpoint, NewEndpoint};
-use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
 use laabam_shared::store::{AccountEndpoints, Begin, DeliveryFilter, Store};
 use laabam_tests::deliveries::{Success, begin_events, begin_events_together, quiet_endpoints};
+use laabam_tests::env::sample_events;
 use laabam_tests::{Receiver, TestEnv, wait_until};
-use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -35,12 +34,7 @@ async fn headers_rate_limits_and_bounded_history_apply() {
     env.start_dispatcher(&["--history-per-endpoint", "5"]);
     env.start_scheduler(&[]);
     let publisher = env.publisher().await;
-    let events: Vec<Envelope> = (0..8)
-        .map(|n| {
-            let data = RawValue::from_string(format!(r#"{{"payment_id":"p{n}","reason":"r"}}"#)).unwrap();
-            Envelope::new("payment.failed", account.clone(), data, None, now_ms()).unwrap()
-        })
-        .collect();
+    let events = sample_events(account.as_str(), 8);
     assert!(
         join_all(events.iter().map(|e| publisher.publish(e)))
             .await

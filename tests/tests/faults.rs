@@ -363,15 +363,7 @@ async fn a_retry_scheduler_killed_mid_stream_loses_no_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_killed_mid_stream_loses_no_event_it_confirmed() {
     let mut env = TestEnv::new().await;
-    let store = env.store().await;
-    let account = store
-        .create_account("k", None, laabam_shared::clock::now_ms())
-        .await
-        .unwrap();
-    let (key, _) = store
-        .create_api_key(&account.id, laabam_shared::clock::now_ms())
-        .await
-        .unwrap();
+    let (account, key) = env.account_with_key("k").await;
     let rx = Receiver::ok().await;
     env.endpoint(account.id.as_str(), &rx.url, None).await;
     env.start_dispatcher(&[]);
@@ -586,14 +578,8 @@ async fn a_resource_alarm_fails_publishing_at_once_and_never_stops_delivery() {
     let mut env = TestEnv::new().await;
     env.amqp_url = rabbit.url();
     // The first attempt of event 0 fails, so its retry comes due during the alarm.
-    let rx = Receiver::start(|req, nth| {
-        if nth == 0 && req.json()["data"]["invoice_id"] == "inv_0" {
-            Reply::Status(500)
-        } else {
-            Reply::Status(200)
-        }
-    })
-    .await;
+    let events: Vec<Envelope> = (0..100).map(|n| event("acct_alarm", n)).collect();
+    let rx = Receiver::failing_first_attempt_of(events[0].id.as_str()).await;
     env.endpoint("acct_alarm", &rx.url, None).await;
     let publisher = env.publisher().await;
     let api = env.start_api("alarm-operator").await;
@@ -602,9 +588,8 @@ async fn a_resource_alarm_fails_publishing_at_once_and_never_stops_delivery() {
     env.plain_publish("invoice.created", poison, BasicProperties::default())
         .await;
     let mut confirmed = Vec::new();
-    for n in 0..100 {
-        let e = event("acct_alarm", n);
-        publisher.publish(&e).await.unwrap();
+    for e in &events {
+        publisher.publish(e).await.unwrap();
         confirmed.push(e.id.to_string());
     }
     rabbit.memory_alarm(true).await;

@@ -4,12 +4,10 @@
 use laabam_producer::Publisher;
 use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::{DeliveryStatus, Outcome};
-use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
 use laabam_shared::store::DeliveryFilter;
-use laabam_tests::env::{publish_all, sample_events};
+use laabam_tests::env::{payment_failed, publish_all, sample_events};
 use laabam_tests::{Captured, Receiver, Reply, TestEnv, wait_finished, wait_until};
-use serde_json::value::RawValue;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -103,15 +101,7 @@ async fn broken_endpoints_fail_clearly_within_the_timeout() {
         "--extra-ca-file",
         ca.to_str().unwrap(),
     ]);
-    let data = RawValue::from_string(r#"{"payment_id":"p","reason":"r"}"#.into()).unwrap();
-    let event = Envelope::new(
-        "payment.failed",
-        AccountId::parse("acct_hostile").unwrap(),
-        data,
-        None,
-        now_ms(),
-    )
-    .unwrap();
+    let event = payment_failed(&AccountId::parse("acct_hostile").unwrap(), 0, now_ms());
     let published = Instant::now();
     env.publisher().await.publish(&event).await.unwrap();
 
@@ -177,19 +167,7 @@ async fn slow_endpoints_never_hold_back_healthy_ones_nor_exceed_their_limit() {
     ]);
     env.start_scheduler(&[]);
     let publisher = env.publisher().await;
-    let events: Vec<Envelope> = (0..200)
-        .map(|n| {
-            let data = RawValue::from_string(format!(r#"{{"payment_id":"p{n}","reason":"r"}}"#)).unwrap();
-            Envelope::new(
-                "payment.failed",
-                AccountId::parse("acct_slow").unwrap(),
-                data,
-                None,
-                now_ms(),
-            )
-            .unwrap()
-        })
-        .collect();
+    let events = sample_events("acct_slow", 200);
     let started = Instant::now();
     for e in &events {
         publisher.publish(e).await.unwrap();

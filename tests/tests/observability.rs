@@ -141,15 +141,7 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboards_and_alerts_evaluate_to_what_the_traffic_implies() {
     let mut env = TestEnv::new().await;
-    let store = env.store().await;
-    let account = store
-        .create_account("observed", None, laabam_shared::clock::now_ms())
-        .await
-        .unwrap();
-    let (key, _) = store
-        .create_api_key(&account.id, laabam_shared::clock::now_ms())
-        .await
-        .unwrap();
+    let (_, key) = env.account_with_key("observed").await;
 
     let (api_port, producer_port, dispatcher_port, scheduler_port) =
         (free_port(), free_port(), free_port(), free_port());

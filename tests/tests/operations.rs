@@ -8,7 +8,7 @@ use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
 use laabam_tests::deliveries::{Success, begin_events, quiet_endpoints};
 use laabam_tests::own_redis::OwnRedis;
-use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
+use laabam_tests::{ApiClient, Receiver, TestEnv, wait_until};
 use serde_json::value::RawValue;
 use std::process::Command;
 use std::time::Duration;
@@ -34,15 +34,10 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     let mut redis = OwnRedis::start();
     let mut env = TestEnv::new().await;
     env.redis_url = redis.url();
+    let event = |n: u32| customer_created("acct_ops", n);
     // The first attempt of the first event fails, so a retry is pending in Redis when it stops.
-    let rx = Receiver::start(|req, nth| {
-        if nth == 0 && req.json()["data"]["customer_id"] == "c0" {
-            Reply::Status(500)
-        } else {
-            Reply::Status(200)
-        }
-    })
-    .await;
+    let retried = event(0);
+    let rx = Receiver::failing_first_attempt_of(retried.id.as_str()).await;
     let ep = env.endpoint("acct_ops", &rx.url, None).await;
 
     let metrics_port = laabam_tests::ports::free_port();
@@ -65,8 +60,6 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     assert_eq!(ops.get("/healthz").await.status, 200);
 
     let publisher = env.publisher().await;
-    let event = |n: u32| customer_created("acct_ops", n);
-    let retried = event(0);
     publisher.publish(&retried).await.unwrap();
     wait_until("the first attempt failed", Duration::from_secs(20), || async {
         rx.count() == 1

@@ -3,12 +3,10 @@
 
 use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::{DeliveryStatus, Outcome};
-use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
-use laabam_tests::env::new_endpoint;
+use laabam_tests::env::{new_endpoint, payment_failed};
 use laabam_tests::{ApiClient, Receiver, TestEnv, wait_finished, wait_until};
 use serde_json::json;
-use serde_json::value::RawValue;
 use std::time::Duration;
 
 const ADMIN: &str = "security-operator";
@@ -114,15 +112,7 @@ async fn deliver_to(
     let store = env.store().await;
     store.create_endpoint(&ep, None).await.unwrap();
     env.start_dispatcher(flags);
-    let data = RawValue::from_string(r#"{"payment_id":"p","reason":"r"}"#.into()).unwrap();
-    let event = Envelope::new(
-        "payment.failed",
-        AccountId::parse("acct_sec").unwrap(),
-        data,
-        None,
-        now_ms(),
-    )
-    .unwrap();
+    let event = payment_failed(&AccountId::parse("acct_sec").unwrap(), 0, now_ms());
     env.publisher().await.publish(&event).await.unwrap();
     let id = DeliveryId::for_pair(&event.id, &ep.id);
     wait_finished(&store, &id).await;
@@ -244,17 +234,8 @@ async fn signing_secrets_are_sealed_at_rest_and_survive_a_key_rotation() {
 
     // A dispatcher with the key signs with the real secret.
     env.start_dispatcher(&["--secret-key", &old_key]);
-    let publish = |n: u32| {
-        let data = RawValue::from_string(format!(r#"{{"payment_id":"p{n}","reason":"r"}}"#)).unwrap();
-        Envelope::new(
-            "payment.failed",
-            AccountId::parse("acct_sealed").unwrap(),
-            data,
-            None,
-            now_ms(),
-        )
-        .unwrap()
-    };
+    let account = AccountId::parse("acct_sealed").unwrap();
+    let publish = |n: usize| payment_failed(&account, n, now_ms());
     let publisher = env.publisher().await;
     publisher.publish(&publish(1)).await.unwrap();
     wait_until("delivered", Duration::from_secs(20), || async { rx.count() == 1 }).await;

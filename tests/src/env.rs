@@ -507,19 +507,32 @@ impl Drop for TestEnv {
 
 /// The `n`th of distinct `invoice.paid` events of `account`, published at `at_ms`.
 pub fn invoice_paid(account: &AccountId, n: usize, at_ms: i64) -> laabam_shared::envelope::Envelope {
-    let data = serde_json::value::RawValue::from_string(format!(
-        r#"{{"invoice_id":"inv_{n}","payment_id":"pay_{n}","amount":{n}}}"#
-    ))
-    .expect("JSON");
-    laabam_shared::envelope::Envelope::new("invoice.paid", account.clone(), data, None, at_ms).expect("a valid event")
+    numbered_event(
+        "invoice.paid",
+        account,
+        format!(r#"{{"invoice_id":"inv_{n}","payment_id":"pay_{n}","amount":{n}}}"#),
+        at_ms,
+    )
 }
 
 /// The `n`th of distinct `payment.failed` events of `account`, published at `at_ms`.
 pub fn payment_failed(account: &AccountId, n: usize, at_ms: i64) -> laabam_shared::envelope::Envelope {
-    let data =
-        serde_json::value::RawValue::from_string(format!(r#"{{"payment_id":"pay_{n}","reason":"card_declined"}}"#))
-            .expect("JSON");
-    laabam_shared::envelope::Envelope::new("payment.failed", account.clone(), data, None, at_ms).expect("a valid event")
+    numbered_event(
+        "payment.failed",
+        account,
+        format!(r#"{{"payment_id":"pay_{n}","reason":"card_declined"}}"#),
+        at_ms,
+    )
+}
+
+fn numbered_event(
+    event_type: &str,
+    account: &AccountId,
+    data: String,
+    at_ms: i64,
+) -> laabam_shared::envelope::Envelope {
+    let data = serde_json::value::RawValue::from_string(data).expect("JSON");
+    laabam_shared::envelope::Envelope::new(event_type, account.clone(), data, None, at_ms).expect("a valid event")
 }
 
 /// `n` distinct `payment.failed` events of `account`.

@@ -9,13 +9,18 @@ use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
+use laabam_shared::signing::Secret;
 use laabam_shared::store::{ARRIVALS_PER_CALL, Begin, DeliveryFilter, Ingest};
 use laabam_tests::deliveries::{leased_begins, quiet_endpoints};
 use laabam_tests::env::invoice_paid;
 use laabam_tests::receiver::Captured;
 use laabam_tests::{Receiver, TestEnv, wait_until};
 use lapin::BasicProperties;
+use serde_json::json;
 use serde_json::value::RawValue;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -373,4 +378,98 @@ async fn events_arriving_together_are_each_stored_and_begun_as_alone() {
         let listed = store.list_deliveries(account, &filter, None, 100).await.unwrap();
         assert_eq!(listed.items.len(), deliveries_listed, "{account}'s deliveries");
     }
+}
+
+/// Runs the Standard Webhooks reference library for TypeScript (tests/browser's
+/// `standard-webhooks.mjs`) on each request with the secret paired with it: "ok", or why the
+/// library refused it.
+fn verified_by_the_reference_library(checks: &[(&Captured, &Secret)]) -> Vec<String> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let setup = Command::new(workspace.join("scripts/browser-setup"))
+        .status()
+        .expect("scripts/browser-setup runs");
+    assert!(setup.success(), "scripts/browser-setup failed");
+    let input: Vec<_> = checks
+        .iter()
+        .map(|(req, secret)| {
+            json!({
+                "secret": secret.expose(),
+                "body": std::str::from_utf8(&req.body).expect("a UTF-8 body"),
+                "headers": {
+                    "webhook-id": req.header("webhook-id"),
+                    "webhook-timestamp": req.header("webhook-timestamp"),
+                    "webhook-signature": req.header("webhook-signature"),
+                },
+            })
+        })
+        .collect();
+    let mut node = Command::new("node")
+        .arg(workspace.join("tests/browser/standard-webhooks.mjs"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("node runs");
+    let mut stdin = node.stdin.take().expect("node's stdin");
+    stdin.write_all(json!(input).to_string().as_bytes()).unwrap();
+    drop(stdin);
+    let out = node.wait_with_output().unwrap();
+    assert!(out.status.success(), "the verifier failed");
+    serde_json::from_slice(&out.stdout).expect("a JSON array of verdicts")
+}
+
+/// A receiver built on the Standard Webhooks reference library verifies our deliveries
+/// unchanged (the contract's promise): first attempts of every event type, a retry signed
+/// afresh, and, after a rotation, a header with two signatures that each secret verifies alone.
+/// The same request with one byte of its body changed is refused, so the check can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_webhooks_reference_library_verifies_our_deliveries() {
+    let mut env = TestEnv::new().await;
+    let account = AccountId::parse("acct_std").unwrap();
+    let events: Vec<Envelope> = CATALOG
+        .iter()
+        .map(|spec| {
+            let data = RawValue::from_string(spec.example.to_owned()).unwrap();
+            Envelope::new(spec.name, account.clone(), data, None, now_ms()).unwrap()
+        })
+        .collect();
+    let rx = Receiver::failing_first_attempt_of(events[0].id.as_str()).await;
+    let mut ep = env.endpoint(account.as_str(), &rx.url, None).await;
+    env.start_dispatcher(&[]);
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+    for e in &events {
+        publisher.publish(e).await.unwrap();
+    }
+    let before = events.len() + 1;
+    wait_until("every event, and the first one's retry", WAIT, || async {
+        rx.count() == before
+    })
+    .await;
+
+    let old = ep.secret.clone();
+    ep.rotate_secret(now_ms(), Duration::from_secs(3600));
+    env.store().await.save_endpoint(&ep).await.unwrap();
+    publisher.publish(&invoice_paid(&account, 1, now_ms())).await.unwrap();
+    wait_until("the event after the rotation", WAIT, || async {
+        rx.count() == before + 1
+    })
+    .await;
+
+    let requests = rx.requests();
+    let (signed_once, rotated) = requests.split_at(before);
+    assert_eq!(rotated[0].header("webhook-signature").split(' ').count(), 2);
+    let mut tampered = rotated[0].clone();
+    let mut body = tampered.body.to_vec();
+    body[1] ^= 1;
+    tampered.body = body.into();
+    let mut checks: Vec<(&Captured, &Secret)> = signed_once.iter().map(|req| (req, &old)).collect();
+    checks.extend([(&rotated[0], &ep.secret), (&rotated[0], &old), (&tampered, &ep.secret)]);
+
+    let verdicts = verified_by_the_reference_library(&checks);
+    let (tampered_verdict, the_rest) = verdicts.split_last().unwrap();
+    assert!(the_rest.iter().all(|v| v == "ok"), "{verdicts:?}");
+    assert_eq!(
+        tampered_verdict,
+        "WebhookVerificationError: No matching signature found"
+    );
 }

@@ -18,6 +18,7 @@ use laabam_tests::{Receiver, TestEnv, wait_until};
 use lapin::BasicProperties;
 use serde_json::json;
 use serde_json::value::RawValue;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -472,4 +473,72 @@ async fn the_standard_webhooks_reference_library_verifies_our_deliveries() {
         tampered_verdict,
         "WebhookVerificationError: No matching signature found"
     );
+}
+
+/// The README's publishing example, run with Python's pika (tests/clients/publish_with_pika.py,
+/// Debian's python3-pika), publishes events that are delivered as our library's are: every
+/// catalog type with the id it was given, and a bare envelope without id or timestamp, which
+/// gets an id of its own. Nothing but the public contract is shared with the publisher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_published_with_pika_as_the_readme_shows_are_delivered_signed() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::ok().await;
+    let ep = env.endpoint("acct_pika", &rx.url, None).await;
+    env.start_dispatcher(&[]);
+    // A publisher declares the topology, as `laabam-producer topology` would before plain
+    // publishers start.
+    drop(env.publisher().await);
+    let mut lines: Vec<String> = CATALOG
+        .iter()
+        .map(|spec| {
+            format!(
+                r#"{{"id":"evt_pika_{}","type":"{}","account_id":"acct_pika","timestamp":"2026-12-06T10:00:00.000Z","data":{}}}"#,
+                spec.name, spec.name, spec.example
+            )
+        })
+        .collect();
+    lines.push(r#"{"type":"payment.failed","account_id":"acct_pika","data":{"payment_id":"p","reason":"r"}}"#.into());
+
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut python = Command::new("/usr/bin/python3")
+        .arg(workspace.join("tests/clients/publish_with_pika.py"))
+        .arg(&env.amqp_url)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("Debian's python3 runs (scripts/services installs python3-pika)");
+    let mut stdin = python.stdin.take().expect("python's stdin");
+    stdin.write_all(lines.join("\n").as_bytes()).unwrap();
+    drop(stdin);
+    assert!(
+        python.wait().unwrap().success(),
+        "pika published and the broker confirmed"
+    );
+
+    wait_until("every event pika published", WAIT, || async {
+        rx.count() >= lines.len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let requests = rx.requests();
+    assert_eq!(requests.len(), lines.len(), "each event once");
+    let delivered: HashMap<String, serde_json::Value> = requests
+        .iter()
+        .map(|req| {
+            assert_signed(req, &ep);
+            let body = req.json();
+            assert_eq!(req.header("webhook-id"), body["id"]);
+            (body["id"].as_str().unwrap().to_owned(), body)
+        })
+        .collect();
+    for spec in CATALOG {
+        let body = &delivered[&format!("evt_pika_{}", spec.name)];
+        assert_eq!(body["type"], spec.name);
+        assert_eq!(body["account_id"], "acct_pika");
+        assert_eq!(body["timestamp"], "2026-12-06T10:00:00.000Z");
+        let example: serde_json::Value = serde_json::from_str(spec.example).unwrap();
+        assert_eq!(body["data"], example, "{} arrives with its data", spec.name);
+    }
+    let bare: Vec<_> = delivered.keys().filter(|id| !id.starts_with("evt_pika_")).collect();
+    assert_eq!(bare.len(), 1, "the bare envelope got an id of its own: {bare:?}");
+    assert!(bare[0].starts_with("evt_"), "{bare:?}");
 }

@@ -475,15 +475,57 @@ async fn the_standard_webhooks_reference_library_verifies_our_deliveries() {
     );
 }
 
-/// The README's publishing example, run with Python's pika (tests/clients/publish_with_pika.py,
-/// Debian's python3-pika), publishes events that are delivered as our library's are: every
-/// catalog type with the id it was given, and a bare envelope without id or timestamp, which
-/// gets an id of its own. Nothing but the public contract is shared with the publisher.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_published_with_pika_as_the_readme_shows_are_delivered_signed() {
+/// A publisher with nothing of ours but the public contract: an AMQP client of another language
+/// run on a script of tests/clients/, which reads envelopes one per line on stdin.
+enum PlainClient {
+    /// The README's example: Python's pika (Debian's python3-pika, installed by
+    /// scripts/services, so Debian's own python3).
+    Pika,
+    /// Node's amqplib (tests/browser's npm packages).
+    Amqplib,
+}
+
+impl PlainClient {
+    /// Publishes `lines` through the client and returns once it has exited, having waited for
+    /// the broker's confirms.
+    fn publish(&self, amqp_url: &str, lines: &[String]) {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut command = match self {
+            PlainClient::Pika => {
+                let mut python = Command::new("/usr/bin/python3");
+                python.arg(workspace.join("tests/clients/publish_with_pika.py"));
+                python
+            }
+            PlainClient::Amqplib => {
+                let setup = Command::new(workspace.join("scripts/browser-setup"))
+                    .status()
+                    .expect("scripts/browser-setup runs");
+                assert!(setup.success(), "scripts/browser-setup failed");
+                let mut node = Command::new("node");
+                node.arg(workspace.join("tests/clients/publish_with_amqplib.cjs"))
+                    .env("NODE_PATH", workspace.join("tests/browser/node_modules"));
+                node
+            }
+        };
+        let mut client = command
+            .arg(amqp_url)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("the client runs (scripts/services installs it)");
+        let mut stdin = client.stdin.take().expect("the client's stdin");
+        stdin.write_all(lines.join("\n").as_bytes()).unwrap();
+        drop(stdin);
+        assert!(client.wait().unwrap().success(), "published and confirmed");
+    }
+}
+
+/// Events published by `client` are delivered as our library's are: every catalog type with
+/// the id and timestamp it was given, and a bare envelope without either, which gets an id of
+/// its own; each once, signed, with its data.
+async fn plain_client_events_are_delivered_signed(client: PlainClient, account: &str) {
     let mut env = TestEnv::new().await;
     let rx = Receiver::ok().await;
-    let ep = env.endpoint("acct_pika", &rx.url, None).await;
+    let ep = env.endpoint(account, &rx.url, None).await;
     env.start_dispatcher(&[]);
     // A publisher declares the topology, as `laabam-producer topology` would before plain
     // publishers start.
@@ -492,29 +534,17 @@ async fn events_published_with_pika_as_the_readme_shows_are_delivered_signed() {
         .iter()
         .map(|spec| {
             format!(
-                r#"{{"id":"evt_pika_{}","type":"{}","account_id":"acct_pika","timestamp":"2026-12-06T10:00:00.000Z","data":{}}}"#,
+                r#"{{"id":"evt_plain_{}","type":"{}","account_id":"{account}","timestamp":"2026-12-06T10:00:00.000Z","data":{}}}"#,
                 spec.name, spec.name, spec.example
             )
         })
         .collect();
-    lines.push(r#"{"type":"payment.failed","account_id":"acct_pika","data":{"payment_id":"p","reason":"r"}}"#.into());
+    lines.push(format!(
+        r#"{{"type":"payment.failed","account_id":"{account}","data":{{"payment_id":"p","reason":"r"}}}}"#
+    ));
+    client.publish(&env.amqp_url, &lines);
 
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut python = Command::new("/usr/bin/python3")
-        .arg(workspace.join("tests/clients/publish_with_pika.py"))
-        .arg(&env.amqp_url)
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("Debian's python3 runs (scripts/services installs python3-pika)");
-    let mut stdin = python.stdin.take().expect("python's stdin");
-    stdin.write_all(lines.join("\n").as_bytes()).unwrap();
-    drop(stdin);
-    assert!(
-        python.wait().unwrap().success(),
-        "pika published and the broker confirmed"
-    );
-
-    wait_until("every event pika published", WAIT, || async {
+    wait_until("every event the client published", WAIT, || async {
         rx.count() >= lines.len()
     })
     .await;
@@ -531,14 +561,26 @@ async fn events_published_with_pika_as_the_readme_shows_are_delivered_signed() {
         })
         .collect();
     for spec in CATALOG {
-        let body = &delivered[&format!("evt_pika_{}", spec.name)];
+        let body = &delivered[&format!("evt_plain_{}", spec.name)];
         assert_eq!(body["type"], spec.name);
-        assert_eq!(body["account_id"], "acct_pika");
+        assert_eq!(body["account_id"], account);
         assert_eq!(body["timestamp"], "2026-12-06T10:00:00.000Z");
         let example: serde_json::Value = serde_json::from_str(spec.example).unwrap();
         assert_eq!(body["data"], example, "{} arrives with its data", spec.name);
     }
-    let bare: Vec<_> = delivered.keys().filter(|id| !id.starts_with("evt_pika_")).collect();
+    let bare: Vec<_> = delivered.keys().filter(|id| !id.starts_with("evt_plain_")).collect();
     assert_eq!(bare.len(), 1, "the bare envelope got an id of its own: {bare:?}");
     assert!(bare[0].starts_with("evt_"), "{bare:?}");
+}
+
+/// The README's publishing example, as written (tests/clients/publish_with_pika.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_published_with_pika_as_the_readme_shows_are_delivered_signed() {
+    plain_client_events_are_delivered_signed(PlainClient::Pika, "acct_pika").await;
+}
+
+/// The other client the contract names: Node's amqplib (tests/clients/publish_with_amqplib.cjs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_published_with_node_amqplib_are_delivered_signed() {
+    plain_client_events_are_delivered_signed(PlainClient::Amqplib, "acct_amqplib").await;
 }

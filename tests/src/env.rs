@@ -568,7 +568,7 @@ pub fn new_endpoint(account: &str, url: &str, events: Option<&[&str]>) -> Endpoi
 /// The path of a workspace binary, building the workspace's binaries once per test process.
 pub fn binary(name: &str) -> PathBuf {
     static BUILD: Once = Once::new();
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let workspace = crate::workspace::root();
     let exe = std::env::current_exe().expect("test binary path");
     let release = exe.ancestors().any(|d| d.file_name().is_some_and(|n| n == "release"));
     BUILD.call_once(|| {

@@ -10,6 +10,7 @@
 //! - [`receiver`]: HTTP and HTTPS receivers that record every request and answer as told.
 //! - [`report`]: the fault table (fault, confirmed, delivered, lost, duplicates).
 //! - [`wait`]: waiting on conditions instead of sleeping.
+//! - [`workspace`]: the repository's root, and the Node.js packages some tests run.
 
 pub mod api;
 pub mod deliveries;
@@ -20,6 +21,7 @@ pub mod ports;
 pub mod receiver;
 pub mod report;
 pub mod wait;
+pub mod workspace;
 
 pub use api::ApiClient;
 pub use env::TestEnv;

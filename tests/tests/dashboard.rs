@@ -7,17 +7,13 @@
 //! receivers that answer 401 to a bad signature.
 
 use laabam_tests::ports::free_port;
+use laabam_tests::workspace::{node_packages, root};
 use laabam_tests::{ApiClient, Captured, Receiver, Reply, TestEnv, wait_until};
 use serde_json::json;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const ADMIN: &str = "test-operator-token";
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// A child process killed when the test ends, pass or fail.
 struct Running(Child);
@@ -41,10 +37,10 @@ async fn example_receiver(client: &ApiClient, program: &str, file: &str) -> Runn
         .await;
     assert_eq!(created.status, 201, "{:?}", created.json);
     let child = Command::new(program)
-        .arg(workspace().join("producer/dashboard").join(file))
+        .arg(root().join("producer/dashboard").join(file))
         .arg(port.to_string())
         .env("WEBHOOK_SECRET", created.json["secret"].as_str().unwrap())
-        .env("NODE_PATH", workspace().join("tests/browser/node_modules"))
+        .env("NODE_PATH", node_packages())
         .stdout(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("{program} starts: {e}"));
@@ -58,11 +54,7 @@ async fn example_receiver(client: &ApiClient, program: &str, file: &str) -> Runn
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_account_owner_runs_their_webhooks_from_the_browser() {
-    let setup = Command::new(workspace().join("scripts/browser-setup"))
-        .status()
-        .expect("scripts/browser-setup runs");
-    assert!(setup.success(), "scripts/browser-setup failed");
-
+    node_packages();
     let mut env = TestEnv::new().await;
     env.start_dispatcher(&["--retry-max-attempts", "2"]);
     env.start_scheduler(&[]);
@@ -74,10 +66,10 @@ async fn an_account_owner_runs_their_webhooks_from_the_browser() {
     let _node = example_receiver(&examples, "node", "example-receiver.js").await;
     let _python = example_receiver(&examples, "python3", "example-receiver.py").await;
 
-    let screenshots = workspace().join("target/dashboard-screenshots");
+    let screenshots = root().join("target/dashboard-screenshots");
     let _ = std::fs::remove_dir_all(&screenshots);
     let browser = tokio::process::Command::new("node")
-        .arg(workspace().join("tests/browser/dashboard.mjs"))
+        .arg(root().join("tests/browser/dashboard.mjs"))
         .env("BASE_URL", &api.base)
         .env("OWNER_KEY", owner.token().unwrap())
         .env("EXAMPLES_KEY", examples.token().unwrap())

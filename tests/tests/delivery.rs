@@ -14,13 +14,13 @@ use laabam_shared::store::{ARRIVALS_PER_CALL, Begin, DeliveryFilter, Ingest};
 use laabam_tests::deliveries::{leased_begins, quiet_endpoints};
 use laabam_tests::env::invoice_paid;
 use laabam_tests::receiver::Captured;
+use laabam_tests::workspace::{node_packages, root};
 use laabam_tests::{Receiver, TestEnv, wait_until};
 use lapin::BasicProperties;
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -385,11 +385,7 @@ async fn events_arriving_together_are_each_stored_and_begun_as_alone() {
 /// `standard-webhooks.mjs`) on each request with the secret paired with it: "ok", or why the
 /// library refused it.
 fn verified_by_the_reference_library(checks: &[(&Captured, &Secret)]) -> Vec<String> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let setup = Command::new(workspace.join("scripts/browser-setup"))
-        .status()
-        .expect("scripts/browser-setup runs");
-    assert!(setup.success(), "scripts/browser-setup failed");
+    node_packages();
     let input: Vec<_> = checks
         .iter()
         .map(|(req, secret)| {
@@ -405,7 +401,7 @@ fn verified_by_the_reference_library(checks: &[(&Captured, &Secret)]) -> Vec<Str
         })
         .collect();
     let mut node = Command::new("node")
-        .arg(workspace.join("tests/browser/standard-webhooks.mjs"))
+        .arg(root().join("tests/browser/standard-webhooks.mjs"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -489,21 +485,16 @@ impl PlainClient {
     /// Publishes `lines` through the client and returns once it has exited, having waited for
     /// the broker's confirms.
     fn publish(&self, amqp_url: &str, lines: &[String]) {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut command = match self {
             PlainClient::Pika => {
                 let mut python = Command::new("/usr/bin/python3");
-                python.arg(workspace.join("tests/clients/publish_with_pika.py"));
+                python.arg(root().join("tests/clients/publish_with_pika.py"));
                 python
             }
             PlainClient::Amqplib => {
-                let setup = Command::new(workspace.join("scripts/browser-setup"))
-                    .status()
-                    .expect("scripts/browser-setup runs");
-                assert!(setup.success(), "scripts/browser-setup failed");
                 let mut node = Command::new("node");
-                node.arg(workspace.join("tests/clients/publish_with_amqplib.cjs"))
-                    .env("NODE_PATH", workspace.join("tests/browser/node_modules"));
+                node.arg(root().join("tests/clients/publish_with_amqplib.cjs"))
+                    .env("NODE_PATH", node_packages());
                 node
             }
         };

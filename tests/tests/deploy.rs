@@ -2,13 +2,10 @@
 //! probe matches what the processes serve, every command is a real binary, and the README's
 //! configuration table lists every setting. (Schemas are checked by deploy/check.)
 
+use laabam_tests::workspace::root;
 use serde_yaml::Value;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use std::path::Path;
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))

@@ -6,14 +6,14 @@ use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use lapin::BasicProperties;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 fn deploy(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file)
+    laabam_tests::workspace::root().join("deploy").join(file)
 }
 
 fn tool(name: &str) -> &str {

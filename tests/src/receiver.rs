@@ -80,6 +80,8 @@ pub enum Reply {
     After(Duration, u16),
     /// Answer with this status and `Retry-After: <seconds>`.
     RetryAfter(u16, u64),
+    /// Answer with this status and `Retry-After` as the HTTP-date this many seconds from now.
+    RetryAfterDate(u16, u64),
 }
 
 /// Decides the answer from the request and how many times this `webhook-id` came before.
@@ -244,13 +246,18 @@ impl Receiver {
                                     tokio::time::sleep(delay).await;
                                     (s, None)
                                 }
-                                Reply::RetryAfter(s, secs) => (s, Some(secs)),
+                                Reply::RetryAfter(s, secs) => (s, Some(secs.to_string())),
+                                Reply::RetryAfterDate(s, secs) => {
+                                    let at = std::time::SystemTime::now() + Duration::from_secs(secs);
+                                    (s, Some(httpdate::fmt_http_date(at)))
+                                }
                             };
                             conc.now.fetch_sub(1, Ordering::SeqCst);
                             let mut resp = Response::new(Full::new(Bytes::from(format!("answered {status}"))));
                             *resp.status_mut() = StatusCode::from_u16(status).unwrap();
-                            if let Some(secs) = retry_after {
-                                resp.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
+                            if let Some(value) = retry_after {
+                                let value = http::HeaderValue::from_str(&value).expect("a header value");
+                                resp.headers_mut().insert(http::header::RETRY_AFTER, value);
                             }
                             Ok::<_, Infallible>(resp)
                         }

@@ -395,25 +395,37 @@ async fn gone_disables_the_endpoint_and_stops_delivery() {
     assert_eq!(gone.count(), 1, "no attempt after 410");
 }
 
+/// `Retry-After` in either form sets the next attempt's delay: 1 s as seconds on a 429, and on
+/// a 503 an HTTP-date 2 s ahead (whole seconds, so between 1 and 2 s from the answer), where
+/// backoff alone would retry after about 100 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_after_is_honoured() {
+async fn retry_after_is_honoured_as_seconds_and_as_a_date() {
     let mut env = TestEnv::new().await;
-    let rx = Receiver::failing_first_attempts(Reply::RetryAfter(429, 1)).await;
+    let (seconds, date) = (invoice_paid(5), invoice_paid(6));
+    let date_id = date.id.to_string();
+    let rx = Receiver::start(move |req, nth| match nth {
+        0 if req.header("webhook-id") == date_id => Reply::RetryAfterDate(503, 2),
+        0 => Reply::RetryAfter(429, 1),
+        _ => Reply::Status(200),
+    })
+    .await;
     let ep = env.endpoint("acct_a", &rx.url, None).await;
     env.start_dispatcher(&["--retry-max-delay", "5s"]);
     env.start_scheduler(&[]);
-    let event = invoice_paid(5);
-    env.publisher().await.publish(&event).await.unwrap();
+    let publisher = env.publisher().await;
     let store = env.store().await;
-    wait_status(&store, &event, &ep, DeliveryStatus::Succeeded).await;
-    let attempts = store.attempts(&DeliveryId::for_pair(&event.id, &ep.id)).await.unwrap();
-    assert_eq!(attempts[0].status_code, Some(429));
-    assert_eq!(attempts.len(), 2);
-    let gap = attempts[1].at_ms - attempts[0].at_ms;
-    assert!(
-        gap >= 1000,
-        "waited {gap} ms; Retry-After asked for 1 s where backoff alone gives ~100 ms"
-    );
+    for (event, status) in [(&seconds, 429), (&date, 503)] {
+        publisher.publish(event).await.unwrap();
+        wait_status(&store, event, &ep, DeliveryStatus::Succeeded).await;
+        let attempts = store.attempts(&DeliveryId::for_pair(&event.id, &ep.id)).await.unwrap();
+        assert_eq!(attempts[0].status_code, Some(status));
+        assert_eq!(attempts.len(), 2);
+        let gap = attempts[1].at_ms - attempts[0].at_ms;
+        assert!(
+            gap >= 1000,
+            "waited {gap} ms after a {status}; Retry-After asked for at least 1 s where backoff alone gives ~100 ms"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

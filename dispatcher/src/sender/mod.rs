@@ -17,7 +17,7 @@ use pool::{Pool, SendError};
 use std::error::Error as StdError;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How much of a response body is kept with the attempt.
 pub const EXCERPT_BYTES: usize = 4096;
@@ -170,8 +170,7 @@ impl Sender {
                     .headers()
                     .get(RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs),
+                    .and_then(|v| asked_delay(v, SystemTime::now())),
                 _ => None,
             };
             let excerpt = read_capped(response.into_body()).await;
@@ -210,6 +209,18 @@ impl Sender {
             },
         }
     }
+}
+
+/// The delay a `Retry-After` value asks for, in either of its forms (RFC 9110 §10.2.3):
+/// delay-seconds, or an HTTP-date measured from `now`, one already past asking for none. Anything
+/// else is ignored, so the backoff applies.
+fn asked_delay(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// Reads at most [`READ_CAP_BYTES`], keeping the first [`EXCERPT_BYTES`]. A body error after
@@ -275,4 +286,31 @@ fn chain(err: &dyn StdError) -> String {
         source = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::asked_delay;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_a_date() {
+        let now = httpdate::parse_http_date("Sun, 06 Dec 2026 16:00:00 GMT").unwrap();
+        let asked = |value| asked_delay(value, now);
+        assert_eq!(asked("120"), Some(Duration::from_secs(120)));
+        assert_eq!(asked(" 0 "), Some(Duration::ZERO));
+        assert_eq!(asked("Sun, 06 Dec 2026 16:01:30 GMT"), Some(Duration::from_secs(90)));
+        // Obsolete forms a receiver must still accept (RFC 9110 §5.6.7).
+        assert_eq!(asked("Sunday, 06-Dec-26 16:01:30 GMT"), Some(Duration::from_secs(90)));
+        assert_eq!(asked("Sun Dec  6 16:01:30 2026"), Some(Duration::from_secs(90)));
+        assert_eq!(
+            asked("Sun, 06 Dec 2026 15:59:00 GMT"),
+            Some(Duration::ZERO),
+            "a date past"
+        );
+        for ignored in ["", "soon", "-5", "1.5", "Sun, 06 Dec 2026 25:00:00 GMT"] {
+            assert_eq!(asked(ignored), None, "{ignored:?}");
+        }
+        assert_eq!(asked_delay("60", SystemTime::UNIX_EPOCH), Some(Duration::from_secs(60)));
+    }
 }

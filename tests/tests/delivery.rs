@@ -381,45 +381,66 @@ async fn events_arriving_together_are_each_stored_and_begun_as_alone() {
     }
 }
 
-/// Runs the Standard Webhooks reference library for TypeScript (tests/browser's
-/// `standard-webhooks.mjs`) on each request with the secret paired with it: "ok", or why the
-/// library refused it.
-fn verified_by_the_reference_library(checks: &[(&Captured, &Secret)]) -> Vec<String> {
-    node_packages();
-    let input: Vec<_> = checks
-        .iter()
-        .map(|(req, secret)| {
-            json!({
-                "secret": secret.expose(),
-                "body": std::str::from_utf8(&req.body).expect("a UTF-8 body"),
-                "headers": {
-                    "webhook-id": req.header("webhook-id"),
-                    "webhook-timestamp": req.header("webhook-timestamp"),
-                    "webhook-signature": req.header("webhook-signature"),
-                },
-            })
-        })
-        .collect();
-    let mut node = Command::new("node")
-        .arg(root().join("tests/browser/standard-webhooks.mjs"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("node runs");
-    let mut stdin = node.stdin.take().expect("node's stdin");
-    stdin.write_all(json!(input).to_string().as_bytes()).unwrap();
-    drop(stdin);
-    let out = node.wait_with_output().unwrap();
-    assert!(out.status.success(), "the verifier failed");
-    serde_json::from_slice(&out.stdout).expect("a JSON array of verdicts")
+/// The Standard Webhooks reference libraries, each run by a script that reads checks as JSON
+/// on stdin and answers a verdict for each.
+#[derive(Debug, Clone, Copy)]
+enum ReferenceLibrary {
+    /// npm `standardwebhooks` (tests/browser/standard-webhooks.mjs).
+    TypeScript,
+    /// PyPI `standardwebhooks` (tests/clients/standard_webhooks_verify.py, in target/deploy-tools).
+    Python,
 }
 
-/// A receiver built on the Standard Webhooks reference library verifies our deliveries
+impl ReferenceLibrary {
+    /// Verifies each request with the secret paired with it: "ok", or why the library refused it.
+    fn verify(self, checks: &[(&Captured, &Secret)]) -> Vec<String> {
+        node_packages();
+        let input: Vec<_> = checks
+            .iter()
+            .map(|(req, secret)| {
+                json!({
+                    "secret": secret.expose(),
+                    "body": std::str::from_utf8(&req.body).expect("a UTF-8 body"),
+                    "headers": {
+                        "webhook-id": req.header("webhook-id"),
+                        "webhook-timestamp": req.header("webhook-timestamp"),
+                        "webhook-signature": req.header("webhook-signature"),
+                    },
+                })
+            })
+            .collect();
+        let mut command = match self {
+            ReferenceLibrary::TypeScript => {
+                let mut node = Command::new("node");
+                node.arg(root().join("tests/browser/standard-webhooks.mjs"));
+                node
+            }
+            ReferenceLibrary::Python => {
+                let mut python = Command::new(root().join("target/deploy-tools/bin/python"));
+                python.arg(root().join("tests/clients/standard_webhooks_verify.py"));
+                python
+            }
+        };
+        let mut verifier = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("the {self:?} verifier runs: {e}"));
+        let mut stdin = verifier.stdin.take().expect("the verifier's stdin");
+        stdin.write_all(json!(input).to_string().as_bytes()).unwrap();
+        drop(stdin);
+        let out = verifier.wait_with_output().unwrap();
+        assert!(out.status.success(), "the {self:?} verifier failed");
+        serde_json::from_slice(&out.stdout).expect("a JSON array of verdicts")
+    }
+}
+
+/// A receiver built on either Standard Webhooks reference library verifies our deliveries
 /// unchanged (the contract's promise): first attempts of every event type, a retry signed
 /// afresh, and, after a rotation, a header with two signatures that each secret verifies alone.
 /// The same request with one byte of its body changed is refused, so the check can fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_standard_webhooks_reference_library_verifies_our_deliveries() {
+async fn the_standard_webhooks_reference_libraries_verify_our_deliveries() {
     let mut env = TestEnv::new().await;
     let account = AccountId::parse("acct_std").unwrap();
     let events: Vec<Envelope> = CATALOG
@@ -466,13 +487,16 @@ async fn the_standard_webhooks_reference_library_verifies_our_deliveries() {
     let mut checks: Vec<(&Captured, &Secret)> = signed_before.into_iter().map(|req| (req, &old)).collect();
     checks.extend([(rotated, &ep.secret), (rotated, &old), (&tampered, &ep.secret)]);
 
-    let verdicts = verified_by_the_reference_library(&checks);
-    let (tampered_verdict, the_rest) = verdicts.split_last().unwrap();
-    assert!(the_rest.iter().all(|v| v == "ok"), "{verdicts:?}");
-    assert_eq!(
-        tampered_verdict,
-        "WebhookVerificationError: No matching signature found"
-    );
+    for library in [ReferenceLibrary::TypeScript, ReferenceLibrary::Python] {
+        let verdicts = library.verify(&checks);
+        let (tampered_verdict, the_rest) = verdicts.split_last().unwrap();
+        assert!(the_rest.iter().all(|v| v == "ok"), "{library:?}: {verdicts:?}");
+        assert!(
+            tampered_verdict.starts_with("WebhookVerificationError")
+                && tampered_verdict.contains("No matching signature found"),
+            "{library:?}: {tampered_verdict}"
+        );
+    }
 }
 
 /// A publisher with nothing of ours but the public contract: an AMQP client of another language

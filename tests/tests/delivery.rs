@@ -421,18 +421,23 @@ impl ReferenceLibrary {
                 python
             }
         };
-        let mut verifier = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("the {self:?} verifier runs: {e}"));
-        let mut stdin = verifier.stdin.take().expect("the verifier's stdin");
-        stdin.write_all(json!(input).to_string().as_bytes()).unwrap();
-        drop(stdin);
-        let out = verifier.wait_with_output().unwrap();
+        let out = run_fed(&mut command, json!(input).to_string().as_bytes());
         assert!(out.status.success(), "the {self:?} verifier failed");
         serde_json::from_slice(&out.stdout).expect("a JSON array of verdicts")
     }
+}
+
+/// Runs `command` with `input` on its stdin, and its stdout kept; stderr goes to the test's.
+fn run_fed(command: &mut Command, input: &[u8]) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{command:?} runs (scripts/services and scripts/browser-setup install it): {e}"));
+    let mut stdin = child.stdin.take().expect("the child's stdin");
+    stdin.write_all(input).unwrap();
+    drop(stdin);
+    child.wait_with_output().unwrap()
 }
 
 /// A receiver built on either Standard Webhooks reference library verifies our deliveries
@@ -526,15 +531,8 @@ impl PlainClient {
                 node
             }
         };
-        let mut client = command
-            .arg(amqp_url)
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("the client runs (scripts/services installs it)");
-        let mut stdin = client.stdin.take().expect("the client's stdin");
-        stdin.write_all(lines.join("\n").as_bytes()).unwrap();
-        drop(stdin);
-        assert!(client.wait().unwrap().success(), "published and confirmed");
+        let out = run_fed(command.arg(amqp_url), lines.join("\n").as_bytes());
+        assert!(out.status.success(), "published and confirmed");
     }
 }
 

@@ -9,9 +9,10 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// tests/browser's npm packages, installed by `scripts/browser-setup` (with the services and
-/// tools it sees to) once per test process: a binary's tests run at once, and two `npm ci` in
-/// one folder would undo each other. Returns their `node_modules`, for `NODE_PATH`.
+/// tests/browser's npm packages, installed by `scripts/browser-setup` (with the services, the
+/// tools and the Python reference library it sees to) once per test process: a binary's tests
+/// run at once, and two `npm ci` in one folder would undo each other. Returns their
+/// `node_modules`, for `NODE_PATH`.
 pub fn node_packages() -> PathBuf {
     static SETUP: Once = Once::new();
     SETUP.call_once(|| {

@@ -35,6 +35,17 @@ fn assert_signed(req: &Captured, ep: &Endpoint) {
     assert!(req.header("user-agent").starts_with("Laabam-Webhooks/"));
 }
 
+/// One event of each catalog type for `account`, its data the catalog's example.
+fn catalog_examples(account: &AccountId) -> Vec<Envelope> {
+    CATALOG
+        .iter()
+        .map(|spec| {
+            let data = RawValue::from_string(spec.example.to_owned()).unwrap();
+            Envelope::new(spec.name, account.clone(), data, None, now_ms()).unwrap()
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_type_reaches_exactly_its_subscribers_signed_and_unchanged() {
     let mut env = TestEnv::new().await;
@@ -49,12 +60,9 @@ async fn every_event_type_reaches_exactly_its_subscribers_signed_and_unchanged()
     let publisher = env.publisher().await;
 
     // Through our library: every catalog type.
-    let mut published = Vec::new();
-    for spec in CATALOG {
-        let data = RawValue::from_string(spec.example.to_owned()).unwrap();
-        let env = Envelope::new(spec.name, AccountId::parse("acct_a").unwrap(), data, None, now_ms()).unwrap();
-        publisher.publish(&env).await.unwrap();
-        published.push(env);
+    let published = catalog_examples(&AccountId::parse("acct_a").unwrap());
+    for event in &published {
+        publisher.publish(event).await.unwrap();
     }
     // Through a plain client: every type again, one with every recommended property, the
     // others with a bare body that leaves out id and timestamp.
@@ -448,13 +456,7 @@ fn run_fed(command: &mut Command, input: &[u8]) -> std::process::Output {
 async fn the_standard_webhooks_reference_libraries_verify_our_deliveries() {
     let mut env = TestEnv::new().await;
     let account = AccountId::parse("acct_std").unwrap();
-    let events: Vec<Envelope> = CATALOG
-        .iter()
-        .map(|spec| {
-            let data = RawValue::from_string(spec.example.to_owned()).unwrap();
-            Envelope::new(spec.name, account.clone(), data, None, now_ms()).unwrap()
-        })
-        .collect();
+    let events = catalog_examples(&account);
     let rx = Receiver::failing_first_attempt_of(events[0].id.as_str()).await;
     let mut ep = env.endpoint(account.as_str(), &rx.url, None).await;
     env.start_dispatcher(&[]);

@@ -401,7 +401,9 @@ async fn redis_pausing_every_client_delays_deliveries_and_loses_none() {
         Duration::from_secs(60),
         || async {
             let seen = rx.per_event();
-            seen.len() == 150 && seen.get(retried.as_str()) == Some(&2)
+            // At least: a retry whose record the pause held past its lease is attempted again
+            // (at least once); the fault row below counts such duplicates.
+            seen.len() == 150 && seen.get(retried.as_str()).is_some_and(|&n| n >= 2)
         },
     )
     .await;

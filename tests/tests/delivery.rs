@@ -418,21 +418,23 @@ impl ReferenceLibrary {
             })
             .collect();
         let mut command = match self {
-            ReferenceLibrary::TypeScript => {
-                let mut node = Command::new("node");
-                node.arg(root().join("tests/browser/standard-webhooks.mjs"));
-                node
-            }
-            ReferenceLibrary::Python => {
-                let mut python = Command::new(root().join("target/deploy-tools/bin/python"));
-                python.arg(root().join("tests/clients/standard_webhooks_verify.py"));
-                python
-            }
+            ReferenceLibrary::TypeScript => script("node", "tests/browser/standard-webhooks.mjs"),
+            ReferenceLibrary::Python => script(
+                root().join("target/deploy-tools/bin/python"),
+                "tests/clients/standard_webhooks_verify.py",
+            ),
         };
         let out = run_fed(&mut command, json!(input).to_string().as_bytes());
         assert!(out.status.success(), "the {self:?} verifier failed");
         serde_json::from_slice(&out.stdout).expect("a JSON array of verdicts")
     }
+}
+
+/// `interpreter` running the repository's script at `path`.
+fn script(interpreter: impl AsRef<std::ffi::OsStr>, path: &str) -> Command {
+    let mut command = Command::new(interpreter);
+    command.arg(root().join(path));
+    command
 }
 
 /// Runs `command` with `input` on its stdin, and its stdout kept; stderr goes to the test's.
@@ -521,15 +523,10 @@ impl PlainClient {
     /// the broker's confirms.
     fn publish(&self, amqp_url: &str, lines: &[String]) {
         let mut command = match self {
-            PlainClient::Pika => {
-                let mut python = Command::new("/usr/bin/python3");
-                python.arg(root().join("tests/clients/publish_with_pika.py"));
-                python
-            }
+            PlainClient::Pika => script("/usr/bin/python3", "tests/clients/publish_with_pika.py"),
             PlainClient::Amqplib => {
-                let mut node = Command::new("node");
-                node.arg(root().join("tests/clients/publish_with_amqplib.cjs"))
-                    .env("NODE_PATH", node_packages());
+                let mut node = script("node", "tests/clients/publish_with_amqplib.cjs");
+                node.env("NODE_PATH", node_packages());
                 node
             }
         };

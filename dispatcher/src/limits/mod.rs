@@ -159,9 +159,9 @@ impl EndpointLimits {
         self.rates.try_take(endpoint).then(|| Slot {
             _permit: permit,
             slow,
-            taken: Instant::now(),
             slots,
             cut_after_ms: None,
+            sent: None,
         })
     }
 

@@ -15,7 +15,8 @@ pub(super) struct Slots {
     pub(super) semaphore: Arc<Semaphore>,
     pub(super) waiting: AtomicUsize,
     pub(super) held: HeldTime,
-    /// When a slot was last released, or taken while none was held, in ms since [`EPOCH`]:
+    /// When a slot was last released or its request sent, or a slot taken while none was held,
+    /// in ms since [`EPOCH`]:
     /// while every slot is held, the time since says each is held at least about that long,
     /// long before the first slow request finishes and the moving average learns it.
     pub(super) progress_ms: AtomicU64,
@@ -52,16 +53,30 @@ impl HeldTime {
     }
 }
 
-/// The right to one request to an endpoint; releasing it records how long it was held.
+/// The right to one request to an endpoint; releasing it after its request records how long
+/// it was held.
 #[derive(Debug)]
 pub struct Slot {
     pub(super) _permit: OwnedSemaphorePermit,
     /// Its share of the slow room, when its endpoint was slow or the request turned slow.
     pub(super) slow: Option<SlowShare>,
-    pub(super) taken: Instant,
     pub(super) slots: Arc<Slots>,
     /// How long its request had run when it was cut short, in ms (see [`super::EndpointLimits::checkpoint`]).
     pub(super) cut_after_ms: Option<f64>,
+    /// When its request went out (see [`Slot::sending`]).
+    pub(super) sent: Option<Instant>,
+}
+
+impl Slot {
+    /// Marks the request going out. A slot's hold teaches the averages from here, so they say
+    /// how long the endpoint takes, not how long its delivery took to begin: measured from the
+    /// slot's taking, a Redis stall of seconds while deliveries began (or failed to) taught an
+    /// endpoint answering in a millisecond an average of seconds, and its next deliveries were
+    /// deferred for tens of seconds as if it were slow. A slot given back unused teaches nothing.
+    pub fn sending(&mut self) {
+        self.sent = Some(Instant::now());
+        self.slots.progress_ms.store(since_epoch_ms(), Ordering::Relaxed);
+    }
 }
 
 /// One request's share of the slow room, counted in the gauge while held.
@@ -86,16 +101,19 @@ impl Drop for SlowShare {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(ran_ms) = self.cut_after_ms {
+        match (self.sent, self.cut_after_ms) {
+            // Given back unused: a free slot again, and nothing learnt.
+            (None, _) => {}
             // It would have run longer still: the endpoint is slow from now on, so its next
             // deliveries are judged by the slow room instead of being cut in turn. The budget
             // does not learn from it: its length is the budget's own, and counting it would
             // stretch the budget towards the hanging endpoints it is meant to tell apart.
-            self.slots.held.observe_at_least(ran_ms);
-        } else {
-            let ms = self.taken.elapsed().as_secs_f64() * 1000.0;
-            self.slots.held.observe(ms);
-            self.slots.budget.observe(ms);
+            (Some(_), Some(ran_ms)) => self.slots.held.observe_at_least(ran_ms),
+            (Some(sent), None) => {
+                let ms = sent.elapsed().as_secs_f64() * 1000.0;
+                self.slots.held.observe(ms);
+                self.slots.budget.observe(ms);
+            }
         }
         self.slots.progress_ms.store(since_epoch_ms(), Ordering::Relaxed);
     }

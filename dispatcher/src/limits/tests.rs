@@ -3,12 +3,14 @@ use super::*;
 
 impl EndpointLimits {
     /// A slot now, or after waiting for one, or `None` to defer: a turn taken and waited
-    /// for at once.
+    /// for at once, its request sent.
     async fn acquire(&self, endpoint: &Endpoint) -> Option<Slot> {
-        match self.take(endpoint)? {
-            Turn::Now(slot) => Some(slot),
-            Turn::Queued(queued) => self.wait(queued, endpoint).await,
-        }
+        let mut slot = match self.take(endpoint)? {
+            Turn::Now(slot) => slot,
+            Turn::Queued(queued) => self.wait(queued, endpoint).await?,
+        };
+        slot.sending();
+        Some(slot)
     }
 }
 use laabam_shared::endpoint::NewEndpoint;
@@ -286,6 +288,44 @@ async fn a_queued_delivery_counts_as_waiting_until_it_gets_its_slot_or_is_droppe
     drop(held);
     assert!(limits.wait(first, &ep).await.is_some(), "the released slot");
     assert_eq!(waiting(), 0);
+}
+
+/// An endpoint is judged by its requests, not by how long its deliveries took to begin: a
+/// Redis stall of seconds while they began (or failed to) says nothing about it. A slot given
+/// back unused teaches nothing, and one whose request went out late teaches only the request.
+#[tokio::test]
+async fn a_slot_held_before_its_request_teaches_only_the_request() {
+    let limits = Arc::new(EndpointLimits::new(1, Duration::from_millis(100), ROOM));
+    let ep = endpoint(None);
+    hold(&limits, &ep, 5).await;
+    let typical = limits.budget.typical.ms();
+    let now = || match limits.take(&ep) {
+        Some(Turn::Now(slot)) => slot,
+        _ => panic!("a free slot"),
+    };
+    let unused = now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(unused);
+    let mut late = now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    late.sending();
+    drop(late);
+    assert!(
+        limits.budget.typical.ms() <= typical,
+        "the budget learnt only a request answered at once: {} ms against {typical} ms",
+        limits.budget.typical.ms()
+    );
+    limits.deferred(&ep);
+    let backlog = limits.deferral_backlog(&ep);
+    assert!(
+        backlog < Duration::from_millis(30),
+        "one ahead of an endpoint answering in 5 ms or less: {backlog:?}"
+    );
+    let busy = limits.acquire(&ep).await.unwrap();
+    assert!(
+        waiter_gets_the_slot(&limits, &ep, busy, 20).await,
+        "still a fast endpoint: its burst waits for its slot"
+    );
 }
 
 /// An endpoint that was idle for longer than the budget and then filled its slots in a

@@ -103,6 +103,7 @@ impl Pipeline {
         .collect();
 
         METRICS.in_flight.inc();
+        slot.sending();
         let checkpoint = self.limits.checkpoint(&mut slot);
         let result = self
             .sender

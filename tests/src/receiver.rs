@@ -101,6 +101,10 @@ pub struct Receiver {
 impl Drop for Receiver {
     fn drop(&mut self) {
         self.stop.cancel();
+        // A TLS receiver's CA was written for the test's processes, which read it at start.
+        if let Some(ca) = &self.ca_file {
+            let _ = std::fs::remove_file(ca);
+        }
     }
 }
 

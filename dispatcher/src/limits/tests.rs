@@ -310,6 +310,10 @@ async fn a_slot_held_before_its_request_teaches_only_the_request() {
     let mut late = now();
     tokio::time::sleep(Duration::from_millis(300)).await;
     late.sending();
+    assert!(
+        matches!(limits.take(&ep), Some(Turn::Queued(_))),
+        "its one slot held 300 ms, but its request just went out: waited for, not judged stalled"
+    );
     drop(late);
     // Each learnt at most a request answered at once, never the 300 ms before it.
     assert!(

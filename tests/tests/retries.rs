@@ -4,13 +4,14 @@
 use futures_util::future::join_all;
 use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::{AttemptRecord, DeliveryStatus, Outcome, RetryJob};
-use laabam_shared::endpoint::Endpoint;
+use laabam_shared::endpoint::{Endpoint, EndpointPatch};
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
 use laabam_shared::store::{AttemptTiming, Record, Store};
 use laabam_tests::deliveries::{Success, begin_events, first_attempt, quiet_endpoints};
 use laabam_tests::env::{publish_all, sample_events};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
+use std::cell::Cell;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -428,22 +429,28 @@ async fn retry_after_is_honoured_as_seconds_and_as_a_date() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_serial_endpoint_gets_one_request_at_a_time_and_deferrals_are_not_attempts() {
-    let mut env = TestEnv::new().await;
-    let slow = Receiver::start(|_, _| Reply::After(Duration::from_millis(150), 200)).await;
+/// An endpoint of `acct_a` that takes one request at a time.
+async fn serial_endpoint(store: &Store, url: &str) -> Endpoint {
     let ep = Endpoint::create(
         AccountId::parse("acct_a").unwrap(),
         laabam_shared::endpoint::NewEndpoint {
-            url: slow.url.clone(),
+            url: url.to_owned(),
             max_concurrency: Some(1),
             ..Default::default()
         },
         now_ms(),
     )
     .unwrap();
-    let store = env.store().await;
     store.create_endpoint(&ep, None).await.unwrap();
+    ep
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_endpoint_gets_one_request_at_a_time_and_deferrals_are_not_attempts() {
+    let mut env = TestEnv::new().await;
+    let slow = Receiver::start(|_, _| Reply::After(Duration::from_millis(150), 200)).await;
+    let store = env.store().await;
+    let ep = serial_endpoint(&store, &slow.url).await;
     env.start_dispatcher(&[]);
     env.start_scheduler(&[]);
     let publisher = env.publisher().await;
@@ -461,6 +468,97 @@ async fn a_serial_endpoint_gets_one_request_at_a_time_and_deferrals_are_not_atte
         assert_eq!(attempts.len(), 1, "a deferral is not an attempt");
         assert_eq!(attempts[0].attempt, 1);
     }
+}
+
+/// Deliveries deferred for an endpoint that is disabled before they come back fail then. They
+/// must stop counting as deferred all the same: they did not, and once the endpoint was enabled
+/// again its next deferrals were spread as if those were still ahead of them, a slot hold
+/// further each per leaked one (up to five minutes), though none was ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferrals_that_find_their_endpoint_disabled_do_not_delay_its_next_ones() {
+    const DEFERRED: usize = 5;
+    let mut env = TestEnv::new().await;
+    let slow = Receiver::start(|_, _| Reply::After(Duration::from_secs(1), 200)).await;
+    let store = env.store().await;
+    let ep = serial_endpoint(&store, &slow.url).await;
+    // A 50 ms slot wait stretches to 400 ms at most, so the 1 s endpoint is slow: a delivery
+    // that finds its one slot held is deferred, not waited for.
+    env.start_dispatcher(&["--slot-wait", "50ms"]);
+    let publisher = env.publisher().await;
+    let states = |events: Vec<Envelope>| {
+        let ids: Vec<_> = events.iter().map(|e| DeliveryId::for_pair(&e.id, &ep.id)).collect();
+        let store = &store;
+        async move { store.deliveries(&ids).await.unwrap().into_iter().flatten() }
+    };
+    let counted = |events: &[Envelope], status: DeliveryStatus| {
+        let states = states(events.to_vec());
+        async move { states.await.filter(|d| d.status == status).count() }
+    };
+
+    let first: Vec<_> = (0..=DEFERRED).map(invoice_paid).collect();
+    publish_all(&publisher, &first).await;
+    // No scheduler yet, so the deferred deliveries stay in the retry set until it is disabled.
+    wait_until("all but one deferred", WAIT, || async {
+        counted(&first, DeliveryStatus::Retrying).await == DEFERRED
+    })
+    .await;
+    store.disable_endpoint(&ep.id, "by a test", now_ms()).await.unwrap();
+    env.start_scheduler(&[]);
+    wait_until("the deferred ones failed on the disabled endpoint", WAIT, || async {
+        counted(&first, DeliveryStatus::Failed).await == DEFERRED
+    })
+    .await;
+    // The one sent before it was disabled has taught the dispatcher the endpoint's 1 s hold.
+    wait_until("the one sent delivered", WAIT, || async {
+        counted(&first, DeliveryStatus::Succeeded).await == 1
+    })
+    .await;
+    for d in states(first.clone())
+        .await
+        .filter(|d| d.status == DeliveryStatus::Failed)
+    {
+        let reason = d.reason.unwrap_or_default();
+        assert!(reason.contains("disabled"), "failed for being disabled: {reason}");
+    }
+
+    let mut enabled = store.get_endpoint(&ep.id).await.unwrap().unwrap();
+    enabled
+        .apply(EndpointPatch {
+            enabled: Some(true),
+            ..Default::default()
+        })
+        .unwrap();
+    store.save_endpoint(&enabled).await.unwrap();
+    let next: Vec<_> = (10..12).map(invoice_paid).collect();
+    let published_ms = now_ms();
+    publish_all(&publisher, &next).await;
+    // One of the two takes the slot for a second; the other is deferred, with nothing ahead
+    // of it: due within the defer delay (50 ms, jittered ×1–2) of its deferral. Each of the
+    // five deferrals counted as still ahead would add the endpoint's 1 s hold.
+    let due_ms = Cell::new(None);
+    wait_until("one of the two deferred", WAIT, || async {
+        let deferred = states(next.clone())
+            .await
+            .find(|d| d.status == DeliveryStatus::Retrying);
+        due_ms.set(deferred.and_then(|d| d.next_attempt_ms));
+        due_ms.get().is_some()
+    })
+    .await;
+    let after_ms = due_ms.get().unwrap() - published_ms;
+    println!("the deferral was due {after_ms} ms after its event was published");
+    assert!(
+        after_ms < 2_500,
+        "due {after_ms} ms after its event was published: the failed deferrals still counted as ahead"
+    );
+    wait_until("both delivered", WAIT, || async {
+        counted(&next, DeliveryStatus::Succeeded).await == next.len()
+    })
+    .await;
+    assert_eq!(
+        slow.count(),
+        1 + next.len(),
+        "nothing sent to the endpoint while disabled"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

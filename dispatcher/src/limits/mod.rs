@@ -254,12 +254,18 @@ impl EndpointLimits {
         self.slots_of(endpoint).deferred.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A delivery to `endpoint` came back from the retry set.
-    pub fn returned(&self, endpoint: &Endpoint) {
-        let _ = self
-            .slots_of(endpoint)
-            .deferred
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    /// A delivery to `endpoint` came back from the retry set: counted by id as soon as it is
+    /// taken, whatever becomes of it, so one that finds its endpoint disabled or deleted stops
+    /// counting as ahead too (else it counts for good, and spreads the endpoint's deferrals
+    /// once it is enabled again). Retries of failed attempts come back here as well: the count
+    /// says roughly how many are ahead, never below none.
+    pub fn returned(&self, endpoint: &EndpointId) {
+        let slots = self.slots.lock().expect("limits lock");
+        if let Some(slots) = slots.get(endpoint) {
+            let _ = slots
+                .deferred
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
     }
 
     fn slots_of(&self, endpoint: &Endpoint) -> Arc<Slots> {

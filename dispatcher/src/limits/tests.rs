@@ -222,7 +222,7 @@ async fn deferrals_to_a_slow_endpoint_are_spread_over_the_time_its_slots_need() 
         "each deferral adds its share"
     );
     for _ in 0..3 {
-        limits.returned(&ep);
+        limits.returned(&ep.id);
     }
     assert_eq!(
         limits.deferral_backlog(&ep),

@@ -33,6 +33,7 @@ impl Pipeline {
             Ok(t) => t,
             Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
         };
+        self.limits.returned(&job.endpoint);
         let (event_type, attempts, cycle_start, first_attempt_ms, body, endpoint) = match taken {
             Taken::Stale(why) => {
                 tracing::debug!(state = %why, "stale retry job dropped");
@@ -79,7 +80,6 @@ impl Pipeline {
             );
             return fail(&why).await;
         }
-        self.limits.returned(&endpoint);
         let room = self.in_flight.acquire(1).await;
         let Some(turn) = self.limits.take(&endpoint) else {
             self.defer(&job, &lease, &event_type, attempts, first_attempt_ms, &endpoint)

@@ -471,9 +471,9 @@ async fn a_serial_endpoint_gets_one_request_at_a_time_and_deferrals_are_not_atte
 }
 
 /// Deliveries deferred for an endpoint that is disabled before they come back fail then. They
-/// must stop counting as deferred all the same: they did not, and once the endpoint was enabled
-/// again its next deferrals were spread as if those were still ahead of them, a slot hold
-/// further each per leaked one (up to five minutes), though none was ahead.
+/// must stop counting as ahead of its next deferrals all the same: they did not, and once the
+/// endpoint was enabled again its next deferrals were spread a slot hold further for each of
+/// them (up to five minutes), though none was ahead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deferrals_that_find_their_endpoint_disabled_do_not_delay_its_next_ones() {
     const DEFERRED: usize = 5;

@@ -28,6 +28,7 @@
 //! to the broker instead. Slow means slow next to the process's typical request, so a slow
 //! endpoint among healthy ones is still deferred at once.
 
+mod deferred;
 mod rate;
 mod slots;
 mod wait_budget;
@@ -244,28 +245,16 @@ impl EndpointLimits {
     /// slots (at most [`MAX_BACKLOG`]).
     pub fn deferral_backlog(&self, endpoint: &Endpoint) -> Duration {
         let slots = self.slots_of(endpoint);
-        let ahead = slots.deferred.load(Ordering::Relaxed);
+        let ahead = slots.deferred.ahead(since_epoch_ms());
         let ms = ahead as f64 * slots.held_ms() / slots.limit as f64;
         Duration::from_secs_f64(ms / 1000.0).min(MAX_BACKLOG)
     }
 
-    /// A delivery to `endpoint` was deferred.
-    pub fn deferred(&self, endpoint: &Endpoint) {
-        self.slots_of(endpoint).deferred.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A delivery to `endpoint` came back from the retry set: counted by id as soon as it is
-    /// taken, whatever becomes of it, so one that finds its endpoint disabled or deleted stops
-    /// counting as ahead too (else it counts for good, and spreads the endpoint's deferrals
-    /// once it is enabled again). Retries of failed attempts come back here as well: the count
-    /// says roughly how many are ahead, never below none.
-    pub fn returned(&self, endpoint: &EndpointId) {
-        let slots = self.slots.lock().expect("limits lock");
-        if let Some(slots) = slots.get(endpoint) {
-            let _ = slots
-                .deferred
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-        }
+    /// A delivery to `endpoint` was deferred, to come back after `delay`: it counts in the
+    /// endpoint's backlog until then.
+    pub fn deferred(&self, endpoint: &Endpoint, delay: Duration) {
+        let due_ms = since_epoch_ms().saturating_add(delay.as_millis() as u64);
+        self.slots_of(endpoint).deferred.add(due_ms);
     }
 
     fn slots_of(&self, endpoint: &Endpoint) -> Arc<Slots> {

@@ -1,6 +1,7 @@
 //! One endpoint's request slots, and the slot a request holds: releasing it feeds the moving
 //! averages that say whether the endpoint, and the process, is slow.
 
+use super::deferred::DeferredAhead;
 use super::wait_budget::WaitBudget;
 use crate::metrics::METRICS;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,8 +21,8 @@ pub(super) struct Slots {
     /// while every slot is held, the time since says each is held at least about that long,
     /// long before the first slow request finishes and the moving average learns it.
     pub(super) progress_ms: AtomicU64,
-    /// Deliveries this process deferred that have not come back yet.
-    pub(super) deferred: AtomicUsize,
+    /// Deliveries this process deferred that are not due yet.
+    pub(super) deferred: DeferredAhead,
     /// The process-wide budget, which every release feeds as well.
     pub(super) budget: Arc<WaitBudget>,
 }
@@ -127,7 +128,7 @@ impl Slots {
             waiting: AtomicUsize::new(0),
             held: HeldTime::default(),
             progress_ms: AtomicU64::new(0),
-            deferred: AtomicUsize::new(0),
+            deferred: DeferredAhead::default(),
             budget,
         }
     }
@@ -146,6 +147,6 @@ impl Slots {
     pub(super) fn idle(&self) -> bool {
         self.semaphore.available_permits() == self.limit as usize
             && self.waiting.load(Ordering::Relaxed) == 0
-            && self.deferred.load(Ordering::Relaxed) == 0
+            && self.deferred.ahead(since_epoch_ms()) == 0
     }
 }

@@ -17,6 +17,9 @@ use laabam_shared::endpoint::NewEndpoint;
 use laabam_shared::ids::AccountId;
 use std::time::Duration;
 
+/// A deferral's delay that no test outlasts.
+const LATER: Duration = Duration::from_secs(600);
+
 fn endpoint(max: Option<u32>) -> Endpoint {
     Endpoint::create(
         AccountId::parse("acct_1").unwrap(),
@@ -210,24 +213,34 @@ async fn deferrals_to_a_slow_endpoint_are_spread_over_the_time_its_slots_need() 
         Duration::ZERO,
         "nothing deferred ahead yet"
     );
-    limits.deferred(&ep);
+    limits.deferred(&ep, LATER);
     let second = limits.deferral_backlog(&ep).as_millis();
     assert!(
         (90..=130).contains(&second),
         "one ahead, 200 ms a slot, two slots: {second} ms"
     );
-    limits.deferred(&ep);
+    limits.deferred(&ep, LATER);
     assert!(
         limits.deferral_backlog(&ep).as_millis() > second,
         "each deferral adds its share"
     );
-    for _ in 0..3 {
-        limits.returned(&ep.id);
-    }
-    assert_eq!(
-        limits.deferral_backlog(&ep),
-        Duration::ZERO,
-        "the count never goes below zero"
+}
+
+#[tokio::test]
+async fn a_deferral_leaves_the_backlog_once_it_is_due_whoever_takes_it_back() {
+    let limits = EndpointLimits::new(2, Duration::from_millis(10), ROOM);
+    let ep = endpoint(None);
+    let slow = limits.acquire(&ep).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(slow);
+    limits.deferred(&ep, Duration::from_millis(50));
+    limits.deferred(&ep, LATER);
+    let both = limits.deferral_backlog(&ep);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let one = limits.deferral_backlog(&ep);
+    assert!(
+        one > Duration::ZERO && one < both,
+        "the one due in 50 ms no longer ahead: {one:?}, against {both:?} before"
     );
 }
 
@@ -237,8 +250,8 @@ async fn an_endpoint_holding_every_slot_is_known_slow_before_it_answers() {
     let ep = endpoint(None);
     let _held = [limits.acquire(&ep).await.unwrap(), limits.acquire(&ep).await.unwrap()];
     tokio::time::sleep(Duration::from_millis(200)).await;
-    limits.deferred(&ep);
-    limits.deferred(&ep);
+    limits.deferred(&ep, LATER);
+    limits.deferred(&ep, LATER);
     let backlog = limits.deferral_backlog(&ep).as_millis();
     assert!(
         (180..=400).contains(&backlog),
@@ -298,7 +311,7 @@ async fn a_slot_held_before_its_request_teaches_only_the_request() {
     let limits = Arc::new(EndpointLimits::new(1, Duration::from_millis(100), ROOM));
     let ep = endpoint(None);
     hold(&limits, &ep, 5).await;
-    limits.deferred(&ep);
+    limits.deferred(&ep, LATER);
     let (typical, backlog) = (limits.budget.typical.ms(), limits.deferral_backlog(&ep));
     let now = || match limits.take(&ep) {
         Some(Turn::Now(slot)) => slot,

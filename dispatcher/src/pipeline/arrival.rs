@@ -115,7 +115,7 @@ impl Pipeline {
                         lease,
                         turn,
                     }),
-                    _ => self.count_deferral(endpoint, &envelope.event_type, &begin.job.delivery),
+                    _ => self.count_deferral(endpoint, &envelope.event_type, &begin.job.delivery, begin.due_ms),
                 }
             }
             tracing::debug!(deliveries = tasks.len(), "event fanned out");

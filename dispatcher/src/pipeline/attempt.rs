@@ -287,6 +287,7 @@ impl Pipeline {
         first_attempt_ms: Option<i64>,
         endpoint: &Endpoint,
     ) {
+        let due_ms = self.deferred_until(now_ms(), endpoint);
         self.record(Record {
             job,
             lease,
@@ -294,18 +295,19 @@ impl Pipeline {
             status: DeliveryStatus::Retrying,
             attempts,
             first_attempt_ms,
-            next_attempt_ms: Some(self.deferred_until(now_ms(), endpoint)),
+            next_attempt_ms: Some(due_ms),
             reason: None,
             timing: None,
         })
         .await;
-        self.count_deferral(endpoint, event_type, &job.delivery);
+        self.count_deferral(endpoint, event_type, &job.delivery, due_ms);
     }
 
     /// Counts a deferred delivery: in the metric, and in its endpoint's deferred backlog, which
     /// spreads the next deferrals' due times (see [`Pipeline::deferred_until`]).
-    pub(super) fn count_deferral(&self, endpoint: &Endpoint, event_type: &str, delivery: &DeliveryId) {
-        self.limits.deferred(endpoint);
+    pub(super) fn count_deferral(&self, endpoint: &Endpoint, event_type: &str, delivery: &DeliveryId, due_ms: i64) {
+        let delay = u64::try_from(due_ms - now_ms()).unwrap_or(0);
+        self.limits.deferred(endpoint, Duration::from_millis(delay));
         METRICS.deferred.with_label_values(&[event_type]).inc();
         tracing::debug!(delivery_id = %delivery, endpoint_id = %endpoint.id, "endpoint at its limit; deferred");
     }

@@ -33,7 +33,6 @@ impl Pipeline {
             Ok(t) => t,
             Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
         };
-        self.limits.returned(&job.endpoint);
         let (event_type, attempts, cycle_start, first_attempt_ms, body, endpoint) = match taken {
             Taken::Stale(why) => {
                 tracing::debug!(state = %why, "stale retry job dropped");

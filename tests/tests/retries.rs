@@ -782,3 +782,61 @@ async fn a_flood_of_due_retries_does_not_hold_back_new_events() {
         "the new event waited for {retried} of {FLOOD} retries"
     );
 }
+
+/// Two dispatchers share the retry queue, so each takes back deferrals of the other's. A slow
+/// endpoint's backlog counted what a process deferred less what it took back, never below none,
+/// so the counts drifted upward through an episode of deferrals, and the endpoint's deferrals
+/// after it were spread as if the drift were still ahead of them. Now each counts until it is
+/// due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferrals_taken_back_by_another_dispatcher_do_not_delay_the_next_ones() {
+    const EVENTS: usize = 60;
+    let mut env = TestEnv::new().await;
+    let slow = Receiver::start(|_, _| Reply::After(Duration::from_millis(200), 200)).await;
+    let store = env.store().await;
+    let ep = serial_endpoint(&store, &slow.url).await;
+    for _ in 0..2 {
+        env.start_dispatcher(&["--slot-wait", "20ms"]);
+    }
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+    let states = |events: Vec<Envelope>| {
+        let ids: Vec<_> = events.iter().map(|e| DeliveryId::for_pair(&e.id, &ep.id)).collect();
+        let store = &store;
+        async move { store.deliveries(&ids).await.unwrap().into_iter().flatten() }
+    };
+    let episode: Vec<_> = (0..EVENTS).map(invoice_paid).collect();
+    publish_all(&publisher, &episode).await;
+    wait_until("the episode delivered", Duration::from_secs(60), || async {
+        states(episode.clone())
+            .await
+            .filter(|d| d.status == DeliveryStatus::Succeeded)
+            .count()
+            == EVENTS
+    })
+    .await;
+    let next: Vec<_> = (100..106).map(invoice_paid).collect();
+    let published_ms = now_ms();
+    publish_all(&publisher, &next).await;
+    let due_ms = Cell::new(Vec::new());
+    wait_until("deferred", WAIT, || async {
+        let due: Vec<i64> = states(next.clone())
+            .await
+            .filter(|d| d.status == DeliveryStatus::Retrying)
+            .filter_map(|d| d.next_attempt_ms)
+            .collect();
+        let any = !due.is_empty();
+        due_ms.set(due);
+        any
+    })
+    .await;
+    let after: Vec<i64> = due_ms.take().into_iter().map(|d| d - published_ms).collect();
+    println!("deferrals due {after:?} ms after their events were published");
+    // Nothing is ahead of them once the episode is over: each is due within the defer delay
+    // (50 ms, jittered ×1–2) of its deferral. The drift put them 6–11 s out, a 200 ms hold for
+    // each deferral counted as still ahead.
+    assert!(
+        after.iter().all(|&ms| ms < 2_500),
+        "due {after:?} ms after publishing: deferrals of the episode still counted as ahead"
+    );
+}

@@ -201,13 +201,19 @@ async fn a_process_slow_everywhere_still_defers_past_the_stretched_wait() {
     );
 }
 
-#[tokio::test]
-async fn deferrals_to_a_slow_endpoint_are_spread_over_the_time_its_slots_need() {
+/// Limits whose endpoint has two slots and has held one for 200 ms, past the 10 ms slot wait.
+async fn two_slots_held_200_ms() -> (EndpointLimits, Endpoint) {
     let limits = EndpointLimits::new(2, Duration::from_millis(10), ROOM);
     let ep = endpoint(None);
     let slow = limits.acquire(&ep).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(slow);
+    (limits, ep)
+}
+
+#[tokio::test]
+async fn deferrals_to_a_slow_endpoint_are_spread_over_the_time_its_slots_need() {
+    let (limits, ep) = two_slots_held_200_ms().await;
     assert_eq!(
         limits.deferral_backlog(&ep),
         Duration::ZERO,
@@ -228,11 +234,7 @@ async fn deferrals_to_a_slow_endpoint_are_spread_over_the_time_its_slots_need() 
 
 #[tokio::test]
 async fn a_deferral_leaves_the_backlog_once_it_is_due_whoever_takes_it_back() {
-    let limits = EndpointLimits::new(2, Duration::from_millis(10), ROOM);
-    let ep = endpoint(None);
-    let slow = limits.acquire(&ep).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    drop(slow);
+    let (limits, ep) = two_slots_held_200_ms().await;
     limits.deferred(&ep, Duration::from_millis(50));
     limits.deferred(&ep, LATER);
     let both = limits.deferral_backlog(&ep);

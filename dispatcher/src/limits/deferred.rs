@@ -15,7 +15,8 @@ use std::sync::Mutex;
 /// Deferrals are counted in buckets of due times this wide (ms): one counts until the end of
 /// its bucket, at most this long past its due time, about as long as a job takes to come back
 /// through the scheduler and the broker. The buckets bound the memory an endpoint's deferrals
-/// take: at most one entry per bucket in the next few minutes, however many are deferred.
+/// take, however many are deferred: a deferral is due at most twice the defer delay and the
+/// 5-minute backlog cap ahead, so an endpoint has at most about 6,000 entries.
 const BUCKET_MS: u64 = 100;
 
 #[derive(Debug, Default)]

@@ -5,10 +5,10 @@ use futures_util::future::join_all;
 use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::endpoint::{Endpoint, NewEndpoint};
-use laabam_shared::ids::AccountId;
+use laabam_shared::ids::{AccountId, DeliveryId};
 use laabam_shared::store::{AccountEndpoints, Begin, DeliveryFilter, Store};
 use laabam_tests::deliveries::{Success, begin_events, begin_events_together, quiet_endpoints};
-use laabam_tests::env::sample_events;
+use laabam_tests::env::{publish_all, sample_events};
 use laabam_tests::{Receiver, TestEnv, wait_until};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -128,6 +128,73 @@ async fn headers_rate_limits_and_bounded_history_apply() {
         "Redis memory: {per_delivery} bytes per delivery (state + attempt log), {per_event} bytes per stored event"
     );
     assert!(per_delivery < 2048, "a delivery costs {per_delivery} bytes");
+}
+
+/// A burst past an endpoint's rate limit is deferred to come back at the rate, each delivery at
+/// a turn of its own. Spread like a slow endpoint's backlog instead, the deferred deliveries came
+/// back together, found the bucket empty but for a few, and were deferred again and again while
+/// the rate drained them (200 deliveries at 10/s were deferred 1,214 times, 1,000 at 50/s 5,803
+/// times; now once each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_rate_limit_comes_back_at_the_rate() {
+    const EVENTS: usize = 40;
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::ok().await;
+    let account = AccountId::parse("acct_paced").unwrap();
+    let new = NewEndpoint {
+        url: rx.url.clone(),
+        rate_limit: Some(10),
+        ..Default::default()
+    };
+    let ep = Endpoint::create(account.clone(), new, now_ms()).unwrap();
+    let store = env.store().await;
+    store.create_endpoint(&ep, None).await.unwrap();
+    env.start_dispatcher(&[]);
+    let events = sample_events(account.as_str(), EVENTS);
+    publish_all(&env.publisher().await, &events).await;
+    let ids: Vec<_> = events.iter().map(|e| DeliveryId::for_pair(&e.id, &ep.id)).collect();
+    // No scheduler yet: the deferred deliveries stay in the retry set with their due times.
+    let states = || async {
+        store
+            .deliveries(&ids)
+            .await
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+    };
+    wait_until("each delivered or deferred", Duration::from_secs(30), || async {
+        let states = states().await;
+        states.len() == EVENTS
+            && states
+                .iter()
+                .all(|d| matches!(d.status, DeliveryStatus::Retrying | DeliveryStatus::Succeeded))
+    })
+    .await;
+    let mut due: Vec<i64> = states().await.iter().filter_map(|d| d.next_attempt_ms).collect();
+    due.sort_unstable();
+    let deferred = due.len();
+    assert!(
+        deferred >= EVENTS / 2,
+        "the bucket holds 10: {deferred} of {EVENTS} deferred"
+    );
+    let spread = due[deferred - 1] - due[0];
+    println!("{deferred} deferred, due over {spread} ms");
+    assert!(
+        spread >= (deferred as i64 - 1) * 90,
+        "{deferred} deferrals due within {spread} ms: not at 10 a second"
+    );
+    env.start_scheduler(&[]);
+    wait_until("all delivered", Duration::from_secs(30), || async {
+        rx.count() == EVENTS
+    })
+    .await;
+    let requests = rx.requests();
+    let span = requests.last().unwrap().at - requests.first().unwrap().at;
+    assert!(
+        span >= Duration::from_millis(2_500),
+        "{EVENTS} requests at 10 a second with a bucket of 10 took {span:?}"
+    );
 }
 
 /// A history held over its bound by unfinished deliveries (a backlog behind a slow endpoint)

@@ -94,6 +94,15 @@ impl Drop for Queued {
     }
 }
 
+/// A deferred delivery's turn at its endpoint's rate limit (see [`EndpointLimits::paced_turn`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacedTurn {
+    /// Reserved for it: come back after this long.
+    After(Duration),
+    /// Every turn within [`MAX_BACKLOG`] is reserved: come back some time past it and ask again.
+    PastHorizon,
+}
+
 /// The longest a deferral is stretched for an endpoint's backlog.
 pub const MAX_BACKLOG: Duration = Duration::from_secs(300);
 
@@ -248,6 +257,17 @@ impl EndpointLimits {
         let ahead = slots.deferred.ahead(since_epoch_ms());
         let ms = ahead as f64 * slots.held_ms() / slots.limit as f64;
         Duration::from_secs_f64(ms / 1000.0).min(MAX_BACKLOG)
+    }
+
+    /// A turn at `endpoint`'s rate limit for a delivery deferred now, at least `earliest` from
+    /// now; `None` when it has no rate limit. Each turn is reserved as it is given, one every
+    /// 1/rate s, so its deferred deliveries come back at the rate, however many are deferred at
+    /// once. Spread over a backlog's estimate instead, deliveries deferred together (an event
+    /// burst's arrivals, each deciding before the others were counted) came back together,
+    /// found the bucket empty but for a few, and were deferred again, over and over, for as
+    /// long as the rate needed to drain them: 200 deliveries at 10/s were deferred 1,214 times.
+    pub fn paced_turn(&self, endpoint: &Endpoint, earliest: Duration) -> Option<PacedTurn> {
+        self.rates.reserve(endpoint, earliest)
     }
 
     /// A delivery to `endpoint` was deferred, to come back after `delay`: it counts in the

@@ -1,13 +1,15 @@
-//! Per-endpoint rate limits: a token bucket for each endpoint that has a rate.
+//! Per-endpoint rate limits: a token bucket for each endpoint that has a rate, and the turns
+//! at that rate its deferred deliveries come back at.
 
-use super::PRUNE_ABOVE;
+use super::{MAX_BACKLOG, PRUNE_ABOVE, PacedTurn};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::ids::EndpointId;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-/// The buckets of the endpoints with a rate limit; full ones are dropped when the map grows.
+/// The buckets of the endpoints with a rate limit; full ones with no turn reserved ahead are
+/// dropped when the map grows.
 #[derive(Debug, Default)]
 pub(super) struct RateLimits(Mutex<HashMap<EndpointId, TokenBucket>>);
 
@@ -17,6 +19,8 @@ pub(super) struct TokenBucket {
     rate: u32,
     tokens: f64,
     refilled: Instant,
+    /// The next turn at the rate not reserved yet by a deferred delivery.
+    next_turn: Option<Instant>,
 }
 
 impl TokenBucket {
@@ -25,7 +29,20 @@ impl TokenBucket {
             rate,
             tokens: rate as f64,
             refilled: now,
+            next_turn: None,
         }
+    }
+
+    /// The first turn at least `earliest` from `now` after those reserved, one every 1/rate s,
+    /// so the deliveries deferred for the rate come back at the rate, in the order they were
+    /// deferred; none past [`MAX_BACKLOG`].
+    fn reserve(&mut self, now: Instant, earliest: Duration) -> PacedTurn {
+        let turn = self.next_turn.map_or(now + earliest, |next| next.max(now + earliest));
+        if turn > now + MAX_BACKLOG {
+            return PacedTurn::PastHorizon;
+        }
+        self.next_turn = Some(turn + Duration::from_secs_f64(1.0 / self.rate as f64));
+        PacedTurn::After(turn - now)
     }
 
     pub(super) fn try_take(&mut self, now: Instant) -> bool {
@@ -44,22 +61,33 @@ impl TokenBucket {
         (self.tokens + elapsed * self.rate as f64).min(self.rate as f64)
     }
 
-    /// Refilled to its rate by `now`: dropping it forgets nothing, since a new one starts full.
-    fn full(&self, now: Instant) -> bool {
-        self.tokens_at(now) >= self.rate as f64
+    /// Refilled to its rate by `now` with no turn reserved ahead: dropping it forgets nothing,
+    /// since a new one starts full.
+    fn idle(&self, now: Instant) -> bool {
+        self.tokens_at(now) >= self.rate as f64 && self.next_turn.is_none_or(|next| next <= now)
     }
 }
 
 impl RateLimits {
     /// Takes a token of the endpoint's rate limit, if it has one.
     pub(super) fn try_take(&self, endpoint: &Endpoint) -> bool {
-        let Some(rate) = endpoint.rate_limit else {
-            return true;
-        };
         let now = Instant::now();
+        self.with_bucket(endpoint, now, |bucket| bucket.try_take(now))
+            .unwrap_or(true)
+    }
+
+    /// Reserves a turn at the endpoint's rate for a deferred delivery, at least `earliest` from
+    /// now; `None` when it has no rate limit.
+    pub(super) fn reserve(&self, endpoint: &Endpoint, earliest: Duration) -> Option<PacedTurn> {
+        let now = Instant::now();
+        self.with_bucket(endpoint, now, |bucket| bucket.reserve(now, earliest))
+    }
+
+    fn with_bucket<T>(&self, endpoint: &Endpoint, now: Instant, f: impl FnOnce(&mut TokenBucket) -> T) -> Option<T> {
+        let rate = endpoint.rate_limit?;
         let mut rates = self.0.lock().expect("limits lock");
         if rates.len() > PRUNE_ABOVE {
-            rates.retain(|_, b| !b.full(now));
+            rates.retain(|_, b| !b.idle(now));
         }
         let bucket = rates
             .entry(endpoint.id.clone())
@@ -67,7 +95,7 @@ impl RateLimits {
         if bucket.rate != rate {
             *bucket = TokenBucket::new(rate, now);
         }
-        bucket.try_take(now)
+        Some(f(bucket))
     }
 }
 
@@ -79,13 +107,54 @@ mod tests {
     use std::time::Duration;
 
     fn rate_limited() -> Endpoint {
+        limited_to(1_000)
+    }
+
+    fn limited_to(rate: u32) -> Endpoint {
         let account = AccountId::parse("acct_1").unwrap();
         let new = NewEndpoint {
             url: "http://127.0.0.1/".into(),
-            rate_limit: Some(1_000),
+            rate_limit: Some(rate),
             ..Default::default()
         };
         Endpoint::create(account, new, 0).unwrap()
+    }
+
+    #[test]
+    fn deferred_deliveries_take_turns_at_the_rate_up_to_the_horizon() {
+        let now = Instant::now();
+        let mut bucket = TokenBucket::new(2, now);
+        let second = Duration::from_secs(1);
+        assert_eq!(bucket.reserve(now, second), PacedTurn::After(second), "the earliest");
+        assert_eq!(
+            bucket.reserve(now, second),
+            PacedTurn::After(Duration::from_millis(1_500)),
+            "half a second later at 2 a second"
+        );
+        let later = now + Duration::from_secs(10);
+        assert_eq!(
+            bucket.reserve(later, second),
+            PacedTurn::After(second),
+            "turns gone by are not waited for"
+        );
+        assert!(!bucket.idle(later), "a turn reserved ahead keeps the bucket");
+        let mut turns = 1;
+        while let PacedTurn::After(wait) = bucket.reserve(later, second) {
+            assert!(wait <= MAX_BACKLOG);
+            turns += 1;
+        }
+        assert_eq!(turns, 599, "every half second from 1 s to the 300 s horizon, then none");
+        assert_eq!(
+            RateLimits::default().reserve(
+                &Endpoint {
+                    rate_limit: None,
+                    ..limited_to(1)
+                },
+                second
+            ),
+            None,
+            "no rate limit, no turn"
+        );
     }
 
     /// The buckets were kept while their tokens *as last stored* were short of full, which a

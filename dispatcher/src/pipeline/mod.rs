@@ -14,7 +14,7 @@ mod resume;
 pub use in_flight::InFlight;
 
 use crate::directory::Directory;
-use crate::limits::{EndpointLimits, Turn};
+use crate::limits::{EndpointLimits, MAX_BACKLOG, PacedTurn, Turn};
 use crate::sender::Sender;
 use bytes::Bytes;
 use laabam_shared::clock;
@@ -141,11 +141,19 @@ impl Pipeline {
     }
 
     /// When a deferred delivery to `endpoint` comes back: after the defer delay (jittered ×1–2)
-    /// plus the time the deliveries already deferred for it need to pass through its slots, so
-    /// a slow endpoint's backlog waits in the retry set instead of cycling through it.
+    /// plus the time the deliveries already deferred for it need to pass through its slots, and,
+    /// for an endpoint with a rate limit, not before its turn at the rate, so a slow or
+    /// rate-limited endpoint's backlog waits in the retry set instead of cycling through it.
     fn deferred_until(&self, now: i64, endpoint: &Endpoint) -> i64 {
-        let base = self.defer_delay.as_millis() as i64;
-        let backlog = self.limits.deferral_backlog(endpoint).as_millis() as i64;
-        now + base + backlog + rand::rng().random_range(0..=(base + backlog).max(1))
+        let mut rng = rand::rng();
+        let ms = |d: Duration| d.as_millis() as i64;
+        let spread = ms(self.defer_delay) + ms(self.limits.deferral_backlog(endpoint));
+        let estimated = spread + rng.random_range(0..=spread.max(1));
+        let paced = match self.limits.paced_turn(endpoint, self.defer_delay) {
+            None => 0,
+            Some(PacedTurn::After(wait)) => ms(wait),
+            Some(PacedTurn::PastHorizon) => ms(MAX_BACKLOG) + rng.random_range(0..=ms(MAX_BACKLOG)),
+        };
+        now + estimated.max(paced)
     }
 }

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Default)]
 pub(super) struct RateLimits(Mutex<HashMap<EndpointId, TokenBucket>>);
 
-/// A bucket of `rate` tokens refilled continuously at `rate` per second.
+/// A bucket of `rate` tokens refilled continuously at `rate` per second, and the turns at that
+/// rate reserved for deliveries it deferred.
 #[derive(Debug)]
 pub(super) struct TokenBucket {
     rate: u32,

@@ -72,20 +72,20 @@ impl TokenBucket {
 impl RateLimits {
     /// Takes a token of the endpoint's rate limit, if it has one.
     pub(super) fn try_take(&self, endpoint: &Endpoint) -> bool {
-        let now = Instant::now();
-        self.with_bucket(endpoint, now, |bucket| bucket.try_take(now))
-            .unwrap_or(true)
+        self.with_bucket(endpoint, TokenBucket::try_take).unwrap_or(true)
     }
 
     /// Reserves a turn at the endpoint's rate for a deferred delivery, at least `earliest` from
     /// now; `None` when it has no rate limit.
     pub(super) fn reserve(&self, endpoint: &Endpoint, earliest: Duration) -> Option<PacedTurn> {
-        let now = Instant::now();
-        self.with_bucket(endpoint, now, |bucket| bucket.reserve(now, earliest))
+        self.with_bucket(endpoint, |bucket, now| bucket.reserve(now, earliest))
     }
 
-    fn with_bucket<T>(&self, endpoint: &Endpoint, now: Instant, f: impl FnOnce(&mut TokenBucket) -> T) -> Option<T> {
+    /// Applies `f` to the endpoint's bucket at the current time; `None`, without reading the
+    /// clock or taking the lock, for an endpoint with no rate limit (every delivery asks).
+    fn with_bucket<T>(&self, endpoint: &Endpoint, f: impl FnOnce(&mut TokenBucket, Instant) -> T) -> Option<T> {
         let rate = endpoint.rate_limit?;
+        let now = Instant::now();
         let mut rates = self.0.lock().expect("limits lock");
         if rates.len() > PRUNE_ABOVE {
             rates.retain(|_, b| !b.idle(now));
@@ -96,7 +96,7 @@ impl RateLimits {
         if bucket.rate != rate {
             *bucket = TokenBucket::new(rate, now);
         }
-        Some(f(bucket))
+        Some(f(bucket, now))
     }
 }
 

@@ -10,8 +10,8 @@ use laabam_shared::store::{AccountEndpoints, Begin, DeliveryFilter, Store};
 use laabam_tests::deliveries::{Success, begin_events, begin_events_together, quiet_endpoints};
 use laabam_tests::env::{publish_all, sample_events};
 use laabam_tests::{Receiver, TestEnv, wait_until};
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_rate_limits_and_bounded_history_apply() {
@@ -311,4 +311,73 @@ async fn finish_together(store: &Store, success: &Success, begins: &[Begin]) {
         async move { assert!(store.record(&record).await.unwrap().applied) }
     });
     join_all(records).await;
+}
+
+/// Under a rate limit that is exceeded for a while, the deliveries deferred for it go in the
+/// order their events came. An event arriving while deferred deliveries wait for their turns
+/// used to take the token that had come back for the oldest of them, which was then deferred
+/// again behind every later one: the oldest events waited longest, and some were deferred over
+/// and over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_exceeded_for_a_while_delivers_in_the_order_events_came() {
+    const EVENTS: usize = 80;
+    const RATE: u32 = 10;
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::ok().await;
+    let account = AccountId::parse("acct_overload").unwrap();
+    let new = NewEndpoint {
+        url: rx.url.clone(),
+        rate_limit: Some(RATE),
+        ..Default::default()
+    };
+    let ep = Endpoint::create(account.clone(), new, now_ms()).unwrap();
+    env.store().await.create_endpoint(&ep, None).await.unwrap();
+    env.start_dispatcher(&[]);
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+    let events = sample_events(account.as_str(), EVENTS);
+    // Twice the rate, for four seconds.
+    let mut every = tokio::time::interval(Duration::from_millis(500 / RATE as u64));
+    let mut published = HashMap::new();
+    for event in &events {
+        every.tick().await;
+        publisher.publish(event).await.unwrap();
+        published.insert(event.id.to_string(), Instant::now());
+    }
+    wait_until("all delivered", Duration::from_secs(60), || async {
+        rx.count() == EVENTS
+    })
+    .await;
+    let requests = rx.requests();
+    let order: HashMap<String, usize> = events.iter().enumerate().map(|(i, e)| (e.id.to_string(), i)).collect();
+    let delivered: Vec<(usize, Duration)> = requests
+        .iter()
+        .map(|r| {
+            let id = r.json()["id"].as_str().unwrap().to_owned();
+            (order[&id], r.at.saturating_duration_since(published[&id]))
+        })
+        .collect();
+    let mut latest = 0;
+    let mut overtaken = 0;
+    for (n, _) in &delivered {
+        // Delivered after an event published at least five events (a quarter second) later.
+        if latest >= n + 5 {
+            overtaken += 1;
+        }
+        latest = latest.max(*n);
+    }
+    let mut waits: Vec<Duration> = delivered.iter().map(|(_, w)| *w).collect();
+    waits.sort_unstable();
+    let longest = waits[EVENTS - 1];
+    println!(
+        "overtaken {overtaken} of {EVENTS}; waits: median {:?}, longest {longest:?}; order {:?}",
+        waits[EVENTS / 2],
+        delivered.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    assert_eq!(overtaken, 0, "deliveries overtaken by events that came later");
+    // The bucket's 10 at once, one more a returning delivery may borrow, then one every 100 ms
+    // (less one interval for the receiver's clock against the dispatcher's).
+    let span = requests[EVENTS - 1].at - requests[0].at;
+    let least = Duration::from_millis(1_000 * (EVENTS - RATE as usize - 2) as u64 / RATE as u64);
+    assert!(span >= least, "{EVENTS} requests in {span:?}: over the rate");
 }

@@ -86,12 +86,22 @@ pub struct Queued {
     slots: Arc<Slots>,
     /// Deliveries waiting when it joined, itself included.
     ahead: usize,
+    taker: Taker,
 }
 
 impl Drop for Queued {
     fn drop(&mut self) {
         self.slots.waiting.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Which delivery asks for a turn at its endpoint's rate limit: one arriving with its event
+/// goes behind the deliveries already deferred for the rate, one coming back from the retry set
+/// goes at its turn (see [`EndpointLimits::take`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taker {
+    Arrival,
+    Return,
 }
 
 /// A deferred delivery's turn at its endpoint's rate limit (see [`EndpointLimits::paced_turn`]).
@@ -129,8 +139,10 @@ impl EndpointLimits {
 
     /// A slot for one request to `endpoint` now, or a place among its waiting deliveries when
     /// one should free up within the wait budget, without waiting; `None` means defer: no slot
-    /// soon enough, or over the rate limit.
-    pub fn take(&self, endpoint: &Endpoint) -> Option<Turn> {
+    /// soon enough, or over the rate limit. Over a rate limit, an arriving delivery is also
+    /// deferred while the tokens to come are promised to deliveries deferred before it, so
+    /// under a sustained excess they go in the order their events came.
+    pub fn take(&self, endpoint: &Endpoint, taker: Taker) -> Option<Turn> {
         let slots = self.slots_of(endpoint);
         match slots.semaphore.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -141,11 +153,11 @@ impl EndpointLimits {
                 if slots.semaphore.available_permits() + 1 == slots.limit as usize {
                     slots.progress_ms.store(since_epoch_ms(), Ordering::Relaxed);
                 }
-                self.rated(endpoint, permit, slots).map(Turn::Now)
+                self.rated(endpoint, permit, slots, taker).map(Turn::Now)
             }
             Err(_) => {
                 let ahead = slots.waiting.fetch_add(1, Ordering::Relaxed) + 1;
-                let queued = Queued { slots, ahead };
+                let queued = Queued { slots, ahead, taker };
                 self.wait_allowed(&queued.slots, ahead).map(|_| Turn::Queued(queued))
             }
         }
@@ -155,18 +167,24 @@ impl EndpointLimits {
     /// all: the endpoint turned out slower than it looked, or is at its rate limit.
     pub async fn wait(&self, queued: Queued, endpoint: &Endpoint) -> Option<Slot> {
         let permit = self.wait_for_slot(&queued.slots, queued.ahead).await?;
-        self.rated(endpoint, permit, queued.slots.clone())
+        self.rated(endpoint, permit, queued.slots.clone(), queued.taker)
     }
 
     /// The slot `permit` grants, unless the endpoint is over its rate limit, or is slow while
     /// the slow room is full.
-    fn rated(&self, endpoint: &Endpoint, permit: OwnedSemaphorePermit, slots: Arc<Slots>) -> Option<Slot> {
+    fn rated(
+        &self,
+        endpoint: &Endpoint,
+        permit: OwnedSemaphorePermit,
+        slots: Arc<Slots>,
+        taker: Taker,
+    ) -> Option<Slot> {
         let slow = if slots.held_ms() > self.budget.ms() {
             Some(SlowShare::take(&self.slow_room)?)
         } else {
             None
         };
-        self.rates.try_take(endpoint).then(|| Slot {
+        self.rates.try_take(endpoint, taker).then(|| Slot {
             _permit: permit,
             slow,
             slots,

@@ -1,12 +1,16 @@
 //! Per-endpoint rate limits: a token bucket for each endpoint that has a rate, and the turns
 //! at that rate its deferred deliveries come back at.
 
-use super::{MAX_BACKLOG, PRUNE_ABOVE, PacedTurn};
+use super::{MAX_BACKLOG, PRUNE_ABOVE, PacedTurn, Taker};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::ids::EndpointId;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// How late a deferred delivery may come back after its turn, through the retry scheduler's
+/// rounds and the broker, with its token still kept for it from deliveries arriving meanwhile.
+const LATE_RETURN: Duration = Duration::from_millis(250);
 
 /// The buckets of the endpoints with a rate limit; full ones with no turn reserved ahead are
 /// dropped when the map grows.
@@ -18,10 +22,21 @@ pub(super) struct RateLimits(Mutex<HashMap<EndpointId, TokenBucket>>);
 #[derive(Debug)]
 pub(super) struct TokenBucket {
     rate: u32,
+    /// Below zero by at most one: a returning delivery may borrow the token it was promised
+    /// (see [`TokenBucket::try_take`]).
     tokens: f64,
     refilled: Instant,
-    /// The next turn at the rate not reserved yet by a deferred delivery.
-    next_turn: Option<Instant>,
+    turns: Option<Turns>,
+}
+
+/// The turns reserved for deferred deliveries, one every 1/rate s from `first` up to `next`, the
+/// first one free. A run that restarts after a gap (no deferral for a while) keeps its `first`,
+/// so the turn found ahead may be up to an interval later than the real one; the returning
+/// delivery borrows the token an arrival took meanwhile.
+#[derive(Debug, Clone, Copy)]
+struct Turns {
+    first: Instant,
+    next: Instant,
 }
 
 impl TokenBucket {
@@ -30,31 +45,74 @@ impl TokenBucket {
             rate,
             tokens: rate as f64,
             refilled: now,
-            next_turn: None,
+            turns: None,
         }
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.rate as f64)
     }
 
     /// The first turn at least `earliest` from `now` after those reserved, one every 1/rate s,
-    /// so the deliveries deferred for the rate come back at the rate, in the order they were
-    /// deferred; none past [`MAX_BACKLOG`].
+    /// and none before the bucket has a token for it, so the deliveries deferred for the rate
+    /// come back at the rate, in the order they were deferred; none past [`MAX_BACKLOG`].
     fn reserve(&mut self, now: Instant, earliest: Duration) -> PacedTurn {
-        let turn = self.next_turn.map_or(now + earliest, |next| next.max(now + earliest));
+        let ahead = self.turns.filter(|turns| turns.next > now);
+        let refilled = Duration::from_secs_f64((1.0 - self.tokens_at(now)).max(0.0) / self.rate as f64);
+        let first = now + earliest.max(refilled);
+        let turn = ahead.map_or(first, |turns| turns.next.max(now + earliest));
         if turn > now + MAX_BACKLOG {
             return PacedTurn::PastHorizon;
         }
-        self.next_turn = Some(turn + Duration::from_secs_f64(1.0 / self.rate as f64));
+        self.turns = Some(Turns {
+            first: ahead.map_or(turn, |turns| turns.first),
+            next: turn + self.interval(),
+        });
         PacedTurn::After(turn - now)
     }
 
-    pub(super) fn try_take(&mut self, now: Instant) -> bool {
+    /// The first reserved turn whose delivery may still be on its way back at `now` (see
+    /// [`LATE_RETURN`]), if any.
+    fn turn_ahead(&self, now: Instant) -> Option<Instant> {
+        let turns = self.turns?;
+        let since = now.checked_sub(LATE_RETURN).unwrap_or(now);
+        if turns.first >= since {
+            return Some(turns.first);
+        }
+        let gone = (since - turns.first).as_secs_f64() * self.rate as f64;
+        let turn = turns.first + self.interval().mul_f64(gone.ceil());
+        (turn < turns.next).then_some(turn)
+    }
+
+    /// Takes a token for a delivery to go now. A new one takes it only if every turn reserved
+    /// ahead still finds one: the deliveries deferred for the rate go first, in the order they
+    /// were deferred, and it is deferred behind them. Taking the tokens that came back for them
+    /// made those that then found none be deferred again behind every later one, so under a
+    /// sustained excess the oldest waited longest, some of them over and over. A returning
+    /// delivery (its turn come, or a retry due) may borrow the token it was promised when a new
+    /// one took it just before (its turn is a little late through the retry set): the bucket
+    /// goes below zero by at most one, so the rate is kept but for that one.
+    pub(super) fn try_take(&mut self, now: Instant, taker: Taker) -> bool {
         self.tokens = self.tokens_at(now);
         self.refilled = now;
-        if self.tokens >= 1.0 {
+        let may = match taker {
+            Taker::Return => self.tokens >= 0.0,
+            Taker::Arrival => {
+                self.tokens >= 1.0
+                    && self.turn_ahead(now).is_none_or(|turn| {
+                        // What is left after this take, with the refill until the turn (less
+                        // the refill since, for a turn gone by), must give the turn its token;
+                        // each later turn brings its own refill.
+                        let until = turn.saturating_duration_since(now).as_secs_f64()
+                            - now.saturating_duration_since(turn).as_secs_f64();
+                        self.tokens - 1.0 + until * self.rate as f64 >= 1.0
+                    })
+            }
+        };
+        if may {
             self.tokens -= 1.0;
-            true
-        } else {
-            false
         }
+        may
     }
 
     fn tokens_at(&self, now: Instant) -> f64 {
@@ -65,14 +123,15 @@ impl TokenBucket {
     /// Refilled to its rate by `now` with no turn reserved ahead: dropping it forgets nothing,
     /// since a new one starts full.
     fn idle(&self, now: Instant) -> bool {
-        self.tokens_at(now) >= self.rate as f64 && self.next_turn.is_none_or(|next| next <= now)
+        self.tokens_at(now) >= self.rate as f64 && self.turns.is_none_or(|turns| turns.next <= now)
     }
 }
 
 impl RateLimits {
     /// Takes a token of the endpoint's rate limit, if it has one.
-    pub(super) fn try_take(&self, endpoint: &Endpoint) -> bool {
-        self.with_bucket(endpoint, TokenBucket::try_take).unwrap_or(true)
+    pub(super) fn try_take(&self, endpoint: &Endpoint, taker: Taker) -> bool {
+        self.with_bucket(endpoint, |bucket, now| bucket.try_take(now, taker))
+            .unwrap_or(true)
     }
 
     /// Reserves a turn at the endpoint's rate for a deferred delivery, at least `earliest` from
@@ -158,6 +217,53 @@ mod tests {
         );
     }
 
+    /// Tokens that come back while deliveries deferred for the rate wait for their turns are
+    /// theirs: a new delivery goes behind them, even a little after a turn whose delivery is
+    /// late through the retry set, and takes a token only when the turns ahead are covered.
+    #[test]
+    fn new_deliveries_go_behind_the_turns_reserved_and_a_return_may_borrow_its_token() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let soon = Duration::from_millis(50);
+        let mut bucket = TokenBucket::new(10, t0);
+        for _ in 0..10 {
+            assert!(bucket.try_take(t0, Taker::Arrival));
+        }
+        assert!(!bucket.try_take(t0, Taker::Arrival), "empty");
+        assert_eq!(
+            bucket.reserve(t0, soon),
+            PacedTurn::After(Duration::from_millis(100)),
+            "not before a token is back"
+        );
+        assert_eq!(bucket.reserve(t0, soon), PacedTurn::After(Duration::from_millis(200)));
+        assert!(
+            !bucket.try_take(at(150), Taker::Arrival),
+            "a token and a half, but the first turn's delivery is not back yet"
+        );
+        assert!(bucket.try_take(at(160), Taker::Return), "the first turn, late");
+        assert!(bucket.try_take(at(200), Taker::Return), "the second, on time");
+        assert!(
+            bucket.try_take(at(600), Taker::Arrival),
+            "no turn ahead once the last is past its lateness"
+        );
+
+        let mut bucket = TokenBucket::new(10, t0);
+        assert_eq!(
+            bucket.reserve(t0, Duration::from_secs(1)),
+            PacedTurn::After(Duration::from_secs(1))
+        );
+        assert!(
+            (0..10).all(|_| bucket.try_take(t0, Taker::Arrival)),
+            "a turn a second away is covered by the refill until then: the tokens are not kept idle"
+        );
+        assert!(!bucket.try_take(t0, Taker::Arrival));
+        assert!(bucket.try_take(at(50), Taker::Return), "half a token: a return borrows");
+        assert!(
+            !bucket.try_take(at(50), Taker::Return),
+            "never more than one below empty"
+        );
+    }
+
     /// The buckets were kept while their tokens *as last stored* were short of full, which a
     /// bucket's are after any take: none was ever dropped, and past the bound every take
     /// scanned them all.
@@ -165,11 +271,11 @@ mod tests {
     fn buckets_refilled_since_their_last_take_are_dropped_once_the_map_grows() {
         let rates = RateLimits::default();
         for _ in 0..=PRUNE_ABOVE {
-            assert!(rates.try_take(&rate_limited()));
+            assert!(rates.try_take(&rate_limited(), Taker::Arrival));
         }
         // At 1,000 a second, a millisecond refills the one token each took.
         std::thread::sleep(Duration::from_millis(5));
-        assert!(rates.try_take(&rate_limited()));
+        assert!(rates.try_take(&rate_limited(), Taker::Arrival));
         let kept = rates.0.lock().unwrap().len();
         assert_eq!(kept, 1, "only the bucket just taken from is short of full");
     }

@@ -5,7 +5,7 @@ impl EndpointLimits {
     /// A slot now, or after waiting for one, or `None` to defer: a turn taken and waited
     /// for at once, its request sent.
     async fn acquire(&self, endpoint: &Endpoint) -> Option<Slot> {
-        let mut slot = match self.take(endpoint)? {
+        let mut slot = match self.take(endpoint, Taker::Arrival)? {
             Turn::Now(slot) => slot,
             Turn::Queued(queued) => self.wait(queued, endpoint).await?,
         };
@@ -56,9 +56,13 @@ async fn a_rate_limit_admits_its_rate_then_refills() {
     assert_eq!(admitted, 3);
     let start = Instant::now();
     let mut bucket = TokenBucket::new(2, start);
-    assert!(bucket.try_take(start) && bucket.try_take(start) && !bucket.try_take(start));
-    assert!(bucket.try_take(start + Duration::from_millis(500)));
-    assert!(!bucket.try_take(start + Duration::from_millis(500)));
+    assert!(
+        bucket.try_take(start, Taker::Arrival)
+            && bucket.try_take(start, Taker::Arrival)
+            && !bucket.try_take(start, Taker::Arrival)
+    );
+    assert!(bucket.try_take(start + Duration::from_millis(500), Taker::Arrival));
+    assert!(!bucket.try_take(start + Duration::from_millis(500), Taker::Arrival));
 }
 
 #[tokio::test]
@@ -291,10 +295,10 @@ async fn a_queued_delivery_counts_as_waiting_until_it_gets_its_slot_or_is_droppe
     let ep = endpoint(None);
     let held = limits.acquire(&ep).await.unwrap();
     let waiting = || limits.slots_of(&ep).waiting.load(Ordering::Relaxed);
-    let Some(Turn::Queued(first)) = limits.take(&ep) else {
+    let Some(Turn::Queued(first)) = limits.take(&ep, Taker::Arrival) else {
         panic!("a new endpoint's slot is waited for within its grace");
     };
-    let Some(Turn::Queued(second)) = limits.take(&ep) else {
+    let Some(Turn::Queued(second)) = limits.take(&ep, Taker::Arrival) else {
         panic!("still within the grace");
     };
     assert_eq!(waiting(), 2, "counted from the moment each was queued, before any wait");
@@ -315,7 +319,7 @@ async fn a_slot_held_before_its_request_teaches_only_the_request() {
     hold(&limits, &ep, 5).await;
     limits.deferred(&ep, LATER);
     let (typical, backlog) = (limits.budget.typical.ms(), limits.deferral_backlog(&ep));
-    let now = || match limits.take(&ep) {
+    let now = || match limits.take(&ep, Taker::Arrival) {
         Some(Turn::Now(slot)) => slot,
         _ => panic!("a free slot"),
     };
@@ -326,7 +330,7 @@ async fn a_slot_held_before_its_request_teaches_only_the_request() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     late.sending();
     assert!(
-        matches!(limits.take(&ep), Some(Turn::Queued(_))),
+        matches!(limits.take(&ep, Taker::Arrival), Some(Turn::Queued(_))),
         "its one slot held 300 ms, but its request just went out: waited for, not judged stalled"
     );
     drop(late);
@@ -382,7 +386,7 @@ async fn slow_endpoints_share_a_bounded_room() {
         hold(&limits, ep, 50).await;
     }
     fast_traffic(&limits, &fast).await;
-    let now = |ep: &Endpoint| match limits.take(ep) {
+    let now = |ep: &Endpoint| match limits.take(ep, Taker::Arrival) {
         Some(Turn::Now(slot)) => Some(slot),
         _ => None,
     };
@@ -424,13 +428,13 @@ async fn a_request_that_turns_slow_takes_a_share_or_is_cut_short() {
     );
     fast_traffic(&limits, &fast).await;
     assert!(
-        limits.take(&b).is_none(),
+        limits.take(&b, Taker::Arrival).is_none(),
         "cut: slow now, deferred while the slow room is full"
     );
     drop(first);
     fast_traffic(&limits, &fast).await;
     assert!(
-        matches!(limits.take(&b), Some(Turn::Now(ref slot)) if slot.slow.is_some()),
+        matches!(limits.take(&b, Taker::Arrival), Some(Turn::Now(ref slot)) if slot.slow.is_some()),
         "with the share back, a slow request on a share"
     );
 }

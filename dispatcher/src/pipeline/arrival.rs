@@ -2,7 +2,7 @@
 //! begun under a lease (or deferred) before the message is acknowledged.
 
 use super::{AttemptTask, Attempts, Disposition, Handled, Pipeline, new_lease, published_ms};
-use crate::limits::Turn;
+use crate::limits::{Taker, Turn};
 use crate::metrics::METRICS;
 use bytes::Bytes;
 use laabam_shared::clock::now_ms;
@@ -50,7 +50,10 @@ impl Pipeline {
             // Decided without waiting: a delivery that must wait for its endpoint's slot waits
             // in its attempt, after the message is settled, so its event's other deliveries go
             // ahead and hold no slot of theirs idle meanwhile.
-            let turns: Vec<Option<Turn>> = recipients.iter().map(|ep| self.limits.take(ep)).collect();
+            let turns: Vec<Option<Turn>> = recipients
+                .iter()
+                .map(|ep| self.limits.take(ep, Taker::Arrival))
+                .collect();
             let now = now_ms();
             let mut rank = 0;
             let begins: Vec<Begin> = recipients

@@ -2,6 +2,7 @@
 //! current, and attempted again.
 
 use super::{AttemptTask, Attempts, Disposition, Handled, INVALID_RETRY_JOB, Pipeline, new_lease, published_ms};
+use crate::limits::Taker;
 use bytes::Bytes;
 use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::{DeliveryStatus, RetryJob};
@@ -80,7 +81,7 @@ impl Pipeline {
             return fail(&why).await;
         }
         let room = self.in_flight.acquire(1).await;
-        let Some(turn) = self.limits.take(&endpoint) else {
+        let Some(turn) = self.limits.take(&endpoint, Taker::Return) else {
             self.defer(&job, &lease, &event_type, attempts, first_attempt_ms, &endpoint)
                 .await;
             return Handled::only(Disposition::Ack);

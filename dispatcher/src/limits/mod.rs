@@ -29,18 +29,18 @@
 //! endpoint among healthy ones is still deferred at once.
 
 mod deferred;
+mod endpoint_map;
 mod rate;
 mod slots;
 mod wait_budget;
 
 use crate::metrics::METRICS;
 use crate::sender::Checkpoint;
+use endpoint_map::EndpointMap;
 use laabam_shared::endpoint::Endpoint;
-use laabam_shared::ids::EndpointId;
 use rate::RateLimits;
 pub use slots::Slot;
 use slots::{Slots, SlowShare, since_epoch_ms};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,7 +54,7 @@ pub struct EndpointLimits {
     /// Held by each request to an endpoint that was slow when it started, or that turned slow.
     slow_room: Arc<Semaphore>,
     slow_room_size: usize,
-    slots: Mutex<HashMap<EndpointId, Arc<Slots>>>,
+    slots: Mutex<EndpointMap<Arc<Slots>>>,
     rates: RateLimits,
 }
 
@@ -120,7 +120,7 @@ pub const MAX_BACKLOG: Duration = Duration::from_secs(300);
 /// its first answer (see [`EndpointLimits::wait_for_slot`]).
 const FIRST_ANSWER_GRACE: f64 = 1.0 / 8.0;
 
-/// Idle entries are dropped when the map grows past this, so it stays bounded.
+/// Idle entries are dropped when a map of them grows past this (see [`EndpointMap`]).
 const PRUNE_ABOVE: usize = 10_000;
 
 impl EndpointLimits {
@@ -132,7 +132,7 @@ impl EndpointLimits {
             budget: Arc::new(WaitBudget::new(slot_wait)),
             slow_room: Arc::new(Semaphore::new(slow_room)),
             slow_room_size: slow_room,
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::default(),
             rates: RateLimits::default(),
         }
     }
@@ -304,9 +304,7 @@ impl EndpointLimits {
         {
             return known.clone();
         }
-        if slots.len() > PRUNE_ABOVE {
-            slots.retain(|_, s| !s.idle());
-        }
+        slots.prune(|s| s.idle());
         let entry = slots
             .entry(endpoint.id.clone())
             .or_insert_with(|| Arc::new(Slots::new(limit, self.budget.clone())));

@@ -1,10 +1,9 @@
 //! Per-endpoint rate limits: a token bucket for each endpoint that has a rate, and the turns
 //! at that rate its deferred deliveries come back at.
 
-use super::{MAX_BACKLOG, PRUNE_ABOVE, PacedTurn, Taker};
+use super::endpoint_map::EndpointMap;
+use super::{MAX_BACKLOG, PacedTurn, Taker};
 use laabam_shared::endpoint::Endpoint;
-use laabam_shared::ids::EndpointId;
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ const LATE_RETURN: Duration = Duration::from_millis(250);
 /// The buckets of the endpoints with a rate limit; full ones with no turn reserved ahead are
 /// dropped when the map grows.
 #[derive(Debug, Default)]
-pub(super) struct RateLimits(Mutex<HashMap<EndpointId, TokenBucket>>);
+pub(super) struct RateLimits(Mutex<EndpointMap<TokenBucket>>);
 
 /// A bucket of `rate` tokens refilled continuously at `rate` per second, and the turns at that
 /// rate reserved for deliveries it deferred.
@@ -146,9 +145,7 @@ impl RateLimits {
         let rate = endpoint.rate_limit?;
         let now = Instant::now();
         let mut rates = self.0.lock().expect("limits lock");
-        if rates.len() > PRUNE_ABOVE {
-            rates.retain(|_, b| !b.idle(now));
-        }
+        rates.prune(|b| b.idle(now));
         let bucket = rates
             .entry(endpoint.id.clone())
             .or_insert_with(|| TokenBucket::new(rate, now));
@@ -161,6 +158,7 @@ impl RateLimits {
 
 #[cfg(test)]
 mod tests {
+    use super::super::PRUNE_ABOVE;
     use super::*;
     use laabam_shared::endpoint::NewEndpoint;
     use laabam_shared::ids::AccountId;

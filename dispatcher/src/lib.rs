@@ -77,6 +77,15 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
         defer_delay: config.defer_delay,
         disable_after: config.disable_after,
     });
+    // Each endpoint's rate limit is split among the dispatchers running.
+    let shares = pipeline.clone();
+    let id = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
+    pipeline
+        .store
+        .keep_saying_dispatcher_runs(id, shutdown.clone(), move |running| {
+            shares.limits.share_rates_among(running);
+            metrics::METRICS.dispatchers_running.set(running as i64);
+        });
     let settings = consumer::ConsumerSettings {
         amqp_url: common.amqp_url.clone(),
         layout: common.layout(),

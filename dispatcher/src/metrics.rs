@@ -74,6 +74,7 @@ pub struct Metrics {
     pub endpoint_loads: IntCounter,
     pub slow_room_in_use: IntGauge,
     pub cut_short: IntCounter,
+    pub dispatchers_running: IntGauge,
     pub slot_wait_budget: Gauge,
     pub consuming: IntGauge,
     pub endpoints_disabled: IntCounterVec,
@@ -164,6 +165,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     cut_short: register_int_counter!(
         "laabam_dispatcher_requests_cut_short_total",
         "Requests that turned slow while the slow room was full, cut short and retried"
+    )
+    .unwrap(),
+    dispatchers_running: register_int_gauge!(
+        "laabam_dispatcher_dispatchers_running",
+        "Dispatchers running as this one last heard from Redis; each keeps to its share of every endpoint's rate limit"
     )
     .unwrap(),
     slot_wait_budget: register_gauge!(

@@ -120,7 +120,8 @@ pub struct Endpoint {
     /// dispatcher's default. Further deliveries are deferred, not queued in memory.
     #[serde(default)]
     pub max_concurrency: Option<u32>,
-    /// Deliveries per second, per dispatcher; `None` is unlimited.
+    /// Deliveries per second, for all dispatchers together (each keeps to its share); `None`
+    /// is unlimited.
     #[serde(default)]
     pub rate_limit: Option<u32>,
     /// Extra headers sent with every delivery (never our own signature headers).

@@ -6,7 +6,7 @@ use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::ids::{AccountId, DeliveryId};
-use laabam_shared::store::{AccountEndpoints, Begin, DeliveryFilter, Store};
+use laabam_shared::store::{AccountEndpoints, Begin, DISPATCHER_SEEN_EVERY, DeliveryFilter, Store};
 use laabam_tests::deliveries::{Success, begin_events, begin_events_together, quiet_endpoints};
 use laabam_tests::env::{publish_all, sample_events};
 use laabam_tests::{Receiver, TestEnv, wait_until};
@@ -380,4 +380,51 @@ async fn a_rate_limit_exceeded_for_a_while_delivers_in_the_order_events_came() {
     let span = requests[EVENTS - 1].at - requests[0].at;
     let least = Duration::from_millis(1_000 * (EVENTS - RATE as usize - 2) as u64 / RATE as u64);
     assert!(span >= least, "{EVENTS} requests in {span:?}: over the rate");
+}
+
+/// An endpoint's rate limit holds for the whole deployment: each dispatcher running keeps to
+/// its share of it. Each used to allow the whole rate, so two dispatchers delivered up to twice
+/// the limit an endpoint's owner had set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatchers_running_together_keep_to_one_rate_limit() {
+    const EVENTS: usize = 60;
+    const RATE: u32 = 10;
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::ok().await;
+    let account = AccountId::parse("acct_shared_rate").unwrap();
+    let new = NewEndpoint {
+        url: rx.url.clone(),
+        rate_limit: Some(RATE),
+        ..Default::default()
+    };
+    let ep = Endpoint::create(account.clone(), new, now_ms()).unwrap();
+    let store = env.store().await;
+    store.create_endpoint(&ep, None).await.unwrap();
+    env.start_dispatcher(&[]);
+    env.start_dispatcher(&[]);
+    env.start_scheduler(&[]);
+    let conn = env.redis().await;
+    let running = store.keys().dispatchers();
+    wait_until("both dispatchers say they run", Duration::from_secs(10), || async {
+        let mut conn = conn.clone();
+        redis::AsyncCommands::zcard::<_, usize>(&mut conn, &running)
+            .await
+            .unwrap()
+            == 2
+    })
+    .await;
+    // Each has heard of the other by its next round.
+    tokio::time::sleep(2 * DISPATCHER_SEEN_EVERY).await;
+    publish_all(&env.publisher().await, &sample_events(account.as_str(), EVENTS)).await;
+    wait_until("all delivered", Duration::from_secs(60), || async {
+        rx.count() == EVENTS
+    })
+    .await;
+    let requests = rx.requests();
+    let span = requests[EVENTS - 1].at - requests[0].at;
+    println!("{EVENTS} requests over {span:?}");
+    // The two shares' 5 tokens at once, one more each a returning delivery may borrow, then one
+    // every 100 ms between them (less one interval for the receiver's clock).
+    let least = Duration::from_millis(1_000 * (EVENTS - RATE as usize - 3) as u64 / RATE as u64);
+    assert!(span >= least, "{EVENTS} requests in {span:?}: over the rate limit");
 }

@@ -8,7 +8,8 @@
 //! deferred to the retry set at once, so a slow endpoint never holds the broker messages and
 //! in-flight slots healthy endpoints need. An endpoint that has not answered yet gets a short
 //! grace for its first answer. Over the rate limit, deliveries are deferred too.
-//! Both limits are per dispatcher process.
+//! Both are enforced by each dispatcher process: the concurrency limit per process, the rate
+//! limit as the process's share of it among the dispatchers running.
 //!
 //! Requests to endpoints judged slow share a bounded *slow room* (half of
 //! `LAABAM_MAX_IN_FLIGHT`): each endpoint's limit bounds its own requests, but many slow
@@ -266,6 +267,12 @@ impl EndpointLimits {
         };
         (held_ms <= budget_ms && expected_ms <= budget_ms && wait_ms > 0.0)
             .then(|| Duration::from_secs_f64(wait_ms / 1000.0))
+    }
+
+    /// Splits every endpoint's rate limit among the `dispatchers` running, so that together
+    /// they keep to it (see `laabam_shared::store::DISPATCHER_SEEN_EVERY`).
+    pub fn share_rates_among(&self, dispatchers: usize) {
+        self.rates.share_among(dispatchers);
     }
 
     /// How long the deliveries already deferred for `endpoint` will take to pass through its

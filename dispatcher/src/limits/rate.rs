@@ -5,6 +5,7 @@ use super::endpoint_map::EndpointMap;
 use super::{MAX_BACKLOG, PacedTurn, Taker};
 use laabam_shared::endpoint::Endpoint;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How late a deferred delivery may come back after its turn, through the retry scheduler's
@@ -14,13 +15,20 @@ const LATE_RETURN: Duration = Duration::from_millis(250);
 /// The buckets of the endpoints with a rate limit; full ones with no turn reserved ahead are
 /// dropped when the map grows.
 #[derive(Debug, Default)]
-pub(super) struct RateLimits(Mutex<EndpointMap<TokenBucket>>);
+pub(super) struct RateLimits {
+    buckets: Mutex<EndpointMap<TokenBucket>>,
+    /// The dispatchers running (0 until first heard, taken as 1): each enforces its share of
+    /// every endpoint's rate, so together they keep to it.
+    dispatchers: AtomicUsize,
+}
 
-/// A bucket of `rate` tokens refilled continuously at `rate` per second, and the turns at that
-/// rate reserved for deliveries it deferred.
+/// A bucket of `rate` tokens (at least one) refilled continuously at `rate` per second, and
+/// the turns at that rate reserved for deliveries it deferred. `rate` is this process's share
+/// of the endpoint's `limit`.
 #[derive(Debug)]
 pub(super) struct TokenBucket {
-    rate: u32,
+    limit: u32,
+    rate: f64,
     /// Below zero by at most one: a returning delivery may borrow the token it was promised
     /// (see [`TokenBucket::try_take`]).
     tokens: f64,
@@ -39,17 +47,34 @@ struct Turns {
 }
 
 impl TokenBucket {
-    pub(super) fn new(rate: u32, now: Instant) -> Self {
-        TokenBucket {
+    pub(super) fn new(limit: u32, rate: f64, now: Instant) -> Self {
+        let mut bucket = TokenBucket {
+            limit,
             rate,
-            tokens: rate as f64,
+            tokens: 0.0,
             refilled: now,
             turns: None,
-        }
+        };
+        bucket.tokens = bucket.capacity();
+        bucket
+    }
+
+    /// At least one token, so a share below one a second still lets a delivery through.
+    fn capacity(&self) -> f64 {
+        self.rate.max(1.0)
+    }
+
+    /// Takes a new share of the limit from `now` on, keeping the tokens it has up to its new
+    /// capacity and the turns it has reserved.
+    fn reshare(&mut self, rate: f64, now: Instant) {
+        self.tokens = self.tokens_at(now);
+        self.refilled = now;
+        self.rate = rate;
+        self.tokens = self.tokens.min(self.capacity());
     }
 
     fn interval(&self) -> Duration {
-        Duration::from_secs_f64(1.0 / self.rate as f64)
+        Duration::from_secs_f64(1.0 / self.rate)
     }
 
     /// The first turn at least `earliest` from `now` after those reserved, one every 1/rate s,
@@ -57,7 +82,7 @@ impl TokenBucket {
     /// come back at the rate, in the order they were deferred; none past [`MAX_BACKLOG`].
     fn reserve(&mut self, now: Instant, earliest: Duration) -> PacedTurn {
         let ahead = self.turns.filter(|turns| turns.next > now);
-        let refilled = Duration::from_secs_f64((1.0 - self.tokens_at(now)).max(0.0) / self.rate as f64);
+        let refilled = Duration::from_secs_f64((1.0 - self.tokens_at(now)).max(0.0) / self.rate);
         let first = now + earliest.max(refilled);
         let turn = ahead.map_or(first, |turns| turns.next.max(now + earliest));
         if turn > now + MAX_BACKLOG {
@@ -78,7 +103,7 @@ impl TokenBucket {
         if turns.first >= since {
             return Some(turns.first);
         }
-        let gone = (since - turns.first).as_secs_f64() * self.rate as f64;
+        let gone = (since - turns.first).as_secs_f64() * self.rate;
         let turn = turns.first + self.interval().mul_f64(gone.ceil());
         (turn < turns.next).then_some(turn)
     }
@@ -104,7 +129,7 @@ impl TokenBucket {
                         // each later turn brings its own refill.
                         let until = turn.saturating_duration_since(now).as_secs_f64()
                             - now.saturating_duration_since(turn).as_secs_f64();
-                        self.tokens - 1.0 + until * self.rate as f64 >= 1.0
+                        self.tokens - 1.0 + until * self.rate >= 1.0
                     })
             }
         };
@@ -116,13 +141,13 @@ impl TokenBucket {
 
     fn tokens_at(&self, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        (self.tokens + elapsed * self.rate as f64).min(self.rate as f64)
+        (self.tokens + elapsed * self.rate).min(self.capacity())
     }
 
     /// Refilled to its rate by `now` with no turn reserved ahead: dropping it forgets nothing,
     /// since a new one starts full.
     fn idle(&self, now: Instant) -> bool {
-        self.tokens_at(now) >= self.rate as f64 && self.turns.is_none_or(|turns| turns.next <= now)
+        self.tokens_at(now) >= self.capacity() && self.turns.is_none_or(|turns| turns.next <= now)
     }
 }
 
@@ -139,18 +164,26 @@ impl RateLimits {
         self.with_bucket(endpoint, |bucket, now| bucket.reserve(now, earliest))
     }
 
+    /// Splits every endpoint's rate among `dispatchers` running processes from now on.
+    pub(super) fn share_among(&self, dispatchers: usize) {
+        self.dispatchers.store(dispatchers, Ordering::Relaxed);
+    }
+
     /// Applies `f` to the endpoint's bucket at the current time; `None`, without reading the
     /// clock or taking the lock, for an endpoint with no rate limit (every delivery asks).
     fn with_bucket<T>(&self, endpoint: &Endpoint, f: impl FnOnce(&mut TokenBucket, Instant) -> T) -> Option<T> {
-        let rate = endpoint.rate_limit?;
+        let limit = endpoint.rate_limit?;
         let now = Instant::now();
-        let mut rates = self.0.lock().expect("limits lock");
-        rates.prune(|b| b.idle(now));
-        let bucket = rates
+        let rate = f64::from(limit) / self.dispatchers.load(Ordering::Relaxed).max(1) as f64;
+        let mut buckets = self.buckets.lock().expect("limits lock");
+        buckets.prune(|b| b.idle(now));
+        let bucket = buckets
             .entry(endpoint.id.clone())
-            .or_insert_with(|| TokenBucket::new(rate, now));
-        if bucket.rate != rate {
-            *bucket = TokenBucket::new(rate, now);
+            .or_insert_with(|| TokenBucket::new(limit, rate, now));
+        if bucket.limit != limit {
+            *bucket = TokenBucket::new(limit, rate, now);
+        } else if bucket.rate != rate {
+            bucket.reshare(rate, now);
         }
         Some(f(bucket, now))
     }
@@ -181,7 +214,7 @@ mod tests {
     #[test]
     fn deferred_deliveries_take_turns_at_the_rate_up_to_the_horizon() {
         let now = Instant::now();
-        let mut bucket = TokenBucket::new(2, now);
+        let mut bucket = TokenBucket::new(2, 2.0, now);
         let second = Duration::from_secs(1);
         assert_eq!(bucket.reserve(now, second), PacedTurn::After(second), "the earliest");
         assert_eq!(
@@ -223,7 +256,7 @@ mod tests {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let soon = Duration::from_millis(50);
-        let mut bucket = TokenBucket::new(10, t0);
+        let mut bucket = TokenBucket::new(10, 10.0, t0);
         for _ in 0..10 {
             assert!(bucket.try_take(t0, Taker::Arrival));
         }
@@ -245,7 +278,7 @@ mod tests {
             "no turn ahead once the last is past its lateness"
         );
 
-        let mut bucket = TokenBucket::new(10, t0);
+        let mut bucket = TokenBucket::new(10, 10.0, t0);
         assert_eq!(
             bucket.reserve(t0, Duration::from_secs(1)),
             PacedTurn::After(Duration::from_secs(1))
@@ -262,6 +295,35 @@ mod tests {
         );
     }
 
+    /// Each dispatcher keeps to its share of an endpoint's rate, however small, and a new share
+    /// applies to the tokens it has, not to a full bucket.
+    #[test]
+    fn each_dispatcher_keeps_to_its_share_of_the_rate() {
+        let rates = RateLimits::default();
+        let ep = limited_to(10);
+        rates.share_among(2);
+        let taken = (0..10).filter(|_| rates.try_take(&ep, Taker::Arrival)).count();
+        assert_eq!(taken, 5, "half of 10 at once");
+        rates.share_among(1);
+        assert!(
+            !rates.try_take(&ep, Taker::Arrival),
+            "the whole rate from now on, not a bucket refilled at once"
+        );
+
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut bucket = TokenBucket::new(1, 1.0 / 3.0, t0);
+        assert!(
+            bucket.try_take(t0, Taker::Arrival),
+            "a third of one a second still holds a token"
+        );
+        assert!(!bucket.try_take(at(2_000), Taker::Arrival), "two thirds of one");
+        assert!(bucket.try_take(at(3_000), Taker::Arrival));
+        bucket.reshare(1.0, at(3_000));
+        assert!(!bucket.try_take(at(3_500), Taker::Arrival));
+        assert!(bucket.try_take(at(4_000), Taker::Arrival), "one a second once alone");
+    }
+
     /// The buckets were kept while their tokens *as last stored* were short of full, which a
     /// bucket's are after any take: none was ever dropped, and past the bound every take
     /// scanned them all.
@@ -274,7 +336,7 @@ mod tests {
         // At 1,000 a second, a millisecond refills the one token each took.
         std::thread::sleep(Duration::from_millis(5));
         assert!(rates.try_take(&rate_limited(), Taker::Arrival));
-        let kept = rates.0.lock().unwrap().len();
+        let kept = rates.buckets.lock().unwrap().len();
         assert_eq!(kept, 1, "only the bucket just taken from is short of full");
     }
 }

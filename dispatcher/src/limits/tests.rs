@@ -55,7 +55,7 @@ async fn a_rate_limit_admits_its_rate_then_refills() {
     }
     assert_eq!(admitted, 3);
     let start = Instant::now();
-    let mut bucket = TokenBucket::new(2, start);
+    let mut bucket = TokenBucket::new(2, 2.0, start);
     assert!(
         bucket.try_take(start, Taker::Arrival)
             && bucket.try_take(start, Taker::Arrival)

@@ -30,7 +30,7 @@ pub struct CreateEndpoint {
     /// Event types to receive; leave out (or `null`) for all types.
     #[serde(default)]
     pub events: Option<Vec<String>>,
-    /// Deliveries per second, per dispatcher.
+    /// Deliveries per second, for all dispatchers together.
     pub rate_limit: Option<u32>,
     /// Requests in flight at once, per dispatcher (1 gives serial delivery).
     pub max_concurrency: Option<u32>,

@@ -112,6 +112,11 @@ impl Keys {
         format!("{}retry:{{{shard}}}:claimed", self.prefix)
     }
 
+    /// The dispatchers running, scored by when each last said so.
+    pub fn dispatchers(&self) -> String {
+        format!("{}dispatchers", self.prefix)
+    }
+
     /// The shard counts processes run with, scored by when each was last announced.
     pub fn retry_shard_counts(&self) -> String {
         format!("{}retry:shard_counts", self.prefix)
@@ -140,5 +145,6 @@ mod tests {
         let a = AccountId::parse("acct_1").unwrap();
         assert_eq!(keys.account_endpoints(&a), "t1:acct:acct_1:eps");
         assert_eq!(keys.retry_due(1), "t1:retry:{1}:due");
+        assert_eq!(keys.dispatchers(), "t1:dispatchers");
     }
 }

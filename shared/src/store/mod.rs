@@ -25,10 +25,12 @@
 //! | `retry:{n}:due` | sorted set | retry jobs and in-flight leases by due time |
 //! | `retry:{n}:claimed` | sorted set | jobs a scheduler is publishing, by lease expiry |
 //! | `retry:shard_counts` | sorted set | the `LAABAM_RETRY_SHARDS` values processes run with, by when each was last announced |
+//! | `dispatchers` | sorted set | the dispatchers running, by when each last said so (every second; gone after 5 s), so each keeps to its share of every endpoint's rate limit |
 
 mod accounts;
 mod batch_writer;
 mod deliveries;
+mod dispatchers;
 mod endpoints;
 mod keys;
 mod listings;
@@ -41,6 +43,7 @@ mod upkeep;
 pub use accounts::{API_KEY_PREFIX, Account, ApiKeyInfo, Idempotency};
 pub use batch_writer::{ARRIVALS_PER_CALL, RECORDS_PER_CALL};
 pub use deliveries::{AttemptTiming, Begin, Ingest, Record, Recorded, Redelivery, Taken};
+pub use dispatchers::SEEN_EVERY as DISPATCHER_SEEN_EVERY;
 pub use endpoints::AccountEndpoints;
 pub use keys::Keys;
 pub use listings::{Cursor, DeliveryFilter, Page};

@@ -130,6 +130,20 @@ async fn headers_rate_limits_and_bounded_history_apply() {
     assert!(per_delivery < 2048, "a delivery costs {per_delivery} bytes");
 }
 
+/// An endpoint of a new `account` limited to `rate` deliveries a second, delivering to `rx`.
+async fn rate_limited_endpoint(env: &TestEnv, rx: &Receiver, account: &str, rate: u32) -> (Store, AccountId, Endpoint) {
+    let account = AccountId::parse(account).unwrap();
+    let new = NewEndpoint {
+        url: rx.url.clone(),
+        rate_limit: Some(rate),
+        ..Default::default()
+    };
+    let ep = Endpoint::create(account.clone(), new, now_ms()).unwrap();
+    let store = env.store().await;
+    store.create_endpoint(&ep, None).await.unwrap();
+    (store, account, ep)
+}
+
 /// A burst past an endpoint's rate limit is deferred to come back at the rate, each delivery at
 /// a turn of its own. Spread like a slow endpoint's backlog instead, the deferred deliveries came
 /// back together, found the bucket empty but for a few, and were deferred again and again while
@@ -140,15 +154,7 @@ async fn a_burst_past_the_rate_limit_comes_back_at_the_rate() {
     const EVENTS: usize = 40;
     let mut env = TestEnv::new().await;
     let rx = Receiver::ok().await;
-    let account = AccountId::parse("acct_paced").unwrap();
-    let new = NewEndpoint {
-        url: rx.url.clone(),
-        rate_limit: Some(10),
-        ..Default::default()
-    };
-    let ep = Endpoint::create(account.clone(), new, now_ms()).unwrap();
-    let store = env.store().await;
-    store.create_endpoint(&ep, None).await.unwrap();
+    let (store, account, ep) = rate_limited_endpoint(&env, &rx, "acct_paced", 10).await;
     env.start_dispatcher(&[]);
     let events = sample_events(account.as_str(), EVENTS);
     publish_all(&env.publisher().await, &events).await;
@@ -324,14 +330,7 @@ async fn a_rate_limit_exceeded_for_a_while_delivers_in_the_order_events_came() {
     const RATE: u32 = 10;
     let mut env = TestEnv::new().await;
     let rx = Receiver::ok().await;
-    let account = AccountId::parse("acct_overload").unwrap();
-    let new = NewEndpoint {
-        url: rx.url.clone(),
-        rate_limit: Some(RATE),
-        ..Default::default()
-    };
-    let ep = Endpoint::create(account.clone(), new, now_ms()).unwrap();
-    env.store().await.create_endpoint(&ep, None).await.unwrap();
+    let (_, account, _) = rate_limited_endpoint(&env, &rx, "acct_overload", RATE).await;
     env.start_dispatcher(&[]);
     env.start_scheduler(&[]);
     let publisher = env.publisher().await;
@@ -375,7 +374,10 @@ async fn a_rate_limit_exceeded_for_a_while_delivers_in_the_order_events_came() {
         delivered.iter().map(|(n, _)| n).collect::<Vec<_>>()
     );
     // A turn's delivery held up past its lateness (a stalled machine) may let one arrival by.
-    assert!(overtaken <= 3, "{overtaken} deliveries overtaken by events that came later");
+    assert!(
+        overtaken <= 3,
+        "{overtaken} deliveries overtaken by events that came later"
+    );
     // The bucket's 10 at once, one more a returning delivery may borrow, then one every 100 ms
     // (less one interval for the receiver's clock against the dispatcher's).
     let span = requests[EVENTS - 1].at - requests[0].at;
@@ -392,15 +394,7 @@ async fn dispatchers_running_together_keep_to_one_rate_limit() {
     const RATE: u32 = 10;
     let mut env = TestEnv::new().await;
     let rx = Receiver::ok().await;
-    let account = AccountId::parse("acct_shared_rate").unwrap();
-    let new = NewEndpoint {
-        url: rx.url.clone(),
-        rate_limit: Some(RATE),
-        ..Default::default()
-    };
-    let ep = Endpoint::create(account.clone(), new, now_ms()).unwrap();
-    let store = env.store().await;
-    store.create_endpoint(&ep, None).await.unwrap();
+    let (store, account, _) = rate_limited_endpoint(&env, &rx, "acct_shared_rate", RATE).await;
     env.start_dispatcher(&[]);
     env.start_dispatcher(&[]);
     env.start_scheduler(&[]);

@@ -74,6 +74,7 @@ pub struct Metrics {
     pub endpoint_loads: IntCounter,
     pub slow_room_in_use: IntGauge,
     pub cut_short: IntCounter,
+    pub over_rate_limit: IntCounter,
     pub dispatchers_running: IntGauge,
     pub slot_wait_budget: Gauge,
     pub consuming: IntGauge,
@@ -86,7 +87,8 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
 ];
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    Metrics {
     events_consumed: register_int_counter_vec!(
         "laabam_dispatcher_events_consumed_total",
         "Events taken from the event queue",
@@ -108,7 +110,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     .unwrap(),
     deferred: register_int_counter_vec!(
         "laabam_dispatcher_deferred_total",
-        "Deliveries deferred by an endpoint's concurrency limit (not attempts)",
+        "Deliveries deferred by their endpoint's limits: no request slot soon enough, the slow room full, or over its rate limit (not attempts)",
         &["event_type"]
     )
     .unwrap(),
@@ -167,6 +169,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "Requests that turned slow while the slow room was full, cut short and retried"
     )
     .unwrap(),
+    over_rate_limit: register_int_counter!(
+        "laabam_dispatcher_over_rate_limit_total",
+        "Deliveries refused a turn by their endpoint's rate limit (this dispatcher's share of it), each deferred to a turn at the rate"
+    )
+    .unwrap(),
     dispatchers_running: register_int_gauge!(
         "laabam_dispatcher_dispatchers_running",
         "Dispatchers running as this one last heard from Redis; each keeps to its share of every endpoint's rate limit"
@@ -183,4 +190,5 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         LATENCY_BUCKETS.to_vec()
     )
     .unwrap(),
+}
 });

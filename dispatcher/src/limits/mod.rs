@@ -185,7 +185,11 @@ impl EndpointLimits {
         } else {
             None
         };
-        self.rates.try_take(endpoint, taker).then(|| Slot {
+        if !self.rates.try_take(endpoint, taker) {
+            METRICS.over_rate_limit.inc();
+            return None;
+        }
+        Some(Slot {
             _permit: permit,
             slow,
             slots,

@@ -50,10 +50,15 @@ async fn a_rate_limit_admits_its_rate_then_refills() {
     let mut ep = endpoint(None);
     ep.rate_limit = Some(3);
     let mut admitted = 0;
+    let refused = METRICS.over_rate_limit.get();
     for _ in 0..10 {
         admitted += usize::from(limits.acquire(&ep).await.is_some());
     }
     assert_eq!(admitted, 3);
+    assert!(
+        METRICS.over_rate_limit.get() >= refused + 7,
+        "each refusal counted (other tests may count theirs)"
+    );
     let start = Instant::now();
     let mut bucket = TokenBucket::new(2, 2.0, start);
     assert!(

@@ -87,8 +87,7 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
 ];
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    Metrics {
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     events_consumed: register_int_counter_vec!(
         "laabam_dispatcher_events_consumed_total",
         "Events taken from the event queue",
@@ -110,7 +109,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .unwrap(),
     deferred: register_int_counter_vec!(
         "laabam_dispatcher_deferred_total",
-        "Deliveries deferred by their endpoint's limits: no request slot soon enough, the slow room full, or over its rate limit (not attempts)",
+        "Deliveries deferred by their endpoint's limits: no slot soon, slow room full, or rate (not attempts)",
         &["event_type"]
     )
     .unwrap(),
@@ -171,12 +170,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .unwrap(),
     over_rate_limit: register_int_counter!(
         "laabam_dispatcher_over_rate_limit_total",
-        "Deliveries refused a turn by their endpoint's rate limit (this dispatcher's share of it), each deferred to a turn at the rate"
+        "Deliveries over this dispatcher's share of their endpoint's rate limit, deferred to a turn"
     )
     .unwrap(),
     dispatchers_running: register_int_gauge!(
         "laabam_dispatcher_dispatchers_running",
-        "Dispatchers running as this one last heard from Redis; each keeps to its share of every endpoint's rate limit"
+        "Dispatchers running as last heard; each keeps to its share of every rate limit"
     )
     .unwrap(),
     slot_wait_budget: register_gauge!(
@@ -190,5 +189,4 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         LATENCY_BUCKETS.to_vec()
     )
     .unwrap(),
-}
 });

@@ -24,6 +24,7 @@ pub mod sender;
 pub use config::DispatcherConfig;
 
 use laabam_shared::ops::{self, Readiness};
+use laabam_shared::shutdown;
 use laabam_shared::startup::{self, Unreachable};
 use laabam_shared::store::{Store, StoreConfig};
 use std::sync::Arc;
@@ -100,12 +101,10 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
 /// Keeps the Redis readiness flag true to what Redis answers.
 fn watch_redis(store: Store, readiness: Arc<Readiness>, shutdown: CancellationToken) {
     tokio::spawn(async move {
-        while !shutdown.is_cancelled() {
+        let (store, readiness) = (&store, &readiness);
+        shutdown::every(Duration::from_secs(2), &shutdown, || async move {
             readiness.set_redis(store.ping().await);
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                _ = shutdown.cancelled() => {}
-            }
-        }
+        })
+        .await;
     });
 }

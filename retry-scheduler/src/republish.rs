@@ -12,6 +12,7 @@ use futures_util::future::try_join_all;
 use laabam_shared::clock::now_ms;
 use laabam_shared::ops::Readiness;
 use laabam_shared::publish_link::until_blocked;
+use laabam_shared::shutdown;
 use laabam_shared::startup::{self, Backoff};
 use laabam_shared::store::{Store, StoreError};
 use laabam_shared::topology;
@@ -171,10 +172,7 @@ async fn rounds_until_failure(
             while let Some(sent) = in_flight.pop_front() {
                 let _ = settle(store, sent, connection, readiness).await;
             }
-            tokio::select! {
-                _ = tokio::time::sleep(config.poll) => {}
-                _ = shutdown.cancelled() => {}
-            }
+            shutdown::pause(config.poll, shutdown).await;
             continue;
         }
         blocked.end();
@@ -238,10 +236,7 @@ async fn rounds_until_failure(
         let poll = config.poll.as_millis() as i64;
         let shortest = (SHORTEST_PAUSE.as_millis() as i64).min(poll);
         let wait_ms = earliest.map_or(poll, |due| (due - now_ms()).clamp(shortest, poll));
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(wait_ms as u64)) => {}
-            _ = shutdown.cancelled() => {}
-        }
+        shutdown::pause(Duration::from_millis(wait_ms as u64), shutdown).await;
     }
 }
 

@@ -1,6 +1,7 @@
 //! One cancellation token per process, cancelled by SIGTERM or Ctrl-C and passed down to every
 //! loop, so that each stops taking work and finishes or hands back what it holds.
 
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// A token cancelled on the first SIGTERM or SIGINT. The handlers are installed before this
@@ -22,10 +23,51 @@ pub fn on_signals() -> CancellationToken {
     token
 }
 
+/// Sleeps for `period`, or less if `shutdown` comes first.
+pub async fn pause(period: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(period) => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+/// Runs `round` at once and then `period` after each until `shutdown`: a process's upkeep
+/// (announcing itself, watching a dependency), whose wait never holds up a shutdown.
+pub async fn every<F: Future<Output = ()>>(
+    period: Duration,
+    shutdown: &CancellationToken,
+    mut round: impl FnMut() -> F,
+) {
+    while !shutdown.is_cancelled() {
+        round().await;
+        pause(period, shutdown).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn every_runs_at_once_and_stops_within_its_pause_at_shutdown() {
+        let token = CancellationToken::new();
+        let rounds = AtomicUsize::new(0);
+        let rounds = &rounds;
+        let stop = &token.clone();
+        let looping = every(Duration::from_secs(3600), &token, || async move {
+            rounds.fetch_add(1, Ordering::Relaxed);
+            stop.cancel();
+        });
+        tokio::time::timeout(Duration::from_secs(10), looping)
+            .await
+            .expect("the hour's pause is cut short");
+        assert_eq!(
+            rounds.load(Ordering::Relaxed),
+            1,
+            "one round, at once, and none after the shutdown"
+        );
+    }
 
     /// On one thread the task that waits for the signal cannot have run when `kill` returns: the
     /// SIGTERM is caught only if `on_signals` installed the handler itself. Without it, the

@@ -31,10 +31,7 @@ impl Backoff {
 
     /// Sleeps for the next pause (cut short by `shutdown`) and lengthens the one after.
     pub async fn pause(&mut self, shutdown: &CancellationToken) {
-        tokio::select! {
-            _ = tokio::time::sleep(self.next) => {}
-            _ = shutdown.cancelled() => {}
-        }
+        crate::shutdown::pause(self.next, shutdown).await;
         self.next = (self.next * 2).min(Self::MAX);
     }
 

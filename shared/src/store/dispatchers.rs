@@ -5,6 +5,8 @@
 
 use super::{Store, StoreError};
 use crate::clock::now_ms;
+use crate::shutdown;
+use redis::AsyncCommands;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -37,11 +39,7 @@ impl Store {
 
     /// Records dispatcher `id` as stopped, so the others take up its share at once.
     pub async fn dispatcher_stopped(&self, id: &str) -> Result<(), StoreError> {
-        redis::cmd("ZREM")
-            .arg(self.keys.dispatchers())
-            .arg(id)
-            .query_async::<()>(&mut self.conn())
-            .await?;
+        self.conn().zrem::<_, _, ()>(self.keys.dispatchers(), id).await?;
         Ok(())
     }
 
@@ -52,21 +50,19 @@ impl Store {
         &self,
         id: String,
         shutdown: CancellationToken,
-        heard: impl Fn(usize) + Send + 'static,
+        heard: impl Fn(usize) + Send + Sync + 'static,
     ) {
         let store = self.clone();
         tokio::spawn(async move {
-            while !shutdown.is_cancelled() {
-                match store.dispatcher_seen(&id, now_ms()).await {
+            let (store, id, heard) = (&store, &id, &heard);
+            shutdown::every(SEEN_EVERY, &shutdown, || async move {
+                match store.dispatcher_seen(id, now_ms()).await {
                     Ok(running) => heard(running),
                     Err(e) => tracing::warn!(error = %e, "could not say this dispatcher runs; trying again"),
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(SEEN_EVERY) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-            }
-            if let Err(e) = store.dispatcher_stopped(&id).await {
+            })
+            .await;
+            if let Err(e) = store.dispatcher_stopped(id).await {
                 tracing::warn!(error = %e, "could not say this dispatcher stopped; the others will notice");
             }
         });

@@ -13,6 +13,7 @@
 
 use super::{Store, StoreError};
 use crate::clock::now_ms;
+use crate::shutdown;
 use redis::AsyncCommands;
 use std::ops::Range;
 use std::time::Duration;
@@ -47,15 +48,13 @@ impl Store {
     pub fn keep_announcing_retry_shards(&self, shutdown: CancellationToken) {
         let store = self.clone();
         tokio::spawn(async move {
-            while !shutdown.is_cancelled() {
+            let store = &store;
+            shutdown::every(ANNOUNCE_EVERY, &shutdown, || async move {
                 if let Err(e) = store.announce_retry_shards(now_ms()).await {
                     tracing::warn!(error = %e, "could not announce the retry shard count; trying again later");
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(ANNOUNCE_EVERY) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-            }
+            })
+            .await;
         });
     }
 

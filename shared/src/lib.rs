@@ -9,7 +9,8 @@
 //! - [`topology`]: every exchange and queue in RabbitMQ.
 //! - [`config`], [`startup`], [`shutdown`], [`telemetry`], [`ops`], [`clock`]: what each
 //!   process needs to start, run, be watched and stop; [`http_server`]: its HTTP ports;
-//!   [`open_files`]: room for its connections.
+//!   [`open_files`]: room for its connections; [`idle_map`]: state per caller or endpoint,
+//!   kept bounded.
 
 pub mod catalog;
 pub mod clock;
@@ -18,6 +19,7 @@ pub mod delivery;
 pub mod endpoint;
 pub mod envelope;
 pub mod http_server;
+pub mod idle_map;
 pub mod ids;
 pub mod open_files;
 pub mod ops;

@@ -30,15 +30,15 @@
 //! endpoint among healthy ones is still deferred at once.
 
 mod deferred;
-mod endpoint_map;
 mod rate;
 mod slots;
 mod wait_budget;
 
 use crate::metrics::METRICS;
 use crate::sender::Checkpoint;
-use endpoint_map::EndpointMap;
 use laabam_shared::endpoint::Endpoint;
+use laabam_shared::idle_map::IdleMap;
+use laabam_shared::ids::EndpointId;
 use rate::RateLimits;
 pub use slots::Slot;
 use slots::{Slots, SlowShare, since_epoch_ms};
@@ -55,7 +55,7 @@ pub struct EndpointLimits {
     /// Held by each request to an endpoint that was slow when it started, or that turned slow.
     slow_room: Arc<Semaphore>,
     slow_room_size: usize,
-    slots: Mutex<EndpointMap<Arc<Slots>>>,
+    slots: Mutex<IdleMap<EndpointId, Arc<Slots>>>,
     rates: RateLimits,
 }
 
@@ -120,9 +120,6 @@ pub const MAX_BACKLOG: Duration = Duration::from_secs(300);
 /// The share of the wait budget an endpoint none of whose requests has finished yet has for
 /// its first answer (see [`EndpointLimits::wait_for_slot`]).
 const FIRST_ANSWER_GRACE: f64 = 1.0 / 8.0;
-
-/// Idle entries are dropped when a map of them grows past this (see [`EndpointMap`]).
-const PRUNE_ABOVE: usize = 10_000;
 
 impl EndpointLimits {
     /// `slow_room` is how many requests to slow endpoints may be in flight at once.

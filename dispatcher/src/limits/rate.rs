@@ -1,9 +1,10 @@
 //! Per-endpoint rate limits: a token bucket for each endpoint that has a rate, and the turns
 //! at that rate its deferred deliveries come back at.
 
-use super::endpoint_map::EndpointMap;
 use super::{MAX_BACKLOG, PacedTurn, Taker};
 use laabam_shared::endpoint::Endpoint;
+use laabam_shared::idle_map::IdleMap;
+use laabam_shared::ids::EndpointId;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ const LATE_RETURN: Duration = Duration::from_millis(250);
 /// dropped when the map grows.
 #[derive(Debug, Default)]
 pub(super) struct RateLimits {
-    buckets: Mutex<EndpointMap<TokenBucket>>,
+    buckets: Mutex<IdleMap<EndpointId, TokenBucket>>,
     /// The dispatchers running (0 until first heard, taken as 1): each enforces its share of
     /// every endpoint's rate, so together they keep to it.
     dispatchers: AtomicUsize,
@@ -191,9 +192,9 @@ impl RateLimits {
 
 #[cfg(test)]
 mod tests {
-    use super::super::PRUNE_ABOVE;
     use super::*;
     use laabam_shared::endpoint::NewEndpoint;
+    use laabam_shared::idle_map::PRUNE_ABOVE;
     use laabam_shared::ids::AccountId;
     use std::time::Duration;
 

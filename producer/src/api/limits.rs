@@ -20,6 +20,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
+use laabam_shared::idle_map::IdleMap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,9 +34,9 @@ pub struct Limits {
     rate: f64,
     burst: f64,
     /// Per credential, or per client address for requests without one.
-    callers: Mutex<HashMap<[u8; 16], Bucket>>,
+    callers: Mutex<IdleMap<[u8; 16], Bucket>>,
     /// Failed authentications per client address.
-    failures: Mutex<HashMap<[u8; 16], Bucket>>,
+    failures: Mutex<IdleMap<[u8; 16], Bucket>>,
     in_flight: Arc<Semaphore>,
     /// Requests in flight per caller, and the most one caller may have.
     per_caller: Arc<Mutex<HashMap<[u8; 16], usize>>>,
@@ -69,9 +70,6 @@ struct Bucket {
     accepted: bool,
 }
 
-/// Buckets of idle callers are dropped past this many, so the maps stay bounded.
-const PRUNE_ABOVE: usize = 10_000;
-
 impl Limits {
     pub fn new(rate_per_sec: u32, max_in_flight: usize, timeout: Duration) -> Self {
         Limits {
@@ -101,12 +99,10 @@ impl Limits {
     }
 
     /// `caller`'s bucket in `buckets`, refilled to now.
-    fn refilled<'a>(&self, buckets: &'a mut HashMap<[u8; 16], Bucket>, caller: [u8; 16]) -> &'a mut Bucket {
+    fn refilled<'a>(&self, buckets: &'a mut IdleMap<[u8; 16], Bucket>, caller: [u8; 16]) -> &'a mut Bucket {
         let now = Instant::now();
-        if buckets.len() > PRUNE_ABOVE {
-            let (rate, burst) = (self.rate, self.burst);
-            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
-        }
+        let (rate, burst) = (self.rate, self.burst);
+        buckets.prune(|b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate >= burst);
         let bucket = buckets.entry(caller).or_insert(Bucket {
             tokens: self.burst,
             at: now,
@@ -262,6 +258,23 @@ mod tests {
         assert_eq!(admitted, 10, "a burst of twice the rate");
         assert_eq!(limits.take(&one), Err(1));
         assert!(limits.take(&with_credential(2)).is_ok());
+    }
+
+    #[test]
+    fn callers_whose_buckets_refilled_are_dropped_once_the_map_grows() {
+        let limits = Limits::new(1_000, 10, Duration::from_secs(1));
+        let caller = |n: usize| Caller {
+            bucket: digest(&[&n.to_le_bytes()]),
+            address: None,
+        };
+        for n in 0..=laabam_shared::idle_map::PRUNE_ABOVE {
+            assert!(limits.take(&caller(n)).is_ok());
+        }
+        // At 1,000 a second, a few milliseconds refill the one token each took.
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(limits.take(&caller(usize::MAX)).is_ok());
+        let kept = limits.callers.lock().unwrap().len();
+        assert_eq!(kept, 1, "only the caller just admitted is short of a full bucket");
     }
 
     #[test]

@@ -1,32 +1,35 @@
-//! The per-endpoint entries of a limit, kept bounded without scanning them on every new one.
+//! Per-caller or per-endpoint state that must stay bounded without being scanned on every new
+//! key: the dispatcher's limits per endpoint and the API's rate buckets per credential.
 
-use super::PRUNE_ABOVE;
-use laabam_shared::ids::EndpointId;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::ops::{Deref, DerefMut};
 
-/// Entries by endpoint. Idle ones are dropped once the map has grown past its bound, and the
-/// bound then becomes twice what is left: with more endpoints busy at once than
-/// [`PRUNE_ABOVE`], a fixed bound had every new endpoint (and, for rate limits, every take)
-/// scan the whole map under the lock for nothing to drop.
+/// The smallest size at which idle entries are looked for.
+pub const PRUNE_ABOVE: usize = 10_000;
+
+/// Entries by key. Idle ones are dropped once the map has grown past its bound, and the bound
+/// then becomes twice what is left: with more keys busy at once than [`PRUNE_ABOVE`], a fixed
+/// bound had every new key (and, for rate limits, every take) scan the whole map under its
+/// lock for nothing to drop.
 #[derive(Debug)]
-pub(super) struct EndpointMap<T> {
-    entries: HashMap<EndpointId, T>,
+pub struct IdleMap<K, T> {
+    entries: HashMap<K, T>,
     prune_above: usize,
 }
 
-impl<T> Default for EndpointMap<T> {
+impl<K, T> Default for IdleMap<K, T> {
     fn default() -> Self {
-        EndpointMap {
+        IdleMap {
             entries: HashMap::new(),
             prune_above: PRUNE_ABOVE,
         }
     }
 }
 
-impl<T> EndpointMap<T> {
+impl<K: Eq + Hash, T> IdleMap<K, T> {
     /// Drops the entries `idle` says can go, if the map has grown past its bound.
-    pub(super) fn prune(&mut self, mut idle: impl FnMut(&T) -> bool) {
+    pub fn prune(&mut self, mut idle: impl FnMut(&T) -> bool) {
         if self.entries.len() > self.prune_above {
             self.entries.retain(|_, entry| !idle(entry));
             self.prune_above = (self.entries.len() * 2).max(PRUNE_ABOVE);
@@ -34,15 +37,15 @@ impl<T> EndpointMap<T> {
     }
 }
 
-impl<T> Deref for EndpointMap<T> {
-    type Target = HashMap<EndpointId, T>;
+impl<K, T> Deref for IdleMap<K, T> {
+    type Target = HashMap<K, T>;
 
     fn deref(&self) -> &Self::Target {
         &self.entries
     }
 }
 
-impl<T> DerefMut for EndpointMap<T> {
+impl<K, T> DerefMut for IdleMap<K, T> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.entries
     }
@@ -52,20 +55,20 @@ impl<T> DerefMut for EndpointMap<T> {
 mod tests {
     use super::*;
 
-    fn add(map: &mut EndpointMap<bool>, n: usize, idle: bool, looked: &mut usize) {
+    fn add(map: &mut IdleMap<usize, bool>, n: usize, idle: bool, looked: &mut usize) {
         for _ in 0..n {
             map.prune(|idle| {
                 *looked += 1;
                 *idle
             });
-            let id = EndpointId::parse(format!("ep_{}", map.len())).unwrap();
-            map.insert(id, idle);
+            let key = map.len();
+            map.insert(key, idle);
         }
     }
 
     #[test]
     fn busy_entries_past_the_bound_are_looked_at_once_per_doubling_and_idle_ones_go() {
-        let mut map = EndpointMap::default();
+        let mut map = IdleMap::default();
         let mut looked = 0;
         add(&mut map, 3 * PRUNE_ABOVE, false, &mut looked);
         assert_eq!(map.len(), 3 * PRUNE_ABOVE, "every entry busy: none dropped");

@@ -3,7 +3,9 @@
 
 use http::Method;
 use laabam_tests::{ApiClient, TestEnv};
+use redis::AsyncCommands;
 use serde_json::json;
+use std::collections::HashSet;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -358,6 +360,52 @@ async fn callers_over_their_rate_are_told_to_slow_down_and_others_are_not() {
     );
     // A key already accepted from the same address goes on.
     assert_eq!(other.get("/v1/endpoints").await.status, 200);
+}
+
+/// Producers are replicas behind one address: a caller sending its requests to two of them by
+/// turns gets the one rate (a burst of twice it), not the rate from each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_spread_over_two_producers_gets_one_rate() {
+    let mut env = TestEnv::new().await;
+    let one = env.start_api_with(ADMIN, &["--api-rate-limit", "5"]).await;
+    let two = env.start_api_with(ADMIN, &["--api-rate-limit", "5"]).await;
+    let key = key(&one).await;
+    let clients = [key.clone(), two.with_token(key.token().expect("a key"))];
+    let mut admitted = [0; 2];
+    let mut limited = None;
+    for turn in 0..40 {
+        let answer = clients[turn % 2].get("/v1/endpoints").await;
+        match answer.status {
+            200 => admitted[turn % 2] += 1,
+            _ => {
+                limited = Some(answer);
+                break;
+            }
+        }
+    }
+    let limited = limited.expect("a burst past twice the rate is limited");
+    assert_eq!(limited.json["error"]["code"], "rate_limited");
+    assert!(limited.headers.get("retry-after").is_some());
+    let total = admitted[0] + admitted[1];
+    assert!(
+        (10..=12).contains(&total) && admitted.iter().all(|&n| n >= 5),
+        "{admitted:?} admitted by each producer: a burst of 10 for both together"
+    );
+    // The probes answer from the process alone: they spend nothing in Redis. (Buckets expire
+    // once full again, so only new ones are looked for.)
+    let pattern = format!("{}api:rate:*", env.prefix);
+    let buckets = async || -> HashSet<String> { env.redis().await.keys(&pattern).await.unwrap() };
+    let before = buckets().await;
+    assert_eq!(one.get("/healthz").await.status, 200);
+    assert_eq!(two.get("/readyz").await.status, 200);
+    let after_probes = buckets().await;
+    assert!(after_probes.is_subset(&before), "no bucket for the probes' address");
+    assert_eq!(one.get("/v1/openapi.json").await.status, 200);
+    assert_eq!(
+        buckets().await.difference(&after_probes).count(),
+        1,
+        "the address's bucket for the API"
+    );
 }
 
 /// An account may have `--max-endpoints-per-account` endpoints, disabled ones included: ten

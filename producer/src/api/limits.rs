@@ -12,6 +12,13 @@
 //! Redis lookup each) as the in-flight cap lets through. Accepted credentials never wait on
 //! that budget, so other callers behind the same address (a NAT gateway) go on while one of
 //! them sends wrong keys.
+//!
+//! The rate holds for the whole deployment: a request this process admits also spends the
+//! caller's bucket in Redis, which every producer shares, so replicas behind one address do not
+//! each grant it. The process's own bucket is checked first, so a caller far over its rate is
+//! refused without a Redis call. Should Redis not answer within [`SHARED_RATE_WAIT`], the
+//! process's own bucket decides alone. The probes (`/healthz`, `/readyz`) are counted by the
+//! process only. The failure budget stays per process: it protects the process's own lookups.
 
 use super::error::ApiError;
 use axum::extract::{ConnectInfo, Request, State};
@@ -19,14 +26,18 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
 use laabam_shared::idle_map::IdleMap;
+use laabam_shared::store::Store;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
+
+/// The longest a request waits for the deployment's count of its caller's rate.
+const SHARED_RATE_WAIT: Duration = Duration::from_millis(250);
 
 /// The limits in force, shared by every request.
 #[derive(Debug)]
@@ -209,6 +220,7 @@ fn try_again_in(error: ApiError, seconds: u64) -> Response {
     response
 }
 
+/// The process's own limits; every route is behind them.
 pub async fn enforce(State(limits): State<Arc<Limits>>, mut req: Request, next: Next) -> Response {
     let caller = caller(&req);
     let was_accepted = match limits.take(&caller) {
@@ -234,6 +246,27 @@ pub async fn enforce(State(limits): State<Arc<Limits>>, mut req: Request, next: 
         }
         Err(_) => ApiError::Unavailable(format!("the request took longer than {:?}", limits.timeout)).into_response(),
     }
+}
+
+/// The caller's rate for the whole deployment, inside [`enforce`]: a request spends a request
+/// of the caller's bucket in Redis, or is told when the next one is allowed. The probes are
+/// not behind it, so they answer from the process alone whatever Redis does.
+pub async fn count_for_deployment(
+    State((limits, store)): State<(Arc<Limits>, Store)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let bucket = hex::encode(caller(&req).bucket);
+    let spent = store.spend_api_request(&bucket, limits.rate, limits.burst);
+    match tokio::time::timeout(SHARED_RATE_WAIT, spent).await {
+        Ok(Ok(Some(wait))) => return try_again_in(ApiError::RateLimited, wait.as_secs_f64().ceil().max(1.0) as u64),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "the deployment's API rate could not be counted; this process's stands")
+        }
+        Err(_) => tracing::debug!("the deployment's API rate was not counted in time; this process's stands"),
+    }
+    next.run(req).await
 }
 
 #[cfg(test)]

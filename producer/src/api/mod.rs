@@ -60,7 +60,8 @@ pub struct ServeArgs {
     /// dispatchers cache them, so this bounds what one account costs the others.
     #[arg(long, env = "LAABAM_MAX_ENDPOINTS_PER_ACCOUNT", default_value_t = 100, value_parser = at_least_one::<u32>())]
     pub max_endpoints_per_account: u32,
-    /// Requests per second per credential (or per client address), with bursts of twice that.
+    /// Requests per second per credential (or per client address) for the whole deployment,
+    /// with bursts of twice that.
     #[arg(long, env = "LAABAM_API_RATE_LIMIT", default_value_t = 100, value_parser = at_least_one::<u32>())]
     pub api_rate_limit: u32,
     /// Requests processed at once; past it the API answers 503 with Retry-After.
@@ -167,9 +168,13 @@ pub fn router(state: Arc<ApiState>, limits: Arc<limits::Limits>) -> Router {
         .route("/v1/api-keys", get(accounts::own_keys))
         .route("/v1/api-keys/{prefix}", delete(accounts::revoke_own_key))
         .route("/v1/openapi.json", get(openapi::document))
+        .merge(dashboard::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            (limits.clone(), state.store.clone()),
+            limits::count_for_deployment,
+        ))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -59,6 +59,11 @@ impl Keys {
         format!("{}apikey:{key_hash}", self.prefix)
     }
 
+    /// A caller's API request bucket, by the digest of its credential or address.
+    pub fn api_rate(&self, caller: &str) -> String {
+        format!("{}api:rate:{caller}", self.prefix)
+    }
+
     pub fn account_events(&self, account: &AccountId) -> String {
         format!("{}acct:{account}:evt", self.prefix)
     }

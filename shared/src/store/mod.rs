@@ -11,6 +11,7 @@
 //! | `acct:{A}` | hash | account name and creation time |
 //! | `acct:{A}:keys` | hash | API key prefix → prefix, creation time, SHA-256 |
 //! | `apikey:{sha256}` | string | the account of an API key |
+//! | `api:rate:{C}` | string | when API caller C's request bucket (a credential's or address's digest) is full again, in µs; lasts until then |
 //! | `acct:{A}:evt` / `acct:{A}:dlv` | sorted set | the account's events / deliveries by time (bounded) |
 //! | `idem:{A}:{sha256}` | string | the response to an idempotent publish (24 h) |
 //! | `acct:{A}:eps` | hash | endpoint id → endpoint JSON |
@@ -28,6 +29,7 @@
 //! | `dispatchers` | sorted set | the dispatchers running, by when each last said so (every second; gone after 5 s), so each keeps to its share of every endpoint's rate limit |
 
 mod accounts;
+mod api_rates;
 mod batch_writer;
 mod deliveries;
 mod dispatchers;

@@ -408,6 +408,62 @@ async fn a_caller_spread_over_two_producers_gets_one_rate() {
     );
 }
 
+/// The API's answers are counted by method, route template and status, the limits' refusals
+/// too; a made-up path adds no series of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_counted_by_route_template_and_status() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api_with(ADMIN, &["--api-rate-limit", "5"]).await;
+    let client = key(&api).await;
+    let before = env.api_metrics().await;
+    let unknown = format!("/v1/endpoints/ep_{}", ulid::Ulid::new());
+    for _ in 0..3 {
+        assert_eq!(client.get(&unknown).await.status, 404);
+    }
+    let made_up = format!("/made-up-{}", ulid::Ulid::new());
+    assert_eq!(client.get(&made_up).await.status, 404);
+    let mut limited = false;
+    for _ in 0..30 {
+        limited = client.get("/v1/endpoints").await.status == 429;
+        if limited {
+            break;
+        }
+    }
+    assert!(limited, "a burst past twice the rate is limited");
+    let after = env.api_metrics().await;
+    // Other tests in this process count too, so only growth is looked at.
+    let grew = |series: &str| sample(&after, series) - sample(&before, series);
+    for (series, least) in [
+        (
+            r#"laabam_api_requests_total{method="GET",route="/v1/endpoints/{id}",status="404"}"#,
+            3.0,
+        ),
+        (
+            r#"laabam_api_request_duration_seconds_count{route="/v1/endpoints/{id}"}"#,
+            3.0,
+        ),
+        (
+            r#"laabam_api_requests_total{method="GET",route="unmatched",status="404"}"#,
+            1.0,
+        ),
+        (
+            r#"laabam_api_requests_total{method="GET",route="/v1/endpoints",status="429"}"#,
+            1.0,
+        ),
+    ] {
+        assert!(grew(series) >= least, "{series} grew by {}, not {least}", grew(series));
+    }
+    assert!(!after.contains("made-up"), "a made-up path adds no series");
+}
+
+/// A series' value in a metrics text; 0 when it is not there yet.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().expect("a number"))
+}
+
 /// An account may have `--max-endpoints-per-account` endpoints, disabled ones included: ten
 /// created at once leave exactly three, the rest refused with `409 limit_reached`, while another
 /// account is not held back, and deleting one makes room for one. The operator may give an

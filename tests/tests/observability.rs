@@ -274,6 +274,13 @@ async fn dashboards_and_alerts_evaluate_to_what_the_traffic_implies() {
             .await
             > 3.0
     );
+    assert_eq!(
+        prometheus
+            .value("sum(laabam_api_requests_total{method=\"POST\",route=\"/v1/events\",status=\"202\"})")
+            .await,
+        events as f64,
+        "every publish over the API counted by its route and status"
+    );
     assert_eq!(prometheus.value("sum(laabam_dispatcher_consuming)").await, 1.0);
     assert_eq!(
         prometheus.value("max(laabam_scheduler_retry_shards)").await,
@@ -322,6 +329,7 @@ async fn dashboards_and_alerts_evaluate_to_what_the_traffic_implies() {
         "LaabamRetryBacklogGrowing",
         "LaabamRetryDueLagHigh",
         "LaabamNoDispatcherConsuming",
+        "LaabamApiServerErrors",
     ] {
         assert!(
             prometheus

@@ -11,6 +11,7 @@ pub mod event_types;
 pub mod events;
 pub mod extract;
 pub mod limits;
+pub mod observed;
 pub mod openapi;
 pub mod views;
 
@@ -179,6 +180,7 @@ pub fn router(state: Arc<ApiState>, limits: Arc<limits::Limits>) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(limits, limits::enforce))
+        .layer(axum::middleware::from_fn(observed::observe))
         .with_state(state)
 }
 

@@ -2,10 +2,12 @@
 //! past the API's limits (rate, slow or idle connections, connection count) are held off.
 
 use http::Method;
+use laabam_tests::own_redis::OwnRedis;
 use laabam_tests::{ApiClient, TestEnv};
 use redis::AsyncCommands;
 use serde_json::json;
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -406,6 +408,60 @@ async fn a_caller_spread_over_two_producers_gets_one_rate() {
         1,
         "the address's bucket for the API"
     );
+}
+
+/// Counting a request's rate and looking up its API key share one round trip: the key is read
+/// inside the counting script, valid or not, and never on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_is_looked_up_in_the_call_that_counts_its_rate() {
+    use futures_util::StreamExt;
+    let redis = OwnRedis::start();
+    let mut env = TestEnv::new().await;
+    env.redis_url = redis.url();
+    let api = env.start_api(ADMIN).await;
+    let client = key(&api).await;
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let monitor = redis::Client::open(redis.url())
+        .unwrap()
+        .get_async_monitor()
+        .await
+        .unwrap();
+    let heard = seen.clone();
+    let listening = tokio::spawn(async move {
+        let mut lines = monitor.into_on_message::<String>();
+        while let Some(line) = lines.next().await {
+            heard.lock().unwrap().push(line);
+        }
+    });
+    for _ in 0..5 {
+        assert_eq!(client.get("/v1/endpoints").await.status, 200);
+    }
+    assert_eq!(api.with_token("lbk_made_up").get("/v1/endpoints").await.status, 401);
+    // Whatever Redis ran before this, the monitor has shown once it shows this.
+    let _: String = redis::cmd("ECHO")
+        .arg("all-seen")
+        .query_async(&mut env.redis().await)
+        .await
+        .unwrap();
+    laabam_tests::wait_until("the monitor caught up", Duration::from_secs(10), || async {
+        seen.lock().unwrap().iter().any(|l| l.contains("all-seen"))
+    })
+    .await;
+    listening.abort();
+    let lookups: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(r#""GET" ""#) && l.contains(":apikey:"))
+        .cloned()
+        .collect();
+    let (in_script, alone): (Vec<_>, Vec<_>) = lookups.iter().partition(|l| l.contains(" lua] "));
+    assert_eq!(
+        in_script.len(),
+        6,
+        "each request's key read while counting: {lookups:#?}"
+    );
+    assert!(alone.is_empty(), "no second round trip to authenticate: {alone:#?}");
 }
 
 /// The API's answers are counted by method, route template and status, the limits' refusals

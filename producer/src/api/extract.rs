@@ -86,8 +86,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T>
 }
 
 fn bearer(parts: &Parts) -> Option<&str> {
-    parts
-        .headers
+    bearer_of(&parts.headers)
+}
+
+/// The token of an `Authorization: Bearer …` header.
+pub(super) fn bearer_of(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
         .ok()?
@@ -99,6 +103,11 @@ fn bearer(parts: &Parts) -> Option<&str> {
 #[derive(Debug, Clone)]
 pub struct Caller(pub AccountId);
 
+/// The account of the request's API key, as looked up while its rate was counted (see
+/// `limits::count_for_deployment`); `None` inside when the key is not valid.
+#[derive(Debug, Clone)]
+pub(super) struct KeyLookedUp(pub(super) Option<AccountId>);
+
 impl FromRequestParts<Arc<ApiState>> for Caller {
     type Rejection = ApiError;
 
@@ -106,7 +115,11 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
         let key = bearer(parts).ok_or(ApiError::Unauthorized(
             "an account API key is required (Authorization: Bearer lbk_…)",
         ))?;
-        match state.store.authenticate(key).await? {
+        let looked_up = match parts.extensions.get::<KeyLookedUp>() {
+            Some(KeyLookedUp(found)) => found.clone(),
+            None => state.store.authenticate(key).await?,
+        };
+        match looked_up {
             Some(account) => {
                 Authenticated::mark(parts);
                 Ok(Caller(account))

@@ -21,13 +21,14 @@
 //! process only. The failure budget stays per process: it protects the process's own lookups.
 
 use super::error::ApiError;
+use super::extract::{KeyLookedUp, bearer_of};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use laabam_shared::idle_map::IdleMap;
-use laabam_shared::store::Store;
+use laabam_shared::store::{API_KEY_PREFIX, Spent, Store};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -249,18 +250,27 @@ pub async fn enforce(State(limits): State<Arc<Limits>>, mut req: Request, next: 
 }
 
 /// The caller's rate for the whole deployment, inside [`enforce`]: a request spends a request
-/// of the caller's bucket in Redis, or is told when the next one is allowed. The probes are
-/// not behind it, so they answer from the process alone whatever Redis does.
+/// of the caller's bucket in Redis, or is told when the next one is allowed. The same round
+/// trip looks up the API key the request carries, for [`super::extract::Caller`], so counting
+/// costs an authenticated request no extra wait. The probes are not behind it, so they answer
+/// from the process alone whatever Redis does.
 pub async fn count_for_deployment(
     State((limits, store)): State<(Arc<Limits>, Store)>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
     let bucket = hex::encode(caller(&req).bucket);
-    let spent = store.spend_api_request(&bucket, limits.rate, limits.burst);
+    let key = bearer_of(req.headers()).filter(|token| token.starts_with(API_KEY_PREFIX));
+    let spent = store.spend_api_request(&bucket, limits.rate, limits.burst, key);
     match tokio::time::timeout(SHARED_RATE_WAIT, spent).await {
-        Ok(Ok(Some(wait))) => return try_again_in(ApiError::RateLimited, wait.as_secs_f64().ceil().max(1.0) as u64),
-        Ok(Ok(None)) => {}
+        Ok(Ok(Spent { wait: Some(wait), .. })) => {
+            return try_again_in(ApiError::RateLimited, wait.as_secs_f64().ceil().max(1.0) as u64);
+        }
+        Ok(Ok(Spent { wait: None, account })) => {
+            if key.is_some() {
+                req.extensions_mut().insert(KeyLookedUp(account));
+            }
+        }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "the deployment's API rate could not be counted; this process's stands")
         }

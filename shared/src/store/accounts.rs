@@ -148,11 +148,16 @@ impl Store {
 
     /// The account a key belongs to, if the key is valid.
     pub async fn authenticate(&self, key: &str) -> Result<Option<AccountId>, StoreError> {
-        if !key.starts_with(API_KEY_PREFIX) || key.len() > 100 {
+        let Some(entry) = self.api_key_entry(key) else {
             return Ok(None);
-        }
-        let account: Option<String> = self.conn().get(self.keys.api_key(&sha256_hex(key))).await?;
+        };
+        let account: Option<String> = self.conn().get(entry).await?;
         Ok(account.and_then(|a| AccountId::parse(a).ok()))
+    }
+
+    /// Where `key`'s account is kept; `None` for what cannot be an API key.
+    pub(super) fn api_key_entry(&self, key: &str) -> Option<String> {
+        (key.starts_with(API_KEY_PREFIX) && key.len() <= 100).then(|| self.keys.api_key(&sha256_hex(key)))
     }
 
     pub async fn list_api_keys(&self, account: &AccountId) -> Result<Vec<ApiKeyInfo>, StoreError> {

@@ -43,6 +43,7 @@ mod stats;
 mod upkeep;
 
 pub use accounts::{API_KEY_PREFIX, Account, ApiKeyInfo, Idempotency};
+pub use api_rates::Spent;
 pub use batch_writer::{ARRIVALS_PER_CALL, RECORDS_PER_CALL};
 pub use deliveries::{AttemptTiming, Begin, Ingest, Record, Recorded, Redelivery, Taken};
 pub use dispatchers::SEEN_EVERY as DISPATCHER_SEEN_EVERY;

@@ -84,7 +84,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     pipeline
         .store
         .keep_saying_dispatcher_runs(id, shutdown.clone(), move |running| {
-            shares.limits.share_rates_among(running);
+            shares.limits.share_among(running);
             metrics::METRICS.dispatchers_running.set(running as i64);
         });
     let settings = consumer::ConsumerSettings {

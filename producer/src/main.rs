@@ -118,7 +118,7 @@ enum EndpointCommand {
         events: Option<Vec<String>>,
         #[arg(long, default_value = "")]
         description: String,
-        /// Requests in flight to this endpoint at once, per dispatcher.
+        /// Requests in flight to this endpoint at once, for the deployment.
         #[arg(long)]
         max_concurrency: Option<u32>,
     },

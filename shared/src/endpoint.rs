@@ -116,8 +116,9 @@ pub struct Endpoint {
     #[serde(default)]
     pub description: String,
     pub created_at: String,
-    /// Requests in flight to this endpoint at once, per dispatcher; `None` takes the
-    /// dispatcher's default. Further deliveries are deferred, not queued in memory.
+    /// Requests in flight to this endpoint at once, for all dispatchers together; `None` takes
+    /// the dispatcher's default, which is per dispatcher. Further deliveries are deferred, not
+    /// queued in memory.
     #[serde(default)]
     pub max_concurrency: Option<u32>,
     /// Deliveries per second, for all dispatchers together (each keeps to its share); `None`

@@ -6,7 +6,7 @@ use laabam_retry_scheduler::SchedulerConfig;
 use laabam_shared::clock::now_ms;
 use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::ids::AccountId;
-use laabam_shared::store::{Account, Store, StoreConfig};
+use laabam_shared::store::{Account, DISPATCHER_SEEN_EVERY, Store, StoreConfig};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Once;
@@ -249,6 +249,30 @@ impl TestEnv {
     pub fn start_dispatcher(&mut self, extra: Flags<'_>) {
         let flags = self.dispatcher_flags(extra);
         self.start_in_process::<DispatcherConfig, _, _>(flags, laabam_dispatcher::run);
+    }
+
+    /// Runs `n` dispatchers in this process, returning once each has heard that all run (they
+    /// say so in Redis every `DISPATCHER_SEEN_EVERY`).
+    pub async fn start_dispatchers_together(&mut self, n: usize, extra: Flags<'_>) {
+        for _ in 0..n {
+            self.start_dispatcher(extra);
+        }
+        let store = self.store().await;
+        let conn = self.redis().await;
+        let running = store.keys().dispatchers();
+        crate::wait_until("the dispatchers say they run", Duration::from_secs(10), || {
+            let mut conn = conn.clone();
+            let running = running.clone();
+            async move {
+                redis::AsyncCommands::zcard::<_, usize>(&mut conn, &running)
+                    .await
+                    .unwrap()
+                    == n
+            }
+        })
+        .await;
+        // Each has heard of the others by its next round.
+        tokio::time::sleep(2 * DISPATCHER_SEEN_EVERY).await;
     }
 
     /// Runs a retry scheduler in this process until the environment is dropped.

@@ -6,7 +6,7 @@ use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::endpoint::{Endpoint, NewEndpoint};
 use laabam_shared::ids::{AccountId, DeliveryId};
-use laabam_shared::store::{AccountEndpoints, Begin, DISPATCHER_SEEN_EVERY, DeliveryFilter, Store};
+use laabam_shared::store::{AccountEndpoints, Begin, DeliveryFilter, Store};
 use laabam_tests::deliveries::{Success, begin_events, begin_events_together, quiet_endpoints};
 use laabam_tests::env::{publish_all, sample_events};
 use laabam_tests::{Receiver, TestEnv, wait_until};
@@ -394,22 +394,9 @@ async fn dispatchers_running_together_keep_to_one_rate_limit() {
     const RATE: u32 = 10;
     let mut env = TestEnv::new().await;
     let rx = Receiver::ok().await;
-    let (store, account, _) = rate_limited_endpoint(&env, &rx, "acct_shared_rate", RATE).await;
-    env.start_dispatcher(&[]);
-    env.start_dispatcher(&[]);
+    let (_, account, _) = rate_limited_endpoint(&env, &rx, "acct_shared_rate", RATE).await;
     env.start_scheduler(&[]);
-    let conn = env.redis().await;
-    let running = store.keys().dispatchers();
-    wait_until("both dispatchers say they run", Duration::from_secs(10), || async {
-        let mut conn = conn.clone();
-        redis::AsyncCommands::zcard::<_, usize>(&mut conn, &running)
-            .await
-            .unwrap()
-            == 2
-    })
-    .await;
-    // Each has heard of the other by its next round.
-    tokio::time::sleep(2 * DISPATCHER_SEEN_EVERY).await;
+    env.start_dispatchers_together(2, &[]).await;
     publish_all(&env.publisher().await, &sample_events(account.as_str(), EVENTS)).await;
     wait_until("all delivered", Duration::from_secs(60), || async {
         rx.count() == EVENTS

@@ -478,6 +478,33 @@ async fn deferrals_due(publisher: &Publisher, store: &Store, ep: &Endpoint, even
     after
 }
 
+/// An endpoint's `max_concurrency` holds for the deployment: with two dispatchers each taking
+/// its turn of the events, a serial endpoint still gets one request at a time, where each
+/// dispatcher used to send it one of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_endpoint_gets_one_request_at_a_time_from_two_dispatchers() {
+    let mut env = TestEnv::new().await;
+    let slow = Receiver::start(|_, _| Reply::After(Duration::from_millis(150), 200)).await;
+    let store = env.store().await;
+    let ep = serial_endpoint(&store, &slow.url).await;
+    env.start_scheduler(&[]);
+    env.start_dispatchers_together(2, &[]).await;
+    let events: Vec<_> = (0..12).map(invoice_paid).collect();
+    publish_all(&env.publisher().await, &events).await;
+    for e in &events {
+        wait_status(&store, e, &ep, DeliveryStatus::Succeeded).await;
+    }
+    let requests = slow.requests();
+    let span = requests[requests.len() - 1].at - requests[0].at;
+    println!("12 requests of 150 ms over {span:?}");
+    assert_eq!(slow.peak_concurrency(), 1, "one request at a time from both");
+    assert_eq!(slow.count(), 12, "each event once");
+    let places: usize = redis::AsyncCommands::zcard(&mut env.redis().await, store.keys().endpoint_requests(&ep.id))
+        .await
+        .unwrap();
+    assert_eq!(places, 0, "every place given back");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serial_endpoint_gets_one_request_at_a_time_and_deferrals_are_not_attempts() {
     let mut env = TestEnv::new().await;

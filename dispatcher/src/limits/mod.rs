@@ -8,8 +8,10 @@
 //! deferred to the retry set at once, so a slow endpoint never holds the broker messages and
 //! in-flight slots healthy endpoints need. An endpoint that has not answered yet gets a short
 //! grace for its first answer. Over the rate limit, deliveries are deferred too.
-//! Both are enforced by each dispatcher process: the concurrency limit per process, the rate
-//! limit as the process's share of it among the dispatchers running.
+//! Both are enforced by each dispatcher process: the rate limit as the process's share of it
+//! among the dispatchers running; the concurrency limit per process, and an endpoint's own
+//! `max_concurrency` also for the deployment while several run, each request holding a place
+//! in Redis (see [`EndpointLimits::held_together`]).
 //!
 //! Requests to endpoints judged slow share a bounded *slow room* (half of
 //! `LAABAM_MAX_IN_FLIGHT`): each endpoint's limit bounds its own requests, but many slow
@@ -271,9 +273,18 @@ impl EndpointLimits {
     }
 
     /// Splits every endpoint's rate limit among the `dispatchers` running, so that together
-    /// they keep to it (see `laabam_shared::store::DISPATCHER_SEEN_EVERY`).
-    pub fn share_rates_among(&self, dispatchers: usize) {
+    /// they keep to it, and has endpoints' own concurrency limits kept together while more than
+    /// one runs (see `laabam_shared::store::DISPATCHER_SEEN_EVERY`).
+    pub fn share_among(&self, dispatchers: usize) {
         self.rates.share_among(dispatchers);
+    }
+
+    /// The `max_concurrency` that the dispatchers running must keep together for `endpoint`,
+    /// holding a place in Redis for each request (see `Store::hold_request_slot`): its own,
+    /// while more than one runs. The default limit stays per process: it protects each
+    /// process's in-flight room, not the endpoint.
+    pub fn held_together(&self, endpoint: &Endpoint) -> Option<u32> {
+        endpoint.max_concurrency.filter(|_| self.rates.dispatchers() > 1)
     }
 
     /// How long the deliveries already deferred for `endpoint` will take to pass through its

@@ -170,12 +170,17 @@ impl RateLimits {
         self.dispatchers.store(dispatchers, Ordering::Relaxed);
     }
 
+    /// The dispatchers running as last heard (at least one).
+    pub(super) fn dispatchers(&self) -> usize {
+        self.dispatchers.load(Ordering::Relaxed).max(1)
+    }
+
     /// Applies `f` to the endpoint's bucket at the current time; `None`, without reading the
     /// clock or taking the lock, for an endpoint with no rate limit (every delivery asks).
     fn with_bucket<T>(&self, endpoint: &Endpoint, f: impl FnOnce(&mut TokenBucket, Instant) -> T) -> Option<T> {
         let limit = endpoint.rate_limit?;
         let now = Instant::now();
-        let rate = f64::from(limit) / self.dispatchers.load(Ordering::Relaxed).max(1) as f64;
+        let rate = f64::from(limit) / self.dispatchers() as f64;
         let mut buckets = self.buckets.lock().expect("limits lock");
         buckets.prune(|b| b.idle(now));
         let bucket = buckets

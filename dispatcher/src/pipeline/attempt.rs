@@ -3,7 +3,7 @@
 
 use super::in_flight::take_turns;
 use super::{AttemptTask, Attempts, Disposition, Handled, Pipeline};
-use crate::limits::Turn;
+use crate::limits::{Slot, Turn};
 use crate::metrics::METRICS;
 use http::header::{HeaderName, HeaderValue};
 use laabam_shared::catalog::ENDPOINT_DISABLED;
@@ -54,25 +54,43 @@ impl Pipeline {
         self.attempt(task).instrument(span).await
     }
 
-    async fn attempt(&self, task: AttemptTask) {
-        let mut slot = match task.turn {
+    /// The slot an attempt under `lease` sends on, and whether it also holds a place among its
+    /// endpoint's requests across dispatchers (under the same lease token); `None` to defer.
+    async fn slot_for(&self, turn: Turn, endpoint: &Endpoint, lease: &str) -> Option<(Slot, bool)> {
+        let slot = match turn {
             Turn::Now(slot) => slot,
-            Turn::Queued(queued) => match self.limits.wait(queued, &task.endpoint).await {
-                Some(slot) => slot,
-                None => {
-                    let (attempts, first) = (task.attempts_before, task.first_attempt_ms);
-                    return self
-                        .defer(
-                            &task.job,
-                            &task.lease,
-                            &task.event_type,
-                            attempts,
-                            first,
-                            &task.endpoint,
-                        )
-                        .await;
-                }
-            },
+            Turn::Queued(queued) => self.limits.wait(queued, endpoint).await?,
+        };
+        let Some(limit) = self.limits.held_together(endpoint) else {
+            return Some((slot, false));
+        };
+        match self
+            .store
+            .hold_request_slot(&endpoint.id, limit, lease, self.lease)
+            .await
+        {
+            Ok(true) => Some((slot, true)),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, endpoint_id = %endpoint.id, "could not count the endpoint's requests across dispatchers; this process's limit stands");
+                Some((slot, false))
+            }
+        }
+    }
+
+    async fn attempt(&self, task: AttemptTask) {
+        let Some((mut slot, held_together)) = self.slot_for(task.turn, &task.endpoint, &task.lease).await else {
+            let (attempts, first) = (task.attempts_before, task.first_attempt_ms);
+            return self
+                .defer(
+                    &task.job,
+                    &task.lease,
+                    &task.event_type,
+                    attempts,
+                    first,
+                    &task.endpoint,
+                )
+                .await;
         };
         let number = task.attempts_before + 1;
         let started_ms = now_ms();
@@ -110,6 +128,11 @@ impl Pipeline {
             .post(task.endpoint.url.as_str(), headers, task.body.clone(), checkpoint)
             .await;
         METRICS.in_flight.dec();
+        // The place across dispatchers goes back before the slot, or the next delivery waiting
+        // here for the slot could find it still held and be deferred.
+        if held_together && let Err(e) = self.store.release_request_slot(&task.endpoint.id, &task.lease).await {
+            tracing::warn!(error = %e, endpoint_id = %task.endpoint.id, "could not give back a place among the endpoint's requests; its lease ends it");
+        }
         // The endpoint's slot counts its requests in flight, and its hold is how long the
         // endpoint takes: the record that follows is ours, and at a moderate rate it waits for
         // company in the record writer, which an endpoint limited to one request at a time

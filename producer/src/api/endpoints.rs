@@ -32,7 +32,7 @@ pub struct CreateEndpoint {
     pub events: Option<Vec<String>>,
     /// Deliveries per second, for all dispatchers together.
     pub rate_limit: Option<u32>,
-    /// Requests in flight at once, per dispatcher (1 gives serial delivery from each).
+    /// Requests in flight at once, for the deployment (1 gives serial delivery).
     pub max_concurrency: Option<u32>,
     /// Extra headers sent with every delivery.
     #[serde(default)]

@@ -76,6 +76,11 @@ impl Keys {
         format!("{}idem:{account}:{key_hash}", self.prefix)
     }
 
+    /// An endpoint's requests in flight across every dispatcher (see `Store::hold_request_slot`).
+    pub fn endpoint_requests(&self, endpoint: &EndpointId) -> String {
+        format!("{}ep:{endpoint}:inflight", self.prefix)
+    }
+
     /// Last delivery, last success and failing-since of an endpoint.
     pub fn endpoint_health(&self, endpoint: &EndpointId) -> String {
         format!("{}ep:{endpoint}:health", self.prefix)

@@ -19,6 +19,7 @@
 //! | `ep:{E}` | string | the account owning endpoint E |
 //! | `ep:{E}:dlv` | sorted set | E's deliveries by creation time (newest `LAABAM_HISTORY_PER_ENDPOINT`) |
 //! | `ep:{E}:health` | hash | last delivery, last success, failing since |
+//! | `ep:{E}:inflight` | sorted set | E's requests in flight across dispatchers, by when each lease ends, for an E with `max_concurrency` while several dispatchers run |
 //! | `ep:{E}:st:5m:{n}` / `ep:{E}:st:1h:{n}` | hash | attempts by outcome and latency bucket (2 h / 8 d) |
 //! | `evt:{A}:{id}` | string | the event body as delivered (first copy wins) |
 //! | `dlv:{D}` | hash | delivery state (see [`crate::delivery::field`]) and its attempt log, `att:1`, `att:2`, … (newest 100); a delivered one's values are all short, so Redis keeps it compact (listpack) |
@@ -36,6 +37,7 @@ mod dispatchers;
 mod endpoints;
 mod keys;
 mod listings;
+mod request_slots;
 mod retry_set;
 mod retry_shards;
 mod script_call;

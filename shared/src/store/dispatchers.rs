@@ -3,12 +3,15 @@
 //! split among them: an endpoint limited to 10 deliveries a second gets 10 from the whole
 //! deployment, not 10 from each dispatcher.
 
+use super::script_call::ScriptCall;
 use super::{Store, StoreError};
-use crate::clock::now_ms;
 use crate::shutdown;
-use redis::AsyncCommands;
+use redis::{AsyncCommands, Script};
+use std::sync::LazyLock;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+static SEEN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/dispatcher_seen.lua")));
 
 /// How often a running dispatcher says so.
 pub const SEEN_EVERY: Duration = Duration::from_secs(1);
@@ -18,23 +21,12 @@ pub const SEEN_EVERY: Duration = Duration::from_secs(1);
 const GONE_AFTER_MS: i64 = 5_000;
 
 impl Store {
-    /// Records dispatcher `id` as running at `now_ms`, forgets those not seen since
-    /// [`GONE_AFTER_MS`] before, and says how many are running, itself included.
-    pub async fn dispatcher_seen(&self, id: &str, now_ms: i64) -> Result<usize, StoreError> {
-        let key = self.keys.dispatchers();
-        let (running,): (usize,) = redis::pipe()
-            .atomic()
-            .zadd(&key, id, now_ms)
-            .ignore()
-            .zrembyscore(&key, "-inf", now_ms - GONE_AFTER_MS)
-            .ignore()
-            // Gone with the last dispatcher, even one killed.
-            .pexpire(&key, 2 * GONE_AFTER_MS)
-            .ignore()
-            .zcard(&key)
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(running)
+    /// Records dispatcher `id` as running now, forgets those not seen for [`GONE_AFTER_MS`],
+    /// and says how many are running, itself included.
+    pub async fn dispatcher_seen(&self, id: &str) -> Result<usize, StoreError> {
+        let mut call = ScriptCall::new(&SEEN, 1);
+        call.key(self.keys.dispatchers()).arg(id).arg(GONE_AFTER_MS);
+        Ok(call.invoke(&mut self.conn()).await?)
     }
 
     /// Records dispatcher `id` as stopped, so the others take up its share at once.
@@ -56,7 +48,7 @@ impl Store {
         tokio::spawn(async move {
             let (store, id, heard) = (&store, &id, &heard);
             shutdown::every(SEEN_EVERY, &shutdown, || async move {
-                match store.dispatcher_seen(id, now_ms()).await {
+                match store.dispatcher_seen(id).await {
                     Ok(running) => heard(running),
                     Err(e) => tracing::warn!(error = %e, "could not say this dispatcher runs; trying again"),
                 }

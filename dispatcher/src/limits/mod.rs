@@ -119,6 +119,10 @@ pub enum PacedTurn {
 /// The longest a deferral is stretched for an endpoint's backlog.
 pub const MAX_BACKLOG: Duration = Duration::from_secs(300);
 
+/// The shortest pause between a delivery's asks for a place across dispatchers: each is a
+/// Redis call.
+const PLACE_POLL: Duration = Duration::from_millis(5);
+
 /// The share of the wait budget an endpoint none of whose requests has finished yet has for
 /// its first answer (see [`EndpointLimits::wait_for_slot`]).
 const FIRST_ANSWER_GRACE: f64 = 1.0 / 8.0;
@@ -285,6 +289,21 @@ impl EndpointLimits {
     /// process's in-flight room, not the endpoint.
     pub fn held_together(&self, endpoint: &Endpoint) -> Option<u32> {
         endpoint.max_concurrency.filter(|_| self.rates.dispatchers() > 1)
+    }
+
+    /// How often, and until when, a delivery refused a place among `endpoint`'s requests across
+    /// dispatchers (see [`EndpointLimits::held_together`]) asks again before it is deferred:
+    /// four times per typical hold of its requests (at most every [`PLACE_POLL`]), within the
+    /// wait budget, for an endpoint that has answered within it; `None` to defer at once, as
+    /// for a slow one. Asked once per hold, each delivery of a steady stream found the one
+    /// before it still running, having itself waited a hold, and so waited a whole hold too.
+    pub fn place_retry(&self, endpoint: &Endpoint) -> Option<(Duration, Instant)> {
+        let slots = self.slots_of(endpoint);
+        let (held_ms, budget_ms) = (slots.held_ms(), self.budget.ms());
+        (slots.held.ms() > 0.0 && held_ms <= budget_ms).then(|| {
+            let every = Duration::from_secs_f64(held_ms / 4000.0).max(PLACE_POLL);
+            (every, Instant::now() + Duration::from_secs_f64(budget_ms / 1000.0))
+        })
     }
 
     /// How long the deliveries already deferred for `endpoint` will take to pass through its

@@ -443,3 +443,29 @@ async fn a_request_that_turns_slow_takes_a_share_or_is_cut_short() {
         "with the share back, a slow request on a share"
     );
 }
+
+#[tokio::test]
+async fn a_delivery_refused_a_place_across_dispatchers_asks_again_only_while_the_wait_is_short() {
+    let limits = EndpointLimits::new(1, Duration::from_millis(100), ROOM);
+    let (fast, slow) = (endpoint(Some(1)), endpoint(Some(1)));
+    assert!(
+        limits.place_retry(&fast).is_none(),
+        "no answer yet: how long a place takes is not known"
+    );
+    hold(&limits, &slow, 300).await;
+    // The process's typical request is short: the wait budget is not stretched.
+    let healthy = endpoint(None);
+    for _ in 0..10 {
+        hold(&limits, &healthy, 0).await;
+    }
+    hold(&limits, &fast, 40).await;
+    let (every, until) = limits.place_retry(&fast).expect("a fast endpoint is waited for");
+    let every_ms = every.as_secs_f64() * 1000.0;
+    assert!(
+        (5.0..=20.0).contains(&every_ms),
+        "asked four times per 40 ms hold, not once: every {every_ms} ms"
+    );
+    let budget = Duration::from_secs_f64(limits.budget.ms() / 1000.0);
+    assert!(until <= Instant::now() + budget, "within the wait budget, {budget:?}");
+    assert!(limits.place_retry(&slow).is_none(), "a slow one is deferred at once");
+}

@@ -64,16 +64,29 @@ impl Pipeline {
         let Some(limit) = self.limits.held_together(endpoint) else {
             return Some((slot, false));
         };
-        match self
-            .store
-            .hold_request_slot(&endpoint.id, limit, lease, self.lease)
-            .await
-        {
-            Ok(true) => Some((slot, true)),
-            Ok(false) => None,
-            Err(e) => {
-                tracing::warn!(error = %e, endpoint_id = %endpoint.id, "could not count the endpoint's requests across dispatchers; this process's limit stands");
-                Some((slot, false))
+        // Asked again while the wait is short, as for the process's own slots: a deferral is a
+        // round trip through the retry set and a defer delay at least.
+        let mut retry = None;
+        loop {
+            match self
+                .store
+                .hold_request_slot(&endpoint.id, limit, lease, self.lease)
+                .await
+            {
+                Ok(true) => return Some((slot, true)),
+                Ok(false) => {
+                    let (every, until) = *retry
+                        .get_or_insert_with(|| self.limits.place_retry(endpoint))
+                        .as_ref()?;
+                    if std::time::Instant::now() + every > until {
+                        return None;
+                    }
+                    tokio::time::sleep(every).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, endpoint_id = %endpoint.id, "could not count the endpoint's requests across dispatchers; this process's limit stands");
+                    return Some((slot, false));
+                }
             }
         }
     }

@@ -188,6 +188,10 @@ struct Caller {
     address: Option<[u8; 16]>,
 }
 
+/// The caller's bucket, as [`enforce`] found it, for [`count_for_deployment`] inside it.
+#[derive(Debug, Clone, Copy)]
+struct CallerBucket([u8; 16]);
+
 fn digest(parts: &[&[u8]]) -> [u8; 16] {
     let mut hasher = Sha256::new();
     for part in parts {
@@ -239,6 +243,7 @@ pub async fn enforce(State(limits): State<Arc<Limits>>, mut req: Request, next: 
     };
     let authenticated = Authenticated::default();
     req.extensions_mut().insert(authenticated.clone());
+    req.extensions_mut().insert(CallerBucket(caller.bucket));
     match tokio::time::timeout(limits.timeout, next.run(req)).await {
         Ok(response) => {
             let refused = response.status() == StatusCode::UNAUTHORIZED;
@@ -259,7 +264,11 @@ pub async fn count_for_deployment(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let bucket = hex::encode(caller(&req).bucket);
+    let CallerBucket(bucket) = *req
+        .extensions()
+        .get::<CallerBucket>()
+        .expect("the router puts count_for_deployment inside enforce, which names the caller");
+    let bucket = hex::encode(bucket);
     let key = bearer_of(req.headers()).filter(|token| token.starts_with(API_KEY_PREFIX));
     let spent = store.spend_api_request(&bucket, limits.rate, limits.burst, key);
     match tokio::time::timeout(SHARED_RATE_WAIT, spent).await {

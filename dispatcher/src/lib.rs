@@ -78,7 +78,8 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
         defer_delay: config.defer_delay,
         disable_after: config.disable_after,
     });
-    // Each endpoint's rate limit is split among the dispatchers running.
+    // Each endpoint's rate limit is split among the dispatchers running, and its own
+    // max_concurrency is held in Redis while more than one runs.
     let shares = pipeline.clone();
     let id = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
     pipeline

@@ -293,9 +293,9 @@ impl EndpointLimits {
 
     /// How often, and until when, a delivery refused a place among `endpoint`'s requests across
     /// dispatchers (see [`EndpointLimits::held_together`]) asks again before it is deferred:
-    /// four times per typical hold of its requests (at most every [`PLACE_POLL`]), within the
-    /// wait budget, for an endpoint that has answered within it; `None` to defer at once, as
-    /// for a slow one. Asked once per hold, each delivery of a steady stream found the one
+    /// four times per typical hold of its requests (no more often than every [`PLACE_POLL`]),
+    /// within the wait budget, for an endpoint that has answered within it; `None` to defer at
+    /// once, as for a slow one. Asked once per hold, each delivery of a steady stream found the one
     /// before it still running, having itself waited a hold, and so waited a whole hold too.
     pub fn place_retry(&self, endpoint: &Endpoint) -> Option<(Duration, Instant)> {
         let slots = self.slots_of(endpoint);

@@ -1,7 +1,8 @@
 //! Which dispatchers are running. Each says so every second and hears how many others have
 //! lately, so the per-endpoint rate limits, which each process enforces on its own, can be
-//! split among them: an endpoint limited to 10 deliveries a second gets 10 from the whole
-//! deployment, not 10 from each dispatcher.
+//! split among them (an endpoint limited to 10 deliveries a second gets 10 from the whole
+//! deployment, not 10 from each dispatcher), and so each knows when endpoints' own
+//! `max_concurrency` must be held in Redis (see `request_slots`).
 
 use super::script_call::ScriptCall;
 use super::{Store, StoreError};

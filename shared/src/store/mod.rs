@@ -27,7 +27,7 @@
 //! | `retry:{n}:due` | sorted set | retry jobs and in-flight leases by due time |
 //! | `retry:{n}:claimed` | sorted set | jobs a scheduler is publishing, by lease expiry |
 //! | `retry:shard_counts` | sorted set | the `LAABAM_RETRY_SHARDS` values processes run with, by when each was last announced |
-//! | `dispatchers` | sorted set | the dispatchers running, by when each last said so (every second; gone after 5 s), so each keeps to its share of every endpoint's rate limit |
+//! | `dispatchers` | sorted set | the dispatchers running, by when each last said so (every second, by Redis's clock; gone after 5 s), so each keeps to its share of every endpoint's rate limit, and holds places in `ep:{E}:inflight` while more than one runs |
 
 mod accounts;
 mod api_rates;

@@ -128,14 +128,23 @@ impl AttemptRecord {
         if self.error.is_some() || self.response_excerpt.is_some() {
             return serde_json::to_string(self).expect("attempts serialize");
         }
-        let status = self.status_code.map_or_else(|| "-".to_owned(), |c| c.to_string());
-        format!(
-            "{} {} {} {status} {}",
-            self.attempt,
-            self.at_ms,
-            self.outcome.as_str(),
-            self.duration_ms
-        )
+        // Written by hand, not by `format!`: every record writes one, and `format!` cost about
+        // 1,800 instructions where this costs a tenth (callgrind, session 44).
+        let mut n = itoa::Buffer::new();
+        let mut stored = String::with_capacity(48);
+        stored.push_str(n.format(self.attempt));
+        stored.push(' ');
+        stored.push_str(n.format(self.at_ms));
+        stored.push(' ');
+        stored.push_str(self.outcome.as_str());
+        stored.push(' ');
+        match self.status_code {
+            Some(code) => stored.push_str(n.format(code)),
+            None => stored.push('-'),
+        }
+        stored.push(' ');
+        stored.push_str(n.format(self.duration_ms));
+        stored
     }
 
     /// Reads either stored form; `None` when the text is neither.
@@ -311,6 +320,15 @@ mod tests {
                 assert_eq!(AttemptRecord::from_stored(&stored), Some(a));
             }
         }
+        // The form stored logs hold, which every reader of them parses.
+        assert_eq!(
+            attempt(Outcome::Success, Some(200)).to_stored(),
+            "4000000000 9999999999999 success 200 30000"
+        );
+        assert_eq!(
+            attempt(Outcome::Timeout, None).to_stored(),
+            "4000000000 9999999999999 timeout - 30000"
+        );
     }
 
     #[test]

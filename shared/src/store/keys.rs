@@ -21,9 +21,10 @@ impl Keys {
     }
 
     /// The prefix and `parts`, joined into a string sized once. A delivery's two Redis calls
-    /// name about fifteen keys, and `format!` spent about a thousand instructions on each (its
-    /// formatting machinery and ids' `Display`), a tenth of the dispatcher's work per delivery
-    /// (callgrind, docs/performance-log.md, session 44).
+    /// name thirteen keys, and `format!` spent about a thousand instructions on each (its
+    /// formatting machinery, ids' `Display`, the string grown two or three times): a tenth of
+    /// the dispatcher's instructions per delivery, though only about a percent of its time
+    /// (docs/performance-log.md, session 44).
     fn join(&self, parts: &[&str]) -> String {
         let mut key = String::with_capacity(self.prefix.len() + parts.iter().map(|p| p.len()).sum::<usize>());
         key.push_str(&self.prefix);

@@ -28,7 +28,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use laabam_shared::idle_map::IdleMap;
-use laabam_shared::store::{API_KEY_PREFIX, Spent, Store};
+use laabam_shared::store::{Spent, Store};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -269,7 +269,9 @@ pub async fn count_for_deployment(
         .get::<CallerBucket>()
         .expect("the router puts count_for_deployment inside enforce, which names the caller");
     let bucket = hex::encode(bucket);
-    let key = bearer_of(req.headers()).filter(|token| token.starts_with(API_KEY_PREFIX));
+    // What can be an API key is the store's to say (`Store::authenticate`'s rule): any other
+    // token is looked up as no account, as `authenticate` would answer.
+    let key = bearer_of(req.headers());
     let spent = store.spend_api_request(&bucket, limits.rate, limits.burst, key);
     match tokio::time::timeout(SHARED_RATE_WAIT, spent).await {
         Ok(Ok(Spent { wait: Some(wait), .. })) => {

@@ -1,4 +1,4 @@
-//! A private redis-server under valgrind's callgrind, for `redis-calls --callgrind`.
+//! A private redis-server, under valgrind's callgrind for `redis-calls --callgrind`.
 //!
 //! A change to a script moves Redis's cost per delivery by a few percent, and CPU time on this
 //! shared two-core host moves by a fifth from run to run, so timed runs cannot tell such a
@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-pub(crate) struct CallgrindRedis {
+pub(crate) struct PrivateRedis {
     child: Child,
     pub(crate) port: u16,
     pub(crate) url: String,
@@ -20,31 +20,47 @@ pub(crate) struct CallgrindRedis {
     dumps: u32,
 }
 
-impl CallgrindRedis {
-    /// Starts it on a free port with the flags `scripts/services` gives the shared Redis, and
-    /// waits until it answers.
+impl PrivateRedis {
+    /// Starts one under callgrind on a free port with the flags `scripts/services` gives the
+    /// shared Redis, and waits until it answers.
     pub(crate) async fn start() -> Self {
+        Self::spawn(true).await
+    }
+
+    /// The same without valgrind: for watching what calls run (`MONITOR`) where nothing is
+    /// counted, since watching costs Redis instructions of its own.
+    pub(crate) async fn start_plain() -> Self {
+        Self::spawn(false).await
+    }
+
+    async fn spawn(counted: bool) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("laabam-callgrind-{port}"));
         std::fs::create_dir_all(&dir).expect("a directory for callgrind's output");
-        let child = Command::new("valgrind")
-            .arg("--tool=callgrind")
-            .arg(format!("--callgrind-out-file={}", dir.join("out").display()))
-            .args(["redis-server", "--bind", "127.0.0.1", "--port", &port.to_string()])
+        let mut command = if counted {
+            let mut valgrind = Command::new("valgrind");
+            valgrind
+                .arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}", dir.join("out").display()))
+                .arg("redis-server");
+            valgrind
+        } else {
+            Command::new("redis-server")
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("valgrind runs (apt-get install valgrind)");
+            .expect("redis-server starts (under valgrind: apt-get install valgrind)");
         let url = format!("redis://127.0.0.1:{port}");
         let client = redis::Client::open(url.as_str()).expect("Redis URL");
-        wait_until(
-            "redis-server under callgrind answers",
-            Duration::from_secs(60),
-            || async { client.get_multiplexed_async_connection().await.is_ok() },
-        )
+        wait_until("the private redis-server answers", Duration::from_secs(60), || async {
+            client.get_multiplexed_async_connection().await.is_ok()
+        })
         .await;
-        CallgrindRedis {
+        PrivateRedis {
             child,
             port,
             url,
@@ -53,7 +69,7 @@ impl CallgrindRedis {
         }
     }
 
-    /// Forgets what was counted so far: the next [`CallgrindRedis::phase`] counts from here.
+    /// Forgets what was counted so far: the next [`PrivateRedis::phase`] counts from here.
     pub(crate) fn zero(&self) {
         self.control("-z");
     }

@@ -9,6 +9,7 @@ mod baseline;
 mod callgrind;
 mod components;
 mod load;
+mod lua_replay;
 mod measure;
 mod pipeline;
 mod redis_calls;

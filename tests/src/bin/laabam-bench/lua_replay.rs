@@ -13,8 +13,9 @@ use crate::callgrind::PrivateRedis;
 use crate::redis_calls::Workload;
 use futures_util::StreamExt;
 use laabam_tests::TestEnv;
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 /// How the commands a script ran are sent again.
 #[derive(Debug, Clone, Copy)]
@@ -103,20 +104,32 @@ impl Captured {
         }
     }
 
-    /// Replays the steps into a Redis under callgrind; the instructions it executed for the
-    /// arrivals and for the records.
-    pub(crate) async fn replay(&self, how: Replay) -> (u64, u64) {
+    /// Replays the steps into a Redis under callgrind.
+    pub(crate) async fn replay(&self, how: Replay) -> Replayed {
         let mut redis = PrivateRedis::start().await;
         let port = redis.port;
         send(port, encode(&self.setup, how)).await;
         redis.zero();
-        send(port, encode(&self.begin, how)).await;
-        let begin = redis.phase();
-        send(port, encode(&self.record, how)).await;
-        let record = redis.phase();
+        let mut parse = Duration::ZERO;
+        let mut step = async |calls: &[Call]| {
+            let (commands, replies) = encode(calls, how);
+            let answered = send(port, (commands, replies)).await;
+            parse += parse_time(&answered, replies);
+            redis.phase()
+        };
+        let begin = step(&self.begin).await;
+        let record = step(&self.record).await;
         redis.stop().await;
-        (begin, record)
+        Replayed { begin, record, parse }
     }
+}
+
+/// What a replay cost: Redis's instructions for the arrivals and for the records, and the time
+/// a client takes to read their replies.
+pub(crate) struct Replayed {
+    pub(crate) begin: u64,
+    pub(crate) record: u64,
+    pub(crate) parse: Duration,
 }
 
 /// The calls in a `MONITOR` log, split into steps at each [`STEP_END`]. A call to a script
@@ -257,21 +270,56 @@ fn encode(calls: &[Call], how: Replay) -> (Vec<u8>, usize) {
 }
 
 /// Writes `commands` to the Redis on `port` and reads their replies, all of them, so that
-/// what follows counts from a Redis that has run them.
-async fn send(port: u16, (commands, replies): (Vec<u8>, usize)) {
+/// what follows counts from a Redis that has run them; returns the replies as they came.
+async fn send(port: u16, (commands, replies): (Vec<u8>, usize)) -> Vec<u8> {
     tokio::task::spawn_blocking(move || {
         let stream = TcpStream::connect(("127.0.0.1", port)).expect("the private Redis");
         let mut writer = stream.try_clone().expect("a second handle");
         let writing = std::thread::spawn(move || writer.write_all(&commands).expect("commands sent"));
-        let mut reader = BufReader::new(stream);
+        let mut reader = BufReader::new(Kept {
+            stream,
+            bytes: Vec::new(),
+        });
         let mut parser = redis::Parser::new();
         for _ in 0..replies {
             parser.parse_value(&mut reader).expect("a reply");
         }
         writing.join().expect("the writer");
+        reader.into_inner().bytes
     })
     .await
-    .expect("the replay");
+    .expect("the replay")
+}
+
+/// A stream that keeps what was read from it.
+struct Kept {
+    stream: TcpStream,
+    bytes: Vec<u8>,
+}
+
+impl Read for Kept {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.stream.read(buf)?;
+        self.bytes.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// What reading `replies` costs a client: the time redis' own parser takes over their bytes,
+/// the best of five (it runs here alone, so the best is the least disturbed).
+fn parse_time(bytes: &[u8], replies: usize) -> Duration {
+    (0..5)
+        .map(|_| {
+            let started = Instant::now();
+            let mut parser = redis::Parser::new();
+            let mut rest = bytes;
+            for _ in 0..replies {
+                parser.parse_value(&mut rest).expect("a reply read before");
+            }
+            started.elapsed()
+        })
+        .min()
+        .expect("five runs")
 }
 
 #[cfg(test)]

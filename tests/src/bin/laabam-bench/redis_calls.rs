@@ -76,15 +76,21 @@ record {record} instructions of Redis, {record_client:.1} µs of client"
         let captured = Captured::of(n, width).await;
         let mut replayed = serde_json::Map::new();
         for how in Replay::ALL {
-            let (begin, record) = captured.replay(how).await;
-            let (begin, record) = (begin / deliveries as u64, record / deliveries as u64);
+            let replayed_as = captured.replay(how).await;
+            let per_delivery = |n: u64| n / deliveries as u64;
+            let (begin, record) = (per_delivery(replayed_as.begin), per_delivery(replayed_as.record));
+            let parse = replayed_as.parse.as_secs_f64() * 1e6 / deliveries as f64;
             println!(
-                "  replayed {}: begin {begin}, record {record} instructions of Redis per delivery",
+                "  replayed {}: begin {begin}, record {record} instructions of Redis per delivery; \
+its replies parsed in {parse:.2} µs per delivery",
                 how.name()
             );
-            replayed.insert(how.name().into(), json!({ "begin": begin, "record": record }));
+            replayed.insert(
+                how.name().into(),
+                json!({ "begin": begin, "record": record, "parse_us": parse }),
+            );
         }
-        extra["replayed_instructions_per_delivery"] = replayed.into();
+        extra["replayed"] = replayed.into();
     } else {
         println!(
             "  per delivery ({width} per event): begin {ingest_redis:.1} µs of Redis CPU, {ingest_client:.1} µs of client CPU; \

@@ -30,16 +30,21 @@ pub(crate) enum Replay {
     /// exactly as atomic (a watched key changed meanwhile fails the transaction, to be tried
     /// again).
     Watched,
+    /// The script's reads and the event's store-if-absent in a small script per call, the
+    /// rest as a MULTI/EXEC transaction after it: decisions made where they are atomic without
+    /// WATCH (and so without a connection of their own), at Lua's price for those alone.
+    Decided,
 }
 
 impl Replay {
-    pub(crate) const ALL: [Replay; 3] = [Replay::Scripts, Replay::Transactions, Replay::Watched];
+    pub(crate) const ALL: [Replay; 4] = [Replay::Scripts, Replay::Transactions, Replay::Watched, Replay::Decided];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
             Replay::Scripts => "as scripts",
             Replay::Transactions => "as MULTI/EXEC",
             Replay::Watched => "as WATCH, reads, MULTI/EXEC",
+            Replay::Decided => "as a script of the reads and SET NX, then MULTI/EXEC",
         }
     }
 }
@@ -218,13 +223,28 @@ fn reads(command: &Command) -> bool {
         .any(|name| is(command, name))
 }
 
+/// A write made only if its key is absent (`SET … NX`): an event's first copy.
+fn only_if_absent(command: &Command) -> bool {
+    is(command, "SET") && command.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"NX"))
+}
+
+/// Runs the commands its arguments list, each as its number of words and then the words: the
+/// decisions of a [`Replay::Decided`] call.
+const RUN_LISTED: &str = "local i = 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 0
+";
+
 /// The keys a script's decision rests on: those it reads with `GET` or `HMGET`, and an event
-/// it stores only if absent (`SET … NX`).
+/// it stores only if absent.
 fn decided_by(ran: &[Command]) -> Vec<&[u8]> {
     let mut keys: Vec<&[u8]> = Vec::new();
     for command in ran {
-        let only_if_absent = is(command, "SET") && command.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"NX"));
-        if (is(command, "GET") || is(command, "HMGET") || only_if_absent)
+        if (is(command, "GET") || is(command, "HMGET") || only_if_absent(command))
             && let Some(key) = command.get(1)
             && !keys.contains(&key.as_slice())
         {
@@ -259,10 +279,23 @@ fn encode(calls: &[Call], how: Replay) -> (Vec<u8>, usize) {
             }
             call.ran.iter().filter(|c| reads(c)).for_each(&mut put);
         }
+        let decides = |c: &Command| reads(c) || only_if_absent(c);
+        if matches!(how, Replay::Decided) {
+            let mut eval = vec![b"EVAL".to_vec(), RUN_LISTED.as_bytes().to_vec(), b"0".to_vec()];
+            for c in call.ran.iter().filter(|c| decides(c)) {
+                eval.push(c.len().to_string().into_bytes());
+                eval.extend(c.iter().cloned());
+            }
+            put(&eval);
+        }
         put(&word("MULTI"));
         call.ran
             .iter()
-            .filter(|c| matches!(how, Replay::Transactions) || !reads(c))
+            .filter(|c| match how {
+                Replay::Watched => !reads(c),
+                Replay::Decided => !decides(c),
+                Replay::Scripts | Replay::Transactions => true,
+            })
             .for_each(&mut put);
         put(&word("EXEC"));
     }
@@ -371,5 +404,12 @@ mod tests {
         assert!(watched.starts_with(b"*3\r\n$5\r\nWATCH\r\n$1\r\nv\r\n$1\r\ne\r\n*2\r\n$3\r\nGET"));
         assert_eq!(encode(&steps[0], Replay::Scripts).1, 2);
         assert_eq!(encode(&steps[0], Replay::Transactions).1, 4);
+        let (decided, replies) = encode(&steps[0], Replay::Decided);
+        assert_eq!(replies, 3, "the script of the read and the SET NX, MULTI, EXEC");
+        let listed = b"$1\r\n2\r\n$3\r\nGET\r\n$1\r\nv\r\n$1\r\n6\r\n$3\r\nSET\r\n$1\r\ne\r\n";
+        assert!(
+            decided.windows(listed.len()).any(|w| w == listed),
+            "each command with its length"
+        );
     }
 }

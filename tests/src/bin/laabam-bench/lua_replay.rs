@@ -9,7 +9,7 @@
 //! ran is replayed into fresh Redis servers under callgrind in each [`Replay`] way. Every replay
 //! leaves the same keys and values as the calls, so the instructions compare like for like.
 
-use crate::callgrind::PrivateRedis;
+use crate::private_redis::PrivateRedis;
 use crate::redis_calls::Workload;
 use futures_util::StreamExt;
 use laabam_tests::TestEnv;

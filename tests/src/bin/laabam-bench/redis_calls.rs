@@ -1,9 +1,9 @@
 //! `redis-calls`: the store's own Redis calls alone, without the rest of the system.
 
-use crate::callgrind::PrivateRedis;
 use crate::load::events;
 use crate::lua_replay::{Captured, Replay};
 use crate::measure::{Meter, PUBLISHER, Run, rest_named};
+use crate::private_redis::PrivateRedis;
 use futures_util::StreamExt;
 use laabam_shared::clock::now_ms;
 use laabam_shared::envelope::Envelope;
@@ -20,7 +20,7 @@ use std::time::Instant;
 /// receiver and dispatcher sharing the cores, so a change to a script shows in microseconds
 /// where the whole-system runs cannot tell it from noise. With `callgrind` it runs against a
 /// private Redis under callgrind instead and prints the instructions Redis executed per
-/// delivery (see [`crate::callgrind`]), not Redis's CPU time, then those of the same commands
+/// delivery (see [`crate::private_redis`]), not Redis's CPU time, then those of the same commands
 /// replayed without Lua (see [`crate::lua_replay`]).
 pub(crate) async fn redis_calls(n: usize, width: usize, callgrind: bool) -> Run {
     let mut env = TestEnv::new().await;

@@ -1,4 +1,5 @@
-//! A private redis-server, under valgrind's callgrind for `redis-calls --callgrind`.
+//! A private redis-server for `redis-calls --callgrind`: under valgrind's callgrind to count
+//! what Redis executes, or plain to watch what calls run (see `lua_replay`).
 //!
 //! A change to a script moves Redis's cost per delivery by a few percent, and CPU time on this
 //! shared two-core host moves by a fifth from run to run, so timed runs cannot tell such a
@@ -36,8 +37,8 @@ impl PrivateRedis {
     async fn spawn(counted: bool) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("laabam-callgrind-{port}"));
-        std::fs::create_dir_all(&dir).expect("a directory for callgrind's output");
         let mut command = if counted {
+            std::fs::create_dir_all(&dir).expect("a directory for callgrind's output");
             let mut valgrind = Command::new("valgrind");
             valgrind
                 .arg("--tool=callgrind")

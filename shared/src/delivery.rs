@@ -26,6 +26,11 @@ impl DeliveryStatus {
         }
     }
 
+    /// Whether no attempt follows without an owner's redelivery.
+    pub fn is_finished(self) -> bool {
+        matches!(self, DeliveryStatus::Succeeded | DeliveryStatus::Failed)
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "pending" => DeliveryStatus::Pending,

@@ -1,9 +1,9 @@
-//! Script calls in batches: one call for every item (an event's arrival, an attempt's record)
-//! that is waiting when the previous call returns.
+//! Writes in batches: one transaction for every item (an event's arrival, an attempt's record)
+//! that is waiting when the previous one is in.
 //!
 //! A call costs the client a command, a reply and wake-ups on two tasks whatever it carries
 //! (7–11 µs of CPU in `laabam-bench redis-calls`), and a busy dispatcher makes thousands a
-//! second. So items queue here and one writer per script sends them together: while its call
+//! second. So items queue here and one writer per kind of item sends them together: while its call
 //! is out, the items that arrive wait for it to return and then leave in one call of at most
 //! [`MAX_BATCH`] (and at most [`MAX_KEYS`] keys, so no call holds Redis for long). A lone
 //! arrival goes at once, waiting for nothing; a lone record waits up to [`RECORD_LINGER`] for
@@ -20,16 +20,16 @@
 //! [`MAX_BATCH`]). Past that, run more dispatcher processes. The queue needs no bound of its
 //! own: each item's caller waits for its answer, so it holds at most the items in flight.
 //!
-//! A batched script applies the items in the order they came, each exactly as it would alone,
-//! and answers one value per item. When a call fails, every item in it gets the error, as each
-//! would have alone: the caller cannot tell whether its item reached Redis, and each script is
-//! written so that doing an item again is safe (a record finds its lease already released; an
-//! arrival finds its deliveries known, their leases still in the retry set).
+//! A batch is applied in the order its items came, each exactly as it would be alone, with one
+//! answer per item. When a call fails, every item in it gets the error, as each would have
+//! alone: the caller cannot tell whether its item reached Redis, and each writer is built so
+//! that doing an item again is safe (a record finds its lease already released; an arrival
+//! finds its deliveries known, their leases still in the retry set).
 
-use super::script_call::ScriptCall;
+use super::watched::Watched;
 use prometheus::{Histogram, register_histogram};
-use redis::aio::ConnectionManager;
-use redis::{Arg, Cmd, ErrorKind, FromRedisValue, RedisError, Script};
+use redis::{ErrorKind, RedisError};
+use std::future::Future;
 use std::sync::LazyLock;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -50,8 +50,8 @@ const MAX_BATCH: usize = 64;
 /// Arrivals do not wait: the attempt follows them.
 pub(super) const RECORD_LINGER: Duration = Duration::from_millis(2);
 
-/// Keys per call at most, unless one item alone has more. A script holds Redis while it runs,
-/// so a call's size is its stall for every other client: 16 arrivals of events with a hundred
+/// Keys per call at most, unless one item alone has more. A transaction holds Redis while it
+/// runs, so a call's size is its stall for every other client: 16 arrivals of events with a hundred
 /// endpoints each would hold it for about 14 ms. Seventeen arrivals of ten endpoints (578 keys)
 /// still fit in one call.
 const MAX_KEYS: usize = 600;
@@ -81,32 +81,35 @@ pub static ARRIVALS_PER_CALL: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("registered once")
 });
 
-/// An item ready to join a call: its keys, then its arguments, each written as a command's.
-pub(super) struct Prepared {
-    pub(super) keys: Cmd,
-    pub(super) args: Cmd,
+/// What one kind of item is written by: its writer, called with a batch at a time.
+pub(super) trait Writer: Send + 'static {
+    type Item: Send + Sync + 'static;
+    type Answer: Send + 'static;
+
+    /// The keys `item` adds to a call, for [`MAX_KEYS`].
+    fn keys(item: &Self::Item) -> usize;
+
+    /// Writes `batch` in order, answering one value per item.
+    fn write(
+        &mut self,
+        conn: &mut Watched,
+        batch: &[&Self::Item],
+    ) -> impl Future<Output = Result<Vec<Self::Answer>, RedisError>> + Send;
 }
 
-struct Waiting<A> {
-    item: Prepared,
-    answer: oneshot::Sender<Result<A, RedisError>>,
+struct Waiting<W: Writer> {
+    item: W::Item,
+    answer: oneshot::Sender<Result<W::Answer, RedisError>>,
     /// When it was queued: it waits for others at most [`Batched::linger`] past this.
     since: Instant,
 }
 
-impl<A> Waiting<A> {
-    fn keys(&self) -> usize {
-        self.item.keys.args_iter().len()
-    }
+/// The queue in front of one writer; cheap to clone. The writer stops when every clone is gone.
+pub(super) struct BatchWriter<W: Writer> {
+    queue: mpsc::UnboundedSender<Waiting<W>>,
 }
 
-/// The queue in front of one script's writer; cheap to clone. The writer stops when every clone
-/// is gone.
-pub(super) struct BatchWriter<A> {
-    queue: mpsc::UnboundedSender<Waiting<A>>,
-}
-
-impl<A> Clone for BatchWriter<A> {
+impl<W: Writer> Clone for BatchWriter<W> {
     fn clone(&self) -> Self {
         BatchWriter {
             queue: self.queue.clone(),
@@ -114,12 +117,9 @@ impl<A> Clone for BatchWriter<A> {
     }
 }
 
-/// What a writer calls: the script, the arguments that lead every call (the same for every
-/// item), its histogram of items per call (registered on first use), and how long a call that
-/// is not full waits for more items.
+/// How a writer batches: its histogram of items per call (registered on first use), and how
+/// long a call that is not full waits for more items.
 pub(super) struct Batched {
-    pub(super) script: &'static Script,
-    pub(super) call_args: Cmd,
     pub(super) per_call: &'static LazyLock<Histogram>,
     /// Zero for what a caller is waiting on to go on (an arrival: the attempt follows it). An
     /// item waits at most this long past its queueing, so under load, when items have waited
@@ -127,16 +127,16 @@ pub(super) struct Batched {
     pub(super) linger: Duration,
 }
 
-impl<A: FromRedisValue + Send + 'static> BatchWriter<A> {
-    /// Starts the writer on the current Tokio runtime.
-    pub(super) fn start(conn: ConnectionManager, batched: Batched) -> Self {
+impl<W: Writer> BatchWriter<W> {
+    /// Starts `writer` on the current Tokio runtime, on a connection of its own.
+    pub(super) fn start(writer: W, conn: Watched, batched: Batched) -> Self {
         let (queue, waiting) = mpsc::unbounded_channel();
-        tokio::spawn(write_batches(waiting, conn, batched));
+        tokio::spawn(write_batches(waiting, writer, conn, batched));
         BatchWriter { queue }
     }
 
     /// Sends `item` with the next call and waits for its answer.
-    pub(super) async fn write(&self, item: Prepared) -> Result<A, RedisError> {
+    pub(super) async fn write(&self, item: W::Item) -> Result<W::Answer, RedisError> {
         let stopped = || RedisError::from((ErrorKind::Client, "the batch writer has stopped"));
         let (answer, answered) = oneshot::channel();
         let since = Instant::now();
@@ -147,28 +147,21 @@ impl<A: FromRedisValue + Send + 'static> BatchWriter<A> {
     }
 }
 
-/// The values of `args`, written as a command's arguments.
-fn values(args: &Cmd) -> impl Iterator<Item = &[u8]> {
-    args.args_iter().filter_map(|arg| {
-        if let Arg::Simple(bytes) = arg {
-            Some(bytes)
-        } else {
-            None
-        }
-    })
-}
-
-async fn write_batches<A: FromRedisValue>(
-    mut waiting: mpsc::UnboundedReceiver<Waiting<A>>,
-    mut conn: ConnectionManager,
+async fn write_batches<W: Writer>(
+    mut waiting: mpsc::UnboundedReceiver<Waiting<W>>,
+    mut writer: W,
+    mut conn: Watched,
     batched: Batched,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut held = None;
-    while let Some(keys) = next_call(&mut batch, &mut held, &mut waiting, batched.linger).await {
+    while next_call(&mut batch, &mut held, &mut waiting, batched.linger)
+        .await
+        .is_some()
+    {
         batched.per_call.observe(batch.len() as f64);
-        let call = call_of(&batched, &batch, keys);
-        match call.invoke::<Vec<A>>(&mut conn).await {
+        let items: Vec<&W::Item> = batch.iter().map(|w| &w.item).collect();
+        match writer.write(&mut conn, &items).await {
             Ok(answers) if answers.len() == batch.len() => {
                 for (w, answer) in batch.drain(..).zip(answers) {
                     let _ = w.answer.send(Ok(answer));
@@ -177,7 +170,7 @@ async fn write_batches<A: FromRedisValue>(
             Ok(answers) => {
                 let e = RedisError::from((
                     ErrorKind::UnexpectedReturnType,
-                    "a batched script's answers do not match its items",
+                    "a batch's answers do not match its items",
                     format!("{} answers for {} items", answers.len(), batch.len()),
                 ));
                 fail_all(&mut batch, &e);
@@ -187,48 +180,24 @@ async fn write_batches<A: FromRedisValue>(
     }
 }
 
-/// The call that carries `batch`, whose items have `keys` keys in all: every item's keys, then
-/// the arguments every call leads with, then every item's arguments, in buffers sized for them
-/// beforehand.
-fn call_of<'a, A>(batched: &'a Batched, batch: &[Waiting<A>], keys: usize) -> ScriptCall<'a> {
-    let parts = batch
-        .iter()
-        .flat_map(|w| [&w.item.keys, &w.item.args])
-        .chain([&batched.call_args]);
-    let (args, bytes) = parts.fold((0, 0), |(args, bytes), part| {
-        (
-            args + part.args_iter().len(),
-            bytes + values(part).map(<[u8]>::len).sum::<usize>(),
-        )
-    });
-    let mut call = ScriptCall::with_capacity(batched.script, keys, args, bytes);
-    for key in batch.iter().flat_map(|w| values(&w.item.keys)) {
-        call.key(key);
-    }
-    for arg in values(&batched.call_args).chain(batch.iter().flat_map(|w| values(&w.item.args))) {
-        call.arg(arg);
-    }
-    call
-}
-
 /// Waits for an item, then fills `batch` for the next call with the items waiting until
-/// `linger` past the first one's queueing, within [`MAX_BATCH`] items and [`MAX_KEYS`] keys,
-/// and answers the call's keys. The call is led by the item `held` back from the last one if
+/// `linger` past the first one's queueing, within [`MAX_BATCH`] items and [`MAX_KEYS`] keys.
+/// The call is led by the item `held` back from the last one if
 /// any, and the first item that would not fit is held back to lead the next. None when every
 /// queue clone is gone and nothing is left.
-async fn next_call<A>(
-    batch: &mut Vec<Waiting<A>>,
-    held: &mut Option<Waiting<A>>,
-    waiting: &mut mpsc::UnboundedReceiver<Waiting<A>>,
+async fn next_call<W: Writer>(
+    batch: &mut Vec<Waiting<W>>,
+    held: &mut Option<Waiting<W>>,
+    waiting: &mut mpsc::UnboundedReceiver<Waiting<W>>,
     linger: Duration,
-) -> Option<usize> {
+) -> Option<()> {
     // Not `held.take().or(…)`: its argument would wait for an item even with one held.
     let first = match held.take() {
         Some(first) => first,
         None => waiting.recv().await?,
     };
     let deadline = first.since + linger;
-    let mut keys = first.keys();
+    let mut keys = W::keys(&first.item);
     batch.push(first);
     while batch.len() < MAX_BATCH {
         let next = match waiting.try_recv() {
@@ -239,17 +208,18 @@ async fn next_call<A>(
                 Ok(None) | Err(_) => break,
             },
         };
-        if keys + next.keys() > MAX_KEYS {
+        let next_keys = W::keys(&next.item);
+        if keys + next_keys > MAX_KEYS {
             *held = Some(next);
             break;
         }
-        keys += next.keys();
+        keys += next_keys;
         batch.push(next);
     }
-    Some(keys)
+    Some(())
 }
 
-fn fail_all<A>(batch: &mut Vec<Waiting<A>>, e: &RedisError) {
+fn fail_all<W: Writer>(batch: &mut Vec<Waiting<W>>, e: &RedisError) {
     for w in batch.drain(..) {
         let _ = w.answer.send(Err(e.clone()));
     }
@@ -259,57 +229,47 @@ fn fail_all<A>(batch: &mut Vec<Waiting<A>>, e: &RedisError) {
 mod tests {
     use super::*;
 
-    /// An item of `keys` keys and `args` arguments, queued at `since`, whose answer no one awaits.
-    fn queued(keys: usize, args: &[&str], since: Instant) -> Waiting<()> {
-        let mut item = Prepared {
-            keys: Cmd::new(),
-            args: Cmd::new(),
-        };
-        for k in 0..keys {
-            item.keys.arg(format!("key:{k}"));
+    /// Items that are only their number of keys.
+    struct Keys;
+
+    impl Writer for Keys {
+        type Item = usize;
+        type Answer = ();
+
+        fn keys(item: &usize) -> usize {
+            *item
         }
-        for arg in args {
-            item.args.arg(*arg);
+
+        async fn write(&mut self, _: &mut Watched, batch: &[&usize]) -> Result<Vec<()>, RedisError> {
+            Ok(vec![(); batch.len()])
         }
+    }
+
+    /// An item of `keys` keys, queued at `since`, whose answer no one awaits.
+    fn queued(keys: usize, since: Instant) -> Waiting<Keys> {
         let (answer, _) = oneshot::channel();
-        Waiting { item, answer, since }
+        Waiting {
+            item: keys,
+            answer,
+            since,
+        }
     }
 
     /// The sizes (in keys) of the calls that items of `keys` keys, all waiting at once, leave in.
     async fn calls(keys: &[usize]) -> Vec<Vec<usize>> {
-        let (queue, mut waiting) = mpsc::unbounded_channel::<Waiting<()>>();
+        let (queue, mut waiting) = mpsc::unbounded_channel::<Waiting<Keys>>();
         for &n in keys {
-            queue.send(queued(n, &[], Instant::now())).unwrap();
+            queue.send(queued(n, Instant::now())).unwrap();
         }
         drop(queue);
         let (mut calls, mut batch, mut held) = (Vec::new(), Vec::new(), None);
-        while let Some(keys) = next_call(&mut batch, &mut held, &mut waiting, Duration::ZERO).await {
-            let call: Vec<usize> = batch.drain(..).map(|w| w.keys()).collect();
-            assert_eq!(keys, call.iter().sum::<usize>(), "the call's keys as counted");
-            calls.push(call);
+        while next_call(&mut batch, &mut held, &mut waiting, Duration::ZERO)
+            .await
+            .is_some()
+        {
+            calls.push(batch.drain(..).map(|w| w.item).collect());
         }
         calls
-    }
-
-    #[test]
-    fn a_call_is_built_in_buffers_sized_for_it() {
-        static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new("return {}"));
-        let mut call_args = Cmd::new();
-        call_args.arg(86_400).arg("laabam:");
-        let batched = Batched {
-            script: &SCRIPT,
-            call_args,
-            per_call: &RECORDS_PER_CALL,
-            linger: Duration::ZERO,
-        };
-        for sizes in [vec![3], vec![3, 3, 4], vec![1000, 2]] {
-            let batch: Vec<_> = sizes
-                .iter()
-                .map(|&n| queued(n, &["a body", "", "17"], Instant::now()))
-                .collect();
-            let call = call_of(&batched, &batch, sizes.iter().sum());
-            assert!(call.fills_its_buffers(), "items of {sizes:?} keys");
-        }
     }
 
     #[tokio::test]
@@ -328,11 +288,11 @@ mod tests {
     }
 
     /// An item queued at `since`, sent to `queue` after `after`.
-    fn send_later(queue: &mpsc::UnboundedSender<Waiting<()>>, since: Instant, after: Duration) {
+    fn send_later(queue: &mpsc::UnboundedSender<Waiting<Keys>>, since: Instant, after: Duration) {
         let queue = queue.clone();
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            let _ = queue.send(queued(0, &[], since));
+            let _ = queue.send(queued(0, since));
         });
     }
 
@@ -341,7 +301,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_waits_for_more_items_until_linger_past_its_first() {
         let linger = Duration::from_secs(1);
-        let (queue, mut waiting) = mpsc::unbounded_channel::<Waiting<()>>();
+        let (queue, mut waiting) = mpsc::unbounded_channel::<Waiting<Keys>>();
         let (mut batch, mut held) = (Vec::new(), None);
         send_later(&queue, Instant::now(), Duration::ZERO);
         send_later(&queue, Instant::now(), Duration::from_millis(20));

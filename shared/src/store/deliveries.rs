@@ -1,5 +1,7 @@
 //! A delivery's life in Redis: begun when its event is first seen, taken when a retry job
-//! comes due, recorded after each attempt. Each step is one atomic script.
+//! comes due, recorded after each attempt. Each step is atomic: arrivals and records are
+//! transactions guarded by `WATCH` (see `arrivals` and `records`), taking and redelivering are
+//! scripts.
 //!
 //! While an attempt is in flight its delivery holds a *lease*: a token in the state hash and
 //! an entry in the retry set due when the attempt must be over. If the dispatcher dies, the
@@ -7,82 +9,20 @@
 //! the entry. Only the holder of the current token may change the state, so a late record from
 //! an expired lease can add its attempt to the log but cannot undo a newer outcome.
 
-use super::batch_writer::Prepared;
+use super::arrivals::{Arrival, Arrived, Beginning};
+use super::records::{Counted, Recording};
 use super::script_call::ScriptCall;
 use super::stats;
-use super::{Keys, Store, StoreError};
-use crate::delivery::{AttemptRecord, DeliveryState, DeliveryStatus, RetryJob};
+use super::{Store, StoreError};
+use crate::delivery::{AttemptRecord, DeliveryState, DeliveryStatus, Outcome, RetryJob};
 use crate::endpoint::Endpoint;
 use crate::envelope::Envelope;
 use redis::Script;
 use std::sync::{Arc, LazyLock};
 
-/// Events' arrivals, each as if alone (see `batch_writer` for how they share a call): if the
-/// account's endpoints are still at the version the dispatcher cached, stores the event (first
-/// copy wins) and creates each of its deliveries that does not exist yet, under a lease or
-/// deferred. Answers per event {'stale'} when the endpoints changed (nothing written for it),
-/// else {'ok', stored body or '' when this copy was stored, then '1' created / '0' already
-/// known per delivery}. When this copy is the first, none of its deliveries can exist (they are
-/// only ever created here, with the event, and a redelivery extends both), so only a repeated
-/// copy pays for the `HSETNX` that tells known from new. The account's indexes and each
-/// endpoint's history are trimmed and their lifetimes renewed only when a flag asks for it (see
-/// `upkeep`). Their entries are added together after the call's last event, one `ZADD` per key:
-/// `laabam-bench redis-calls` measured 1.0 µs less Redis CPU per delivery with one endpoint per
-/// event (median of three pairs, 20.2 → 19.2 µs) and 1.3 µs less with ten (12.7 → 11.4 µs).
-/// KEYS per event: endpoints version, event, account's events, account's deliveries, then three
-/// per delivery (state, retry shard, endpoint history). ARGV: the store's three
-/// (`arrival_call_args`) once per call, then per event its number of deliveries, six values and
-/// ten per delivery, in the order `Store::ingest` gives them.
-pub(super) static INGEST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/ingest.lua")));
-
-/// The arrival script's arguments that are the same for every event of a store: the retention,
-/// the events kept per account and the history kept per endpoint. They go once per call.
-pub(super) fn arrival_call_args(retention_secs: u64, history_per_endpoint: u32) -> redis::Cmd {
-    let mut args = redis::Cmd::new();
-    args.arg(retention_secs)
-        .arg(EVENTS_PER_ACCOUNT)
-        .arg(history_per_endpoint);
-    args
-}
-
 /// Takes a retry job if it is still the delivery's current one: the delivery is unfinished and
 /// not queued again (a duplicate job finds the lease of the first taker in the retry set).
 static TAKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/take.lua")));
-
-/// Records a batch of attempts' outcomes (see `batch_writer`), each in turn as if alone: logs
-/// the attempt (if any) with its statistics and the endpoint's health, and, when the lease is
-/// still ours, moves the state on. Returns {applied, failing_since} per record.
-/// The attempt joins the state hash as field `att:<n>`, numbered in the order logged, so a
-/// delivery is one key and its record one write; a late record from an expired lease still
-/// gets its own entry. The newest 100 are kept.
-/// What records of one endpoint share is written once per call, after them all: the
-/// statistics' counts summed per field, and the health's fields as the last record left them (a
-/// failure reads `failing_since` from what the call gathered before asking Redis). Only the
-/// script's end state is ever seen, so this is what the records one at a time would leave. It
-/// pays where one endpoint is busy: with calls full of one endpoint's records, Redis's CPU per
-/// record fell by about a fifth (`laabam-bench redis-calls`, one endpoint per event); with ten
-/// endpoints sharing a call it did not measurably change.
-/// KEYS, six per record: state, retry shard, endpoint health, 5-minute stats, hourly stats, the
-/// endpoint's history. ARGV: the store's four (`record_call_args`) once per call, then thirteen
-/// per record, in the order `Store::record` gives them. A finish trims the endpoint's history
-/// (`lua/trim_history.lua`).
-pub(super) static RECORD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("lua/trim_history.lua"),
-        include_str!("lua/record.lua")
-    ))
-});
-
-/// The record script's arguments that are the same for every record of a store: the statistics
-/// buckets' lifetimes, the history kept per endpoint and the key prefix. They go once per call.
-pub(super) fn record_call_args(keys: &Keys, history_per_endpoint: u32) -> redis::Cmd {
-    let mut args = redis::Cmd::new();
-    args.arg(stats::FIVE_MINUTE_TTL_SECS)
-        .arg(stats::HOUR_TTL_SECS)
-        .arg(history_per_endpoint)
-        .arg(keys.prefix());
-    args
-}
 
 /// An owner's redelivery: a finished delivery starts a new cycle of attempts now; a waiting one
 /// is brought forward; one in flight is left alone. A new cycle extends the event's body with
@@ -179,15 +119,11 @@ pub enum Redelivery {
 }
 
 /// How many events each account's listing keeps.
-const EVENTS_PER_ACCOUNT: u32 = 10_000;
-
-/// Room for one key when a script's keys are sized up front (a prefix and two ids fit); a
-/// longer key only regrows the buffer once.
-const KEY_BYTES: usize = 112;
+pub(super) const EVENTS_PER_ACCOUNT: u32 = 10_000;
 
 impl Store {
-    /// One round trip, shared with the arrivals waiting at the same moment: stores the event
-    /// (first copy wins) and begins its deliveries, provided the account's endpoints are still at
+    /// A transaction shared with the arrivals waiting at the same moment (its reads, then its
+    /// writes): stores the event (first copy wins) and begins its deliveries, provided the account's endpoints are still at
     /// `endpoints_version` (the version `begins` were chosen from).
     pub async fn ingest(
         &self,
@@ -200,66 +136,69 @@ impl Store {
         let acct = &envelope.account_id;
         let events_index = self.keys.account_events(acct);
         let deliveries_index = self.keys.account_deliveries(acct);
-        let histories: Vec<String> = begins
+        // The keys whose upkeep this write does: if it may not have happened (the endpoints
+        // changed, or the write failed), the next write to them does it.
+        let mut upkept: Vec<String> = Vec::new();
+        let mut due = |key: &str| {
+            let due = self.upkeep.due(key);
+            if due {
+                upkept.push(key.to_owned());
+            }
+            due
+        };
+        let deliveries: Vec<Beginning> = begins
             .iter()
-            .map(|b| self.keys.endpoint_deliveries(&b.job.endpoint))
-            .collect();
-        let flag = |key: &str| if self.upkeep.due(key) { "1" } else { "" };
-        // Sized for the keys and arguments below, so that building them never regrows a buffer.
-        let key_count = 4 + 3 * begins.len();
-        let mut keys = redis::Cmd::with_capacity(key_count, KEY_BYTES * key_count);
-        keys.arg(self.keys.endpoints_version(acct))
-            .arg(self.keys.event(acct, &envelope.id))
-            .arg(&events_index)
-            .arg(&deliveries_index);
-        for (b, history) in begins.iter().zip(&histories) {
-            keys.arg(self.keys.delivery(&b.job.delivery))
-                .arg(self.keys.retry_due(self.keys.shard_of(&b.job.delivery)))
-                .arg(history);
-        }
-        let mut args = redis::Cmd::with_capacity(7 + 10 * begins.len(), body.len() + 64 + 400 * begins.len());
-        args.arg(begins.len())
-            .arg(endpoints_version)
-            .arg(body)
-            .arg(now_ms)
-            .arg(envelope.id.as_str())
-            .arg(flag(&events_index))
-            .arg(flag(&deliveries_index));
-        for (b, history) in begins.iter().zip(&histories) {
-            let job = &b.job;
-            let status = if b.lease.is_some() {
-                DeliveryStatus::Pending
-            } else {
-                DeliveryStatus::Retrying
-            };
-            args.arg(job.encode())
-                .arg(job.delivery.as_str())
-                .arg(job.event.as_str())
-                .arg(job.endpoint.as_str())
-                .arg(job.account.as_str())
-                .arg(&b.event_type)
-                .arg(status.as_str())
-                .arg(b.due_ms)
-                .arg(b.lease.as_deref().unwrap_or(""))
-                .arg(flag(history));
-        }
-        let reply = match self.arrivals.write(Prepared { keys, args }).await {
-            Ok(reply) if reply.first().is_some_and(|s| s == b"ok") => reply,
-            stale_or_failed => {
-                // Nothing was written, or maybe not: the next write to these keys does their upkeep.
-                for key in [&events_index, &deliveries_index].into_iter().chain(&histories) {
-                    self.upkeep.forget(key);
+            .map(|b| {
+                let job = &b.job;
+                let history = self.keys.endpoint_deliveries(&job.endpoint);
+                Beginning {
+                    state: self.keys.delivery(&job.delivery),
+                    due: self.keys.retry_due(self.keys.shard_of(&job.delivery)),
+                    history_upkeep: due(&history),
+                    history,
+                    job: job.encode(),
+                    delivery: job.delivery.to_string(),
+                    event: job.event.to_string(),
+                    endpoint: job.endpoint.to_string(),
+                    account: job.account.to_string(),
+                    event_type: b.event_type.clone(),
+                    due_ms: b.due_ms,
+                    lease: b.lease.clone(),
                 }
-                stale_or_failed?;
-                return Ok(Ingest::Stale);
+            })
+            .collect();
+        let arrival = Arrival {
+            endpoints_version_key: self.keys.endpoints_version(acct),
+            endpoints_version,
+            event_key: self.keys.event(acct, &envelope.id),
+            events_upkeep: due(&events_index),
+            deliveries_upkeep: due(&deliveries_index),
+            events_index,
+            deliveries_index,
+            body: body.to_vec(),
+            now_ms,
+            event_id: envelope.id.to_string(),
+            deliveries,
+        };
+        let forget = || {
+            for key in &upkept {
+                self.upkeep.forget(key);
             }
         };
-        let mut reply = reply.into_iter().skip(1);
-        let stored = reply.next().filter(|b| !b.is_empty());
-        Ok(Ingest::Begun {
-            body: stored.unwrap_or_else(|| body.to_vec()),
-            created: reply.map(|c| c == b"1").collect(),
-        })
+        match self.arrivals.write(arrival).await {
+            Ok(Arrived::Begun { stored, created }) => Ok(Ingest::Begun {
+                body: stored.unwrap_or_else(|| body.to_vec()),
+                created,
+            }),
+            Ok(Arrived::Stale) => {
+                forget();
+                Ok(Ingest::Stale)
+            }
+            Err(e) => {
+                forget();
+                Err(e.into())
+            }
+        }
     }
 
     /// Takes a retry job under a new lease lasting until `lease_until_ms`.
@@ -306,44 +245,43 @@ impl Store {
     /// written together with the other records waiting at the time (see `batch_writer`).
     pub async fn record(&self, r: &Record<'_>) -> Result<Recorded, StoreError> {
         let job = r.job;
-        let attempt = r.attempt.map(AttemptRecord::to_stored).unwrap_or_default();
-        let opt = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
         let timing = r.timing;
         let at = timing.map_or(0, |t| t.at_ms);
-        let reason = r.reason.unwrap_or("");
-        let mut args = redis::Cmd::with_capacity(13, attempt.len() + reason.len() + 320);
-        args.arg(r.lease)
-            .arg(attempt)
-            .arg(r.status.as_str())
-            .arg(r.attempts)
-            .arg(opt(r.first_attempt_ms))
-            .arg(opt(r.next_attempt_ms))
-            .arg(reason)
-            .arg(job.encode())
-            .arg(timing.map_or("", |t| t.outcome))
-            .arg(timing.map(|t| stats::latency_index(t.duration_ms)).unwrap_or_default())
-            .arg(at)
-            .arg(job.delivery.as_str())
-            .arg(
-                timing
-                    .and_then(|t| t.status_code)
-                    .map(|c| c.to_string())
-                    .unwrap_or_default(),
-            );
-        let mut keys = redis::Cmd::with_capacity(6, 6 * KEY_BYTES);
-        keys.arg(self.keys.delivery(&job.delivery))
-            .arg(self.keys.retry_due(self.keys.shard_of(&job.delivery)))
-            .arg(self.keys.endpoint_health(&job.endpoint))
-            .arg(
-                self.keys
-                    .endpoint_stats(&job.endpoint, "5m", at / stats::FIVE_MINUTES_MS),
-            )
-            .arg(self.keys.endpoint_stats(&job.endpoint, "1h", at / stats::HOUR_MS))
-            .arg(self.keys.endpoint_deliveries(&job.endpoint));
-        let (applied, failing) = self.records.write(Prepared { keys, args }).await?;
+        let attempt = r.attempt.map(|attempt| {
+            let counted = Counted {
+                success: timing.is_some_and(|t| t.outcome == Outcome::Success.as_str()),
+                field: timing.map_or_else(String::new, |t| {
+                    format!("{}|{}", t.outcome, stats::latency_index(t.duration_ms))
+                }),
+                outcome: timing.map_or_else(String::new, |t| t.outcome.to_owned()),
+                status_code: timing.and_then(|t| t.status_code),
+                at_ms: at,
+            };
+            (attempt.to_stored(), counted)
+        });
+        let recording = Recording {
+            state: self.keys.delivery(&job.delivery),
+            due: self.keys.retry_due(self.keys.shard_of(&job.delivery)),
+            health: self.keys.endpoint_health(&job.endpoint),
+            stats_5m: self
+                .keys
+                .endpoint_stats(&job.endpoint, "5m", at / stats::FIVE_MINUTES_MS),
+            stats_1h: self.keys.endpoint_stats(&job.endpoint, "1h", at / stats::HOUR_MS),
+            history: self.keys.endpoint_deliveries(&job.endpoint),
+            lease: r.lease.to_owned(),
+            attempt,
+            status: r.status,
+            attempts: r.attempts,
+            first_attempt_ms: r.first_attempt_ms,
+            next_attempt_ms: r.next_attempt_ms,
+            reason: r.reason.map(str::to_owned),
+            job: job.encode(),
+            delivery: job.delivery.to_string(),
+        };
+        let (applied, failing_since_ms) = self.records.write(recording).await?;
         Ok(Recorded {
-            applied: applied == 1,
-            failing_since_ms: failing.parse().ok(),
+            applied,
+            failing_since_ms,
         })
     }
 

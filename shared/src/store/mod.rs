@@ -1,9 +1,11 @@
 //! The Redis store: endpoints, events, deliveries with their attempts, and the retry set.
 //!
-//! Every multi-key change is one Lua script (the `.lua` files in `lua/`), so each step of a
-//! delivery's life is atomic and costs one round trip: an event's storage and the start of all
-//! its deliveries together, then one record per attempt. Arrivals, and records, waiting at the
-//! same moment share one call (see `batch_writer`). Key layout (all below `LAABAM_REDIS_PREFIX`):
+//! Every multi-key change is atomic: the hot ones, an event's storage with the start of all its
+//! deliveries and each attempt's record, are optimistic transactions (`WATCH`, reads, then
+//! `MULTI`/`EXEC`; see `arrivals` and `records`), which cost Redis about half what the Lua
+//! scripts that did them before cost; the rest are Lua scripts (the `.lua` files in `lua/`).
+//! Arrivals, and records, waiting at the same moment share one transaction (see
+//! `batch_writer`). Key layout (all below `LAABAM_REDIS_PREFIX`):
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -18,7 +20,7 @@
 //! | `acct:{A}:eps:ver` | string | a counter bumped by every endpoint change (dispatchers cache endpoints by it) |
 //! | `ep:{E}` | string | the account owning endpoint E |
 //! | `ep:{E}:dlv` | sorted set | E's deliveries by creation time (newest `LAABAM_HISTORY_PER_ENDPOINT`) |
-//! | `ep:{E}:health` | hash | last delivery, last success, failing since |
+//! | `ep:{E}:health` | hash | last delivery, last success, failing since (`failing_from`, absent while not failing) |
 //! | `ep:{E}:inflight` | sorted set | E's requests in flight across dispatchers, by when each lease ends, for an E with `max_concurrency` while several dispatchers run |
 //! | `ep:{E}:st:5m:{n}` / `ep:{E}:st:1h:{n}` | hash | attempts by outcome and latency bucket (2 h / 8 d) |
 //! | `evt:{A}:{id}` | string | the event body as delivered (first copy wins) |
@@ -31,18 +33,21 @@
 
 mod accounts;
 mod api_rates;
+mod arrivals;
 mod batch_writer;
 mod deliveries;
 mod dispatchers;
 mod endpoints;
 mod keys;
 mod listings;
+mod records;
 mod request_slots;
 mod retry_set;
 mod retry_shards;
 mod script_call;
 mod stats;
 mod upkeep;
+mod watched;
 
 pub use accounts::{API_KEY_PREFIX, Account, ApiKeyInfo, Idempotency};
 pub use api_rates::Spent;
@@ -58,10 +63,13 @@ pub use stats::{EndpointHealth, EndpointStats, LastDelivery, SeriesPoint, Window
 
 use crate::sealing::SecretSealer;
 use crate::startup::{self, Unreachable};
+use arrivals::ArrivalWriter;
 use batch_writer::{BatchWriter, Batched, RECORD_LINGER};
+use records::RecordWriter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::sync::Arc;
 use std::time::Duration;
+use watched::Watched;
 
 /// A Redis failure, or a record in Redis that no longer parses.
 #[derive(Debug, thiserror::Error)]
@@ -95,8 +103,8 @@ pub struct Store {
     /// When writes to the bounded indexes also trim them and renew their lifetime.
     upkeep: Arc<upkeep::Upkeep>,
     /// Events' arrivals and attempts' records, queued to go to Redis in batches.
-    arrivals: BatchWriter<Vec<Vec<u8>>>,
-    records: BatchWriter<(i64, String)>,
+    arrivals: BatchWriter<ArrivalWriter>,
+    records: BatchWriter<RecordWriter>,
 }
 
 impl std::fmt::Debug for Store {
@@ -138,35 +146,41 @@ impl Store {
     /// Connects, waiting up to `wait` for Redis to answer `PING`.
     pub async fn connect(config: &StoreConfig, wait: Duration) -> Result<Self, Unreachable> {
         let url = config.url.clone();
-        let conn = startup::within("Redis", &config.url, wait, || async {
+        let (client, conn) = startup::within("Redis", &config.url, wait, || async {
             let client = redis::Client::open(url.as_str())?;
             let manager_config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(2)))
                 .set_response_timeout(Some(Duration::from_secs(5)))
                 .set_number_of_retries(2)
                 .set_max_delay(Duration::from_millis(500));
-            let mut conn = ConnectionManager::new_with_config(client, manager_config).await?;
+            let mut conn = ConnectionManager::new_with_config(client.clone(), manager_config).await?;
             redis::cmd("PING").query_async::<()>(&mut conn).await?;
-            Ok::<_, redis::RedisError>(conn)
+            Ok::<_, redis::RedisError>((client, conn))
         })
         .await?;
         let keys = Keys::new(&config.prefix, config.retry_shards);
         let history_per_endpoint = config.history_per_endpoint.max(1);
         Ok(Store {
             arrivals: BatchWriter::start(
-                conn.clone(),
+                ArrivalWriter {
+                    ttl_secs: retention_secs(config.retention),
+                    events_kept: deliveries::EVENTS_PER_ACCOUNT,
+                    deliveries_kept: history_per_endpoint.saturating_mul(10),
+                },
+                Watched::new(client.clone()),
                 Batched {
-                    script: &deliveries::INGEST,
-                    call_args: deliveries::arrival_call_args(retention_secs(config.retention), history_per_endpoint),
                     per_call: &ARRIVALS_PER_CALL,
                     linger: Duration::ZERO,
                 },
             ),
             records: BatchWriter::start(
-                conn.clone(),
+                RecordWriter {
+                    history_kept: history_per_endpoint,
+                    prefix: keys.prefix().to_owned(),
+                    trims: conn.clone(),
+                },
+                Watched::new(client),
                 Batched {
-                    script: &deliveries::RECORD,
-                    call_args: deliveries::record_call_args(&keys, history_per_endpoint),
                     per_call: &RECORDS_PER_CALL,
                     linger: RECORD_LINGER,
                 },

@@ -12,32 +12,17 @@ pub(super) struct ScriptCall<'a> {
     script: &'a Script,
     cmd: Cmd,
     keys_left: usize,
-    /// The arguments and bytes the buffers were made for (redis keeps `Cmd::capacity` private).
-    #[cfg(test)]
-    sized_for: (usize, usize),
 }
 
 impl<'a> ScriptCall<'a> {
     /// A call of `script` with `keys` keys, added with [`ScriptCall::key`] before any argument.
     pub(super) fn new(script: &'a Script, keys: usize) -> Self {
-        Self::with_capacity(script, keys, 0, 0)
-    }
-
-    /// A call whose keys and arguments, `args` in all of `bytes` bytes together, are known
-    /// beforehand: its buffers are made once instead of regrowing (and copying what they hold)
-    /// as a batch of hundreds of keys is written into them.
-    pub(super) fn with_capacity(script: &'a Script, keys: usize, args: usize, bytes: usize) -> Self {
-        let hash = script.get_hash();
-        let digits = keys.checked_ilog10().map_or(1, |d| d as usize + 1);
-        let sized_for = (3 + args, "EVALSHA".len() + hash.len() + digits + bytes);
-        let mut cmd = Cmd::with_capacity(sized_for.0, sized_for.1);
-        cmd.arg("EVALSHA").arg(hash).arg(keys);
+        let mut cmd = Cmd::new();
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
         ScriptCall {
             script,
             cmd,
             keys_left: keys,
-            #[cfg(test)]
-            sized_for,
         }
     }
 
@@ -52,17 +37,6 @@ impl<'a> ScriptCall<'a> {
         assert_eq!(self.keys_left, 0, "every key comes before the arguments");
         self.cmd.arg(arg);
         self
-    }
-
-    /// Whether the command's buffers were made for exactly what was written: neither short
-    /// (they regrew) nor long.
-    #[cfg(test)]
-    pub(super) fn fills_its_buffers(&self) -> bool {
-        let bytes = self.cmd.args_iter().map(|arg| match arg {
-            redis::Arg::Simple(bytes) => bytes.len(),
-            _ => 0,
-        });
-        self.sized_for == (self.cmd.args_iter().len(), bytes.sum())
     }
 
     /// Runs the call, loading the script first when Redis does not know it (after a restart or

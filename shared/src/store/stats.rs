@@ -162,7 +162,7 @@ impl Store {
                 delivery_id: h.get("last_delivery").cloned().unwrap_or_default(),
             }),
             last_success_ms: num("last_success"),
-            failing_since_ms: num("failing_since"),
+            failing_since_ms: num("failing_from"),
         })
     }
 

@@ -8,7 +8,6 @@
 mod baseline;
 mod components;
 mod load;
-mod lua_replay;
 mod measure;
 mod pipeline;
 mod private_redis;

@@ -1,7 +1,7 @@
-//! A private redis-server for `redis-calls --callgrind`: under valgrind's callgrind to count
-//! what Redis executes, or plain to watch what calls run (see `lua_replay`).
+//! A private redis-server for `redis-calls --callgrind`, under valgrind's callgrind to count
+//! what Redis executes.
 //!
-//! A change to a script moves Redis's cost per delivery by a few percent, and CPU time on this
+//! A change to the store's writes moves Redis's cost per delivery by a few percent, and CPU time on this
 //! shared two-core host moves by a fifth from run to run, so timed runs cannot tell such a
 //! change from noise. The instructions Redis executes for the same calls barely move (0.1%
 //! between two runs of the same build), whatever else the machine is doing. It runs about fifty
@@ -25,30 +25,13 @@ impl PrivateRedis {
     /// Starts one under callgrind on a free port with the flags `scripts/services` gives the
     /// shared Redis, and waits until it answers.
     pub(crate) async fn start() -> Self {
-        Self::spawn(true).await
-    }
-
-    /// The same without valgrind: for watching what calls run (`MONITOR`) where nothing is
-    /// counted, since watching costs Redis instructions of its own.
-    pub(crate) async fn start_plain() -> Self {
-        Self::spawn(false).await
-    }
-
-    async fn spawn(counted: bool) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("laabam-callgrind-{port}"));
-        let mut command = if counted {
-            std::fs::create_dir_all(&dir).expect("a directory for callgrind's output");
-            let mut valgrind = Command::new("valgrind");
-            valgrind
-                .arg("--tool=callgrind")
-                .arg(format!("--callgrind-out-file={}", dir.join("out").display()))
-                .arg("redis-server");
-            valgrind
-        } else {
-            Command::new("redis-server")
-        };
-        let child = command
+        std::fs::create_dir_all(&dir).expect("a directory for callgrind's output");
+        let child = Command::new("valgrind")
+            .arg("--tool=callgrind")
+            .arg(format!("--callgrind-out-file={}", dir.join("out").display()))
+            .arg("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())

@@ -1,7 +1,6 @@
 //! `redis-calls`: the store's own Redis calls alone, without the rest of the system.
 
 use crate::load::events;
-use crate::lua_replay::{Captured, Replay};
 use crate::measure::{Meter, PUBLISHER, Run, rest_named};
 use crate::private_redis::PrivateRedis;
 use futures_util::StreamExt;
@@ -17,11 +16,10 @@ use std::time::Instant;
 /// The Redis side of deliveries alone, through the store's own calls: `n` deliveries begun
 /// (events of `width` endpoints each) and then recorded as successes, 256 calls in flight. It
 /// prints the CPU each call costs Redis and this process (the client), without the broker,
-/// receiver and dispatcher sharing the cores, so a change to a script shows in microseconds
-/// where the whole-system runs cannot tell it from noise. With `callgrind` it runs against a
-/// private Redis under callgrind instead and prints the instructions Redis executed per
-/// delivery (see [`crate::private_redis`]), not Redis's CPU time, then those of the same commands
-/// replayed without Lua (see [`crate::lua_replay`]).
+/// receiver and dispatcher sharing the cores, so a change to the store's writes shows in
+/// microseconds where the whole-system runs cannot tell it from noise. With `callgrind` it runs
+/// against a private Redis under callgrind instead and prints the instructions Redis executed
+/// per delivery (see [`crate::private_redis`]), not Redis's CPU time.
 pub(crate) async fn redis_calls(n: usize, width: usize, callgrind: bool) -> Run {
     let mut env = TestEnv::new().await;
     let mut counted = if callgrind {
@@ -73,24 +71,6 @@ pub(crate) async fn redis_calls(n: usize, width: usize, callgrind: bool) -> Run 
 record {record} instructions of Redis, {record_client:.1} µs of client"
         );
         extra["redis_instructions_per_delivery"] = json!({ "begin": begin, "record": record });
-        let captured = Captured::of(n, width).await;
-        let mut replayed = serde_json::Map::new();
-        for how in Replay::ALL {
-            let replayed_as = captured.replay(how).await;
-            let per_delivery = |n: u64| n / deliveries as u64;
-            let (begin, record) = (per_delivery(replayed_as.begin), per_delivery(replayed_as.record));
-            let parse = replayed_as.parse.as_secs_f64() * 1e6 / deliveries as f64;
-            println!(
-                "  replayed {}: begin {begin}, record {record} instructions of Redis per delivery; \
-its replies parsed in {parse:.2} µs per delivery",
-                how.name()
-            );
-            replayed.insert(
-                how.name().into(),
-                json!({ "begin": begin, "record": record, "parse_us": parse }),
-            );
-        }
-        extra["replayed"] = replayed.into();
     } else {
         println!(
             "  per delivery ({width} per event): begin {ingest_redis:.1} µs of Redis CPU, {ingest_client:.1} µs of client CPU; \
@@ -116,7 +96,7 @@ pub(crate) fn redis_calls_name(width: usize) -> String {
 
 /// What `redis-calls` sends: an account's endpoints, and its events' arrivals at 10,000
 /// deliveries/s, each delivery under a lease, then recorded as a first attempt that succeeded.
-pub(crate) struct Workload {
+struct Workload {
     version: u64,
     arrivals: Vec<(Envelope, Vec<u8>, Vec<Begin>, i64)>,
     success: Success,
@@ -124,7 +104,7 @@ pub(crate) struct Workload {
 
 impl Workload {
     /// Creates the account's `width` endpoints and `n / width` events for them.
-    pub(crate) async fn prepare(store: &Store, n: usize, width: usize) -> Self {
+    async fn prepare(store: &Store, n: usize, width: usize) -> Self {
         let account = AccountId::parse("acct_bench").unwrap();
         let endpoints = quiet_endpoints(store, &account, width).await;
         let now = now_ms();
@@ -147,12 +127,12 @@ impl Workload {
         }
     }
 
-    pub(crate) fn deliveries(&self) -> usize {
+    fn deliveries(&self) -> usize {
         self.arrivals.iter().map(|(_, _, begins, _)| begins.len()).sum()
     }
 
     /// Every event's arrival, `IN_FLIGHT` at a time, as a busy dispatcher's share calls.
-    pub(crate) async fn begin(&self, store: &Store) {
+    async fn begin(&self, store: &Store) {
         futures_util::stream::iter(&self.arrivals)
             .map(|(e, json, begins, at)| store.ingest(e, json, self.version, begins, *at))
             .buffer_unordered(IN_FLIGHT)
@@ -163,7 +143,7 @@ impl Workload {
     }
 
     /// Every delivery's record, `IN_FLIGHT` at a time.
-    pub(crate) async fn record(&self, store: &Store) {
+    async fn record(&self, store: &Store) {
         futures_util::stream::iter(self.arrivals.iter().flat_map(|(_, _, begins, _)| begins))
             .map(|b| {
                 let record = self.success.record(b);

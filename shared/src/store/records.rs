@@ -19,12 +19,13 @@
 
 use super::batch_writer::Writer;
 use super::script_call::ScriptCall;
+use super::sorted_sets::SortedSetWrites;
 use super::stats;
 use super::watched::Watched;
 use crate::delivery::DeliveryStatus;
 use redis::aio::ConnectionManager;
-use redis::{Pipeline, RedisError, Script, Value};
-use std::collections::HashMap;
+use redis::{Cmd, Pipeline, RedisError, Script, Value};
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::LazyLock;
 
 /// The newest attempts a delivery's log keeps.
@@ -128,9 +129,10 @@ struct Reads<'b> {
 
 fn reads_of<'b>(batch: &[&'b Recording]) -> Reads<'b> {
     let mut states: Vec<&str> = Vec::with_capacity(batch.len());
+    let mut seen: rustc_hash::FxHashSet<&str> = Default::default();
     let mut finishing: Vec<(&str, &str)> = Vec::new();
     for r in batch {
-        if !states.contains(&r.state.as_str()) {
+        if seen.insert(&r.state) {
             states.push(&r.state);
         }
         let pair = (r.history.as_str(), r.health.as_str());
@@ -215,7 +217,7 @@ fn number(value: Option<&Value>) -> Option<u64> {
 
 /// Decides each record from the reads, in the batch's order, and builds the transaction.
 fn plan<'b>(batch: &[&'b Recording], reads: &Reads<'b>, read: Vec<Value>, history_kept: u32) -> (Pipeline, Plan<'b>) {
-    let mut views: HashMap<&str, StateView> = HashMap::with_capacity(reads.states.len());
+    let mut views: HashMap<&str, StateView> = HashMap::default();
     for (state, held) in reads.states.iter().zip(&read) {
         let fields = match held {
             Value::Array(fields) => fields.as_slice(),
@@ -233,6 +235,7 @@ fn plan<'b>(batch: &[&'b Recording], reads: &Reads<'b>, read: Vec<Value>, histor
     let mut tx = redis::pipe();
     let mut answers = Vec::with_capacity(batch.len());
     let mut counts = Counts::default();
+    let mut due = SortedSetWrites::default();
     let mut healths = Healths::default();
     let mut finished: Vec<((&str, &str), u32)> = Vec::new();
     for &r in batch {
@@ -253,7 +256,11 @@ fn plan<'b>(batch: &[&'b Recording], reads: &Reads<'b>, read: Vec<Value>, histor
             (n, stored)
         });
         if ours {
-            tx.cmd("HSET")
+            // Sized beforehand: the command's buffers would otherwise regrow a few times each.
+            let bytes =
+                r.state.len() + logged.map_or(0, |(_, stored)| stored.len()) + r.reason.as_ref().map_or(0, String::len);
+            let mut hset = Cmd::with_capacity(19, bytes + 160);
+            hset.arg("HSET")
                 .arg(&r.state)
                 .arg("status")
                 .arg(r.status.as_str())
@@ -261,23 +268,26 @@ fn plan<'b>(batch: &[&'b Recording], reads: &Reads<'b>, read: Vec<Value>, histor
                 .arg(r.attempts)
                 .arg("lease")
                 .arg("")
-                .arg("next_attempt")
-                .arg(r.next_attempt_ms.map(|n| n.to_string()).unwrap_or_default());
+                .arg("next_attempt");
+            match r.next_attempt_ms {
+                Some(at) => hset.arg(at),
+                None => hset.arg(""),
+            };
             if let Some((n, stored)) = logged {
-                tx.arg(format!("att:{n}")).arg(stored).arg("logged").arg(n);
+                hset.arg(format!("att:{n}")).arg(stored).arg("logged").arg(n);
                 view.logged = n;
             }
             if let Some(first) = r.first_attempt_ms {
-                tx.arg("first_attempt").arg(first);
+                hset.arg("first_attempt").arg(first);
             }
             if let Some(reason) = &r.reason {
-                tx.arg("reason").arg(reason);
+                hset.arg("reason").arg(reason);
             }
-            tx.ignore();
+            tx.add_command(hset).ignore();
             match r.next_attempt_ms {
-                Some(due) => tx.cmd("ZADD").arg(&r.due).arg(due).arg(&r.job).ignore(),
-                None => tx.cmd("ZREM").arg(&r.due).arg(&r.job).ignore(),
-            };
+                Some(at) => due.add(&r.due, at, &r.job),
+                None => due.remove(&r.due, &r.job),
+            }
             view.lease = Some(Vec::new());
             let pair = (r.history.as_str(), r.health.as_str());
             if r.status.is_finished() {
@@ -300,6 +310,7 @@ fn plan<'b>(batch: &[&'b Recording], reads: &Reads<'b>, read: Vec<Value>, histor
         }
         answers.push((ours, streak));
     }
+    due.send(&mut tx);
     counts.write(&mut tx);
     let stored_at = healths.write(&mut tx);
     // A streak read back from Redis is the reply of its endpoint's `HGET`, the transaction's

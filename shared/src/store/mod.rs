@@ -156,6 +156,15 @@ impl Store {
                 .set_max_delay(Duration::from_millis(500));
             let mut conn = ConnectionManager::new_with_config(client.clone(), manager_config).await?;
             redis::cmd("PING").query_async::<()>(&mut conn).await?;
+            // A server that hides its version (some hosted ones restrict `INFO`) is taken at its word.
+            let info: Option<String> = redis::cmd("INFO").arg("server").query_async(&mut conn).await.ok();
+            if let Some(version) = info.as_deref().and_then(too_old) {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "Redis is too old",
+                    format!("it runs {version}; Laabam needs {MIN_REDIS_MAJOR}.0 or later (`EXPIRE … NX`)"),
+                )));
+            }
             Ok::<_, redis::RedisError>((client, conn))
         })
         .await?;
@@ -248,7 +257,35 @@ impl Store {
     }
 }
 
+/// The oldest Redis whose commands the store sends: `EXPIRE … NX` came with 7.0.
+const MIN_REDIS_MAJOR: u32 = 7;
+
+/// The version `INFO server` reports, if it is older than [`MIN_REDIS_MAJOR`].
+fn too_old(info: &str) -> Option<&str> {
+    let version = info.lines().find_map(|l| l.strip_prefix("redis_version:"))?.trim();
+    let major: u32 = version.split('.').next()?.parse().ok()?;
+    (major < MIN_REDIS_MAJOR).then_some(version)
+}
+
 /// Lifetimes in whole seconds, at least one: Redis refuses an `EXPIRE` of zero.
 fn retention_secs(retention: Duration) -> u64 {
     retention.as_secs().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redis_older_than_seven_is_named_by_its_version() {
+        let info = |v: &str| format!("# Server\r\nredis_version:{v}\r\nredis_mode:standalone\r\n");
+        assert_eq!(too_old(&info("6.2.14")), Some("6.2.14"));
+        assert_eq!(too_old(&info("7.0.15")), None);
+        assert_eq!(too_old(&info("10.1.0")), None);
+        assert_eq!(
+            too_old("# Server\r\nredis_mode:standalone\r\n"),
+            None,
+            "no version, no refusal"
+        );
+    }
 }

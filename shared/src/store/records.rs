@@ -100,7 +100,7 @@ impl Writer for RecordWriter {
             .transact(&reads.pipe, |read| Some(plan(batch, &reads, read, kept)))
             .await?
             .expect("a record's reads are all it needs");
-        let answers = plan.answers(&replies)?;
+        let answers = plan.answers(&replies);
         for &((history, health), finishes) in &plan.trims {
             let trimmed = ScriptCall::new(&TRIM_HISTORY, 2)
                 .key(history)
@@ -183,19 +183,16 @@ struct Plan<'b> {
 }
 
 impl Plan<'_> {
-    fn answers(&self, replies: &[Value]) -> Result<Vec<Answer>, RedisError> {
+    fn answers(&self, replies: &[Value]) -> Vec<Answer> {
         self.answers
             .iter()
             .map(|&(applied, streak)| {
                 let since = match streak {
                     Streak::None => None,
                     Streak::Known(at) => Some(at),
-                    Streak::Stored(n) => match replies.get(n) {
-                        Some(Value::BulkString(b)) => std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()),
-                        _ => None,
-                    },
+                    Streak::Stored(n) => number(replies.get(n)).and_then(|at| i64::try_from(at).ok()),
                 };
-                Ok((applied, since))
+                (applied, since)
             })
             .collect()
     }
@@ -525,7 +522,7 @@ mod tests {
         let batch: Vec<&Recording> = batch.iter().collect();
         let reads = reads_of(&batch);
         let (tx, plan) = plan(&batch, &reads, read, 6400);
-        (commands_of(&tx), plan.answers(replies).unwrap())
+        (commands_of(&tx), plan.answers(replies))
     }
 
     #[test]

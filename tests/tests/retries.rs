@@ -8,9 +8,11 @@ use laabam_shared::delivery::{AttemptRecord, DeliveryState, DeliveryStatus, Outc
 use laabam_shared::endpoint::{Endpoint, EndpointPatch};
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::{AccountId, DeliveryId};
-use laabam_shared::store::{AttemptTiming, Record, Store};
-use laabam_tests::deliveries::{Success, begin_events, first_attempt, quiet_endpoints};
-use laabam_tests::env::{publish_all, sample_events};
+use laabam_shared::store::{AttemptTiming, Begin, Ingest, Record, Store, Taken};
+use laabam_tests::deliveries::{
+    Success, begin_events, begin_events_together, first_attempt, leased_begins, quiet_endpoints,
+};
+use laabam_tests::env::{payment_failed, publish_all, sample_events};
 use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
 use std::cell::Cell;
 use std::time::Duration;
@@ -853,4 +855,95 @@ async fn deferrals_taken_back_by_another_dispatcher_do_not_delay_the_next_ones()
         after.iter().all(|&ms| ms < 2_500),
         "due {after:?} ms after publishing: deferrals of the episode still counted as ahead"
     );
+}
+
+/// An attempt's record racing a take of the same delivery, as when an attempt finishes just as
+/// its lease falls due and a scheduler has claimed it: exactly one of them wins. Either the
+/// record applies and the take finds the delivery finished, or the take holds a new lease and
+/// the record's no longer does. A thousand races at once through two stores (two processes'
+/// connections): a record whose reads a take overtook must be refused by Redis and decided again
+/// (with the record's lease compare made in a read without `WATCH`, some race ends with both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_racing_a_take_of_its_delivery_never_wins_beside_it() {
+    let env = TestEnv::new().await;
+    let recorder = env.store().await;
+    let taker = env.store().await;
+    let endpoints = quiet_endpoints(&recorder, &AccountId::parse("acct_race").unwrap(), 1).await;
+    let now = now_ms();
+    let begins = begin_events_together(&recorder, &endpoints, now, 0..1000).await;
+    // The scheduler's claim: each lease, fallen due, taken out of the retry set to be re-queued.
+    let mut conn = env.redis().await;
+    for b in &begins {
+        let due = recorder.keys().retry_due(recorder.keys().shard_of(&b.job.delivery));
+        let removed: u32 = redis::AsyncCommands::zrem(&mut conn, due, b.job.encode())
+            .await
+            .unwrap();
+        assert_eq!(removed, 1, "the lease was in the retry set");
+    }
+    let success = Success::at(now);
+    let races = begins.iter().enumerate().map(|(i, b)| {
+        let (recorder, taker, success) = (&recorder, &taker, &success);
+        async move {
+            let record = success.record(b);
+            let lease = format!("{:016x}", 1_000_000 + i);
+            let (recorded, taken) = tokio::join!(recorder.record(&record), taker.take(&b.job, &lease, now + 60_000));
+            let went = matches!(taken.unwrap(), Taken::Go { .. });
+            (recorded.unwrap().applied, went)
+        }
+    });
+    let outcomes = join_all(races).await;
+    for ((applied, went), b) in outcomes.iter().zip(&begins) {
+        assert!(
+            applied != went,
+            "{}: record applied {applied}, take went {went}",
+            b.job.delivery
+        );
+        let state = recorder.delivery(&b.job.delivery).await.unwrap().unwrap();
+        let expected = if *applied {
+            DeliveryStatus::Succeeded
+        } else {
+            DeliveryStatus::Pending
+        };
+        assert_eq!(state.status, expected, "{}", b.job.delivery);
+    }
+}
+
+/// Two copies of each event arriving at once through two stores, as when a message redelivered
+/// after a dispatcher's connection dropped reaches another dispatcher while the first still
+/// writes it: each delivery is created by exactly one of them. An arrival that read the event
+/// as new must be refused by Redis if the other copy stored it first (with the event not
+/// watched, some copies both create their deliveries, resetting one the other began).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_an_event_arriving_at_once_create_each_delivery_once() {
+    let env = TestEnv::new().await;
+    let first = env.store().await;
+    let second = env.store().await;
+    let endpoints = quiet_endpoints(&first, &AccountId::parse("acct_copies").unwrap(), 2).await;
+    let now = now_ms();
+    let events: Vec<(Envelope, Vec<u8>, Vec<Begin>)> = (0..500)
+        .map(|i| {
+            let event = payment_failed(&endpoints.endpoints[0].account_id, i, now + i as i64);
+            let begins = leased_begins(&event, &endpoints.endpoints, 2 * i, now + 30_000);
+            let json = event.to_json();
+            (event, json, begins)
+        })
+        .collect();
+    let created = |answer: Ingest| match answer {
+        Ingest::Begun { created, .. } => created,
+        Ingest::Stale => panic!("the endpoints did not change"),
+    };
+    let arrivals = events.iter().map(|(event, json, begins)| {
+        let (first, second, version) = (&first, &second, endpoints.version);
+        async move {
+            let (a, b) = tokio::join!(
+                first.ingest(event, json, version, begins, now),
+                second.ingest(event, json, version, begins, now)
+            );
+            (created(a.unwrap()), created(b.unwrap()))
+        }
+    });
+    for ((a, b), (event, ..)) in join_all(arrivals).await.into_iter().zip(&events) {
+        let once: Vec<bool> = a.iter().zip(&b).map(|(x, y)| x != y).collect();
+        assert_eq!(once, [true, true], "{}: created {a:?} and {b:?}", event.id);
+    }
 }

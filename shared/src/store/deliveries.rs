@@ -123,8 +123,9 @@ pub(super) const EVENTS_PER_ACCOUNT: u32 = 10_000;
 
 impl Store {
     /// A transaction shared with the arrivals waiting at the same moment (its reads, then its
-    /// writes): stores the event (first copy wins) and begins its deliveries, provided the account's endpoints are still at
-    /// `endpoints_version` (the version `begins` were chosen from).
+    /// writes): stores the event (first copy wins) and begins its deliveries, provided the
+    /// account's endpoints are still at `endpoints_version` (the version `begins` were chosen
+    /// from).
     pub async fn ingest(
         &self,
         envelope: &Envelope,

@@ -10,9 +10,9 @@
 //! company, since nothing waits on it but the attempt's room in the in-flight bound. Measured
 //! on records, the client's CPU per record fell from 6.4–10.7 µs to 3.5–5.9 µs; Redis's hardly
 //! moved, its per-call share being small beside the commands. Letting full batches overlap up to four calls cost 2–11% more dispatcher CPU.
-//! The price of one call at a time is a bound of [`MAX_BATCH`] items per Redis round trip per
-//! writer, and a round trip is the call's own work in Redis plus wake-ups and the other calls
-//! Redis serves meanwhile. With 16 a call that was the bound: `fanout` (ten records per
+//! The price of one call at a time is a bound of [`MAX_BATCH`] items per call per writer, and
+//! a call (two round trips since session 46: its reads, then its writes) is its own work in
+//! Redis plus wake-ups and the other calls Redis serves meanwhile. With 16 a call that was the bound: `fanout` (ten records per
 //! event) sent full calls of 16 records once every 0.8 ms and stopped at about 19,000
 //! deliveries/s with a tenth of the two cores idle. With 64 its calls carry four times as many
 //! records for a round trip three times as long (2.6 ms), and it delivered a quarter more;

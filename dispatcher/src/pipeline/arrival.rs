@@ -4,7 +4,6 @@
 use super::{AttemptTask, Attempts, Disposition, Handled, Pipeline, new_lease, published_ms};
 use crate::limits::{Taker, Turn};
 use crate::metrics::METRICS;
-use bytes::Bytes;
 use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::RetryJob;
 use laabam_shared::endpoint::Endpoint;
@@ -98,7 +97,6 @@ impl Pipeline {
                 Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
             };
             let published = published_ms(&body);
-            let body = Bytes::from(body);
             let mut tasks = Vec::new();
             for (((begin, turn), endpoint), created) in begins.into_iter().zip(turns).zip(recipients).zip(created) {
                 if !created {

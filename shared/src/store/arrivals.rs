@@ -16,8 +16,9 @@
 
 use super::batch_writer::Writer;
 use super::sorted_sets::SortedSetWrites;
-use super::watched::Watched;
+use super::watched::{Watched, text};
 use crate::delivery::DeliveryStatus;
+use bytes::Bytes;
 use redis::{Cmd, Pipeline, RedisError, Value};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
@@ -31,7 +32,7 @@ pub(super) struct Arrival {
     pub(super) event_key: String,
     pub(super) events_index: String,
     pub(super) deliveries_index: String,
-    pub(super) body: Vec<u8>,
+    pub(super) body: Bytes,
     pub(super) now_ms: i64,
     pub(super) event_id: String,
     /// Whether this write also trims the account's indexes and renews their lifetime.
@@ -114,19 +115,19 @@ impl ArrivalWriter {
         read: Vec<Value>,
         repeated: &mut HashSet<&'b str>,
     ) -> Option<(Pipeline, Vec<Arrived>)> {
-        let mut read = read.into_iter();
-        let mut values = match read.next() {
-            Some(Value::Array(values)) => values.into_iter(),
-            _ => Vec::new().into_iter(),
+        let (fetched, exists) = read.split_first().unwrap_or((&Value::Nil, &[]));
+        let mut values = match fetched {
+            Value::Array(values) => values.iter(),
+            _ => [].iter(),
         };
         // A version that does not parse matches none (a missing one is 0, as no change made it).
         let versions: HashMap<&str, Option<u64>> = reads
             .versions
             .iter()
             .map(|&key| {
-                let version = match bulk(values.next()) {
+                let version = match text(values.next()) {
                     None => Some(0),
-                    Some(v) => std::str::from_utf8(&v).ok().and_then(|v| v.parse().ok()),
+                    Some(v) => std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()),
                 };
                 (key, version)
             })
@@ -135,12 +136,12 @@ impl ArrivalWriter {
         let mut events: HashMap<&str, Stored> = reads
             .events
             .iter()
-            .map(|&key| (key, bulk(values.next()).map_or(Stored::No, Stored::Before)))
+            .map(|&key| (key, text(values.next()).map_or(Stored::No, Stored::Before)))
             .collect();
         let mut existing: HashSet<&str> = reads
             .states
             .iter()
-            .zip(read)
+            .zip(exists)
             .filter(|(_, exists)| matches!(exists, Value::Int(1)))
             .map(|(&state, _)| state)
             .collect();
@@ -167,13 +168,12 @@ impl ArrivalWriter {
                 let event = events.get_mut(a.event_key.as_str()).expect("every event is read");
                 let stored = match event {
                     Stored::No => None,
-                    Stored::Before(body) => Some(body.clone()),
-                    Stored::InBatch(body) => Some(body.to_vec()),
+                    Stored::Before(body) | Stored::InBatch(body) => Some(body.to_vec()),
                 };
                 if stored.is_none() {
                     tx.cmd("SET")
                         .arg(&a.event_key)
-                        .arg(&a.body)
+                        .arg(&a.body[..])
                         .arg("EX")
                         .arg(self.ttl_secs)
                         .ignore();
@@ -259,19 +259,12 @@ impl ArrivalWriter {
     }
 }
 
-/// An event's body as a batch's arrivals find it: not stored, stored before the batch (as read),
-/// or stored by an earlier copy in the batch (its body, not copied unless asked for).
+/// An event's body as a batch's arrivals find it: not stored, stored before the batch (as
+/// read), or stored by an earlier copy in the batch; copied only for a copy that asks for it.
 enum Stored<'b> {
     No,
-    Before(Vec<u8>),
+    Before(&'b [u8]),
     InBatch(&'b [u8]),
-}
-
-fn bulk(value: Option<Value>) -> Option<Vec<u8>> {
-    match value {
-        Some(Value::BulkString(b)) => Some(b),
-        _ => None,
-    }
 }
 
 /// What a batch's decisions need read, all watched: the endpoints' versions and the events
@@ -332,7 +325,7 @@ mod tests {
             event_key: event.into(),
             events_index: "evt-index".into(),
             deliveries_index: "dlv-index".into(),
-            body: format!("body of {event}").into_bytes(),
+            body: format!("body of {event}").into_bytes().into(),
             now_ms: 7,
             event_id: event.into(),
             events_upkeep: false,

@@ -14,9 +14,10 @@ use super::records::{Counted, Recording};
 use super::script_call::ScriptCall;
 use super::stats;
 use super::{Store, StoreError};
-use crate::delivery::{AttemptRecord, DeliveryState, DeliveryStatus, Outcome, RetryJob};
+use crate::delivery::{AttemptRecord, DeliveryState, DeliveryStatus, RetryJob};
 use crate::endpoint::Endpoint;
 use crate::envelope::Envelope;
+use bytes::Bytes;
 use redis::Script;
 use std::sync::{Arc, LazyLock};
 
@@ -39,7 +40,7 @@ pub enum Ingest {
     Begun {
         /// The body to deliver: the first stored copy, so a redelivered message keeps its
         /// timestamp.
-        body: Vec<u8>,
+        body: Bytes,
         /// Per delivery asked for: created now (`true`) or already known.
         created: Vec<bool>,
     },
@@ -134,6 +135,8 @@ impl Store {
         begins: &[Begin],
         now_ms: i64,
     ) -> Result<Ingest, StoreError> {
+        // One copy of the body, shared by the arrival and the answer when this copy is stored.
+        let body = Bytes::copy_from_slice(body);
         let acct = &envelope.account_id;
         let events_index = self.keys.account_events(acct);
         let deliveries_index = self.keys.account_deliveries(acct);
@@ -176,7 +179,7 @@ impl Store {
             deliveries_upkeep: due(&deliveries_index),
             events_index,
             deliveries_index,
-            body: body.to_vec(),
+            body: body.clone(),
             now_ms,
             event_id: envelope.id.to_string(),
             deliveries,
@@ -188,7 +191,7 @@ impl Store {
         };
         match self.arrivals.write(arrival).await {
             Ok(Arrived::Begun { stored, created }) => Ok(Ingest::Begun {
-                body: stored.unwrap_or_else(|| body.to_vec()),
+                body: stored.map_or(body, Bytes::from),
                 created,
             }),
             Ok(Arrived::Stale) => {
@@ -250,11 +253,9 @@ impl Store {
         let at = timing.map_or(0, |t| t.at_ms);
         let attempt = r.attempt.map(|attempt| {
             let counted = Counted {
-                success: timing.is_some_and(|t| t.outcome == Outcome::Success.as_str()),
                 field: timing.map_or_else(String::new, |t| {
                     format!("{}|{}", t.outcome, stats::latency_index(t.duration_ms))
                 }),
-                outcome: timing.map_or_else(String::new, |t| t.outcome.to_owned()),
                 status_code: timing.and_then(|t| t.status_code),
                 at_ms: at,
             };

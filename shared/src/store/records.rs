@@ -22,7 +22,8 @@ use super::script_call::ScriptCall;
 use super::sorted_sets::SortedSetWrites;
 use super::stats;
 use super::watched::Watched;
-use crate::delivery::DeliveryStatus;
+use super::watched::{number, text};
+use crate::delivery::{DeliveryStatus, Outcome};
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Pipeline, RedisError, Script, Value};
 use rustc_hash::FxHashMap as HashMap;
@@ -62,12 +63,20 @@ pub(super) struct Recording {
 /// What an attempt adds to its endpoint's statistics and health.
 #[derive(Debug)]
 pub(super) struct Counted {
-    pub(super) success: bool,
     /// `outcome|latency bucket`, the statistics' field.
     pub(super) field: String,
-    pub(super) outcome: String,
     pub(super) status_code: Option<u16>,
     pub(super) at_ms: i64,
+}
+
+impl Counted {
+    fn outcome(&self) -> &str {
+        self.field.split_once('|').map_or(&self.field, |(outcome, _)| outcome)
+    }
+
+    fn is_success(&self) -> bool {
+        self.outcome() == Outcome::Success.as_str()
+    }
 }
 
 /// The answer to a record: whether the lease was still its own, and since when the endpoint has
@@ -198,20 +207,6 @@ impl Plan<'_> {
     }
 }
 
-fn text(value: Option<&Value>) -> Option<&[u8]> {
-    match value {
-        Some(Value::BulkString(b)) => Some(b),
-        _ => None,
-    }
-}
-
-fn number(value: Option<&Value>) -> Option<u64> {
-    match value {
-        Some(Value::Int(n)) => u64::try_from(*n).ok(),
-        other => text(other).and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()),
-    }
-}
-
 /// Decides each record from the reads, in the batch's order, and builds the transaction.
 fn plan<'b>(batch: &[&'b Recording], reads: &Reads<'b>, read: Vec<Value>, history_kept: u32) -> (Pipeline, Plan<'b>) {
     let mut views: HashMap<&str, StateView> = HashMap::default();
@@ -333,7 +328,9 @@ fn plan<'b>(batch: &[&'b Recording], reads: &Reads<'b>, read: Vec<Value>, histor
 
 /// Whether a history of `size` entries is due a trim: past its bound by more than the slack the
 /// trim allows (a 64th), and not waiting, after a scan that found too few finished deliveries
-/// to delete, until it has grown to `trim_at`.
+/// to delete, until it has grown to `trim_at`. A filter that spares most batches the trim's
+/// round trip; the script decides again on what it finds when it runs, since other writers may
+/// have trimmed or added meanwhile.
 fn outgrown(size: u64, trim_at: Option<u64>, history_kept: u32) -> bool {
     let kept = u64::from(history_kept);
     size > kept + kept / 64 && trim_at.is_none_or(|at| size >= at)
@@ -373,7 +370,9 @@ impl<'b> Counts<'b> {
 /// An endpoint's health as the batch's attempts leave it.
 struct Health<'b> {
     key: &'b str,
-    last: &'b Recording,
+    /// The last attempt, and its delivery.
+    last: &'b Counted,
+    last_delivery: &'b str,
     last_success: Option<i64>,
     /// The streak the last attempt left; `Streak::None` after a success.
     streak: Streak,
@@ -395,21 +394,23 @@ struct Healths<'b> {
 impl<'b> Healths<'b> {
     /// Counts `r`'s attempt into its endpoint's health; answers the streak it leaves, where
     /// `Streak::Stored` names the endpoint (its place in the list) until the writes are built.
-    fn attempted(&mut self, r: &'b Recording, counted: &Counted) -> Streak {
+    fn attempted(&mut self, r: &'b Recording, counted: &'b Counted) -> Streak {
         let next = self.list.len();
         let h = *self.at.entry(r.health.as_str()).or_insert(next);
         if h == next {
             self.list.push(Health {
                 key: &r.health,
-                last: r,
+                last: counted,
+                last_delivery: &r.delivery,
                 last_success: None,
                 streak: Streak::None,
                 first_failure: None,
             });
         }
         let health = &mut self.list[h];
-        health.last = r;
-        if counted.success {
+        health.last = counted;
+        health.last_delivery = &r.delivery;
+        if counted.is_success() {
             health.last_success = Some(counted.at_ms);
             health.streak = Streak::None;
         } else if health.streak == Streak::None {
@@ -436,20 +437,19 @@ impl<'b> Healths<'b> {
                 replies += 1;
                 replies - 1
             }));
-            let (last, counted) = match &health.last.attempt {
-                Some((_, counted)) => (health.last, counted),
-                None => continue,
-            };
+            let last = health.last;
             tx.cmd("HSET")
                 .arg(health.key)
                 .arg("last_at")
-                .arg(counted.at_ms)
+                .arg(last.at_ms)
                 .arg("last_outcome")
-                .arg(&counted.outcome)
-                .arg("last_status")
-                .arg(counted.status_code.map(|c| c.to_string()).unwrap_or_default())
-                .arg("last_delivery")
-                .arg(&last.delivery);
+                .arg(last.outcome())
+                .arg("last_status");
+            match last.status_code {
+                Some(code) => tx.arg(code),
+                None => tx.arg(""),
+            };
+            tx.arg("last_delivery").arg(health.last_delivery);
             if let Some(at) = health.last_success {
                 tx.arg("last_success").arg(at);
             }
@@ -493,9 +493,7 @@ mod tests {
             attempt: attempt.map(|(success, at_ms)| {
                 let outcome = if success { "success" } else { "http5xx" };
                 let counted = Counted {
-                    success,
                     field: format!("{outcome}|0"),
-                    outcome: outcome.into(),
                     status_code: None,
                     at_ms,
                 };

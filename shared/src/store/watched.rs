@@ -88,6 +88,22 @@ impl Watched {
     }
 }
 
+/// A reply's bytes, if it is a string (`None` for nil or anything else).
+pub(super) fn text(value: Option<&Value>) -> Option<&[u8]> {
+    match value {
+        Some(Value::BulkString(b)) => Some(b),
+        _ => None,
+    }
+}
+
+/// A reply's number, whether Redis answered an integer or a string holding one.
+pub(super) fn number(value: Option<&Value>) -> Option<u64> {
+    match value {
+        Some(Value::Int(n)) => u64::try_from(*n).ok(),
+        other => text(other).and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()),
+    }
+}
+
 /// Each command of `pipe` as its words joined by spaces, for tests to compare.
 #[cfg(test)]
 pub(super) fn commands_of(pipe: &Pipeline) -> Vec<String> {

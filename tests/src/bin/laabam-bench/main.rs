@@ -6,11 +6,11 @@
 //! Prints a table and writes JSON to target/bench/. Run with `--release`.
 
 mod baseline;
+mod callgrind;
 mod components;
 mod load;
 mod measure;
 mod pipeline;
-mod private_redis;
 mod redis_calls;
 mod retry_backlog;
 mod roles;

@@ -1,29 +1,28 @@
 //! `redis-calls`: the store's own Redis calls alone, without the rest of the system.
 
+use crate::callgrind::CallgrindRedis;
 use crate::load::events;
 use crate::measure::{Meter, PUBLISHER, Run, rest_named};
-use crate::private_redis::PrivateRedis;
 use futures_util::StreamExt;
 use laabam_shared::clock::now_ms;
-use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
-use laabam_shared::store::{Begin, Store};
 use laabam_tests::TestEnv;
-use laabam_tests::deliveries::{Success, leased_begins, quiet_endpoints};
 use serde_json::json;
 use std::time::Instant;
 
 /// The Redis side of deliveries alone, through the store's own calls: `n` deliveries begun
 /// (events of `width` endpoints each) and then recorded as successes, 256 calls in flight. It
 /// prints the CPU each call costs Redis and this process (the client), without the broker,
-/// receiver and dispatcher sharing the cores, so a change to the store's writes shows in
-/// microseconds where the whole-system runs cannot tell it from noise. With `callgrind` it runs
-/// against a private Redis under callgrind instead and prints the instructions Redis executed
-/// per delivery (see [`crate::private_redis`]), not Redis's CPU time.
+/// receiver and dispatcher sharing the cores, so a change to a script shows in microseconds
+/// where the whole-system runs cannot tell it from noise. With `callgrind` it runs against a
+/// private Redis under callgrind instead and prints the instructions Redis executed per
+/// delivery (see [`crate::callgrind`]), not Redis's CPU time.
 pub(crate) async fn redis_calls(n: usize, width: usize, callgrind: bool) -> Run {
+    use laabam_tests::deliveries::{Success, leased_begins, quiet_endpoints};
+    const IN_FLIGHT: usize = 256;
     let mut env = TestEnv::new().await;
     let mut counted = if callgrind {
-        Some(PrivateRedis::start().await)
+        Some(CallgrindRedis::start().await)
     } else {
         None
     };
@@ -34,20 +33,50 @@ pub(crate) async fn redis_calls(n: usize, width: usize, callgrind: bool) -> Run 
     let private_port = counted.as_ref().map(|redis| redis.port);
     let meter_start = || private_port.map_or_else(|| Meter::start(&[]), |port| Meter::start_on(&[], port, None));
     let store = env.store().await;
-    let workload = Workload::prepare(&store, n, width).await;
-    let deliveries = workload.deliveries();
+    let account = AccountId::parse("acct_bench").unwrap();
+    let endpoints = quiet_endpoints(&store, &account, width).await;
+    let now = now_ms();
+    // Arrival times as at 10,000 deliveries/s: sorted-set entries sharing a score are ordered
+    // by comparing their members, so one time for all would cost Redis far more than real use.
+    let arrivals: Vec<_> = events(n / width)
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let at = now + (i * width / 10) as i64;
+            let begins = leased_begins(&e, &endpoints.endpoints, i * width, at + 30_000);
+            let json = e.to_json();
+            (e, json, begins, at)
+        })
+        .collect();
+    let deliveries = arrivals.len() * width;
     let started = Instant::now();
     if let Some(redis) = &counted {
         redis.zero();
     }
     let meter = meter_start();
-    workload.begin(&store).await;
+    futures_util::stream::iter(&arrivals)
+        .map(|(e, json, begins, at)| store.ingest(e, json, endpoints.version, begins, *at))
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|r| async move {
+            r.unwrap();
+        })
+        .await;
     let (ingest_cpu, ingest_bytes) = meter.stop(&[]);
-    let ingest_instructions = counted.as_mut().map(PrivateRedis::phase);
+    let ingest_instructions = counted.as_mut().map(CallgrindRedis::phase);
+    let success = Success::at(now);
     let meter = meter_start();
-    workload.record(&store).await;
+    futures_util::stream::iter(arrivals.iter().flat_map(|(_, _, begins, _)| begins))
+        .map(|b| {
+            let (store, record) = (&store, success.record(b));
+            async move { store.record(&record).await }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|r| async move {
+            assert!(r.unwrap().applied, "the lease is the one begun");
+        })
+        .await;
     let (record_cpu, record_bytes) = meter.stop(&[]);
-    let record_instructions = counted.as_mut().map(PrivateRedis::phase);
+    let record_instructions = counted.as_mut().map(CallgrindRedis::phase);
     if let Some(redis) = counted {
         redis.stop().await;
     }
@@ -93,69 +122,3 @@ record {record_redis:.1} µs of Redis, {record_client:.1} µs of client"
 pub(crate) fn redis_calls_name(width: usize) -> String {
     format!("redis-calls ({width} per event)")
 }
-
-/// What `redis-calls` sends: an account's endpoints, and its events' arrivals at 10,000
-/// deliveries/s, each delivery under a lease, then recorded as a first attempt that succeeded.
-struct Workload {
-    version: u64,
-    arrivals: Vec<(Envelope, Vec<u8>, Vec<Begin>, i64)>,
-    success: Success,
-}
-
-impl Workload {
-    /// Creates the account's `width` endpoints and `n / width` events for them.
-    async fn prepare(store: &Store, n: usize, width: usize) -> Self {
-        let account = AccountId::parse("acct_bench").unwrap();
-        let endpoints = quiet_endpoints(store, &account, width).await;
-        let now = now_ms();
-        // Sorted-set entries sharing a score are ordered by comparing their members, so one
-        // time for all would cost Redis far more than real use.
-        let arrivals = events(n / width)
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let at = now + (i * width / 10) as i64;
-                let begins = leased_begins(&e, &endpoints.endpoints, i * width, at + 30_000);
-                let json = e.to_json();
-                (e, json, begins, at)
-            })
-            .collect();
-        Workload {
-            version: endpoints.version,
-            arrivals,
-            success: Success::at(now),
-        }
-    }
-
-    fn deliveries(&self) -> usize {
-        self.arrivals.iter().map(|(_, _, begins, _)| begins.len()).sum()
-    }
-
-    /// Every event's arrival, `IN_FLIGHT` at a time, as a busy dispatcher's share calls.
-    async fn begin(&self, store: &Store) {
-        futures_util::stream::iter(&self.arrivals)
-            .map(|(e, json, begins, at)| store.ingest(e, json, self.version, begins, *at))
-            .buffer_unordered(IN_FLIGHT)
-            .for_each(|r| async move {
-                r.unwrap();
-            })
-            .await;
-    }
-
-    /// Every delivery's record, `IN_FLIGHT` at a time.
-    async fn record(&self, store: &Store) {
-        futures_util::stream::iter(self.arrivals.iter().flat_map(|(_, _, begins, _)| begins))
-            .map(|b| {
-                let record = self.success.record(b);
-                async move { store.record(&record).await }
-            })
-            .buffer_unordered(IN_FLIGHT)
-            .for_each(|r| async move {
-                assert!(r.unwrap().applied, "the lease is the one begun");
-            })
-            .await;
-    }
-}
-
-/// Calls the store has in flight, as a busy dispatcher's many events and attempts.
-const IN_FLIGHT: usize = 256;

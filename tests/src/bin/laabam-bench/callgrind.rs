@@ -1,7 +1,6 @@
-//! A private redis-server for `redis-calls --callgrind`, under valgrind's callgrind to count
-//! what Redis executes.
+//! A private redis-server under valgrind's callgrind, for `redis-calls --callgrind`.
 //!
-//! A change to the store's writes moves Redis's cost per delivery by a few percent, and CPU time on this
+//! A change to a script moves Redis's cost per delivery by a few percent, and CPU time on this
 //! shared two-core host moves by a fifth from run to run, so timed runs cannot tell such a
 //! change from noise. The instructions Redis executes for the same calls barely move (0.1%
 //! between two runs of the same build), whatever else the machine is doing. It runs about fifty
@@ -13,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-pub(crate) struct PrivateRedis {
+pub(crate) struct CallgrindRedis {
     child: Child,
     pub(crate) port: u16,
     pub(crate) url: String,
@@ -21,9 +20,9 @@ pub(crate) struct PrivateRedis {
     dumps: u32,
 }
 
-impl PrivateRedis {
-    /// Starts one under callgrind on a free port with the flags `scripts/services` gives the
-    /// shared Redis, and waits until it answers.
+impl CallgrindRedis {
+    /// Starts it on a free port with the flags `scripts/services` gives the shared Redis, and
+    /// waits until it answers.
     pub(crate) async fn start() -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("laabam-callgrind-{port}"));
@@ -31,20 +30,21 @@ impl PrivateRedis {
         let child = Command::new("valgrind")
             .arg("--tool=callgrind")
             .arg(format!("--callgrind-out-file={}", dir.join("out").display()))
-            .arg("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["redis-server", "--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server starts (under valgrind: apt-get install valgrind)");
+            .expect("valgrind runs (apt-get install valgrind)");
         let url = format!("redis://127.0.0.1:{port}");
         let client = redis::Client::open(url.as_str()).expect("Redis URL");
-        wait_until("the private redis-server answers", Duration::from_secs(60), || async {
-            client.get_multiplexed_async_connection().await.is_ok()
-        })
+        wait_until(
+            "redis-server under callgrind answers",
+            Duration::from_secs(60),
+            || async { client.get_multiplexed_async_connection().await.is_ok() },
+        )
         .await;
-        PrivateRedis {
+        CallgrindRedis {
             child,
             port,
             url,
@@ -53,7 +53,7 @@ impl PrivateRedis {
         }
     }
 
-    /// Forgets what was counted so far: the next [`PrivateRedis::phase`] counts from here.
+    /// Forgets what was counted so far: the next [`CallgrindRedis::phase`] counts from here.
     pub(crate) fn zero(&self) {
         self.control("-z");
     }

@@ -13,10 +13,10 @@ use std::time::Instant;
 /// The Redis side of deliveries alone, through the store's own calls: `n` deliveries begun
 /// (events of `width` endpoints each) and then recorded as successes, 256 calls in flight. It
 /// prints the CPU each call costs Redis and this process (the client), without the broker,
-/// receiver and dispatcher sharing the cores, so a change to a script shows in microseconds
-/// where the whole-system runs cannot tell it from noise. With `callgrind` it runs against a
-/// private Redis under callgrind instead and prints the instructions Redis executed per
-/// delivery (see [`crate::callgrind`]), not Redis's CPU time.
+/// receiver and dispatcher sharing the cores, so a change to the store's writes shows in
+/// microseconds where the whole-system runs cannot tell it from noise. With `callgrind` it runs
+/// against a private Redis under callgrind instead and prints the instructions Redis executed
+/// per delivery (see [`crate::callgrind`]), not Redis's CPU time.
 pub(crate) async fn redis_calls(n: usize, width: usize, callgrind: bool) -> Run {
     use laabam_tests::deliveries::{Success, leased_begins, quiet_endpoints};
     const IN_FLIGHT: usize = 256;

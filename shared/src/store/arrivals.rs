@@ -16,7 +16,7 @@
 
 use super::batch_writer::Writer;
 use super::sorted_sets::SortedSetWrites;
-use super::watched::{Watched, text};
+use super::watched::{Watched, number, text};
 use crate::delivery::DeliveryStatus;
 use bytes::Bytes;
 use redis::{Cmd, Pipeline, RedisError, Value};
@@ -34,7 +34,9 @@ pub(super) struct Arrival {
     pub(super) deliveries_index: String,
     pub(super) body: Bytes,
     pub(super) now_ms: i64,
+    /// The event's id and account, which each of its deliveries' states names.
     pub(super) event_id: String,
+    pub(super) account: String,
     /// Whether this write also trims the account's indexes and renews their lifetime.
     pub(super) events_upkeep: bool,
     pub(super) deliveries_upkeep: bool,
@@ -50,9 +52,7 @@ pub(super) struct Beginning {
     /// The retry job, as the retry set holds it.
     pub(super) job: String,
     pub(super) delivery: String,
-    pub(super) event: String,
     pub(super) endpoint: String,
-    pub(super) account: String,
     pub(super) event_type: String,
     pub(super) due_ms: i64,
     /// `Some` to attempt now (pending, leased until `due_ms`); `None` to defer to `due_ms`.
@@ -125,10 +125,8 @@ impl ArrivalWriter {
             .versions
             .iter()
             .map(|&key| {
-                let version = match text(values.next()) {
-                    None => Some(0),
-                    Some(v) => std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()),
-                };
+                let value = values.next();
+                let version = if text(value).is_none() { Some(0) } else { number(value) };
                 (key, version)
             })
             .collect();
@@ -227,7 +225,7 @@ impl ArrivalWriter {
     /// takes absent as 0: two fields fewer cost Redis 2% less per delivery.
     fn begin(&self, tx: &mut Pipeline, a: &Arrival, d: &Beginning) {
         // Sized beforehand: the command's buffers would otherwise regrow a few times each.
-        let bytes = [&d.state, &d.event, &d.endpoint, &d.account, &d.event_type]
+        let bytes = [&d.state, &a.event_id, &d.endpoint, &a.account, &d.event_type]
             .iter()
             .map(|s| s.len())
             .sum::<usize>()
@@ -237,11 +235,11 @@ impl ArrivalWriter {
         hset.arg("HSET")
             .arg(&d.state)
             .arg("event")
-            .arg(&d.event)
+            .arg(&a.event_id)
             .arg("endpoint")
             .arg(&d.endpoint)
             .arg("account")
-            .arg(&d.account)
+            .arg(&a.account)
             .arg("type")
             .arg(&d.event_type)
             .arg("created")
@@ -328,6 +326,7 @@ mod tests {
             body: format!("body of {event}").into_bytes().into(),
             now_ms: 7,
             event_id: event.into(),
+            account: "acct".into(),
             events_upkeep: false,
             deliveries_upkeep: false,
             deliveries: states
@@ -338,9 +337,7 @@ mod tests {
                     history: "history".into(),
                     job: format!("job of {state}"),
                     delivery: state.into(),
-                    event: event.into(),
                     endpoint: "ep".into(),
-                    account: "acct".into(),
                     event_type: "invoice.paid".into(),
                     due_ms: 9,
                     lease: Some("lease".into()),

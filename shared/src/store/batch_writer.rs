@@ -3,22 +3,23 @@
 //!
 //! A call costs the client a command, a reply and wake-ups on two tasks whatever it carries
 //! (7–11 µs of CPU in `laabam-bench redis-calls`), and a busy dispatcher makes thousands a
-//! second. So items queue here and one writer per kind of item sends them together: while its call
-//! is out, the items that arrive wait for it to return and then leave in one call of at most
-//! [`MAX_BATCH`] (and at most [`MAX_KEYS`] keys, so no call holds Redis for long). A lone
+//! second. So items queue here and one writer per kind of item sends them together: while its
+//! call is out, the items that arrive wait for it to return and then leave in one call of at
+//! most [`MAX_BATCH`] (and at most [`MAX_KEYS`] keys, so no call holds Redis for long). A lone
 //! arrival goes at once, waiting for nothing; a lone record waits up to [`RECORD_LINGER`] for
 //! company, since nothing waits on it but the attempt's room in the in-flight bound. Measured
 //! on records, the client's CPU per record fell from 6.4–10.7 µs to 3.5–5.9 µs; Redis's hardly
-//! moved, its per-call share being small beside the commands. Letting full batches overlap up to four calls cost 2–11% more dispatcher CPU.
-//! The price of one call at a time is a bound of [`MAX_BATCH`] items per call per writer, and
-//! a call (two round trips since session 46: its reads, then its writes) is its own work in
-//! Redis plus wake-ups and the other calls Redis serves meanwhile. With 16 a call that was the bound: `fanout` (ten records per
-//! event) sent full calls of 16 records once every 0.8 ms and stopped at about 19,000
-//! deliveries/s with a tenth of the two cores idle. With 64 its calls carry four times as many
-//! records for a round trip three times as long (2.6 ms), and it delivered a quarter more;
+//! moved, its per-call share being small beside the commands. Letting full batches overlap up
+//! to four calls cost 2–11% more dispatcher CPU.
+//! The price of one call at a time is a bound of [`MAX_BATCH`] items per call per writer, and a
+//! call (two round trips since session 46: its reads, then its writes) is its own work in Redis
+//! plus wake-ups and the other calls Redis serves meanwhile. With 16 a call that was the bound:
+//! `fanout` (ten records per event) sent full calls of 16 records once every 0.8 ms and stopped at
+//! about 19,000 deliveries/s with a tenth of the two cores idle. With 64 its calls carry four times
+//! as many records for a round trip three times as long (2.6 ms), and it delivered a quarter more;
 //! calls stay mostly full, but with the cores nearly busy a larger bound gains little (see
-//! [`MAX_BATCH`]). Past that, run more dispatcher processes. The queue needs no bound of its
-//! own: each item's caller waits for its answer, so it holds at most the items in flight.
+//! [`MAX_BATCH`]). Past that, run more dispatcher processes. The queue needs no bound of its own:
+//! each item's caller waits for its answer, so it holds at most the items in flight.
 //!
 //! A batch is applied in the order its items came, each exactly as it would be alone, with one
 //! answer per item. When a call fails, every item in it gets the error, as each would have
@@ -51,8 +52,8 @@ const MAX_BATCH: usize = 64;
 pub(super) const RECORD_LINGER: Duration = Duration::from_millis(2);
 
 /// Keys per call at most, unless one item alone has more. A transaction holds Redis while it
-/// runs, so a call's size is its stall for every other client: 16 arrivals of events with a hundred
-/// endpoints each would hold it for about 14 ms. Seventeen arrivals of ten endpoints (578 keys)
+/// runs, so a call's size is its stall for every other client: 16 arrivals of events with a
+/// hundred endpoints each would hold it for about 14 ms. Seventeen arrivals of ten endpoints (578 keys)
 /// still fit in one call.
 const MAX_KEYS: usize = 600;
 

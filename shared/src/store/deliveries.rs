@@ -162,9 +162,7 @@ impl Store {
                     history,
                     job: job.encode(),
                     delivery: job.delivery.to_string(),
-                    event: job.event.to_string(),
                     endpoint: job.endpoint.to_string(),
-                    account: job.account.to_string(),
                     event_type: b.event_type.clone(),
                     due_ms: b.due_ms,
                     lease: b.lease.clone(),
@@ -182,6 +180,7 @@ impl Store {
             body: body.clone(),
             now_ms,
             event_id: envelope.id.to_string(),
+            account: acct.to_string(),
             deliveries,
         };
         let forget = || {

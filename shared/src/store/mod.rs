@@ -156,7 +156,8 @@ impl Store {
                 .set_max_delay(Duration::from_millis(500));
             let mut conn = ConnectionManager::new_with_config(client.clone(), manager_config).await?;
             redis::cmd("PING").query_async::<()>(&mut conn).await?;
-            // A server that hides its version (some hosted ones restrict `INFO`) is taken at its word.
+            // A server that hides its version (some hosted ones restrict `INFO`) is taken at its
+            // word.
             let info: Option<String> = redis::cmd("INFO").arg("server").query_async(&mut conn).await.ok();
             if let Some(version) = info.as_deref().and_then(too_old) {
                 return Err(redis::RedisError::from((

@@ -4,21 +4,34 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-/// A Redis of the test's own, with append-only persistence fsynced on every write, on a port
-/// of its own; its data directory is removed on drop.
+/// A Redis of the test's own, with append-only persistence, on a port of its own; its data
+/// directory is removed on drop.
 #[derive(Debug)]
 pub struct OwnRedis {
     port: u16,
     dir: PathBuf,
+    /// Settings on top of append-only persistence.
+    settings: &'static [&'static str],
     child: Option<Child>,
 }
 
 impl OwnRedis {
+    /// Fsynced on every write, so a crash loses nothing that was answered.
     pub fn start() -> Self {
+        Self::start_with(&["--appendfsync", "always"])
+    }
+
+    /// With `settings` (flags of `redis-server`) on top of append-only persistence.
+    pub fn start_with(settings: &'static [&'static str]) -> Self {
         let port = crate::ports::free_port();
         let dir = std::env::temp_dir().join(format!("laabam-redis-{}", ulid::Ulid::new()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut redis = OwnRedis { port, dir, child: None };
+        let mut redis = OwnRedis {
+            port,
+            dir,
+            settings,
+            child: None,
+        };
         redis.restart();
         redis
     }
@@ -33,9 +46,8 @@ impl OwnRedis {
                 &self.port.to_string(),
                 "--appendonly",
                 "yes",
-                "--appendfsync",
-                "always",
             ])
+            .args(self.settings)
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -54,6 +66,11 @@ impl OwnRedis {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The process's id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn url(&self) -> String {

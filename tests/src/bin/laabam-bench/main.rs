@@ -19,6 +19,8 @@ mod summary;
 
 use baseline::{baseline, baseline_name};
 use clap::{Parser, ValueEnum};
+use laabam_tests::own_redis::OwnRedis;
+use laabam_tests::wait_until;
 use measure::Run;
 use pipeline::{Setup, noisy_neighbour, pipeline};
 use redis_calls::{redis_calls, redis_calls_name};
@@ -118,6 +120,10 @@ struct Cli {
     /// by a fifth; about fifty times slower, so give it a few thousand `--events`
     #[arg(long)]
     callgrind: bool,
+    /// Every scenario against a Redis of this call's own that persists as production must
+    /// (append-only, fsynced every second), in place of the shared one, which does not
+    #[arg(long)]
+    redis_aof: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -153,7 +159,13 @@ async fn main() {
         runs,
         slow_delay,
         callgrind,
+        redis_aof,
     } = Cli::parse();
+    // Kept until the end: dropping it stops it and removes its files.
+    let _own_redis = match redis_aof {
+        true => Some(persisting_redis().await),
+        false => None,
+    };
     let wanted = |s: Scenario| scenarios.iter().any(|&x| x == s || x == Scenario::All);
     let mut jobs = Vec::new();
     let mut comparisons = Vec::new();
@@ -248,6 +260,35 @@ async fn main() {
     let out = json!({ "summaries": summaries, "comparisons": comparisons, "runs": all });
     std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("\nwrote {}", path.display());
+}
+
+/// How `deploy/compose.yaml` runs Redis, on top of append-only persistence.
+const PRODUCTION_REDIS: &[&str] = &[
+    "--appendfsync",
+    "everysec",
+    "--auto-aof-rewrite-percentage",
+    "400",
+    "--maxmemory-policy",
+    "noeviction",
+];
+
+/// Starts a Redis persisting as `deploy/README.md` asks of production and makes it the
+/// scenarios' Redis: the shared one runs without persistence, and the append-only file's writes
+/// and rewrites cost Redis CPU.
+async fn persisting_redis() -> OwnRedis {
+    let redis = OwnRedis::start_with(PRODUCTION_REDIS);
+    let client = redis::Client::open(redis.url()).expect("a Redis URL");
+    wait_until("the bench's own Redis answers", Duration::from_secs(10), || async {
+        client.get_multiplexed_async_connection().await.is_ok()
+    })
+    .await;
+    measure::use_redis(redis.port(), redis.pid());
+    println!(
+        "scenarios use a Redis of their own on port {}, append-only: {}",
+        redis.port(),
+        PRODUCTION_REDIS.join(" ")
+    );
+    redis
 }
 
 #[cfg(test)]

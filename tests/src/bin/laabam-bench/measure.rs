@@ -3,19 +3,32 @@
 
 use crate::roles::Role;
 use laabam_shared::clock::parse_rfc3339_ms;
-use laabam_tests::Receiver;
+use laabam_tests::{Receiver, TestEnv};
 use serde_json::{Value, json};
+use std::sync::OnceLock;
 
 /// The user and system CPU seconds in a process's or thread's `stat` line.
 pub(crate) fn cpu_seconds_of_stat(stat: &str) -> f64 {
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    stat_ticks(stat, 11) / 100.0
 }
 
-/// CPU seconds and peak RSS of a process, from /proc.
-fn proc_usage(pid: u32) -> (f64, u64) {
+/// A process's CPU seconds with those of the children it has waited for: a Redis forks for its
+/// snapshots and append-only rewrites, work its own figure leaves out (a child still running
+/// when the run ends is missed).
+fn cpu_seconds_with_children(stat: &str) -> f64 {
+    (stat_ticks(stat, 11) + stat_ticks(stat, 13)) / 100.0
+}
+
+/// The sum of the user and system clock ticks from the field after the name numbered `user`
+/// (0 is the state): 11 for the process's own, 13 for its waited-for children's.
+fn stat_ticks(stat: &str, user: usize) -> f64 {
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|t| t.parse::<f64>().ok()).unwrap_or(0.0);
+    field(user) + field(user + 1)
+}
+
+/// CPU seconds (`cpu` of its stat line) and peak RSS of a process, from /proc.
+fn proc_usage(pid: u32, cpu: fn(&str) -> f64) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm_kb = status
@@ -24,7 +37,7 @@ fn proc_usage(pid: u32) -> (f64, u64) {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
-    (cpu_seconds_of_stat(&stat), hwm_kb * 1024)
+    (cpu(&stat), hwm_kb * 1024)
 }
 
 fn pid_of(pattern: &str) -> Option<u32> {
@@ -35,8 +48,30 @@ fn pid_of(pattern: &str) -> Option<u32> {
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
-/// The port of the shared Redis that `scripts/services` starts and the scenarios use.
-pub(crate) const SHARED_REDIS_PORT: u16 = 6379;
+/// The port of the shared Redis that `scripts/services` starts and the scenarios use unless
+/// told to use one of their own (see [`use_redis`]).
+const SHARED_REDIS_PORT: u16 = 6379;
+
+/// The Redis the scenarios use, when not the shared one: its port and process.
+static OWN_REDIS: OnceLock<(u16, Option<u32>)> = OnceLock::new();
+
+/// Makes every scenario of this call use the Redis on `port`, run by `pid`, in place of the
+/// shared one; set once, before the first run.
+pub(crate) fn use_redis(port: u16, pid: Option<u32>) {
+    OWN_REDIS.set((port, pid)).expect("the scenarios' Redis is chosen once");
+}
+
+/// The port of the Redis the scenarios use.
+pub(crate) fn redis_port() -> u16 {
+    OWN_REDIS.get().map_or(SHARED_REDIS_PORT, |&(port, _)| port)
+}
+
+/// A test environment whose processes and store use the scenarios' Redis.
+pub(crate) async fn bench_env() -> TestEnv {
+    let mut env = TestEnv::new().await;
+    env.redis_url = format!("redis://127.0.0.1:{}", redis_port());
+    env
+}
 
 /// The bytes the Redis on `port` uses.
 pub(crate) fn redis_memory(port: u16) -> u64 {
@@ -177,10 +212,16 @@ pub(crate) fn rest_named(cpu: Vec<(String, f64, u64)>, label: &str) -> Vec<(Stri
 }
 
 impl Meter {
-    /// Against the shared Redis.
+    /// Against the scenarios' Redis.
     pub(crate) fn start(ours: &[(&str, u32)]) -> Self {
-        let redis = pid_of(&format!("redis-server.*:{SHARED_REDIS_PORT}"));
-        Self::start_on(ours, SHARED_REDIS_PORT, redis)
+        match OWN_REDIS.get() {
+            Some(&(port, pid)) => Self::start_on(ours, port, pid),
+            None => Self::start_on(
+                ours,
+                SHARED_REDIS_PORT,
+                pid_of(&format!("redis-server.*:{SHARED_REDIS_PORT}")),
+            ),
+        }
     }
 
     /// Against the Redis on `redis_port`; without a `redis` process its CPU is not reported (a
@@ -201,14 +242,14 @@ impl Meter {
     fn sample(rabbit: Option<u32>, redis: Option<u32>, ours: &[(&str, u32)]) -> Vec<(String, f64, u64)> {
         let services = [("rabbitmq", rabbit), ("redis", redis)]
             .into_iter()
-            .filter_map(|(name, pid)| Some((name.to_owned(), proc_usage(pid?).0, 0)));
+            .filter_map(|(name, pid)| Some((name.to_owned(), proc_usage(pid?, cpu_seconds_with_children).0, 0)));
         let roles = Role::ALL.map(|r| (r.label().to_owned(), r.cpu_seconds(), 0));
-        let rest = proc_usage(std::process::id()).0 - roles.iter().map(|r| r.1).sum::<f64>();
+        let rest = proc_usage(std::process::id(), cpu_seconds_of_stat).0 - roles.iter().map(|r| r.1).sum::<f64>();
         services
             .chain(roles)
             .chain([(PUBLISHER.to_owned(), rest, 0)])
             .chain(ours.iter().map(|(name, pid)| {
-                let (cpu, rss) = proc_usage(*pid);
+                let (cpu, rss) = proc_usage(*pid, cpu_seconds_of_stat);
                 (name.to_string(), cpu, rss)
             }))
             .collect()
@@ -231,6 +272,15 @@ impl Meter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `stat` of a process named with a space and a parenthesis, 1.50 s its own and 0.25 s of
+    /// children waited for.
+    #[test]
+    fn a_services_cpu_counts_the_children_it_waited_for_and_ours_do_not() {
+        let stat = "42 (redis-server (x) 1) S 1 42 42 0 -1 4194560 10 0 0 0 120 30 20 5 20 0 5 0";
+        assert_eq!(cpu_seconds_of_stat(stat), 1.5);
+        assert_eq!(cpu_seconds_with_children(stat), 1.75);
+    }
 
     #[test]
     fn the_process_table_gives_each_process_and_the_whole_its_cpu_per_delivery() {

@@ -3,13 +3,13 @@
 
 use crate::components::spawn_components;
 use crate::load::{events, publish, publisher};
-use crate::measure::{Meter, Run, latencies, percentile};
+use crate::measure::{Meter, Run, bench_env, latencies, percentile};
 use crate::roles::Role;
 use crate::scrape::print_counters;
 use laabam_shared::clock::now_ms;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
-use laabam_tests::{Receiver, Reply, TestEnv, wait_until};
+use laabam_tests::{Receiver, Reply, wait_until};
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::time::{Duration, Instant};
@@ -51,7 +51,7 @@ fn fails_once(event_id: &str) -> bool {
 }
 
 pub(crate) async fn pipeline(setup: &Setup) -> Run {
-    let mut env = TestEnv::new().await;
+    let mut env = bench_env().await;
     let mut receivers = Vec::new();
     for _ in 0..setup.endpoints {
         let rx = if setup.failing {
@@ -139,7 +139,7 @@ pub(crate) async fn pipeline(setup: &Setup) -> Run {
 
 /// One account bursts while another publishes steadily: the quiet account's latency.
 pub(crate) async fn noisy_neighbour(burst: usize) -> Run {
-    let mut env = TestEnv::new().await;
+    let mut env = bench_env().await;
     let noisy = Role::Receiver.run(Receiver::ok()).await;
     let quiet = Role::Receiver.run(Receiver::ok()).await;
     env.endpoint("acct_bench", &noisy.url, None).await;

@@ -2,11 +2,10 @@
 
 use crate::callgrind::CallgrindRedis;
 use crate::load::events;
-use crate::measure::{Meter, PUBLISHER, Run, rest_named};
+use crate::measure::{Meter, PUBLISHER, Run, bench_env, rest_named};
 use futures_util::StreamExt;
 use laabam_shared::clock::now_ms;
 use laabam_shared::ids::AccountId;
-use laabam_tests::TestEnv;
 use serde_json::json;
 use std::time::Instant;
 
@@ -20,7 +19,7 @@ use std::time::Instant;
 pub(crate) async fn redis_calls(n: usize, width: usize, callgrind: bool) -> Run {
     use laabam_tests::deliveries::{Success, leased_begins, quiet_endpoints};
     const IN_FLIGHT: usize = 256;
-    let mut env = TestEnv::new().await;
+    let mut env = bench_env().await;
     let mut counted = if callgrind {
         Some(CallgrindRedis::start().await)
     } else {

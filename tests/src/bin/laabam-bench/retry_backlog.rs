@@ -2,7 +2,7 @@
 
 use crate::components::log_level;
 use crate::load::events;
-use crate::measure::{Meter, Run, SHARED_REDIS_PORT, redis_memory, rest_named};
+use crate::measure::{Meter, Run, bench_env, redis_memory, redis_port, rest_named};
 use crate::scrape::{counter, histogram_quantile, scrape};
 use futures_util::StreamExt;
 use laabam_shared::clock::now_ms;
@@ -21,14 +21,14 @@ use std::time::{Duration, Instant};
 /// leaves them) due evenly over `spread`: the scheduler's re-queue rate and due lag, and Redis
 /// bytes per pending retry.
 pub(crate) async fn retry_backlog(n: usize, spread: Duration) -> Run {
-    let mut env = TestEnv::new().await;
+    let mut env = bench_env().await;
     let store = env.store().await;
     let keys = laabam_shared::store::Keys::new(&env.prefix, 1);
     let client = redis::Client::open(env.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let account = AccountId::parse("acct_bench").unwrap();
     let endpoints: Vec<_> = (0..10).map(|_| laabam_shared::ids::EndpointId::generate()).collect();
-    let before = redis_memory(SHARED_REDIS_PORT);
+    let before = redis_memory(redis_port());
     // Writing the backlog takes a while: the first job comes due after it is written.
     let lead = Duration::from_secs(150);
     let start_ms = now_ms() + lead.as_millis() as i64;
@@ -73,7 +73,7 @@ pub(crate) async fn retry_backlog(n: usize, spread: Duration) -> Run {
         pipe.query_async::<()>(&mut conn).await.unwrap();
     }
     drop(store);
-    let bytes = redis_memory(SHARED_REDIS_PORT) as i64 - before as i64;
+    let bytes = redis_memory(redis_port()) as i64 - before as i64;
     let job_and_event: i64 = {
         let job: i64 = redis::cmd("MEMORY")
             .arg("USAGE")

@@ -11,18 +11,18 @@ pub struct OwnRedis {
     port: u16,
     dir: PathBuf,
     /// Settings on top of append-only persistence.
-    settings: &'static [&'static str],
+    settings: Vec<String>,
     child: Option<Child>,
 }
 
 impl OwnRedis {
     /// Fsynced on every write, so a crash loses nothing that was answered.
     pub fn start() -> Self {
-        Self::start_with(&["--appendfsync", "always"])
+        Self::start_with(vec!["--appendfsync".into(), "always".into()])
     }
 
     /// With `settings` (flags of `redis-server`) on top of append-only persistence.
-    pub fn start_with(settings: &'static [&'static str]) -> Self {
+    pub fn start_with(settings: Vec<String>) -> Self {
         let port = crate::ports::free_port();
         let dir = std::env::temp_dir().join(format!("laabam-redis-{}", ulid::Ulid::new()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -47,7 +47,7 @@ impl OwnRedis {
                 "--appendonly",
                 "yes",
             ])
-            .args(self.settings)
+            .args(&self.settings)
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())

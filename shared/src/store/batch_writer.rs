@@ -53,8 +53,8 @@ pub(super) const RECORD_LINGER: Duration = Duration::from_millis(2);
 
 /// Keys per call at most, unless one item alone has more. A transaction holds Redis while it
 /// runs, so a call's size is its stall for every other client: 16 arrivals of events with a
-/// hundred endpoints each would hold it for about 14 ms. Seventeen arrivals of ten endpoints (578 keys)
-/// still fit in one call.
+/// hundred endpoints each would hold it for about 14 ms. Seventeen arrivals of ten endpoints
+/// (578 keys) still fit in one call.
 const MAX_KEYS: usize = 600;
 
 /// The buckets of the items-per-call histograms: mostly full calls (63–64) mean items wait

@@ -3,8 +3,8 @@
 //! A change to the store's writes moves Redis's cost per delivery by a few percent, and CPU
 //! time on this shared two-core host moves by a fifth from run to run, so timed runs cannot
 //! tell such a change from noise. The instructions Redis executes for the same calls barely
-//! move (0.1% between two runs of the same build), whatever else the machine is doing. It runs about fifty
-//! times slower, so a run takes a few thousand events, not the default 200,000.
+//! move (0.1% between two runs of the same build), whatever else the machine is doing. It runs
+//! about fifty times slower, so a run takes a few thousand events, not the default 200,000.
 
 use laabam_tests::ports::free_port;
 use laabam_tests::wait_until;

@@ -120,8 +120,8 @@ struct Cli {
     /// by a fifth; about fifty times slower, so give it a few thousand `--events`
     #[arg(long)]
     callgrind: bool,
-    /// Every scenario against a Redis of this call's own that persists as production must
-    /// (append-only, fsynced every second), in place of the shared one, which does not
+    /// Every scenario against a Redis of this call's own, run with `deploy/compose.yaml`'s flags
+    /// (append-only, fsynced every second), in place of the shared one, which does not persist
     #[arg(long)]
     redis_aof: bool,
 }
@@ -262,38 +262,51 @@ async fn main() {
     println!("\nwrote {}", path.display());
 }
 
-/// How `deploy/compose.yaml` runs Redis, on top of append-only persistence.
-const PRODUCTION_REDIS: &[&str] = &[
-    "--appendfsync",
-    "everysec",
-    "--auto-aof-rewrite-percentage",
-    "400",
-    "--maxmemory-policy",
-    "noeviction",
-];
+/// The flags `deploy/compose.yaml` runs Redis with, read from it so the bench's Redis cannot
+/// drift from the deployment's.
+fn production_redis_flags() -> Vec<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let compose: serde_yaml::Value = serde_yaml::from_str(&text).expect("deploy/compose.yaml is YAML");
+    let command = compose["services"]["redis"]["command"]
+        .as_sequence()
+        .expect("compose runs Redis with a command");
+    let (program, flags) = command.split_first().expect("compose's Redis command names a program");
+    assert_eq!(program.as_str(), Some("redis-server"));
+    flags
+        .iter()
+        .map(|flag| flag.as_str().expect("compose's Redis flags are strings").to_owned())
+        .collect()
+}
 
-/// Starts a Redis persisting as `deploy/README.md` asks of production and makes it the
+/// Starts a Redis persisting as `deploy/compose.yaml` runs production's and makes it the
 /// scenarios' Redis: the shared one runs without persistence, and the append-only file's writes
 /// and rewrites cost Redis CPU.
 async fn persisting_redis() -> OwnRedis {
-    let redis = OwnRedis::start_with(PRODUCTION_REDIS);
+    let flags = production_redis_flags();
+    let shown = flags.join(" ");
+    let redis = OwnRedis::start_with(flags);
     let client = redis::Client::open(redis.url()).expect("a Redis URL");
     wait_until("the bench's own Redis answers", Duration::from_secs(10), || async {
         client.get_multiplexed_async_connection().await.is_ok()
     })
     .await;
     measure::use_redis(redis.port(), redis.pid());
-    println!(
-        "scenarios use a Redis of their own on port {}, append-only: {}",
-        redis.port(),
-        PRODUCTION_REDIS.join(" ")
-    );
+    println!("scenarios use a Redis of their own on port {}: {shown}", redis.port());
     redis
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bench_runs_redis_with_compose_s_persistence_flags() {
+        let flags = production_redis_flags();
+        for pair in [["--appendonly", "yes"], ["--appendfsync", "everysec"]] {
+            assert!(flags.windows(2).any(|w| w == pair), "{pair:?} in {flags:?}");
+        }
+    }
 
     /// The rate comes from the run of the same round: the latest, not the first.
     #[test]

@@ -1,5 +1,5 @@
-//! What a run measures: CPU seconds and peak RSS of each process from /proc, Redis memory,
-//! publish-to-receive latencies, and the report each run prints and writes.
+//! What a run measures: CPU seconds, peak RSS and disk writes of each process from /proc, Redis
+//! memory, publish-to-receive latencies, and the report each run prints and writes.
 
 use crate::roles::Role;
 use laabam_shared::clock::parse_rfc3339_ms;
@@ -25,6 +25,20 @@ fn stat_ticks(stat: &str, user: usize) -> f64 {
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     let field = |i: usize| fields.get(i).and_then(|t| t.parse::<f64>().ok()).unwrap_or(0.0);
     field(user) + field(user + 1)
+}
+
+/// The bytes a process has given the kernel to write to disk, with those of the children it has
+/// waited for (`write_bytes` of /proc/PID/io): counted as pages turn dirty, so a page appended
+/// to and synced again and again counts each time, as the disk must write it each time.
+fn disk_written(pid: u32) -> u64 {
+    bytes_written_of_io(&std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default())
+}
+
+fn bytes_written_of_io(io: &str) -> u64 {
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// CPU seconds (`cpu` of its stat line) and peak RSS of a process, from /proc.
@@ -107,12 +121,35 @@ pub(crate) fn latencies(receivers: &[Receiver]) -> Vec<f64> {
     out
 }
 
+/// What one process, or one role of this one, used over a run.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Usage {
+    pub(crate) name: String,
+    pub(crate) cpu: f64,
+    /// Peak RSS, of our own processes (0 for the services and this process's roles).
+    pub(crate) rss: u64,
+    /// Bytes written to disk, by the services (0 for the rest, which write none): what a
+    /// delivery costs the disks of RabbitMQ's message store and Redis's append-only file.
+    pub(crate) written: u64,
+}
+
+impl Usage {
+    fn new(name: &str, cpu: f64, rss: u64, written: u64) -> Self {
+        Usage {
+            name: name.to_owned(),
+            cpu,
+            rss,
+            written,
+        }
+    }
+}
+
 pub(crate) struct Run {
     pub(crate) scenario: String,
     pub(crate) deliveries: usize,
     pub(crate) seconds: f64,
     pub(crate) lat: Vec<f64>,
-    pub(crate) cpu: Vec<(String, f64, u64)>,
+    pub(crate) cpu: Vec<Usage>,
     pub(crate) redis_bytes: i64,
     /// What only this scenario reports.
     pub(crate) extra: Value,
@@ -121,7 +158,7 @@ pub(crate) struct Run {
 impl Run {
     pub(crate) fn report(&self) -> Value {
         let rate = self.deliveries as f64 / self.seconds;
-        let total_cpu: f64 = self.cpu.iter().map(|c| c.1).sum();
+        let total_cpu: f64 = self.cpu.iter().map(|u| u.cpu).sum();
         println!(
             "{}: {} deliveries in {:.2} s = {:.0} deliveries/s; latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; {:.0} deliveries per CPU-second; Redis +{} KiB",
             self.scenario,
@@ -140,10 +177,11 @@ impl Run {
         json!({
             "scenario": self.scenario, "deliveries": self.deliveries, "seconds": self.seconds, "deliveries_per_s": rate,
             "latency_ms": { "p50": percentile(&self.lat, 0.5), "p95": percentile(&self.lat, 0.95), "p99": percentile(&self.lat, 0.99) },
-            "cpu_seconds": self.cpu.iter().map(|(n, c, _)| (n.clone(), json!(c))).collect::<serde_json::Map<_, _>>(),
-            "peak_rss_bytes": self.cpu.iter().filter(|c| c.2 > 0).map(|(n, _, r)| (n.clone(), json!(r))).collect::<serde_json::Map<_, _>>(),
+            "cpu_seconds": self.cpu.iter().map(|u| (u.name.clone(), json!(u.cpu))).collect::<serde_json::Map<_, _>>(),
+            "peak_rss_bytes": self.cpu.iter().filter(|u| u.rss > 0).map(|u| (u.name.clone(), json!(u.rss))).collect::<serde_json::Map<_, _>>(),
+            "disk_bytes_written": self.cpu.iter().filter(|u| u.written > 0).map(|u| (u.name.clone(), json!(u.written))).collect::<serde_json::Map<_, _>>(),
             "deliveries_per_cpu_second": self.deliveries as f64 / total_cpu.max(0.001),
-            "cpu_us_per_delivery": self.cpu.iter().map(|(n, c, _)| (n.clone(), json!(self.us_per_delivery(*c))))
+            "cpu_us_per_delivery": self.cpu.iter().map(|u| (u.name.clone(), json!(self.us_per_delivery(u.cpu))))
                 .chain([("all".to_owned(), json!(self.us_per_delivery(total_cpu)))])
                 .collect::<serde_json::Map<_, _>>(),
             "cores_busy": total_cpu / self.seconds,
@@ -156,26 +194,26 @@ impl Run {
         cpu_seconds * 1e6 / self.deliveries.max(1) as f64
     }
 
-    /// Each process's CPU, also per delivery, and the whole machine's: where a delivery's cost
-    /// goes, read off every run instead of worked out by hand.
+    /// Each process's CPU, also per delivery, and the whole machine's, and the services' disk
+    /// writes per delivery: where a delivery's cost goes, read off every run instead of worked
+    /// out by hand.
     fn process_table(&self) -> Vec<String> {
-        let total: f64 = self.cpu.iter().map(|c| c.1).sum();
+        let total: f64 = self.cpu.iter().map(|u| u.cpu).sum();
         let mut lines = vec![format!(
-            "  {:<14} {:>10} {:>12} {:>13}",
-            "process", "CPU s", "µs/delivery", "peak RSS MiB"
+            "  {:<14} {:>10} {:>12} {:>13} {:>16}",
+            "process", "CPU s", "µs/delivery", "peak RSS MiB", "disk B/delivery"
         )];
-        for (name, cpu, rss) in &self.cpu {
-            let rss = if *rss > 0 {
-                format!("{:.0}", *rss as f64 / 1048576.0)
-            } else {
-                "-".into()
-            };
+        let or_dash = |shown: Option<String>| shown.unwrap_or_else(|| "-".into());
+        for u in &self.cpu {
+            let rss = (u.rss > 0).then(|| format!("{:.0}", u.rss as f64 / 1048576.0));
+            let written = (u.written > 0).then(|| format!("{:.0}", u.written as f64 / self.deliveries.max(1) as f64));
             lines.push(format!(
-                "  {:<14} {:>10.2} {:>12.1} {:>13}",
-                name,
-                cpu,
-                self.us_per_delivery(*cpu),
-                rss
+                "  {:<14} {:>10.2} {:>12.1} {:>13} {:>16}",
+                u.name,
+                u.cpu,
+                self.us_per_delivery(u.cpu),
+                or_dash(rss),
+                or_dash(written)
             ));
         }
         lines.push(format!(
@@ -195,7 +233,7 @@ pub(crate) struct Meter {
     rabbit: Option<u32>,
     redis: Option<u32>,
     redis_port: u16,
-    start: Vec<(String, f64, u64)>,
+    start: Vec<Usage>,
     redis_mem: u64,
 }
 
@@ -205,9 +243,19 @@ pub(crate) const PUBLISHER: &str = "publisher";
 
 /// `cpu` with the [`PUBLISHER`] row named for what this process did instead, in a scenario
 /// that publishes no events.
-pub(crate) fn rest_named(cpu: Vec<(String, f64, u64)>, label: &str) -> Vec<(String, f64, u64)> {
-    cpu.into_iter()
-        .map(|(name, cpu, rss)| (if name == PUBLISHER { label.to_owned() } else { name }, cpu, rss))
+pub(crate) fn rest_named(usage: Vec<Usage>, label: &str) -> Vec<Usage> {
+    usage
+        .into_iter()
+        .map(|u| {
+            if u.name == PUBLISHER {
+                Usage {
+                    name: label.to_owned(),
+                    ..u
+                }
+            } else {
+                u
+            }
+        })
         .collect()
 }
 
@@ -237,33 +285,45 @@ impl Meter {
         }
     }
 
-    /// Each row's CPU seconds so far, with peak RSS for `ours` (0 for the rest): the services
-    /// found, this process's roles and the rest of it, then `ours`.
-    fn sample(rabbit: Option<u32>, redis: Option<u32>, ours: &[(&str, u32)]) -> Vec<(String, f64, u64)> {
+    /// Each row's CPU seconds so far, with peak RSS for `ours` and disk writes for the services
+    /// (0 for the rest): the services found, this process's roles and the rest of it, then `ours`.
+    fn sample(rabbit: Option<u32>, redis: Option<u32>, ours: &[(&str, u32)]) -> Vec<Usage> {
         let services = [("rabbitmq", rabbit), ("redis", redis)]
             .into_iter()
-            .filter_map(|(name, pid)| Some((name.to_owned(), proc_usage(pid?, cpu_seconds_with_children).0, 0)));
-        let roles = Role::ALL.map(|r| (r.label().to_owned(), r.cpu_seconds(), 0));
-        let rest = proc_usage(std::process::id(), cpu_seconds_of_stat).0 - roles.iter().map(|r| r.1).sum::<f64>();
+            .filter_map(|(name, pid)| {
+                let pid = pid?;
+                Some(Usage::new(
+                    name,
+                    proc_usage(pid, cpu_seconds_with_children).0,
+                    0,
+                    disk_written(pid),
+                ))
+            });
+        let roles = Role::ALL.map(|r| Usage::new(r.label(), r.cpu_seconds(), 0, 0));
+        let rest = proc_usage(std::process::id(), cpu_seconds_of_stat).0 - roles.iter().map(|r| r.cpu).sum::<f64>();
         services
             .chain(roles)
-            .chain([(PUBLISHER.to_owned(), rest, 0)])
+            .chain([Usage::new(PUBLISHER, rest, 0, 0)])
             .chain(ours.iter().map(|(name, pid)| {
                 let (cpu, rss) = proc_usage(*pid, cpu_seconds_of_stat);
-                (name.to_string(), cpu, rss)
+                Usage::new(name, cpu, rss, 0)
             }))
             .collect()
     }
 
-    /// Each row's CPU seconds over the run, with peak RSS for `ours`; a role of this process
-    /// that did nothing in the scenario is left out.
-    pub(crate) fn stop(&self, ours: &[(&str, u32)]) -> (Vec<(String, f64, u64)>, i64) {
-        let idle_role = |name: &str, cpu: f64| cpu <= 0.0 && Role::ALL.iter().any(|r| r.label() == name);
+    /// Each row's CPU seconds and disk writes over the run, with peak RSS for `ours`; a role of
+    /// this process that did nothing in the scenario is left out.
+    pub(crate) fn stop(&self, ours: &[(&str, u32)]) -> (Vec<Usage>, i64) {
+        let idle_role = |u: &Usage| u.cpu <= 0.0 && Role::ALL.iter().any(|r| r.label() == u.name);
         let usage = Self::sample(self.rabbit, self.redis, ours)
             .into_iter()
             .zip(&self.start)
-            .map(|((name, after, rss), (_, before, _))| (name, after - before, rss))
-            .filter(|(name, cpu, _)| !idle_role(name, *cpu))
+            .map(|(after, before)| Usage {
+                cpu: after.cpu - before.cpu,
+                written: after.written.saturating_sub(before.written),
+                ..after
+            })
+            .filter(|u| !idle_role(u))
             .collect();
         (usage, redis_memory(self.redis_port) as i64 - self.redis_mem as i64)
     }
@@ -289,17 +349,30 @@ mod tests {
             deliveries: 200_000,
             seconds: 20.0,
             lat: vec![],
-            cpu: vec![("rabbitmq".into(), 13.0, 0), ("dispatcher".into(), 11.0, 45 * 1048576)],
+            cpu: vec![
+                Usage::new("rabbitmq", 13.0, 0, 300_000_000),
+                Usage::new("dispatcher", 11.0, 45 * 1048576, 0),
+            ],
             redis_bytes: 0,
             extra: Value::Null,
         };
         let table = run.process_table();
         assert_eq!(table.len(), 4);
-        assert!(table[1].contains("rabbitmq") && table[1].contains("65.0") && table[1].ends_with('-'));
-        assert!(table[2].contains("55.0") && table[2].ends_with("45"));
+        let cells = |line: &str| line.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(cells(&table[1]), ["rabbitmq", "13.00", "65.0", "-", "1500"]);
+        assert_eq!(cells(&table[2]), ["dispatcher", "11.00", "55.0", "45", "-"]);
         assert!(table[3].contains("24.00") && table[3].contains("120.0") && table[3].ends_with("1.20 cores busy"));
         let report = run.report();
         assert_eq!(report["cpu_us_per_delivery"]["all"], json!(120.0));
         assert_eq!(report["cores_busy"], json!(1.2));
+        assert_eq!(report["disk_bytes_written"], json!({ "rabbitmq": 300_000_000 }));
+    }
+
+    #[test]
+    fn disk_writes_are_read_from_write_bytes() {
+        let io = "rchar: 2833730787\nwchar: 319537283\nread_bytes: 188416\nwrite_bytes: 35966976\n\
+cancelled_write_bytes: 0\n";
+        assert_eq!(bytes_written_of_io(io), 35_966_976);
+        assert_eq!(bytes_written_of_io(""), 0);
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::callgrind::CallgrindRedis;
 use crate::load::events;
-use crate::measure::{Meter, PUBLISHER, Run, bench_env, rest_named};
+use crate::measure::{Meter, PUBLISHER, Run, Usage, bench_env, rest_named};
 use futures_util::StreamExt;
 use laabam_shared::clock::now_ms;
 use laabam_shared::ids::AccountId;
@@ -80,17 +80,24 @@ pub(crate) async fn redis_calls(n: usize, width: usize, callgrind: bool) -> Run 
         redis.stop().await;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let cpu_of = |cpu: &[(String, f64, u64)], who: &str| cpu.iter().find(|c| c.0 == who).map_or(0.0, |c| c.1);
-    let micros = |cpu: &[(String, f64, u64)], who: &str| cpu_of(cpu, who) * 1e6 / deliveries as f64;
+    let cpu_of = |usage: &[Usage], who: &str| usage.iter().find(|u| u.name == who).map_or(0.0, |u| u.cpu);
+    let micros = |usage: &[Usage], who: &str| cpu_of(usage, who) * 1e6 / deliveries as f64;
     // The bench process is the store's client here.
-    let per_delivery = |cpu: &[(String, f64, u64)]| (micros(cpu, "redis"), micros(cpu, PUBLISHER));
+    let per_delivery = |usage: &[Usage]| (micros(usage, "redis"), micros(usage, PUBLISHER));
     let (ingest_redis, ingest_client) = per_delivery(&ingest_cpu);
     let (record_redis, record_client) = per_delivery(&record_cpu);
     let mut extra = json!({ "width": width,
         "client_us_per_delivery": { "begin": ingest_client, "record": record_client } });
     let cpu = ingest_cpu
         .iter()
-        .map(|(name, ..)| (name.clone(), cpu_of(&ingest_cpu, name) + cpu_of(&record_cpu, name), 0))
+        .map(|u| {
+            let record = record_cpu.iter().find(|r| r.name == u.name);
+            Usage {
+                cpu: u.cpu + record.map_or(0.0, |r| r.cpu),
+                written: u.written + record.map_or(0, |r| r.written),
+                ..u.clone()
+            }
+        })
         .collect();
     if let (Some(begin), Some(record)) = (ingest_instructions, record_instructions) {
         let (begin, record) = (begin / deliveries as u64, record / deliveries as u64);

@@ -86,7 +86,7 @@ pub(crate) async fn baseline(n: usize, rate: Option<f64>) -> Run {
     publish(publisher, events(n), 128, rate).await;
     wait_until("every delivery", Duration::from_secs(600), || async { rx.count() >= n }).await;
     let seconds = started.elapsed().as_secs_f64();
-    let (cpu, redis_bytes) = meter.stop(&[]);
+    let (cpu, redis_bytes, traffic) = meter.stop(&[]);
     worker.abort();
     let _ = conn.close(200, "done".into()).await;
     println!(
@@ -100,6 +100,7 @@ pub(crate) async fn baseline(n: usize, rate: Option<f64>) -> Run {
         lat: latencies(&[rx]),
         cpu,
         redis_bytes,
+        traffic,
         extra: json!({}),
     }
 }

@@ -16,6 +16,7 @@ mod retry_backlog;
 mod roles;
 mod scrape;
 mod summary;
+mod traffic;
 
 use baseline::{baseline, baseline_name};
 use clap::{Parser, ValueEnum};

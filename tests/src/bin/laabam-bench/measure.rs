@@ -2,6 +2,7 @@
 //! memory, publish-to-receive latencies, and the report each run prints and writes.
 
 use crate::roles::Role;
+use crate::traffic::{Counters, Traffic};
 use laabam_shared::clock::parse_rfc3339_ms;
 use laabam_tests::{Receiver, TestEnv};
 use serde_json::{Value, json};
@@ -31,12 +32,18 @@ fn stat_ticks(stat: &str, user: usize) -> f64 {
 /// waited for (`write_bytes` of /proc/PID/io): counted as pages turn dirty, so a page appended
 /// to and synced again and again counts each time, as the disk must write it each time.
 fn disk_written(pid: u32) -> u64 {
-    bytes_written_of_io(&std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default())
+    counter_of(
+        &std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default(),
+        "write_bytes",
+    )
 }
 
-fn bytes_written_of_io(io: &str) -> u64 {
-    io.lines()
-        .find_map(|l| l.strip_prefix("write_bytes:"))
+/// The number on the line `name:…` of a listing of counters, as `/proc/PID/io` and Redis's
+/// `INFO` give them; 0 when it is missing.
+pub(crate) fn counter_of(listing: &str, name: &str) -> u64 {
+    listing
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }
@@ -87,17 +94,18 @@ pub(crate) async fn bench_env() -> TestEnv {
     env
 }
 
-/// The bytes the Redis on `port` uses.
-pub(crate) fn redis_memory(port: u16) -> u64 {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "info", "memory"])
+/// A section of `INFO` from the Redis on `port` (empty when it cannot be read).
+pub(crate) fn redis_info(port: u16, section: &str) -> String {
+    std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "info", section])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    out.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+/// The bytes the Redis on `port` uses.
+pub(crate) fn redis_memory(port: u16) -> u64 {
+    counter_of(&redis_info(port, "memory"), "used_memory")
 }
 
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -151,6 +159,7 @@ pub(crate) struct Run {
     pub(crate) lat: Vec<f64>,
     pub(crate) cpu: Vec<Usage>,
     pub(crate) redis_bytes: i64,
+    pub(crate) traffic: Traffic,
     /// What only this scenario reports.
     pub(crate) extra: Value,
 }
@@ -174,6 +183,7 @@ impl Run {
         for line in self.process_table() {
             println!("{line}");
         }
+        println!("{}", self.traffic.line(self.deliveries));
         json!({
             "scenario": self.scenario, "deliveries": self.deliveries, "seconds": self.seconds, "deliveries_per_s": rate,
             "latency_ms": { "p50": percentile(&self.lat, 0.5), "p95": percentile(&self.lat, 0.95), "p99": percentile(&self.lat, 0.99) },
@@ -186,6 +196,7 @@ impl Run {
                 .collect::<serde_json::Map<_, _>>(),
             "cores_busy": total_cpu / self.seconds,
             "redis_bytes_added": self.redis_bytes,
+            "per_delivery": self.traffic.per_delivery(self.deliveries),
             "extra": self.extra,
         })
     }
@@ -235,6 +246,7 @@ pub(crate) struct Meter {
     redis_port: u16,
     start: Vec<Usage>,
     redis_mem: u64,
+    counters: Counters,
 }
 
 /// What this process does besides its receivers and bare pipeline: publishing the events (or
@@ -276,12 +288,15 @@ impl Meter {
     /// Redis under callgrind spends fifty times the CPU the same work costs).
     pub(crate) fn start_on(ours: &[(&str, u32)], redis_port: u16, redis: Option<u32>) -> Self {
         let rabbit = pid_of("beam.smp");
+        // Before the CPU: asking the broker for its counters costs it some.
+        let counters = Counters::read(redis_port);
         Meter {
             rabbit,
             redis,
             redis_port,
             start: Self::sample(rabbit, redis, ours),
             redis_mem: redis_memory(redis_port),
+            counters,
         }
     }
 
@@ -311,9 +326,10 @@ impl Meter {
             .collect()
     }
 
-    /// Each row's CPU seconds and disk writes over the run, with peak RSS for `ours`; a role of
-    /// this process that did nothing in the scenario is left out.
-    pub(crate) fn stop(&self, ours: &[(&str, u32)]) -> (Vec<Usage>, i64) {
+    /// Each row's CPU seconds and disk writes over the run, with peak RSS for `ours` (a role of
+    /// this process that did nothing in the scenario is left out), the Redis memory added, and
+    /// the calls counted.
+    pub(crate) fn stop(&self, ours: &[(&str, u32)]) -> (Vec<Usage>, i64, Traffic) {
         let idle_role = |u: &Usage| u.cpu <= 0.0 && Role::ALL.iter().any(|r| r.label() == u.name);
         let usage = Self::sample(self.rabbit, self.redis, ours)
             .into_iter()
@@ -325,7 +341,12 @@ impl Meter {
             })
             .filter(|u| !idle_role(u))
             .collect();
-        (usage, redis_memory(self.redis_port) as i64 - self.redis_mem as i64)
+        let redis_bytes = redis_memory(self.redis_port) as i64 - self.redis_mem as i64;
+        (
+            usage,
+            redis_bytes,
+            Counters::read(self.redis_port).since(&self.counters),
+        )
     }
 }
 
@@ -354,6 +375,7 @@ mod tests {
                 Usage::new("dispatcher", 11.0, 45 * 1048576, 0),
             ],
             redis_bytes: 0,
+            traffic: Traffic::default(),
             extra: Value::Null,
         };
         let table = run.process_table();
@@ -372,7 +394,9 @@ mod tests {
     fn disk_writes_are_read_from_write_bytes() {
         let io = "rchar: 2833730787\nwchar: 319537283\nread_bytes: 188416\nwrite_bytes: 35966976\n\
 cancelled_write_bytes: 0\n";
-        assert_eq!(bytes_written_of_io(io), 35_966_976);
-        assert_eq!(bytes_written_of_io(""), 0);
+        assert_eq!(counter_of(io, "write_bytes"), 35_966_976);
+        assert_eq!(counter_of(io, "read_bytes"), 188_416);
+        assert_eq!(counter_of("used_memory_rss:9\nused_memory:7\n", "used_memory"), 7);
+        assert_eq!(counter_of("", "write_bytes"), 0);
     }
 }

@@ -104,7 +104,7 @@ pub(crate) async fn pipeline(setup: &Setup) -> Run {
     })
     .await;
     let seconds = started.elapsed().as_secs_f64();
-    let (cpu, redis_bytes) = meter.stop(&ours);
+    let (cpu, redis_bytes, traffic) = meter.stop(&ours);
     print_counters(
         dispatcher_port,
         &[
@@ -133,6 +133,7 @@ pub(crate) async fn pipeline(setup: &Setup) -> Run {
         lat: latencies(&receivers),
         cpu,
         redis_bytes,
+        traffic,
         extra: json!({ "queues": setup.queues, "retried_attempts": retried, "connections": connections }),
     }
 }
@@ -181,7 +182,7 @@ pub(crate) async fn noisy_neighbour(burst: usize) -> Run {
     })
     .await;
     let seconds = started.elapsed().as_secs_f64();
-    let (cpu, redis_bytes) = meter.stop(&ours);
+    let (cpu, redis_bytes, traffic) = meter.stop(&ours);
     print_counters(dispatcher_port, &["deferred_total"]).await;
     let burst_lat = latencies(std::slice::from_ref(&noisy));
     println!(
@@ -196,6 +197,7 @@ pub(crate) async fn noisy_neighbour(burst: usize) -> Run {
         lat: latencies(&[quiet]),
         cpu,
         redis_bytes,
+        traffic,
         extra: json!({ "burst_events": burst, "quiet_events": sent,
             "burst_latency_ms": { "p50": percentile(&burst_lat, 0.5), "p99": percentile(&burst_lat, 0.99) } }),
     }

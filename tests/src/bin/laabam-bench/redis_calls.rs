@@ -60,7 +60,7 @@ pub(crate) async fn redis_calls(n: usize, width: usize, callgrind: bool) -> Run 
             r.unwrap();
         })
         .await;
-    let (ingest_cpu, ingest_bytes) = meter.stop(&[]);
+    let (ingest_cpu, ingest_bytes, ingest_traffic) = meter.stop(&[]);
     let ingest_instructions = counted.as_mut().map(CallgrindRedis::phase);
     let success = Success::at(now);
     let meter = meter_start();
@@ -74,7 +74,7 @@ pub(crate) async fn redis_calls(n: usize, width: usize, callgrind: bool) -> Run 
             assert!(r.unwrap().applied, "the lease is the one begun");
         })
         .await;
-    let (record_cpu, record_bytes) = meter.stop(&[]);
+    let (record_cpu, record_bytes, record_traffic) = meter.stop(&[]);
     let record_instructions = counted.as_mut().map(CallgrindRedis::phase);
     if let Some(redis) = counted {
         redis.stop().await;
@@ -121,6 +121,7 @@ record {record_redis:.1} µs of Redis, {record_client:.1} µs of client"
         lat: Vec::new(),
         cpu,
         redis_bytes: ingest_bytes + record_bytes,
+        traffic: ingest_traffic + record_traffic,
         extra,
     }
 }

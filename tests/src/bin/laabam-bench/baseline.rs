@@ -98,7 +98,7 @@ pub(crate) async fn baseline(n: usize, rate: Option<f64>) -> Run {
         deliveries: n,
         seconds,
         lat: latencies(&[rx]),
-        cpu,
+        usage: cpu,
         redis_bytes,
         traffic,
         extra: json!({}),

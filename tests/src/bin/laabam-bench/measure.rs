@@ -157,7 +157,7 @@ pub(crate) struct Run {
     pub(crate) deliveries: usize,
     pub(crate) seconds: f64,
     pub(crate) lat: Vec<f64>,
-    pub(crate) cpu: Vec<Usage>,
+    pub(crate) usage: Vec<Usage>,
     pub(crate) redis_bytes: i64,
     pub(crate) traffic: Traffic,
     /// What only this scenario reports.
@@ -167,7 +167,7 @@ pub(crate) struct Run {
 impl Run {
     pub(crate) fn report(&self) -> Value {
         let rate = self.deliveries as f64 / self.seconds;
-        let total_cpu: f64 = self.cpu.iter().map(|u| u.cpu).sum();
+        let total_cpu: f64 = self.usage.iter().map(|u| u.cpu).sum();
         println!(
             "{}: {} deliveries in {:.2} s = {:.0} deliveries/s; latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; {:.0} deliveries per CPU-second; Redis +{} KiB",
             self.scenario,
@@ -187,11 +187,11 @@ impl Run {
         json!({
             "scenario": self.scenario, "deliveries": self.deliveries, "seconds": self.seconds, "deliveries_per_s": rate,
             "latency_ms": { "p50": percentile(&self.lat, 0.5), "p95": percentile(&self.lat, 0.95), "p99": percentile(&self.lat, 0.99) },
-            "cpu_seconds": self.cpu.iter().map(|u| (u.name.clone(), json!(u.cpu))).collect::<serde_json::Map<_, _>>(),
-            "peak_rss_bytes": self.cpu.iter().filter(|u| u.rss > 0).map(|u| (u.name.clone(), json!(u.rss))).collect::<serde_json::Map<_, _>>(),
-            "disk_bytes_written": self.cpu.iter().filter(|u| u.written > 0).map(|u| (u.name.clone(), json!(u.written))).collect::<serde_json::Map<_, _>>(),
+            "cpu_seconds": self.usage.iter().map(|u| (u.name.clone(), json!(u.cpu))).collect::<serde_json::Map<_, _>>(),
+            "peak_rss_bytes": self.usage.iter().filter(|u| u.rss > 0).map(|u| (u.name.clone(), json!(u.rss))).collect::<serde_json::Map<_, _>>(),
+            "disk_bytes_written": self.usage.iter().filter(|u| u.written > 0).map(|u| (u.name.clone(), json!(u.written))).collect::<serde_json::Map<_, _>>(),
             "deliveries_per_cpu_second": self.deliveries as f64 / total_cpu.max(0.001),
-            "cpu_us_per_delivery": self.cpu.iter().map(|u| (u.name.clone(), json!(self.us_per_delivery(u.cpu))))
+            "cpu_us_per_delivery": self.usage.iter().map(|u| (u.name.clone(), json!(self.us_per_delivery(u.cpu))))
                 .chain([("all".to_owned(), json!(self.us_per_delivery(total_cpu)))])
                 .collect::<serde_json::Map<_, _>>(),
             "cores_busy": total_cpu / self.seconds,
@@ -209,13 +209,13 @@ impl Run {
     /// writes per delivery: where a delivery's cost goes, read off every run instead of worked
     /// out by hand.
     fn process_table(&self) -> Vec<String> {
-        let total: f64 = self.cpu.iter().map(|u| u.cpu).sum();
+        let total: f64 = self.usage.iter().map(|u| u.cpu).sum();
         let mut lines = vec![format!(
             "  {:<14} {:>10} {:>12} {:>13} {:>16}",
             "process", "CPU s", "µs/delivery", "peak RSS MiB", "disk B/delivery"
         )];
         let or_dash = |shown: Option<String>| shown.unwrap_or_else(|| "-".into());
-        for u in &self.cpu {
+        for u in &self.usage {
             let rss = (u.rss > 0).then(|| format!("{:.0}", u.rss as f64 / 1048576.0));
             let written = (u.written > 0).then(|| format!("{:.0}", u.written as f64 / self.deliveries.max(1) as f64));
             lines.push(format!(
@@ -370,7 +370,7 @@ mod tests {
             deliveries: 200_000,
             seconds: 20.0,
             lat: vec![],
-            cpu: vec![
+            usage: vec![
                 Usage::new("rabbitmq", 13.0, 0, 300_000_000),
                 Usage::new("dispatcher", 11.0, 45 * 1048576, 0),
             ],

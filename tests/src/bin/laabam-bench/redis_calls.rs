@@ -119,7 +119,7 @@ record {record_redis:.1} µs of Redis, {record_client:.1} µs of client"
         deliveries,
         seconds,
         lat: Vec::new(),
-        cpu,
+        usage: cpu,
         redis_bytes: ingest_bytes + record_bytes,
         traffic: ingest_traffic + record_traffic,
         extra,

@@ -128,7 +128,7 @@ pub(crate) async fn retry_backlog(n: usize, spread: Duration) -> Run {
         deliveries: n,
         seconds,
         lat: Vec::new(),
-        cpu: rest_named(cpu, "bench (drain)"),
+        usage: rest_named(cpu, "bench (drain)"),
         redis_bytes: bytes,
         traffic,
         extra: json!({ "bytes_per_pending_retry": bytes / n as i64, "job_and_event_share_bytes": job_and_event,

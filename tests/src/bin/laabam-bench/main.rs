@@ -251,11 +251,14 @@ async fn main() {
     let all: Vec<Value> = reports.into_iter().flatten().collect();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&dir);
-    let suffix = if queues > 1 {
-        format!("-{queues}-queues")
-    } else {
-        String::new()
-    };
+    // A name per setup, so that a call with another layout or Redis keeps its own file.
+    let suffix: String = [
+        (queues > 1).then(|| format!("-{queues}-queues")),
+        redis_aof.then(|| "-redis-aof".to_owned()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let names: Vec<String> = scenarios.iter().map(|s| s.name()).collect();
     let path = dir.join(format!("{}{suffix}.json", names.join("+")));
     let out = json!({ "summaries": summaries, "comparisons": comparisons, "runs": all });

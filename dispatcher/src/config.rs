@@ -4,6 +4,7 @@ use crate::sender::PoolLimits;
 use laabam_shared::config::{
     CommonArgs, RetryArgs, SettingNames, Settings, at_least_one, parse_duration, parse_positive_duration,
 };
+use laabam_shared::store::StoreConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -69,6 +70,12 @@ pub struct DispatcherConfig {
     /// How long a SIGTERM waits for in-flight attempts before closing (their leases cover the rest).
     #[arg(long, env = "LAABAM_SHUTDOWN_GRACE", default_value = "15s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// How long a newly arrived event waits for others to share its Redis call when none is
+    /// out; 0 sends it at once. Below full load 500µs cut the machine's CPU per delivery by
+    /// 6–8% and Redis's round trips by half, and added a millisecond to the median latency
+    /// (README, Performance); under full load calls fill without waiting.
+    #[arg(long, env = "LAABAM_ARRIVAL_LINGER", default_value = "0s", value_parser = parse_duration)]
+    pub arrival_linger: Duration,
 }
 
 impl Settings for DispatcherConfig {
@@ -91,6 +98,14 @@ impl Settings for DispatcherConfig {
 }
 
 impl DispatcherConfig {
+    /// The store's settings: the shared ones, and how long this process's arrivals wait.
+    pub fn store(&self) -> StoreConfig {
+        StoreConfig {
+            arrival_linger: self.arrival_linger,
+            ..StoreConfig::from(&self.common)
+        }
+    }
+
     pub fn lease(&self) -> Duration {
         self.http_timeout + self.lease_margin
     }
@@ -103,5 +118,23 @@ impl DispatcherConfig {
             total: self.http_idle_connections.unwrap_or(self.max_in_flight.max(1024)),
             idle_timeout: Duration::from_secs(90),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn arrivals_go_at_once_unless_told_to_wait() {
+        let parse = |extra: &[&str]| {
+            DispatcherConfig::try_parse_from(["laabam-dispatcher"].iter().chain(extra))
+                .unwrap()
+                .store()
+                .arrival_linger
+        };
+        assert_eq!(parse(&[]), Duration::ZERO);
+        assert_eq!(parse(&["--arrival-linger", "500us"]), Duration::from_micros(500));
     }
 }

@@ -26,7 +26,7 @@ pub use config::DispatcherConfig;
 use laabam_shared::ops::{self, Readiness};
 use laabam_shared::shutdown;
 use laabam_shared::startup::{self, Unreachable};
-use laabam_shared::store::{Store, StoreConfig};
+use laabam_shared::store::Store;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -55,7 +55,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     let common = &config.common;
     let reachable = startup::amqp_connect_within(&common.amqp_url, "laabam-dispatcher", common.connect_timeout).await?;
     startup::amqp_close(&reachable, "reachability checked").await;
-    let store = Store::connect(&StoreConfig::from(common), common.connect_timeout).await?;
+    let store = Store::connect(&config.store(), common.connect_timeout).await?;
     store.warn_about_unsafe_settings().await;
     // Leases and deferrals go to the retry set, so schedulers must claim over this count.
     store.keep_announcing_retry_shards(shutdown.clone());

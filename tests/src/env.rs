@@ -219,6 +219,7 @@ impl TestEnv {
             retry_shards: 1,
             retention: Duration::from_secs(3600),
             history_per_endpoint: 10_000,
+            arrival_linger: Duration::ZERO,
             secret_key: None,
             secret_key_previous: None,
         }

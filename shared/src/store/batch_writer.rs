@@ -6,8 +6,9 @@
 //! second. So items queue here and one writer per kind of item sends them together: while its
 //! call is out, the items that arrive wait for it to return and then leave in one call of at
 //! most [`MAX_BATCH`] (and at most [`MAX_KEYS`] keys, so no call holds Redis for long). A lone
-//! arrival goes at once, waiting for nothing; a lone record waits up to [`RECORD_LINGER`] for
-//! company, since nothing waits on it but the attempt's room in the in-flight bound. Measured
+//! arrival goes at once unless the dispatcher is told to let it wait (`LAABAM_ARRIVAL_LINGER`,
+//! its attempt waiting with it); a lone record waits up to [`RECORD_LINGER`] for company, since
+//! nothing waits on it but the attempt's room in the in-flight bound. Measured
 //! on records, the client's CPU per record fell from 6.4–10.7 µs to 3.5–5.9 µs; Redis's hardly
 //! moved, its per-call share being small beside the commands. Letting full batches overlap up
 //! to four calls cost 2–11% more dispatcher CPU.
@@ -48,7 +49,8 @@ const MAX_BATCH: usize = 64;
 /// 3,000 events/s: about 50 µs of Redis CPU per call on top of 19 µs per record). A record is
 /// not on the way to the endpoint (the request has been answered, and the endpoint's slot
 /// released), so waiting costs only the attempt's room in the in-flight bound for that long.
-/// Arrivals do not wait: the attempt follows them.
+/// Arrivals wait only as long as their store is told to (`StoreConfig::arrival_linger`, zero by
+/// default): the attempt follows them.
 pub(super) const RECORD_LINGER: Duration = Duration::from_millis(2);
 
 /// Keys per call at most, unless one item alone has more. A transaction holds Redis while it
@@ -122,9 +124,9 @@ impl<W: Writer> Clone for BatchWriter<W> {
 /// long a call that is not full waits for more items.
 pub(super) struct Batched {
     pub(super) per_call: &'static LazyLock<Histogram>,
-    /// Zero for what a caller is waiting on to go on (an arrival: the attempt follows it). An
-    /// item waits at most this long past its queueing, so under load, when items have waited
-    /// through the previous call already, it adds nothing.
+    /// Zero by default for what a caller is waiting on to go on (an arrival: the attempt
+    /// follows it). An item waits at most this long past its queueing, so under load, when
+    /// items have waited through the previous call already, it adds nothing.
     pub(super) linger: Duration,
 }
 

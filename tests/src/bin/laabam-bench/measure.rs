@@ -62,11 +62,17 @@ fn proc_usage(pid: u32, cpu: fn(&str) -> f64) -> (f64, u64) {
 }
 
 fn pid_of(pattern: &str) -> Option<u32> {
-    let out = std::process::Command::new("pgrep")
-        .args(["-o", "-f", pattern])
+    stdout_of("pgrep", &["-o", "-f", pattern]).trim().parse().ok()
+}
+
+/// What `program` printed, empty when it could not run: the services' own tools (`pgrep`,
+/// `redis-cli`, `rabbitmqctl`), whose absence leaves a figure out instead of ending a run.
+pub(crate) fn stdout_of(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
         .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// The port of the shared Redis that `scripts/services` starts and the scenarios use unless
@@ -96,11 +102,7 @@ pub(crate) async fn bench_env() -> TestEnv {
 
 /// A section of `INFO` from the Redis on `port` (empty when it cannot be read).
 pub(crate) fn redis_info(port: u16, section: &str) -> String {
-    std::process::Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "info", section])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
+    stdout_of("redis-cli", &["-p", &port.to_string(), "info", section])
 }
 
 /// The bytes the Redis on `port` uses.
@@ -274,14 +276,11 @@ pub(crate) fn rest_named(usage: Vec<Usage>, label: &str) -> Vec<Usage> {
 impl Meter {
     /// Against the scenarios' Redis.
     pub(crate) fn start(ours: &[(&str, u32)]) -> Self {
-        match OWN_REDIS.get() {
-            Some(&(port, pid)) => Self::start_on(ours, port, pid),
-            None => Self::start_on(
-                ours,
-                SHARED_REDIS_PORT,
-                pid_of(&format!("redis-server.*:{SHARED_REDIS_PORT}")),
-            ),
-        }
+        let redis = OWN_REDIS.get().map_or_else(
+            || pid_of(&format!("redis-server.*:{SHARED_REDIS_PORT}")),
+            |&(_, pid)| pid,
+        );
+        Self::start_on(ours, redis_port(), redis)
     }
 
     /// Against the Redis on `redis_port`; without a `redis` process its CPU is not reported (a

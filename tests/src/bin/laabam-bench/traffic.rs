@@ -5,7 +5,7 @@
 //! trips they come, and how often the broker wakes for a delivery's frames (several frames that
 //! arrive together are one read).
 
-use crate::measure::{counter_of, redis_info};
+use crate::measure::{counter_of, redis_info, stdout_of};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::ops::Add;
@@ -72,18 +72,17 @@ pub(crate) struct Counters {
 impl Counters {
     pub(crate) fn read(redis_port: u16) -> Self {
         let stats = redis_info(redis_port, "stats");
-        let connections = std::process::Command::new("rabbitmqctl")
-            .args([
+        let connections = stdout_of(
+            "rabbitmqctl",
+            &[
                 "list_connections",
                 "pid",
                 "recv_cnt",
                 "send_cnt",
                 "-q",
                 "--no-table-headers",
-            ])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
+            ],
+        );
         Counters {
             redis_commands: counter_of(&stats, "total_commands_processed"),
             redis_reads: counter_of(&stats, "total_reads_processed"),

@@ -10,6 +10,7 @@
 //! Settling never waits for the frame: a message's deliveries are begun in Redis under leases
 //! before it is settled, so a lost ack only means a redelivery that finds them already known.
 
+use crate::metrics::METRICS;
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use std::collections::{BTreeMap, VecDeque};
@@ -33,8 +34,11 @@ pub enum Settle {
 /// A frame to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame {
-    /// Every outstanding tag up to and including this one.
-    AckUpTo(u64),
+    /// Every outstanding tag up to and including `tag`: `messages` of them.
+    AckUpTo {
+        tag: u64,
+        messages: u64,
+    },
     AckOne(u64),
     RequeueOne(u64),
 }
@@ -82,6 +86,7 @@ impl AckWindow {
     pub fn flush(&mut self, now: Instant) -> Vec<Frame> {
         let mut frames = Vec::new();
         let mut ack_upto = None;
+        let mut messages = 0;
         while let Some(entry) = self.waiting.first_entry() {
             if *entry.key() != self.settled_upto + 1 {
                 break;
@@ -89,10 +94,11 @@ impl AckWindow {
             self.settled_upto += 1;
             if matches!(entry.remove(), Waiting::Ack) {
                 ack_upto = Some(self.settled_upto);
+                messages += 1;
             }
         }
         if let Some(tag) = ack_upto {
-            frames.push(Frame::AckUpTo(tag));
+            frames.push(Frame::AckUpTo { tag, messages });
         }
         while let Some(&(since, tag)) = self.oldest.front() {
             if let Some(waiting @ Waiting::Ack) = self.waiting.get_mut(&tag) {
@@ -168,8 +174,14 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Settle>) {
 async fn send(channel: &Channel, frames: Vec<Frame>) {
     for frame in frames {
         let result = match frame {
-            Frame::AckUpTo(tag) => channel.basic_ack(tag, BasicAckOptions { multiple: true }).await,
-            Frame::AckOne(tag) => channel.basic_ack(tag, BasicAckOptions { multiple: false }).await,
+            Frame::AckUpTo { tag, messages } => {
+                METRICS.messages_per_ack.observe(messages as f64);
+                channel.basic_ack(tag, BasicAckOptions { multiple: true }).await
+            }
+            Frame::AckOne(tag) => {
+                METRICS.messages_per_ack.observe(1.0);
+                channel.basic_ack(tag, BasicAckOptions { multiple: false }).await
+            }
             Frame::RequeueOne(tag) => {
                 let options = BasicNackOptions {
                     requeue: true,
@@ -199,7 +211,7 @@ mod tests {
         for tag in 1..=5 {
             w.settle(Settle::Ack(tag), now);
         }
-        assert_eq!(w.flush(now), vec![Frame::AckUpTo(5)]);
+        assert_eq!(w.flush(now), vec![Frame::AckUpTo { tag: 5, messages: 5 }]);
         assert_eq!(w.next_deadline(), None);
     }
 
@@ -209,12 +221,12 @@ mod tests {
         let now = Instant::now();
         w.settle(Settle::Ack(1), now);
         w.settle(Settle::Ack(3), now);
-        assert_eq!(w.flush(now), vec![Frame::AckUpTo(1)]);
+        assert_eq!(w.flush(now), vec![Frame::AckUpTo { tag: 1, messages: 1 }]);
         assert_eq!(w.next_deadline(), Some(now + LINGER));
         assert_eq!(w.flush(now + LINGER), vec![Frame::AckOne(3)]);
         // Tag 2 settles: the run through 3 is settled, and 3 needs no second ack.
         w.settle(Settle::Ack(2), now + LINGER);
-        assert_eq!(w.flush(now + LINGER), vec![Frame::AckUpTo(2)]);
+        assert_eq!(w.flush(now + LINGER), vec![Frame::AckUpTo { tag: 2, messages: 1 }]);
         assert_eq!(w.next_deadline(), None);
     }
 
@@ -225,13 +237,14 @@ mod tests {
         assert_eq!(w.settle(Settle::Requeue(1), now), Some(Frame::RequeueOne(1)));
         assert_eq!(w.flush(now), vec![]);
         w.settle(Settle::Ack(2), now);
-        assert_eq!(w.flush(now), vec![Frame::AckUpTo(2)]);
+        assert_eq!(w.flush(now), vec![Frame::AckUpTo { tag: 2, messages: 1 }]);
     }
 
     proptest! {
         /// However tags settle and however time passes, each frame names a tag the broker still
         /// holds unsettled (else it closes the channel), a multiple ack covers only tags
-        /// decided as acks, and once all are decided, every tag is settled at the broker.
+        /// decided as acks and counts the messages it settles, and once all are decided, every
+        /// tag is settled at the broker.
         #[test]
         fn frames_settle_each_tag_once(
             acks in proptest::collection::vec(any::<bool>(), 1..60),
@@ -249,9 +262,10 @@ mod tests {
             let mut decided = BTreeSet::new();
             let mut apply = |frame: Frame, decided: &BTreeSet<u64>| -> Result<(), TestCaseError> {
                 match frame {
-                    Frame::AckUpTo(t) => {
+                    Frame::AckUpTo { tag: t, messages } => {
                         prop_assert!(outstanding.contains(&t), "multiple ack of unknown tag {}", t);
                         let covered: Vec<u64> = outstanding.range(..=t).copied().collect();
+                        prop_assert_eq!(messages, covered.len() as u64, "messages counted for the ack of {}", t);
                         for tag in covered {
                             prop_assert!(decided.contains(&tag) && is_ack(tag), "ack of undecided or requeued tag {}", tag);
                             outstanding.remove(&tag);

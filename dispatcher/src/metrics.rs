@@ -81,6 +81,7 @@ pub struct Metrics {
     pub endpoints_disabled: IntCounterVec,
     pub retries_scheduled: IntCounterVec,
     pub publish_to_delivered_seconds: Histogram,
+    pub messages_per_ack: Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -187,6 +188,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "laabam_dispatcher_publish_to_delivered_seconds",
         "From the event's timestamp to a successful attempt",
         LATENCY_BUCKETS.to_vec()
+    )
+    .unwrap(),
+    messages_per_ack: register_histogram!(
+        "laabam_dispatcher_messages_per_ack",
+        "Broker messages settled per basic.ack frame sent",
+        vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]
     )
     .unwrap(),
 });

@@ -113,6 +113,8 @@ pub(crate) async fn pipeline(setup: &Setup) -> Run {
             "retries_scheduled_total",
             "per_redis_call_sum",
             "per_redis_call_count",
+            "messages_per_ack_sum",
+            "messages_per_ack_count",
         ],
     )
     .await;

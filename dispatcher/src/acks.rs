@@ -173,27 +173,27 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Settle>) {
 
 async fn send(channel: &Channel, frames: Vec<Frame>) {
     for frame in frames {
-        let result = match frame {
-            Frame::AckUpTo { tag, messages } => {
-                METRICS.messages_per_ack.observe(messages as f64);
-                channel.basic_ack(tag, BasicAckOptions { multiple: true }).await
-            }
-            Frame::AckOne(tag) => {
-                METRICS.messages_per_ack.observe(1.0);
-                channel.basic_ack(tag, BasicAckOptions { multiple: false }).await
-            }
+        // With the messages an ack settles, counted once it is sent.
+        let (result, acked) = match frame {
+            Frame::AckUpTo { tag, messages } => (
+                channel.basic_ack(tag, BasicAckOptions { multiple: true }).await,
+                messages,
+            ),
+            Frame::AckOne(tag) => (channel.basic_ack(tag, BasicAckOptions { multiple: false }).await, 1),
             Frame::RequeueOne(tag) => {
                 let options = BasicNackOptions {
                     requeue: true,
                     multiple: false,
                 };
-                channel.basic_nack(tag, options).await
+                (channel.basic_nack(tag, options).await, 0)
             }
         };
-        if let Err(e) = result {
+        match result {
+            Ok(()) if acked > 0 => METRICS.messages_per_ack.observe(acked as f64),
+            Ok(()) => {}
             // The channel is gone: the broker redelivers what it did not see settled, and the
             // deliveries already begun are recognised and skipped.
-            tracing::warn!(error = %e, ?frame, "acknowledgement not sent");
+            Err(e) => tracing::warn!(error = %e, ?frame, "acknowledgement not sent"),
         }
     }
 }

@@ -86,7 +86,7 @@ pub(crate) async fn baseline(n: usize, rate: Option<f64>) -> Run {
     publish(publisher, events(n), 128, rate).await;
     wait_until("every delivery", Duration::from_secs(600), || async { rx.count() >= n }).await;
     let seconds = started.elapsed().as_secs_f64();
-    let (cpu, redis_bytes, traffic) = meter.stop(&[]);
+    let (usage, redis_bytes, traffic) = meter.stop(&[]);
     worker.abort();
     let _ = conn.close(200, "done".into()).await;
     println!(
@@ -98,7 +98,7 @@ pub(crate) async fn baseline(n: usize, rate: Option<f64>) -> Run {
         deliveries: n,
         seconds,
         lat: latencies(&[rx]),
-        usage: cpu,
+        usage,
         redis_bytes,
         traffic,
         extra: json!({}),

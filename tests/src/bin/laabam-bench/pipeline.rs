@@ -104,7 +104,7 @@ pub(crate) async fn pipeline(setup: &Setup) -> Run {
     })
     .await;
     let seconds = started.elapsed().as_secs_f64();
-    let (cpu, redis_bytes, traffic) = meter.stop(&ours);
+    let (usage, redis_bytes, traffic) = meter.stop(&ours);
     print_counters(
         dispatcher_port,
         &[
@@ -133,7 +133,7 @@ pub(crate) async fn pipeline(setup: &Setup) -> Run {
         deliveries: setup.events * setup.endpoints,
         seconds,
         lat: latencies(&receivers),
-        usage: cpu,
+        usage,
         redis_bytes,
         traffic,
         extra: json!({ "queues": setup.queues, "retried_attempts": retried, "connections": connections }),
@@ -184,7 +184,7 @@ pub(crate) async fn noisy_neighbour(burst: usize) -> Run {
     })
     .await;
     let seconds = started.elapsed().as_secs_f64();
-    let (cpu, redis_bytes, traffic) = meter.stop(&ours);
+    let (usage, redis_bytes, traffic) = meter.stop(&ours);
     print_counters(dispatcher_port, &["deferred_total"]).await;
     let burst_lat = latencies(std::slice::from_ref(&noisy));
     println!(
@@ -197,7 +197,7 @@ pub(crate) async fn noisy_neighbour(burst: usize) -> Run {
         deliveries: burst + sent,
         seconds,
         lat: latencies(&[quiet]),
-        usage: cpu,
+        usage,
         redis_bytes,
         traffic,
         extra: json!({ "burst_events": burst, "quiet_events": sent,

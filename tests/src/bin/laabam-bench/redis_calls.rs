@@ -60,7 +60,7 @@ pub(crate) async fn redis_calls(n: usize, width: usize, callgrind: bool) -> Run 
             r.unwrap();
         })
         .await;
-    let (ingest_cpu, ingest_bytes, ingest_traffic) = meter.stop(&[]);
+    let (ingest_usage, ingest_bytes, ingest_traffic) = meter.stop(&[]);
     let ingest_instructions = counted.as_mut().map(CallgrindRedis::phase);
     let success = Success::at(now);
     let meter = meter_start();
@@ -74,7 +74,7 @@ pub(crate) async fn redis_calls(n: usize, width: usize, callgrind: bool) -> Run 
             assert!(r.unwrap().applied, "the lease is the one begun");
         })
         .await;
-    let (record_cpu, record_bytes, record_traffic) = meter.stop(&[]);
+    let (record_usage, record_bytes, record_traffic) = meter.stop(&[]);
     let record_instructions = counted.as_mut().map(CallgrindRedis::phase);
     if let Some(redis) = counted {
         redis.stop().await;
@@ -84,14 +84,14 @@ pub(crate) async fn redis_calls(n: usize, width: usize, callgrind: bool) -> Run 
     let micros = |usage: &[Usage], who: &str| cpu_of(usage, who) * 1e6 / deliveries as f64;
     // The bench process is the store's client here.
     let per_delivery = |usage: &[Usage]| (micros(usage, "redis"), micros(usage, PUBLISHER));
-    let (ingest_redis, ingest_client) = per_delivery(&ingest_cpu);
-    let (record_redis, record_client) = per_delivery(&record_cpu);
+    let (ingest_redis, ingest_client) = per_delivery(&ingest_usage);
+    let (record_redis, record_client) = per_delivery(&record_usage);
     let mut extra = json!({ "width": width,
         "client_us_per_delivery": { "begin": ingest_client, "record": record_client } });
-    let cpu = ingest_cpu
+    let usage = ingest_usage
         .iter()
         .map(|u| {
-            let record = record_cpu.iter().find(|r| r.name == u.name);
+            let record = record_usage.iter().find(|r| r.name == u.name);
             Usage {
                 cpu: u.cpu + record.map_or(0.0, |r| r.cpu),
                 written: u.written + record.map_or(0, |r| r.written),
@@ -113,13 +113,13 @@ record {record_redis:.1} µs of Redis, {record_client:.1} µs of client"
         );
         extra["redis_us_per_delivery"] = json!({ "begin": ingest_redis, "record": record_redis });
     }
-    let cpu = rest_named(cpu, "bench (client)");
+    let usage = rest_named(usage, "bench (client)");
     Run {
         scenario: redis_calls_name(width),
         deliveries,
         seconds,
         lat: Vec::new(),
-        usage: cpu,
+        usage,
         redis_bytes: ingest_bytes + record_bytes,
         traffic: ingest_traffic + record_traffic,
         extra,

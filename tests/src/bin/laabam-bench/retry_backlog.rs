@@ -109,7 +109,7 @@ pub(crate) async fn retry_backlog(n: usize, spread: Duration) -> Run {
     })
     .await;
     let seconds = started.elapsed().as_secs_f64();
-    let (cpu, _, traffic) = meter.stop(&ours);
+    let (usage, _, traffic) = meter.stop(&ours);
     wait_until("every re-queued job drained", Duration::from_secs(60), || async {
         drained.load(Ordering::Relaxed) >= n
     })
@@ -128,7 +128,7 @@ pub(crate) async fn retry_backlog(n: usize, spread: Duration) -> Run {
         deliveries: n,
         seconds,
         lat: Vec::new(),
-        usage: rest_named(cpu, "bench (drain)"),
+        usage: rest_named(usage, "bench (drain)"),
         redis_bytes: bytes,
         traffic,
         extra: json!({ "bytes_per_pending_retry": bytes / n as i64, "job_and_event_share_bytes": job_and_event,

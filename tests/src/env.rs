@@ -560,10 +560,15 @@ fn numbered_event(
     laabam_shared::envelope::Envelope::new(event_type, account.clone(), data, None, at_ms).expect("a valid event")
 }
 
+/// The `n`th of distinct `payment.failed` events of `account`, published now: for tests where
+/// only the event's identity matters.
+pub fn numbered(account: &str, n: usize) -> laabam_shared::envelope::Envelope {
+    payment_failed(&AccountId::parse(account).expect("a valid account id"), n, now_ms())
+}
+
 /// `n` distinct `payment.failed` events of `account`.
 pub fn sample_events(account: &str, n: usize) -> Vec<laabam_shared::envelope::Envelope> {
-    let account = AccountId::parse(account).expect("a valid account id");
-    (0..n).map(|i| payment_failed(&account, i, now_ms())).collect()
+    (0..n).map(|i| numbered(account, i)).collect()
 }
 
 /// Publishes every event through our library, 100 at a time, and asserts the broker confirmed

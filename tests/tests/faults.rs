@@ -5,11 +5,11 @@ use laabam_producer::{PublishError, Publisher};
 use laabam_shared::clock::now_ms;
 use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::envelope::Envelope;
-use laabam_shared::ids::{AccountId, DeliveryId};
+use laabam_shared::ids::DeliveryId;
 use laabam_shared::publish_link::LinkError;
 use laabam_shared::store::Store;
 use laabam_shared::topology;
-use laabam_tests::env::publish_all;
+use laabam_tests::env::{numbered as event, publish_all};
 use laabam_tests::own_rabbit::OwnRabbit;
 use laabam_tests::own_redis::OwnRedis;
 use laabam_tests::report::{every_confirmed_event_arrives, fault_row};
@@ -17,21 +17,8 @@ use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;
 use serde_json::json;
-use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-fn event(account: &str, n: usize) -> Envelope {
-    let data = RawValue::from_string(format!(r#"{{"invoice_id":"inv_{n}","status":"open","amount":{n}}}"#)).unwrap();
-    Envelope::new(
-        "invoice.created",
-        AccountId::parse(account).unwrap(),
-        data,
-        None,
-        now_ms(),
-    )
-    .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_are_dead_lettered_with_a_reason_and_the_stream_goes_on() {
@@ -619,7 +606,7 @@ async fn a_resource_alarm_fails_publishing_at_once_and_never_stops_delivery() {
         let answer = client
             .post(
                 "/v1/events",
-                json!({ "type": "invoice.created", "data": { "invoice_id": "i", "status": "open", "amount": 1 } }),
+                json!({ "type": "payment.failed", "data": { "payment_id": "pay_api", "reason": "card_declined" } }),
             )
             .await;
         assert_eq!(answer.status, 503, "{:?}", answer.json);
@@ -636,7 +623,7 @@ async fn a_resource_alarm_fails_publishing_at_once_and_never_stops_delivery() {
     // the library and two through the API, all in this process.
     let metrics = env.api_metrics().await;
     assert!(
-        metrics.contains(r#"laabam_producer_events_published_total{event_type="invoice.created",result="blocked"} 4"#),
+        metrics.contains(r#"laabam_producer_events_published_total{event_type="payment.failed",result="blocked"} 4"#),
         "{metrics}"
     );
 

@@ -7,34 +7,18 @@ use laabam_shared::delivery::DeliveryStatus;
 use laabam_shared::envelope::Envelope;
 use laabam_shared::ids::AccountId;
 use laabam_tests::deliveries::{Success, begin_events, quiet_endpoints};
+use laabam_tests::env::numbered;
 use laabam_tests::own_redis::OwnRedis;
 use laabam_tests::{ApiClient, Receiver, TestEnv, wait_until};
-use serde_json::value::RawValue;
 use std::process::Command;
 use std::time::Duration;
-
-/// The `n`th `customer.created` event of `account`.
-fn customer_created(account: &str, n: u32) -> Envelope {
-    let data = RawValue::from_string(format!(
-        r#"{{"customer_id":"c{n}","name":"N","email":"n@example.com"}}"#
-    ))
-    .unwrap();
-    Envelope::new(
-        "customer.created",
-        AccountId::parse(account).unwrap(),
-        data,
-        None,
-        now_ms(),
-    )
-    .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     let mut redis = OwnRedis::start();
     let mut env = TestEnv::new().await;
     env.redis_url = redis.url();
-    let event = |n: u32| customer_created("acct_ops", n);
+    let event = |n: usize| numbered("acct_ops", n);
     // The first attempt of the first event fails, so a retry is pending in Redis when it stops.
     let retried = event(0);
     let rx = Receiver::failing_first_attempt_of(retried.id.as_str()).await;
@@ -367,7 +351,7 @@ async fn redis_pausing_every_client_delays_deliveries_and_loses_none() {
     let redis = OwnRedis::start();
     let mut env = TestEnv::new().await;
     env.redis_url = redis.url();
-    let event = |n: u32| customer_created("acct_pause", n);
+    let event = |n: usize| numbered("acct_pause", n);
     let events: Vec<Envelope> = (0..150).map(event).collect();
     let retried = events[0].id.to_string();
     let rx = Receiver::failing_first_attempt_of(&retried).await;
@@ -456,7 +440,7 @@ async fn a_dispatcher_started_with_few_open_files_raises_its_limit_and_reaches_e
     )
     .await;
     let publisher = env.publisher().await;
-    publisher.publish(&customer_created("acct_files", 0)).await.unwrap();
+    publisher.publish(&numbered("acct_files", 0)).await.unwrap();
     wait_until("every endpoint reached", Duration::from_secs(30), || async {
         receivers.iter().all(|rx| rx.count() == 1)
     })
@@ -476,9 +460,9 @@ async fn a_dispatcher_keeps_at_most_its_bound_of_idle_connections_however_many_e
     env.spawn_binary("laabam-dispatcher", &flags);
     let publisher = env.publisher().await;
     for n in 0..2 {
-        publisher.publish(&customer_created("acct_idle", n)).await.unwrap();
+        publisher.publish(&numbered("acct_idle", n)).await.unwrap();
         wait_until("every endpoint reached", Duration::from_secs(30), || async {
-            receivers.iter().all(|rx| rx.count() == n as usize + 1)
+            receivers.iter().all(|rx| rx.count() == n + 1)
         })
         .await;
     }
@@ -520,8 +504,8 @@ async fn the_endpoint_cache_holds_at_most_its_bound_of_endpoints_keeps_the_busy_
     env.spawn_binary("laabam-dispatcher", &flags);
     let publisher = env.publisher().await;
     let mut delivered = 0;
-    let mut deliver = async |account: &str, n: usize, event: u32| {
-        publisher.publish(&customer_created(account, event)).await.unwrap();
+    let mut deliver = async |account: &str, n: usize, event: usize| {
+        publisher.publish(&numbered(account, event)).await.unwrap();
         delivered += n;
         wait_until("every endpoint reached", Duration::from_secs(30), || async {
             rx.count() == delivered

@@ -90,19 +90,29 @@ impl OwnRabbit {
     /// would: nothing is flushed or closed first, so only what the broker wrote to disk before
     /// confirming it is there when the node boots again.
     pub async fn kill(&self) {
-        let pid = self.ctl(&["eval", "os:getpid()."]);
-        let pid = pid.trim().trim_matches('"');
-        assert!(pid.parse::<u32>().is_ok(), "the node's process id, not {pid:?}");
-        let killed = std::process::Command::new("kill")
-            .args(["-KILL", pid])
-            .status()
-            .expect("kill runs");
-        assert!(killed.success(), "the node's VM ({pid}) was killed");
+        let pid = self.vm_pid();
+        signal(&pid, "-KILL");
         let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
         wait_until("the killed node is gone", Duration::from_secs(30), || async {
             !proc.exists()
         })
         .await;
+    }
+
+    /// Stops the node's Erlang VM (SIGSTOP) until the guard is thawed or dropped: its
+    /// connections stay open and nothing on them is answered, as in a long pause of the VM or a
+    /// network that drops everything without closing anything.
+    pub fn freeze(&self) -> Frozen {
+        let pid = self.vm_pid();
+        signal(&pid, "-STOP");
+        Frozen { pid }
+    }
+
+    fn vm_pid(&self) -> String {
+        let pid = self.ctl(&["eval", "os:getpid()."]);
+        let pid = pid.trim().trim_matches('"').to_owned();
+        assert!(pid.parse::<u32>().is_ok(), "the node's process id, not {pid:?}");
+        pid
     }
 
     /// Messages waiting in the node's queues, not yet delivered to a consumer.
@@ -132,6 +142,31 @@ impl OwnRabbit {
 
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+fn signal(pid: &str, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([signal, pid])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "{signal} reached the node's VM ({pid})");
+}
+
+/// A node stopped by [`OwnRabbit::freeze`]; it runs again when this is dropped, so a test that
+/// fails while it is frozen still leaves a node that can be stopped and removed.
+#[derive(Debug)]
+pub struct Frozen {
+    pid: String,
+}
+
+impl Frozen {
+    pub fn thaw(self) {}
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-CONT", &self.pid]).status();
     }
 }
 

@@ -508,6 +508,72 @@ async fn a_rabbitmq_node_down_and_back_loses_no_confirmed_event(down: NodeDown) 
     every_confirmed_event_arrives(fault, &confirmed, &rx, Duration::from_secs(180)).await;
 }
 
+/// A node that hangs, its connections open and nothing on them answered, for longer than the
+/// confirm limit (30 s): the publish waiting on it is reported unconfirmed at the limit, not
+/// held (with no limit it was held 120 s, until the connection failed); nothing
+/// the broker confirmed is lost; and a retry that comes due meanwhile goes out once the node
+/// answers again. (The scheduler's publish of it fails at the same limit and its claim is
+/// handed back, but the job it sent already waits in the node's socket, so this test cannot
+/// tell which of the two delivers it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_node_frozen_past_the_confirm_limit_loses_no_confirmed_event() {
+    let rabbit = OwnRabbit::start().await;
+    let mut env = TestEnv::new().await;
+    env.amqp_url = rabbit.url();
+    let rx = Receiver::ok().await;
+    env.endpoint("acct_f", &rx.url, None).await;
+    // Another account's endpoint fails its one event's first attempt; the retry comes due
+    // 2.4–3.6 s later, inside the freeze.
+    let retried = event("acct_fr", 0);
+    let failing = Receiver::failing_first_attempt_of(retried.id.as_str()).await;
+    env.endpoint("acct_fr", &failing.url, None).await;
+    env.start_dispatcher(&["--retry-first-delay", "3s", "--retry-max-delay", "3s"]);
+    // A claim outlasting the test: the retry must not depend on the claim expiring.
+    env.start_scheduler(&["--claim-lease", "10m"]);
+    let publisher = env.publisher().await;
+    let events: Vec<Envelope> = (0..200).map(|n| event("acct_f", n)).collect();
+    let (before, after) = events.split_at(100);
+    publish_all(&publisher, before).await;
+    publisher.publish(&retried).await.unwrap();
+    wait_until("the first attempt failed", Duration::from_secs(30), || async {
+        failing.count() == 1
+    })
+    .await;
+
+    let frozen = rabbit.freeze();
+    let started = Instant::now();
+    let stalled = publisher.publish(&event("acct_f", 200)).await;
+    let waited = started.elapsed();
+    assert!(stalled.is_err(), "a publish the broker never answered is not confirmed");
+    assert!(
+        waited < Duration::from_secs(35),
+        "reported at the confirm limit, not held: {waited:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(40).saturating_sub(started.elapsed())).await;
+    assert_eq!(
+        failing.count(),
+        1,
+        "the retry waited: nothing reaches a frozen node's consumers"
+    );
+    frozen.thaw();
+
+    publish_all(&publisher, after).await;
+    wait_until(
+        "the retry that came due during the freeze delivered",
+        Duration::from_secs(90),
+        || async { failing.count() == 2 },
+    )
+    .await;
+    let confirmed: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
+    every_confirmed_event_arrives(
+        "RabbitMQ node frozen (SIGSTOP) for 40 s, past the confirm limit, then resumed (own node)",
+        &confirmed,
+        &rx,
+        Duration::from_secs(120),
+    )
+    .await;
+}
+
 /// Redis killed mid-stream, with deliveries in flight and their records still to write, and
 /// started again from its append-only file after thirty more events: a dispatcher settles a
 /// message only once its deliveries are begun under leases in Redis, and a delivery whose

@@ -168,6 +168,34 @@ async fn bad_input_and_missing_services_get_one_clear_line() {
     );
 }
 
+/// A malformed URL is a setting that cannot work, refused at once (exit code 2) and named as it
+/// was set; it used to be retried as an unreachable service for the whole connect timeout. A
+/// refused secret (a key, a URL with its password) is named without its value, which is often
+/// one typo from the real one.
+#[test]
+fn malformed_urls_and_secrets_are_refused_at_start_without_their_values() {
+    let refused = |args: &[&str], variables: &[(&str, &str)]| {
+        let out = Command::new(binary("laabam-dispatcher"))
+            .args(args)
+            .envs(variables.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(!stderr.contains("secretpw"), "{stderr}");
+        stderr
+    };
+    let stderr = refused(&["--amqp-url", "htp://guest:secretpw@127.0.0.1/%2f"], &[]);
+    assert!(
+        stderr.contains("invalid value '(hidden)' for '--amqp-url <AMQP_URL>': not an AMQP URL"),
+        "{stderr}"
+    );
+    let stderr = refused(&[], &[("LAABAM_REDIS_URL", "redix://:secretpw@127.0.0.1")]);
+    assert!(stderr.contains("for 'LAABAM_REDIS_URL': not a Redis URL"), "{stderr}");
+    let stderr = refused(&[], &[("LAABAM_SECRET_KEY", "whsec_secretpw")]);
+    assert!(stderr.contains("for 'LAABAM_SECRET_KEY'"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_bootstrap_accounts_and_keys_without_the_api() {
     let mut env = TestEnv::new().await;

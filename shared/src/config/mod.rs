@@ -46,6 +46,21 @@ pub fn parse_at_least(s: &str, min: Duration) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Checks a RabbitMQ URL at start: a malformed one was retried as an unreachable broker for
+/// the whole connect timeout, then reported as "could not reach RabbitMQ".
+pub fn parse_amqp_url(s: &str) -> Result<String, String> {
+    s.parse::<lapin::uri::AMQPUri>()
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("not an AMQP URL like amqp://user:password@host:5672/%2f ({e})"))
+}
+
+/// Checks a Redis URL at start, for the same reason as [`parse_amqp_url`].
+pub fn parse_redis_url(s: &str) -> Result<String, String> {
+    redis::Client::open(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("not a Redis URL like redis://host:6379 or unix:///path ({e})"))
+}
+
 /// Checks a sealing key at start, so a bad one is refused before anything runs.
 pub fn parse_secret_key(s: &str) -> Result<String, String> {
     crate::sealing::SecretSealer::new(Some(s), None)
@@ -61,7 +76,8 @@ pub struct CommonArgs {
         long,
         env = "LAABAM_AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = parse_amqp_url
     )]
     pub amqp_url: String,
     /// Redis URL.
@@ -69,7 +85,8 @@ pub struct CommonArgs {
         long,
         env = "LAABAM_REDIS_URL",
         default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = parse_redis_url
     )]
     pub redis_url: String,
     /// Every Redis key starts with this, so several installations (or tests) share one Redis.
@@ -186,6 +203,23 @@ mod tests {
         assert_eq!(cli.retry.policy(), RetryPolicy::default());
         assert_eq!(cli.common.redis_prefix, "laabam:");
         assert_eq!(cli.common.connect_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn malformed_urls_are_refused_at_start() {
+        for args in [
+            ["x", "--amqp-url", "htp://u:pw@host/%2f"],
+            ["x", "--redis-url", "redix://u:pw@host"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+        for args in [
+            ["x", "--amqp-url", "amqps://u:pw@host:5671/vhost?heartbeat=5"],
+            ["x", "--redis-url", "redis://u:pw@host:6380/2"],
+            ["x", "--redis-url", "unix:///run/redis.sock"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
+        }
     }
 
     #[test]

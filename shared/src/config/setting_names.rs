@@ -5,7 +5,7 @@
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Arg, Command};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 
 /// A process's settings: its flags and variables, plus what no single flag can tell.
@@ -38,6 +38,9 @@ pub struct SettingNames {
     from_variable: HashMap<String, String>,
     /// A flag as clap shows it in an error (`--batch <BATCH>`), to its long name.
     shown: HashMap<String, String>,
+    /// The settings whose values are secrets (`hide_env_values`: a key, a URL with a password):
+    /// a refusal names them without their value, which is often one typo from the real one.
+    secret: HashSet<String>,
 }
 
 impl SettingNames {
@@ -54,6 +57,7 @@ impl SettingNames {
         let mut names = SettingNames {
             from_variable: HashMap::new(),
             shown: HashMap::new(),
+            secret: HashSet::new(),
         };
         names.gather(&cmd, &typed, &is_set);
         names
@@ -71,6 +75,9 @@ impl SettingNames {
     fn note(&mut self, arg: &Arg, typed: &[String], is_set: &impl Fn(&OsStr) -> bool) {
         let Some(long) = arg.get_long() else { return };
         self.shown.insert(arg.to_string(), long.to_owned());
+        if arg.is_hide_env_values_set() {
+            self.secret.insert(long.to_owned());
+        }
         if let Some(variable) = arg.get_env()
             && is_set(variable)
             && !typed.iter().any(|t| t == long)
@@ -88,18 +95,19 @@ impl SettingNames {
             .unwrap_or_else(|| format!("--{long}"))
     }
 
-    /// Names the variable in clap's refusal of a value that came from one.
+    /// Names the variable in clap's refusal of a value that came from one, and leaves a secret
+    /// value out of it.
     pub fn rename(&self, mut error: clap::Error) -> clap::Error {
-        let variable = match error.get(ContextKind::InvalidArg) {
-            Some(ContextValue::String(shown)) => self
-                .shown
-                .get(shown)
-                .and_then(|long| self.from_variable.get(long))
-                .cloned(),
+        let long = match error.get(ContextKind::InvalidArg) {
+            Some(ContextValue::String(shown)) => self.shown.get(shown).cloned(),
             _ => None,
         };
-        if let Some(variable) = variable {
-            error.insert(ContextKind::InvalidArg, ContextValue::String(variable));
+        let Some(long) = long else { return error };
+        if let Some(variable) = self.from_variable.get(&long) {
+            error.insert(ContextKind::InvalidArg, ContextValue::String(variable.clone()));
+        }
+        if self.secret.contains(&long) && error.get(ContextKind::InvalidValue).is_some() {
+            error.insert(ContextKind::InvalidValue, ContextValue::String("(hidden)".into()));
         }
         error
     }
@@ -116,6 +124,8 @@ mod tests {
         batch: u16,
         #[arg(long, env = "T_POLL", default_value_t = 1)]
         poll: u16,
+        #[arg(long, env = "T_KEY", hide_env_values = true, value_parser = clap::value_parser!(u16))]
+        key: Option<u16>,
         #[command(subcommand)]
         sub: Option<Sub>,
     }
@@ -163,5 +173,19 @@ mod tests {
         let other = names(&[], &["T_POLL"]);
         let message = refusal(&other, &["--batch", "0"]);
         assert!(message.contains("for '--batch <BATCH>'"), "{message}");
+    }
+
+    #[test]
+    fn a_refused_secret_is_named_without_its_value() {
+        for set in [&[][..], &["T_KEY"][..]] {
+            let message = refusal(&names(&[], set), &["--key", "s3cr3t"]);
+            assert!(!message.contains("s3cr3t"), "{message}");
+            assert!(message.contains("invalid value '(hidden)' for"), "{message}");
+        }
+        let message = refusal(&names(&[], &[]), &["--batch", "0"]);
+        assert!(
+            message.contains("invalid value '0'"),
+            "other values are shown: {message}"
+        );
     }
 }

@@ -8,6 +8,11 @@ fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fault-report")
 }
 
+/// The ids of `events`, as the rows take what was confirmed.
+pub fn ids_of(events: &[laabam_shared::envelope::Envelope]) -> Vec<String> {
+    events.iter().map(|e| e.id.to_string()).collect()
+}
+
 /// Records and prints one row. `arrivals` maps each confirmed event id to how many times it
 /// arrived at its endpoint(s); `expected_per_event` is how many arrivals a loss-free,
 /// duplicate-free run gives each event (the number of subscribed endpoints).

@@ -12,7 +12,7 @@ use laabam_shared::topology;
 use laabam_tests::env::{numbered as event, publish_all};
 use laabam_tests::own_rabbit::OwnRabbit;
 use laabam_tests::own_redis::OwnRedis;
-use laabam_tests::report::{every_confirmed_event_arrives, fault_row};
+use laabam_tests::report::{every_confirmed_event_arrives, fault_row, ids_of};
 use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;
@@ -107,7 +107,7 @@ async fn a_dispatcher_killed_mid_burst_loses_no_confirmed_event() {
     let at_kill = rx.count();
     env.spawn_binary("laabam-dispatcher", &flags);
 
-    let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
+    let ids = ids_of(&events);
     every_confirmed_event_arrives(
         "SIGKILL of a dispatcher mid-burst, restarted",
         &ids,
@@ -299,7 +299,7 @@ async fn sigterm_drains_in_flight_attempts_and_loses_nothing() {
         events.iter().all(|e| seen.contains_key(e.id.as_str()))
     })
     .await;
-    let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
+    let ids = ids_of(&events);
     let (lost, duplicates) = fault_row(
         "SIGTERM of a dispatcher under load, restarted",
         &ids,
@@ -337,7 +337,7 @@ async fn a_retry_scheduler_killed_mid_stream_loses_no_retry() {
     })
     .await;
     // Each event arrives twice by design (a 503, then the retry): count arrivals beyond that.
-    let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
+    let ids = ids_of(&events);
     let (lost, _) = fault_row(
         "SIGKILL of a retry scheduler mid-stream, restarted",
         &ids,
@@ -427,7 +427,7 @@ async fn a_receiver_down_for_a_while_gets_everything_by_retry() {
         }
         arrivals
     };
-    let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
+    let ids = ids_of(&events);
     wait_until("everything arrived by retry", Duration::from_secs(60), || async {
         let seen = arrivals();
         ids.iter().all(|id| seen.contains_key(id))
@@ -564,7 +564,7 @@ async fn a_rabbitmq_node_frozen_for_40_s_loses_no_confirmed_event() {
         || async { failing.count() == 2 },
     )
     .await;
-    let confirmed: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
+    let confirmed = ids_of(&events);
     every_confirmed_event_arrives(
         "RabbitMQ node frozen (SIGSTOP) for 40 s, then resumed (own node)",
         &confirmed,

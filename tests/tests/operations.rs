@@ -9,6 +9,7 @@ use laabam_shared::ids::AccountId;
 use laabam_tests::deliveries::{Success, begin_events, quiet_endpoints};
 use laabam_tests::env::numbered;
 use laabam_tests::own_redis::OwnRedis;
+use laabam_tests::report::{fault_row, ids_of};
 use laabam_tests::{ApiClient, Receiver, TestEnv, wait_until};
 use std::process::Command;
 use std::time::Duration;
@@ -87,7 +88,7 @@ async fn readiness_follows_redis_nothing_is_lost_and_logs_hold_no_secrets() {
     *arrivals.get_mut(retried.id.as_str()).unwrap() -= 1;
     let ids: Vec<String> = arrivals.keys().cloned().collect();
     assert_eq!(ids.len(), 4);
-    let (lost, _) = laabam_tests::report::fault_row(
+    let (lost, _) = fault_row(
         "Redis down with a retry pending, then restarted (append-only)",
         &ids,
         &arrivals,
@@ -392,8 +393,8 @@ async fn redis_pausing_every_client_delays_deliveries_and_loses_none() {
     .await;
     let mut arrivals = rx.per_event();
     *arrivals.get_mut(retried.as_str()).unwrap() -= 1; // its planned failed attempt
-    let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
-    let (lost, _) = laabam_tests::report::fault_row(
+    let ids = ids_of(&events);
+    let (lost, _) = fault_row(
         "Redis pauses every client for 9 s (CLIENT PAUSE), a retry due meanwhile",
         &ids,
         &arrivals,

@@ -75,6 +75,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
         limits: limits::EndpointLimits::new(config.endpoint_concurrency, config.slot_wait, config.max_in_flight / 2),
         policy: config.retry.policy(),
         lease: config.lease(),
+        http_timeout: config.http_timeout,
         defer_delay: config.defer_delay,
         disable_after: config.disable_after,
     });

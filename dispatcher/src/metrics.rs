@@ -74,6 +74,7 @@ pub struct Metrics {
     pub endpoint_loads: IntCounter,
     pub slow_room_in_use: IntGauge,
     pub cut_short: IntCounter,
+    pub left_to_lease: IntCounter,
     pub over_rate_limit: IntCounter,
     pub dispatchers_running: IntGauge,
     pub slot_wait_budget: Gauge,
@@ -167,6 +168,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     cut_short: register_int_counter!(
         "laabam_dispatcher_requests_cut_short_total",
         "Requests that turned slow while the slow room was full, cut short and retried"
+    )
+    .unwrap(),
+    left_to_lease: register_int_counter!(
+        "laabam_dispatcher_attempts_left_to_lease_total",
+        "Attempts not started because less than the HTTP timeout was left of their lease; the scheduler resends them"
     )
     .unwrap(),
     over_rate_limit: register_int_counter!(

@@ -73,6 +73,19 @@ impl OwnRedis {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Stops it answering every client for `ms` milliseconds (`CLIENT PAUSE … ALL`), with
+    /// every connection kept open, as a failover or a slow command does.
+    pub fn pause(&self, ms: u64) {
+        let paused = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "client", "pause", &ms.to_string(), "all"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            paused.status.success() && paused.stdout.starts_with(b"OK"),
+            "{paused:?}"
+        );
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }

@@ -10,7 +10,7 @@ use laabam_tests::deliveries::{Success, begin_events, quiet_endpoints};
 use laabam_tests::env::numbered;
 use laabam_tests::own_redis::OwnRedis;
 use laabam_tests::report::{fault_row, ids_of};
-use laabam_tests::{ApiClient, Receiver, TestEnv, wait_until};
+use laabam_tests::{ApiClient, Receiver, Reply, TestEnv, wait_until};
 use std::process::Command;
 use std::time::Duration;
 
@@ -368,14 +368,7 @@ async fn redis_pausing_every_client_delays_deliveries_and_loses_none() {
     })
     .await;
     // The first event's retry comes due 4-6 s after its failed attempt: within the pause.
-    let paused = Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string(), "client", "pause", "9000", "all"])
-        .output()
-        .unwrap();
-    assert!(
-        paused.status.success() && paused.stdout.starts_with(b"OK"),
-        "{paused:?}"
-    );
+    redis.pause(9000);
     for e in &events[50..] {
         publisher.publish(e).await.unwrap();
     }
@@ -401,6 +394,50 @@ async fn redis_pausing_every_client_delays_deliveries_and_loses_none() {
         1,
     );
     assert_eq!(lost, 0);
+}
+
+/// Deliveries begun as Redis comes back from a stall shorter than its response limit have
+/// little of their lease left: each arrival's lease was reckoned when its message came, before
+/// the stall. Sent then, a slow endpoint's attempt would still be running when the lease ends
+/// and the scheduler sends the delivery again; the dispatcher leaves each to its lease instead,
+/// and every event arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_begun_late_by_a_redis_stall_are_left_to_their_lease_and_arrive_once() {
+    let redis = OwnRedis::start();
+    let mut env = TestEnv::new().await;
+    env.redis_url = redis.url();
+    // Fewer than an endpoint's 16 slots, so that none waits for one and is deferred.
+    let events: Vec<Envelope> = (0..12).map(|n| numbered("acct_stall", n)).collect();
+    // Slower than what is left of a lease after the stall, quicker than the 2 s HTTP timeout.
+    let rx = Receiver::start(|_, _| Reply::After(Duration::from_millis(1500), 200)).await;
+    env.endpoint("acct_stall", &rx.url, None).await;
+    let metrics_addr = format!("127.0.0.1:{}", laabam_tests::ports::free_port());
+    env.start_dispatcher(&["--metrics-addr", &metrics_addr]);
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+    // The first finds the endpoint, which the dispatcher then keeps: the rest need Redis only
+    // to begin their deliveries.
+    publisher.publish(&events[0]).await.unwrap();
+    wait_until("the first event delivered", Duration::from_secs(20), || async {
+        rx.count() == 1
+    })
+    .await;
+    // Each lease (2 s of HTTP timeout and 1 s of margin) ends about when the pause does.
+    redis.pause(3000);
+    for e in &events[1..] {
+        publisher.publish(e).await.unwrap();
+    }
+    wait_until("every event delivered", Duration::from_secs(30), || async {
+        rx.per_event().len() == events.len()
+    })
+    .await;
+    // A second request would have followed the first by the time the scheduler takes to
+    // notice an ended lease (20 ms here) while the first was being answered.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let twice: Vec<_> = rx.per_event().into_iter().filter(|(_, n)| *n > 1).collect();
+    assert!(twice.is_empty(), "events sent more than once: {twice:?}");
+    let left = laabam_tests::api::metric(&metrics_addr, "laabam_dispatcher_attempts_left_to_lease_total").await;
+    assert!(left >= 1.0, "no attempt was left to its lease");
 }
 
 /// `n` endpoints of `account`, each on a receiver (a port) of its own.

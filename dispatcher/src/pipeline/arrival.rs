@@ -114,6 +114,7 @@ impl Pipeline {
                         first_attempt_ms: None,
                         published_ms: published,
                         lease,
+                        lease_until_ms: begin.due_ms,
                         turn,
                     }),
                     _ => self.count_deferral(endpoint, &envelope.event_type, &begin.job.delivery, begin.due_ms),

@@ -91,6 +91,13 @@ impl Pipeline {
         }
     }
 
+    /// Gives back the place among the endpoint's requests across dispatchers held under `lease`.
+    async fn release_place(&self, endpoint: &EndpointId, lease: &str) {
+        if let Err(e) = self.store.release_request_slot(endpoint, lease).await {
+            tracing::warn!(error = %e, endpoint_id = %endpoint, "could not give back a place among the endpoint's requests; its lease ends it");
+        }
+    }
+
     async fn attempt(&self, task: AttemptTask) {
         let Some((mut slot, held_together)) = self.slot_for(task.turn, &task.endpoint, &task.lease).await else {
             let (attempts, first) = (task.attempts_before, task.first_attempt_ms);
@@ -105,6 +112,20 @@ impl Pipeline {
                 )
                 .await;
         };
+        // Late after a Redis stall or a long wait for the slot: sent now, the attempt could
+        // still be running when the lease ends and the scheduler sends the delivery again, so it
+        // is left to the lease, as if this process had died, and goes out once, a little later.
+        if now_ms() + self.http_timeout.as_millis() as i64 > task.lease_until_ms {
+            if held_together {
+                self.release_place(&task.endpoint.id, &task.lease).await;
+            }
+            METRICS.left_to_lease.inc();
+            tracing::warn!(
+                lease_left_ms = task.lease_until_ms - now_ms(),
+                "too little of the lease left to attempt; the scheduler sends the delivery again when it ends"
+            );
+            return;
+        }
         let number = task.attempts_before + 1;
         let started_ms = now_ms();
         let timestamp = started_ms / 1000;
@@ -143,8 +164,8 @@ impl Pipeline {
         METRICS.in_flight.dec();
         // The place across dispatchers goes back before the slot, or the next delivery waiting
         // here for the slot could find it still held and be deferred.
-        if held_together && let Err(e) = self.store.release_request_slot(&task.endpoint.id, &task.lease).await {
-            tracing::warn!(error = %e, endpoint_id = %task.endpoint.id, "could not give back a place among the endpoint's requests; its lease ends it");
+        if held_together {
+            self.release_place(&task.endpoint.id, &task.lease).await;
         }
         // The endpoint's slot counts its requests in flight, and its hold is how long the
         // endpoint takes: the record that follows is ours, and at a moderate rate it waits for

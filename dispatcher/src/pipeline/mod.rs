@@ -93,6 +93,8 @@ struct AttemptTask {
     /// The event's timestamp (unix ms), read once per event for the publish-to-delivered metric.
     published_ms: Option<i64>,
     lease: String,
+    /// When the lease ends (unix ms), as written with it.
+    lease_until_ms: i64,
     turn: Turn,
 }
 
@@ -112,6 +114,9 @@ pub struct Pipeline {
     pub policy: RetryPolicy,
     /// How long an in-flight lease lasts (HTTP timeout plus margin).
     pub lease: Duration,
+    /// How much of its lease an attempt needs left to start: an attempt begun later could still
+    /// be running when the lease ends and the scheduler sends the delivery round again.
+    pub http_timeout: Duration,
     pub defer_delay: Duration,
     /// An endpoint failing without a single success for this long is disabled.
     pub disable_after: Duration,

@@ -28,9 +28,12 @@ impl Pipeline {
     }
 
     async fn resume(&self, job: RetryJob) -> Handled {
+        // Room first, as for an arrival: the lease is reckoned from when the attempt may run, so
+        // waiting for room does not eat into it.
+        let room = self.in_flight.acquire(1).await;
         let lease = new_lease();
-        let now = now_ms();
-        let taken = match self.store.take(&job, &lease, self.lease_until(now, 0)).await {
+        let lease_until_ms = self.lease_until(now_ms(), 0);
+        let taken = match self.store.take(&job, &lease, lease_until_ms).await {
             Ok(t) => t,
             Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),
         };
@@ -80,7 +83,6 @@ impl Pipeline {
             );
             return fail(&why).await;
         }
-        let room = self.in_flight.acquire(1).await;
         let Some(turn) = self.limits.take(&endpoint, Taker::Return) else {
             self.defer(&job, &lease, &event_type, attempts, first_attempt_ms, &endpoint)
                 .await;
@@ -100,6 +102,7 @@ impl Pipeline {
                     first_attempt_ms,
                     published_ms,
                     lease,
+                    lease_until_ms,
                     turn,
                 }],
                 room,

@@ -14,6 +14,13 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// How far a server's clock is ahead of ours (negative: behind), from its reading `server_ms`
+/// taken between our `sent_ms` and `received_ms`: the reading is assumed taken halfway, so the
+/// answer is off by at most half the round trip.
+pub fn offset_ms(sent_ms: i64, server_ms: i64, received_ms: i64) -> i64 {
+    server_ms - (sent_ms + received_ms) / 2
+}
+
 /// `2026-11-28T04:42:00.123Z`: the one timestamp format of the envelope.
 pub fn format_rfc3339_ms(unix_ms: i64) -> String {
     let dt =
@@ -38,6 +45,13 @@ pub fn normalize_rfc3339(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_reading_is_placed_halfway_through_the_round_trip() {
+        assert_eq!(offset_ms(1_000, 1_005, 1_010), 0);
+        assert_eq!(offset_ms(1_000, 31_005, 1_010), 30_000, "the server 30 s ahead");
+        assert_eq!(offset_ms(31_000, 1_005, 31_010), -30_000, "the server 30 s behind");
+    }
 
     #[test]
     fn formats_with_milliseconds_in_utc() {

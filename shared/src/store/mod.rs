@@ -45,6 +45,7 @@ mod request_slots;
 mod retry_set;
 mod retry_shards;
 mod script_call;
+mod server_clock;
 mod sorted_sets;
 mod stats;
 mod upkeep;

@@ -57,7 +57,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     startup::amqp_close(&reachable, "reachability checked").await;
     let store = Store::connect(&config.store(), common.connect_timeout).await?;
     store.warn_about_unsafe_settings().await;
-    store.keep_checking_clock(shutdown.clone());
+    store.keep_checking_clock(shutdown.clone()).await;
     // Leases and deferrals go to the retry set, so schedulers must claim over this count.
     store.keep_announcing_retry_shards(shutdown.clone());
     readiness.set_redis(true);

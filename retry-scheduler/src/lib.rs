@@ -37,7 +37,7 @@ pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> Result
     let conn = startup::amqp_connect_within(&common.amqp_url, "laabam-retry-scheduler", common.connect_timeout).await?;
     let store = Store::connect(&StoreConfig::from(common), common.connect_timeout).await?;
     store.warn_about_unsafe_settings().await;
-    store.keep_checking_clock(shutdown.clone());
+    store.keep_checking_clock(shutdown.clone()).await;
     readiness.set_redis(true);
     republish::run(store, conn, &config, readiness, shutdown).await;
     tracing::info!("retry scheduler stopped");

@@ -9,7 +9,7 @@
 use crate::config::SchedulerConfig;
 use crate::metrics::METRICS;
 use futures_util::future::try_join_all;
-use laabam_shared::clock::now_ms;
+use laabam_shared::clock::redis_now_ms;
 use laabam_shared::ops::Readiness;
 use laabam_shared::publish_link::until_blocked;
 use laabam_shared::shutdown;
@@ -235,7 +235,7 @@ async fn rounds_until_failure(
         }
         let poll = config.poll.as_millis() as i64;
         let shortest = (SHORTEST_PAUSE.as_millis() as i64).min(poll);
-        let wait_ms = earliest.map_or(poll, |due| (due - now_ms()).clamp(shortest, poll));
+        let wait_ms = earliest.map_or(poll, |due| (due - redis_now_ms()).clamp(shortest, poll));
         shutdown::pause(Duration::from_millis(wait_ms as u64), shutdown).await;
     }
 }
@@ -257,7 +257,7 @@ const SHARDS_SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Sweeps the shards past the `current` ones for jobs (see `Store::sweep_retry_shards`); a
 /// count it announces is claimed over from the next look at the counts.
 async fn sweep_shards(store: &Store, current: u16) {
-    match store.sweep_retry_shards(current, now_ms()).await {
+    match store.sweep_retry_shards(current, redis_now_ms()).await {
         Ok(Some(shards)) => tracing::warn!(
             shards,
             "retry jobs found in shards no announced count covers (a process that could not announce its LAABAM_RETRY_SHARDS stopped): claiming from them until they are empty"
@@ -271,7 +271,7 @@ async fn sweep_shards(store: &Store, current: u16) {
 /// `current` stays while Redis cannot tell.
 async fn shards_to_claim(store: &Store, current: u16) -> u16 {
     let own = store.keys().retry_shards();
-    let shards = match store.retry_shards_to_claim(now_ms()).await {
+    let shards = match store.retry_shards_to_claim(redis_now_ms()).await {
         Ok(shards) if shards != current && shards > own => {
             tracing::warn!(
                 own,
@@ -296,7 +296,7 @@ async fn shards_to_claim(store: &Store, current: u16) -> u16 {
 
 /// Claims up to a batch of due jobs on one shard.
 async fn claim(store: &Store, shard: u16, config: &SchedulerConfig) -> Result<Vec<String>, StoreError> {
-    let now = now_ms();
+    let now = redis_now_ms();
     let claimed = store
         .claim_due(shard, now, now + config.claim_lease.as_millis() as i64, config.batch)
         .await?;

@@ -1,6 +1,7 @@
 //! Time as the contracts write it: RFC 3339 UTC with milliseconds in envelopes, unix
 //! milliseconds in Redis scores, unix seconds in `webhook-timestamp`.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -12,6 +13,22 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// How far Redis's clock is ahead of this host's, as last measured (`store::server_clock`).
+static REDIS_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+/// The time by Redis's clock, as this process last measured it: the clock of every time that
+/// processes on different hosts compare (a lease's end, a retry's due time, a scheduler's
+/// claim), so that one host's clock being off cannot end another's leases early. Times that
+/// leave the system (`webhook-timestamp`) or time an attempt stay on the host's, [`now_ms`].
+pub fn redis_now_ms() -> i64 {
+    now_ms() + REDIS_OFFSET_MS.load(Ordering::Relaxed)
+}
+
+/// Sets what [`redis_now_ms`] adds to this host's clock.
+pub fn set_redis_offset_ms(offset_ms: i64) {
+    REDIS_OFFSET_MS.store(offset_ms, Ordering::Relaxed);
 }
 
 /// How far a server's clock is ahead of ours (negative: behind), from its reading `server_ms`

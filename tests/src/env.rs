@@ -382,6 +382,32 @@ impl TestEnv {
         self.spawn(command, name)
     }
 
+    /// [`Self::spawn_binary_with`] on a clock shifted `by` (`+30s`, `-25s`), by Debian's
+    /// libfaketime (package `faketime`, which `scripts/services` installs) preloaded into it;
+    /// its monotonic clock, which times its timeouts, is left alone.
+    pub fn spawn_binary_on_clock(
+        &mut self,
+        name: &str,
+        flags: &[String],
+        by: &str,
+        stderr: Option<&std::path::Path>,
+    ) -> u32 {
+        let found = std::fs::read_dir("/usr/lib")
+            .expect("/usr/lib")
+            .filter_map(Result::ok)
+            .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+            .find(|lib| lib.exists());
+        let lib = found.expect("libfaketime is missing: scripts/services installs it (Debian package faketime)");
+        let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let envs = [
+            ("RUST_LOG", log.as_str()),
+            ("LD_PRELOAD", lib.to_str().expect("a UTF-8 path")),
+            ("FAKETIME", by),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ];
+        self.spawn_binary_with(name, flags, &envs, stderr)
+    }
+
     fn spawn(&mut self, mut command: Command, name: &str) -> u32 {
         let child = command
             .stdin(Stdio::null())

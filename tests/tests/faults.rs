@@ -314,6 +314,38 @@ async fn sigterm_drains_in_flight_attempts_and_loses_nothing() {
     );
 }
 
+/// A dispatcher whose host's clock runs 25 s behind: its leases and due times are kept by
+/// Redis's clock, as the scheduler's claims are, so the scheduler does not take its leases for
+/// ended while their attempts run. By the hosts' clocks, each 3 s lease had ended 22 s before
+/// it was written, and these 100 events to an endpoint answering in 300 ms arrived 1,760 times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_whose_clock_is_25_s_behind_sends_each_event_once() {
+    let mut env = TestEnv::new().await;
+    let rx = Receiver::start(|_, _| Reply::After(Duration::from_millis(300), 200)).await;
+    env.endpoint("acct_behind", &rx.url, None).await;
+    let flags = env.dispatcher_flags(&[]);
+    env.spawn_binary_on_clock("laabam-dispatcher", &flags, "-25s", None);
+    env.start_scheduler(&[]);
+    let publisher = env.publisher().await;
+    let events: Vec<Envelope> = (0..100).map(|n| event("acct_behind", n)).collect();
+    publish_all(&publisher, &events).await;
+    wait_until("every event delivered", Duration::from_secs(60), || async {
+        rx.per_event().len() == events.len()
+    })
+    .await;
+    // A lease taken for ended is re-queued at the scheduler's next look (20 ms here), while its
+    // attempt is still being answered.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ids = ids_of(&events);
+    let (lost, duplicates) = fault_row(
+        "a dispatcher's clock 25 s behind Redis's and the scheduler's (libfaketime)",
+        &ids,
+        &rx.per_event(),
+        1,
+    );
+    assert_eq!((lost, duplicates), (0, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_scheduler_killed_mid_stream_loses_no_retry() {
     let mut env = TestEnv::new().await;

@@ -371,28 +371,23 @@ async fn poison(env: &TestEnv) {
         .await;
 }
 
-/// Leases and retry due times are written by one process's clock and claimed by another's, so
-/// each process measures its clock against Redis's. A scheduler started 30 s ahead (libfaketime)
-/// reports about -30 s and warns; one beside it on this host's clock reports about 0 and does
-/// not.
+/// Each process measures its clock against Redis's and says how far off it is. A scheduler
+/// started 30 s ahead (libfaketime) reports about -30 s and warns; one beside it on this host's
+/// clock reports about 0 and does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_whose_clock_is_off_says_by_how_much() {
     let mut env = TestEnv::new().await;
     let logs = std::env::temp_dir().join(format!("laabam-clock-{}", ulid::Ulid::new()));
     std::fs::create_dir_all(&logs).unwrap();
-    let faketime = libfaketime();
-    let ahead = [
-        ("LD_PRELOAD", faketime.as_str()),
-        ("FAKETIME", "+30s"),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-    ];
     let mut reported = Vec::new();
-    for (name, clock) in [("ahead", &ahead[..]), ("in-step", &[][..])] {
+    for (name, shift) in [("ahead", Some("+30s")), ("in-step", None)] {
         let addr = format!("127.0.0.1:{}", free_port());
         let flags = env.scheduler_flags(&["--metrics-addr", &addr]);
         let log = logs.join(name);
-        let envs: Vec<_> = [("RUST_LOG", "warn")].iter().chain(clock).copied().collect();
-        env.spawn_binary_with("laabam-retry-scheduler", &flags, &envs, Some(&log));
+        match shift {
+            Some(by) => env.spawn_binary_on_clock("laabam-retry-scheduler", &flags, by, Some(&log)),
+            None => env.spawn_binary_with("laabam-retry-scheduler", &flags, &[("RUST_LOG", "warn")], Some(&log)),
+        };
         reported.push((offset_reported(&addr).await, log));
     }
     let warned = |log: &PathBuf| {
@@ -407,18 +402,6 @@ async fn a_process_whose_clock_is_off_says_by_how_much() {
     assert!(in_step.0.abs() < 0.5, "in step, reported {}", in_step.0);
     assert!(!warned(&in_step.1), "the process in step does not warn");
     std::fs::remove_dir_all(&logs).unwrap();
-}
-
-/// Debian's libfaketime (package `faketime`, which `scripts/services` installs), preloaded to
-/// run a process on a shifted clock.
-fn libfaketime() -> String {
-    let found = std::fs::read_dir("/usr/lib")
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
-        .find(|lib| lib.exists());
-    let lib = found.expect("libfaketime is missing: scripts/services installs it (Debian package faketime)");
-    lib.to_str().unwrap().to_owned()
 }
 
 /// `laabam_clock_offset_seconds` of the process serving operations on `addr`, once exported.

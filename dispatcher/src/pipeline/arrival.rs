@@ -4,7 +4,7 @@
 use super::{AttemptTask, Attempts, Disposition, Handled, Pipeline, new_lease, published_ms};
 use crate::limits::{Taker, Turn};
 use crate::metrics::METRICS;
-use laabam_shared::clock::now_ms;
+use laabam_shared::clock::{now_ms, redis_now_ms};
 use laabam_shared::delivery::RetryJob;
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::envelope::{Envelope, Provenance};
@@ -53,7 +53,7 @@ impl Pipeline {
                 .iter()
                 .map(|ep| self.limits.take(ep, Taker::Arrival))
                 .collect();
-            let now = now_ms();
+            let now = redis_now_ms();
             let mut rank = 0;
             let begins: Vec<Begin> = recipients
                 .iter()

@@ -7,7 +7,7 @@ use crate::limits::{Slot, Turn};
 use crate::metrics::METRICS;
 use http::header::{HeaderName, HeaderValue};
 use laabam_shared::catalog::ENDPOINT_DISABLED;
-use laabam_shared::clock::now_ms;
+use laabam_shared::clock::{now_ms, redis_now_ms};
 use laabam_shared::delivery::{AttemptRecord, DeliveryStatus, Outcome, RetryJob};
 use laabam_shared::endpoint::Endpoint;
 use laabam_shared::envelope::Envelope;
@@ -115,13 +115,13 @@ impl Pipeline {
         // Late after a Redis stall or a long wait for the slot: sent now, the attempt could
         // still be running when the lease ends and the scheduler sends the delivery again, so it
         // is left to the lease, as if this process had died, and goes out once, a little later.
-        if now_ms() + self.http_timeout.as_millis() as i64 > task.lease_until_ms {
+        if redis_now_ms() + self.http_timeout.as_millis() as i64 > task.lease_until_ms {
             if held_together {
                 self.release_place(&task.endpoint.id, &task.lease).await;
             }
             METRICS.left_to_lease.inc();
             tracing::warn!(
-                lease_left_ms = task.lease_until_ms - now_ms(),
+                lease_left_ms = task.lease_until_ms - redis_now_ms(),
                 "too little of the lease left to attempt; the scheduler sends the delivery again when it ends"
             );
             return;
@@ -215,10 +215,12 @@ impl Pipeline {
                 (DeliveryStatus::Failed, None, Some(format!("{why}; endpoint disabled")))
             }
             _ => {
+                // The first attempt's time is the host's: off from Redis's by seconds at most,
+                // against a maximum age of hours.
                 match self.policy.after_failure(
                     number - task.cycle_start,
                     first_attempt_ms,
-                    now_ms(),
+                    redis_now_ms(),
                     result.retry_after,
                     random_jitter(),
                 ) {
@@ -344,7 +346,7 @@ impl Pipeline {
         first_attempt_ms: Option<i64>,
         endpoint: &Endpoint,
     ) {
-        let due_ms = self.deferred_until(now_ms(), endpoint);
+        let due_ms = self.deferred_until(redis_now_ms(), endpoint);
         self.record(Record {
             job,
             lease,
@@ -363,7 +365,7 @@ impl Pipeline {
     /// Counts a deferred delivery: in the metric, and in its endpoint's deferred backlog, which
     /// spreads the next deferrals' due times (see [`Pipeline::deferred_until`]).
     pub(super) fn count_deferral(&self, endpoint: &Endpoint, event_type: &str, delivery: &DeliveryId, due_ms: i64) {
-        let delay = u64::try_from(due_ms - now_ms()).unwrap_or(0);
+        let delay = u64::try_from(due_ms - redis_now_ms()).unwrap_or(0);
         self.limits.deferred(endpoint, Duration::from_millis(delay));
         METRICS.deferred.with_label_values(&[event_type]).inc();
         tracing::debug!(delivery_id = %delivery, endpoint_id = %endpoint.id, "endpoint at its limit; deferred");

@@ -4,7 +4,7 @@
 use super::{AttemptTask, Attempts, Disposition, Handled, INVALID_RETRY_JOB, Pipeline, new_lease, published_ms};
 use crate::limits::Taker;
 use bytes::Bytes;
-use laabam_shared::clock::now_ms;
+use laabam_shared::clock::redis_now_ms;
 use laabam_shared::delivery::{DeliveryStatus, RetryJob};
 use laabam_shared::store::{Record, Taken};
 use tracing::Instrument;
@@ -32,7 +32,7 @@ impl Pipeline {
         // waiting for room does not eat into it.
         let room = self.in_flight.acquire(1).await;
         let lease = new_lease();
-        let lease_until_ms = self.lease_until(now_ms(), 0);
+        let lease_until_ms = self.lease_until(redis_now_ms(), 0);
         let taken = match self.store.take(&job, &lease, lease_until_ms).await {
             Ok(t) => t,
             Err(e) => return Handled::only(Disposition::Requeue(e.to_string())),

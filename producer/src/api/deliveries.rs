@@ -8,7 +8,7 @@ use super::views::{DeliveryView, List};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use laabam_shared::clock::{now_ms, parse_rfc3339_ms};
+use laabam_shared::clock::{parse_rfc3339_ms, redis_now_ms};
 use laabam_shared::delivery::{DeliveryState, DeliveryStatus};
 use laabam_shared::ids::{AccountId, DeliveryId};
 use laabam_shared::store::{DeliveryFilter, Redelivery};
@@ -117,7 +117,7 @@ pub async fn redeliver(
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Redelivered>)> {
     let d = owned(&state, &account, &id).await?;
-    match state.store.redeliver(&d, now_ms()).await? {
+    match state.store.redeliver(&d, redis_now_ms()).await? {
         Redelivery::Queued => Ok((
             StatusCode::ACCEPTED,
             Json(Redelivered {

@@ -209,7 +209,7 @@ pub async fn start(common: &CommonArgs, args: &ServeArgs, shutdown: Cancellation
     crate::metrics::initialize();
     let store = Store::connect(&StoreConfig::from(common), common.connect_timeout).await?;
     store.warn_about_unsafe_settings().await;
-    store.keep_checking_clock(shutdown.clone());
+    store.keep_checking_clock(shutdown.clone()).await;
     // Redeliveries go to the retry set, so schedulers must claim over this count.
     store.keep_announcing_retry_shards(shutdown.clone());
     let publisher = Arc::new(Publisher::connect(&common.amqp_url, common.connect_timeout, common.layout()).await?);

@@ -12,7 +12,7 @@
 //! any shard found holding jobs; from there it drains like any other.
 
 use super::{Store, StoreError};
-use crate::clock::now_ms;
+use crate::clock::redis_now_ms;
 use crate::shutdown;
 use redis::AsyncCommands;
 use std::ops::Range;
@@ -50,7 +50,7 @@ impl Store {
         tokio::spawn(async move {
             let store = &store;
             shutdown::every(ANNOUNCE_EVERY, &shutdown, || async move {
-                if let Err(e) = store.announce_retry_shards(now_ms()).await {
+                if let Err(e) = store.announce_retry_shards(redis_now_ms()).await {
                     tracing::warn!(error = %e, "could not announce the retry shard count; trying again later");
                 }
             })

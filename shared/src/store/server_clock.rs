@@ -1,12 +1,13 @@
 //! How far this process's clock is from Redis's. A dispatcher writes a lease's end and a retry's
-//! due time by its own clock and a scheduler claims them by its own, so two clocks apart by
-//! more than `LAABAM_LEASE_MARGIN` send deliveries twice, and a retry goes out early or late by
-//! their difference. Redis's clock is the one every process can read, so each measures itself
-//! against it, exports the difference, and warns while it is large; keeping the hosts' clocks in
-//! step (NTP) is the operator's part.
+//! due time, and a scheduler claims them, each on its own host: by the hosts' own clocks, a
+//! dispatcher 25 s behind the scheduler had every lease taken for ended at once and each event
+//! sent four or five times. So every process measures Redis's clock, the one they can all read,
+//! and keeps those times by it ([`crate::clock::redis_now_ms`]); it exports the difference and
+//! warns while it is large, since the host's own clock still signs requests
+//! (`webhook-timestamp`), where receivers hold it to their own.
 
 use super::{Store, StoreError};
-use crate::clock::{now_ms, offset_ms};
+use crate::clock::{now_ms, offset_ms, set_redis_offset_ms};
 use crate::shutdown;
 use prometheus::{Gauge, register_gauge};
 use std::sync::LazyLock;
@@ -27,44 +28,57 @@ const LONGEST_ROUND_TRIP_MS: i64 = 500;
 static CLOCK_OFFSET: LazyLock<Gauge> = LazyLock::new(|| {
     register_gauge!(
         "laabam_clock_offset_seconds",
-        "Redis's clock minus this process's; leases and retry due times assume the two agree"
+        "Redis's clock minus this process's; leases and due times follow Redis's"
     )
     .expect("registered once")
 });
 
 impl Store {
+    /// Measures the clock now (before the process takes work, so its first lease is on Redis's
+    /// clock already) and then every minute until `shutdown`.
+    pub async fn keep_checking_clock(&self, shutdown: CancellationToken) {
+        self.check_clock().await;
+        let store = self.clone();
+        tokio::spawn(async move {
+            loop {
+                shutdown::pause(CHECK_EVERY, &shutdown).await;
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                store.check_clock().await;
+            }
+        });
+    }
+
+    /// One reading: kept for [`crate::clock::redis_now_ms`] and exported in
+    /// `laabam_clock_offset_seconds`, with a warning while it is more than a second.
+    async fn check_clock(&self) {
+        match self.clock_offset_ms().await {
+            Ok((_, round_trip)) if round_trip > LONGEST_ROUND_TRIP_MS => {
+                tracing::debug!(
+                    round_trip_ms = round_trip,
+                    "clock reading left out: Redis answered slowly"
+                );
+            }
+            Ok((offset, _)) => {
+                if offset.abs() > WARN_BEYOND_MS {
+                    tracing::warn!(
+                        offset_ms = offset,
+                        "this host's clock and Redis's differ: leases and due times follow Redis's, but requests are signed with this host's time (keep clocks synchronised, e.g. with NTP)"
+                    );
+                }
+                set_redis_offset_ms(offset);
+                CLOCK_OFFSET.set(offset as f64 / 1000.0);
+            }
+            Err(e) => tracing::debug!(error = %e, "could not read Redis's clock; trying again later"),
+        }
+    }
+
     /// Redis's clock minus ours, in milliseconds, and the round trip it was measured over.
     async fn clock_offset_ms(&self) -> Result<(i64, i64), StoreError> {
         let sent = now_ms();
         let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut self.conn()).await?;
         let received = now_ms();
         Ok((offset_ms(sent, secs * 1000 + micros / 1000, received), received - sent))
-    }
-
-    /// Measures the clock now and every minute until `shutdown`, into
-    /// `laabam_clock_offset_seconds`, warning while it is more than a second off.
-    pub fn keep_checking_clock(&self, shutdown: CancellationToken) {
-        let store = self.clone();
-        tokio::spawn(async move {
-            let store = &store;
-            shutdown::every(CHECK_EVERY, &shutdown, || async move {
-                match store.clock_offset_ms().await {
-                    Ok((_, round_trip)) if round_trip > LONGEST_ROUND_TRIP_MS => {
-                        tracing::debug!(round_trip_ms = round_trip, "clock reading left out: Redis answered slowly");
-                    }
-                    Ok((offset, _)) => {
-                        if offset.abs() > WARN_BEYOND_MS {
-                            tracing::warn!(
-                                offset_ms = offset,
-                                "this host's clock and Redis's differ: leases and retry times assume they agree (keep clocks synchronised, e.g. with NTP)"
-                            );
-                        }
-                        CLOCK_OFFSET.set(offset as f64 / 1000.0);
-                    }
-                    Err(e) => tracing::debug!(error = %e, "could not read Redis's clock; trying again later"),
-                }
-            })
-            .await;
-        });
     }
 }

@@ -93,7 +93,7 @@ struct AttemptTask {
     /// The event's timestamp (unix ms), read once per event for the publish-to-delivered metric.
     published_ms: Option<i64>,
     lease: String,
-    /// When the lease ends (unix ms), as written with it.
+    /// When the lease ends, by Redis's clock (unix ms), as written with it.
     lease_until_ms: i64,
     turn: Turn,
 }

@@ -314,20 +314,24 @@ async fn sigterm_drains_in_flight_attempts_and_loses_nothing() {
     );
 }
 
-/// A dispatcher whose host's clock runs 25 s behind: its leases and due times are kept by
-/// Redis's clock, as the scheduler's claims are, so the scheduler does not take its leases for
-/// ended while their attempts run. By the hosts' clocks, each 3 s lease had ended 22 s before
-/// it was written, and these 100 events to an endpoint answering in 300 ms arrived 1,760 times.
+/// A dispatcher whose host's clock runs 25 s behind Redis's and a scheduler whose host's runs
+/// 25 s ahead: leases, due times and claims are kept by Redis's clock, so the scheduler does
+/// not take the dispatcher's leases for ended while their attempts run, and each is sent as it
+/// arrives, not left to its lease as too late. By the hosts' clocks,
+/// with the dispatcher alone 25 s behind, each 3 s lease had ended 22 s before it was written,
+/// and these 100 events to an endpoint answering in 300 ms arrived 1,760 times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dispatcher_whose_clock_is_25_s_behind_sends_each_event_once() {
+async fn a_dispatcher_and_a_scheduler_50_s_apart_send_each_event_once() {
     let mut env = TestEnv::new().await;
     let rx = Receiver::start(|_, _| Reply::After(Duration::from_millis(300), 200)).await;
-    env.endpoint("acct_behind", &rx.url, None).await;
-    let flags = env.dispatcher_flags(&[]);
+    env.endpoint("acct_apart", &rx.url, None).await;
+    let metrics_addr = format!("127.0.0.1:{}", laabam_tests::ports::free_port());
+    let flags = env.dispatcher_flags(&["--metrics-addr", &metrics_addr]);
     env.spawn_binary_on_clock("laabam-dispatcher", &flags, "-25s", None);
-    env.start_scheduler(&[]);
+    let flags = env.scheduler_flags(&[]);
+    env.spawn_binary_on_clock("laabam-retry-scheduler", &flags, "+25s", None);
     let publisher = env.publisher().await;
-    let events: Vec<Envelope> = (0..100).map(|n| event("acct_behind", n)).collect();
+    let events: Vec<Envelope> = (0..100).map(|n| event("acct_apart", n)).collect();
     publish_all(&publisher, &events).await;
     wait_until("every event delivered", Duration::from_secs(60), || async {
         rx.per_event().len() == events.len()
@@ -338,12 +342,15 @@ async fn a_dispatcher_whose_clock_is_25_s_behind_sends_each_event_once() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ids = ids_of(&events);
     let (lost, duplicates) = fault_row(
-        "a dispatcher's clock 25 s behind Redis's and the scheduler's (libfaketime)",
+        "a dispatcher's clock 25 s behind Redis's, a scheduler's 25 s ahead (libfaketime)",
         &ids,
         &rx.per_event(),
         1,
     );
     assert_eq!((lost, duplicates), (0, 0));
+    // Each at its arrival, not once its lease had ended.
+    let left = laabam_tests::api::metric(&metrics_addr, "laabam_dispatcher_attempts_left_to_lease_total").await;
+    assert_eq!(left, 0.0, "attempts left to their lease");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -349,8 +349,7 @@ impl TestEnv {
     /// Starts a real binary of the workspace (built on first use) with these flags; it is
     /// killed when the environment is dropped.
     pub fn spawn_binary(&mut self, name: &str, flags: &[String]) -> u32 {
-        let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-        self.spawn_binary_with(name, flags, &[("RUST_LOG", &log)], None)
+        self.spawn_binary_with(name, flags, &[("RUST_LOG", &log_level())], None)
     }
 
     /// Like [`Self::spawn_binary`], with extra environment variables and stderr sent to a file.
@@ -378,7 +377,7 @@ impl TestEnv {
             .arg("--")
             .arg(binary(name))
             .args(flags)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
+            .env("RUST_LOG", log_level());
         self.spawn(command, name)
     }
 
@@ -398,7 +397,7 @@ impl TestEnv {
             .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
             .find(|lib| lib.exists());
         let lib = found.expect("libfaketime is missing: scripts/services installs it (Debian package faketime)");
-        let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let log = log_level();
         let envs = [
             ("RUST_LOG", log.as_str()),
             ("LD_PRELOAD", lib.to_str().expect("a UTF-8 path")),
@@ -619,6 +618,11 @@ pub fn new_endpoint(account: &str, url: &str, events: Option<&[&str]>) -> Endpoi
         now_ms(),
     )
     .expect("valid endpoint")
+}
+
+/// The log level of spawned binaries: the test's own `RUST_LOG`, or warnings.
+fn log_level() -> String {
+    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())
 }
 
 /// The path of a workspace binary, building the workspace's binaries once per test process.

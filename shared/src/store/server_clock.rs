@@ -40,13 +40,8 @@ impl Store {
         self.check_clock().await;
         let store = self.clone();
         tokio::spawn(async move {
-            loop {
-                shutdown::pause(CHECK_EVERY, &shutdown).await;
-                if shutdown.is_cancelled() {
-                    break;
-                }
-                store.check_clock().await;
-            }
+            shutdown::pause(CHECK_EVERY, &shutdown).await;
+            shutdown::every(CHECK_EVERY, &shutdown, || store.check_clock()).await;
         });
     }
 
